@@ -1,0 +1,382 @@
+//! `auth`: who is calling, and may they make this request?
+//!
+//! The key comes from `Authorization: Bearer …` (OpenAI SDKs) or `x-api-key` (Anthropic-style
+//! clients). Only its SHA-256 is ever looked up, cached or logged. Lookups go through
+//! [`KeyCache`], an in-process TTL cache in front of the [`KeyLookup`] port (SQLite in the
+//! server), so a hot key costs one hash and one map probe. A revoke empties the cache at once
+//! on the node that made it; other nodes see it within the TTL.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use crate::{Ctx, Filter, GatewayError, RequestHead};
+
+/// `auth:` settings.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// How long a found key stays cached.
+    pub cache_ttl: Duration,
+    /// How long an unknown key stays cached as unknown (keeps floods of bad keys off SQLite).
+    pub negative_ttl: Duration,
+    /// Most entries kept; past this, expired entries are swept, then the cache starts over.
+    pub cache_capacity: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            cache_ttl: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(2),
+            cache_capacity: 100_000,
+        }
+    }
+}
+
+/// A key as the gateway needs it on the request path. Never holds the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyRecord {
+    pub id: i64,
+    pub account_id: i64,
+    pub account: String,
+    pub group: String,
+    pub name: String,
+    /// The short display prefix (`sk-tg-ab12`), safe to log.
+    pub prefix: String,
+    pub revoked: bool,
+    /// Unix seconds.
+    pub expires_at: Option<i64>,
+    /// Allowed models; empty means every served model.
+    pub models: Vec<String>,
+    /// Allowed client networks; empty means any.
+    pub allow_ips: Vec<IpNet>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
+    pub concurrency: Option<u32>,
+    /// Spending cap in nano-USD.
+    pub budget_nano: Option<i64>,
+}
+
+impl KeyRecord {
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+
+    pub fn allows_ip(&self, ip: Option<IpAddr>) -> bool {
+        if self.allow_ips.is_empty() {
+            return true;
+        }
+        let Some(ip) = ip.map(canonical_ip) else {
+            return false;
+        };
+        self.allow_ips.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// `::ffff:10.0.0.1` is `10.0.0.1` for allow-list purposes.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// SHA-256 of a secret key: what is stored, cached and compared.
+pub type KeyHash = [u8; 32];
+
+pub fn hash_secret(secret: &str) -> KeyHash {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Where keys live. The server implements it over SQLite; tests use a map.
+#[async_trait]
+pub trait KeyLookup: Send + Sync {
+    async fn find_key(&self, hash: KeyHash) -> Result<Option<KeyRecord>, String>;
+}
+
+struct CacheEntry {
+    record: Option<Arc<KeyRecord>>,
+    until: Instant,
+}
+
+/// The TTL cache in front of [`KeyLookup`]. Shared with the admin API, which empties it on
+/// every key change.
+pub struct KeyCache {
+    entries: Mutex<HashMap<KeyHash, CacheEntry>>,
+    cfg: AuthConfig,
+}
+
+impl KeyCache {
+    pub fn new(cfg: AuthConfig) -> Self {
+        KeyCache {
+            entries: Mutex::new(HashMap::new()),
+            cfg,
+        }
+    }
+
+    fn get(&self, hash: &KeyHash, now: Instant) -> Option<Option<Arc<KeyRecord>>> {
+        let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(hash)
+            .filter(|e| e.until > now)
+            .map(|e| e.record.clone())
+    }
+
+    fn put(&self, hash: KeyHash, record: Option<Arc<KeyRecord>>, now: Instant) {
+        let ttl = if record.is_some() {
+            self.cfg.cache_ttl
+        } else {
+            self.cfg.negative_ttl
+        };
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= self.cfg.cache_capacity {
+            map.retain(|_, e| e.until > now);
+            if map.len() >= self.cfg.cache_capacity {
+                map.clear();
+            }
+        }
+        map.insert(
+            hash,
+            CacheEntry {
+                record,
+                until: now + ttl,
+            },
+        );
+    }
+
+    /// Forget everything: the next request for any key reads the store again.
+    pub fn invalidate_all(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The `auth` filter.
+pub struct Auth {
+    store: Arc<dyn KeyLookup>,
+    cache: Arc<KeyCache>,
+}
+
+impl Auth {
+    pub fn new(store: Arc<dyn KeyLookup>, cache: Arc<KeyCache>) -> Self {
+        Auth { store, cache }
+    }
+
+    async fn lookup(&self, hash: KeyHash) -> Result<Option<Arc<KeyRecord>>, GatewayError> {
+        let now = Instant::now();
+        if let Some(hit) = self.cache.get(&hash, now) {
+            return Ok(hit);
+        }
+        let found = self.store.find_key(hash).await.map_err(|e| {
+            tracing::error!(error = %e, "key lookup failed");
+            GatewayError::Internal
+        })?;
+        let found = found.map(Arc::new);
+        self.cache.put(hash, found.clone(), now);
+        Ok(found)
+    }
+}
+
+/// The presented secret, from `Authorization: Bearer` or `x-api-key`.
+pub fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        let v = v.to_str().ok()?.trim();
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))?;
+        let token = token.trim();
+        return (!token.is_empty()).then_some(token);
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl Filter for Auth {
+    fn name(&self) -> &'static str {
+        "auth"
+    }
+
+    async fn on_request_head(
+        &self,
+        ctx: &mut Ctx,
+        head: &RequestHead<'_>,
+    ) -> Result<(), GatewayError> {
+        let secret = presented_key(head.headers).ok_or(GatewayError::MissingApiKey)?;
+        let record = self
+            .lookup(hash_secret(secret))
+            .await?
+            .ok_or(GatewayError::InvalidApiKey)?;
+        if record.revoked {
+            return Err(GatewayError::RevokedApiKey);
+        }
+        if record.expires_at.is_some_and(|t| t <= unix_now()) {
+            return Err(GatewayError::ExpiredApiKey);
+        }
+        if !record.allows_ip(head.client_ip) {
+            return Err(GatewayError::IpNotAllowed);
+        }
+        ctx.key = Some(record);
+        Ok(())
+    }
+
+    async fn on_request_body(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        let (Some(key), Some(facts)) = (&ctx.key, &ctx.facts) else {
+            return Ok(());
+        };
+        if !facts.model.is_empty() && !key.allows_model(&facts.model) {
+            return Err(GatewayError::ModelNotAllowed(facts.model.clone()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct MapStore(HashMap<KeyHash, KeyRecord>, AtomicUsize);
+
+    #[async_trait]
+    impl KeyLookup for MapStore {
+        async fn find_key(&self, hash: KeyHash) -> Result<Option<KeyRecord>, String> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            Ok(self.0.get(&hash).cloned())
+        }
+    }
+
+    fn setup(rec: KeyRecord) -> (Auth, Arc<MapStore>, Arc<KeyCache>) {
+        let mut m = HashMap::new();
+        m.insert(hash_secret("sk-tg-good"), rec);
+        let store = Arc::new(MapStore(m, AtomicUsize::new(0)));
+        let cache = Arc::new(KeyCache::new(AuthConfig::default()));
+        (Auth::new(store.clone(), cache.clone()), store, cache)
+    }
+
+    async fn run(auth: &Auth, header: &str, ip: &str) -> Result<Ctx, GatewayError> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("authorization", header.parse().unwrap());
+        let head = RequestHead {
+            method: &http::Method::POST,
+            path: "/v1/chat/completions",
+            headers: &headers,
+            client_ip: Some(ip.parse().unwrap()),
+        };
+        let mut ctx = Ctx::new("r".into());
+        auth.on_request_head(&mut ctx, &head).await?;
+        Ok(ctx)
+    }
+
+    #[tokio::test]
+    async fn known_key_passes_and_is_cached() {
+        let (auth, store, _) = setup(KeyRecord::default());
+        for _ in 0..3 {
+            let ctx = run(&auth, "Bearer sk-tg-good", "127.0.0.1").await.unwrap();
+            assert!(ctx.key.is_some());
+        }
+        assert_eq!(store.1.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_missing_revoked_and_expired_keys_are_refused() {
+        let (auth, _, _) = setup(KeyRecord::default());
+        assert_eq!(
+            run(&auth, "Bearer sk-tg-bad", "127.0.0.1").await.err(),
+            Some(GatewayError::InvalidApiKey)
+        );
+        assert_eq!(
+            run(&auth, "Basic abc", "127.0.0.1").await.err(),
+            Some(GatewayError::MissingApiKey)
+        );
+        let (auth, _, _) = setup(KeyRecord {
+            revoked: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            run(&auth, "Bearer sk-tg-good", "127.0.0.1").await.err(),
+            Some(GatewayError::RevokedApiKey)
+        );
+        let (auth, _, _) = setup(KeyRecord {
+            expires_at: Some(unix_now() - 1),
+            ..Default::default()
+        });
+        assert_eq!(
+            run(&auth, "Bearer sk-tg-good", "127.0.0.1").await.err(),
+            Some(GatewayError::ExpiredApiKey)
+        );
+    }
+
+    #[tokio::test]
+    async fn invalidate_all_makes_the_next_request_read_the_store() {
+        let (auth, store, cache) = setup(KeyRecord::default());
+        run(&auth, "Bearer sk-tg-good", "127.0.0.1").await.unwrap();
+        cache.invalidate_all();
+        run(&auth, "Bearer sk-tg-good", "127.0.0.1").await.unwrap();
+        assert_eq!(store.1.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn ip_allow_list_accepts_members_and_mapped_v6() {
+        let (auth, _, _) = setup(KeyRecord {
+            allow_ips: vec!["10.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        });
+        assert!(run(&auth, "Bearer sk-tg-good", "10.1.2.3").await.is_ok());
+        assert!(run(&auth, "Bearer sk-tg-good", "::ffff:10.1.2.3").await.is_ok());
+        assert_eq!(
+            run(&auth, "Bearer sk-tg-good", "192.168.0.1").await.err(),
+            Some(GatewayError::IpNotAllowed)
+        );
+    }
+
+    #[tokio::test]
+    async fn model_allow_list_is_checked_after_the_body() {
+        let (auth, _, _) = setup(KeyRecord {
+            models: vec!["gpt-4o-mini".into()],
+            ..Default::default()
+        });
+        let mut ctx = run(&auth, "Bearer sk-tg-good", "127.0.0.1").await.unwrap();
+        ctx.facts = Some(crate::RequestFacts {
+            model: "gpt-4o".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            auth.on_request_body(&mut ctx).await.err(),
+            Some(GatewayError::ModelNotAllowed("gpt-4o".into()))
+        );
+        ctx.facts.as_mut().unwrap().model = "gpt-4o-mini".into();
+        assert!(auth.on_request_body(&mut ctx).await.is_ok());
+    }
+
+    #[test]
+    fn x_api_key_is_accepted_too() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-api-key", "sk-tg-1".parse().unwrap());
+        assert_eq!(presented_key(&h), Some("sk-tg-1"));
+    }
+}

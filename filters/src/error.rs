@@ -1,0 +1,279 @@
+//! The one error type a request can end with, and its OpenAI-shaped rendering.
+//!
+//! Every rejection tollgate makes is a [`GatewayError`]. The service renders it in one place
+//! ([`GatewayError::body`] plus [`GatewayError::headers`]), so the status, the `code` the SDKs
+//! switch on and the retry hints can never drift apart.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+/// Why a request was refused or failed.
+///
+/// Messages never carry a provider URL or a provider key: upstream failures are reported by
+/// kind only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("Missing API key. Send it as `Authorization: Bearer sk-tg-...`.")]
+    MissingApiKey,
+    #[error("Incorrect API key provided.")]
+    InvalidApiKey,
+    #[error("This API key has been revoked.")]
+    RevokedApiKey,
+    #[error("This API key has expired.")]
+    ExpiredApiKey,
+    #[error("This API key may not use the model `{0}`.")]
+    ModelNotAllowed(String),
+    #[error("Requests from this address are not allowed for this API key.")]
+    IpNotAllowed,
+    #[error("The model `{0}` does not exist or is not served by this gateway.")]
+    ModelNotFound(String),
+    #[error("Unknown route {0}.")]
+    RouteNotFound(String),
+    #[error("Method {0} is not allowed on this route.")]
+    MethodNotAllowed(String),
+    #[error("The request body exceeds the limit of {limit} bytes.")]
+    RequestTooLarge { limit: usize },
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("Rate limit reached for {what}. Retry after {}ms.", retry_after.as_millis())]
+    RateLimited {
+        what: &'static str,
+        retry_after: Duration,
+    },
+    #[error("{0}")]
+    InsufficientQuota(String),
+    #[error("The upstream provider is rate limiting this gateway. Retry later.")]
+    UpstreamRateLimited { retry_after: Option<Duration> },
+    #[error("The upstream provider failed to answer ({0}).")]
+    UpstreamFailed(&'static str),
+    #[error("The upstream provider did not answer in time.")]
+    UpstreamTimeout,
+    #[error("No upstream channel is available for this model right now.")]
+    NoChannelAvailable,
+    #[error("The gateway is shutting down.")]
+    ShuttingDown,
+    #[error("Internal gateway error.")]
+    Internal,
+}
+
+/// The JSON body, exactly `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: Body<'a>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl GatewayError {
+    /// Shorthand for a 400 with a message.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        GatewayError::InvalidRequest {
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        use GatewayError::*;
+        match self {
+            MissingApiKey | InvalidApiKey | RevokedApiKey | ExpiredApiKey => 401,
+            ModelNotAllowed(_) | IpNotAllowed => 403,
+            ModelNotFound(_) | RouteNotFound(_) => 404,
+            MethodNotAllowed(_) => 405,
+            RequestTooLarge { .. } => 413,
+            InvalidRequest { .. } => 400,
+            RateLimited { .. } | InsufficientQuota(_) => 429,
+            UpstreamRateLimited { .. } => 429,
+            UpstreamFailed(_) => 502,
+            NoChannelAvailable | ShuttingDown => 503,
+            UpstreamTimeout => 504,
+            Internal => 500,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    pub fn kind(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            MissingApiKey | InvalidApiKey | RevokedApiKey | ExpiredApiKey => {
+                "invalid_request_error"
+            }
+            ModelNotAllowed(_) | IpNotAllowed => "permission_error",
+            ModelNotFound(_) | RouteNotFound(_) | MethodNotAllowed(_) => "invalid_request_error",
+            RequestTooLarge { .. } | InvalidRequest { .. } => "invalid_request_error",
+            RateLimited { .. } | UpstreamRateLimited { .. } => "requests",
+            InsufficientQuota(_) => "insufficient_quota",
+            UpstreamFailed(_) | UpstreamTimeout | NoChannelAvailable | ShuttingDown => {
+                "upstream_error"
+            }
+            Internal => "server_error",
+        }
+    }
+
+    /// OpenAI's `error.code`: the field the SDKs and users switch on.
+    pub fn code(&self) -> Option<&'static str> {
+        use GatewayError::*;
+        Some(match self {
+            MissingApiKey | InvalidApiKey | RevokedApiKey | ExpiredApiKey => "invalid_api_key",
+            ModelNotAllowed(_) => "model_not_allowed",
+            IpNotAllowed => "ip_not_allowed",
+            ModelNotFound(_) => "model_not_found",
+            RouteNotFound(_) => "unknown_url",
+            MethodNotAllowed(_) => "method_not_allowed",
+            RequestTooLarge { .. } => "request_too_large",
+            InvalidRequest { .. } => "invalid_request_error",
+            RateLimited { .. } | UpstreamRateLimited { .. } => "rate_limit_exceeded",
+            InsufficientQuota(_) => "insufficient_quota",
+            UpstreamFailed(_) => "upstream_error",
+            UpstreamTimeout => "upstream_timeout",
+            NoChannelAvailable => "no_channel_available",
+            ShuttingDown => "shutting_down",
+            Internal => "internal_error",
+        })
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::InvalidRequest { param, .. } => *param,
+            GatewayError::ModelNotFound(_) | GatewayError::ModelNotAllowed(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// How long a client should wait before retrying, when that is known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
+            GatewayError::UpstreamRateLimited { retry_after } => *retry_after,
+            GatewayError::NoChannelAvailable => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
+    /// `x-should-retry`: the SDKs obey it above everything else. `false` where a retry can
+    /// never succeed, so clients do not hammer the gateway.
+    pub fn should_retry(&self) -> Option<bool> {
+        use GatewayError::*;
+        match self {
+            InvalidApiKey | RevokedApiKey | ExpiredApiKey | MissingApiKey => Some(false),
+            ModelNotAllowed(_) | IpNotAllowed | InsufficientQuota(_) => Some(false),
+            RequestTooLarge { .. } | InvalidRequest { .. } | ModelNotFound(_) => Some(false),
+            RateLimited { .. } | UpstreamRateLimited { .. } => Some(true),
+            _ => None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        let message = self.to_string();
+        let envelope = Envelope {
+            error: Body {
+                message: &message,
+                kind: self.kind(),
+                param: self.param(),
+                code: self.code(),
+            },
+        };
+        // Serializing plain strings into a Vec cannot fail.
+        Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default())
+    }
+
+    /// Headers that go with the body (besides `content-type` and `content-length`).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::with_capacity(3);
+        if let Some(wait) = self.retry_after() {
+            // Retry-After takes whole seconds; round up so a client never comes back early.
+            let secs = wait.as_millis().div_ceil(1000).max(1);
+            out.push(("retry-after", secs.to_string()));
+            out.push(("retry-after-ms", wait.as_millis().max(1).to_string()));
+        }
+        if let Some(retry) = self.should_retry() {
+            out.push(("x-should-retry", retry.to_string()));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(e: &GatewayError) -> serde_json::Value {
+        serde_json::from_slice(&e.body()).unwrap()
+    }
+
+    #[test]
+    fn body_has_openai_shape_with_null_param() {
+        let v = json(&GatewayError::InvalidApiKey);
+        let err = &v["error"];
+        assert_eq!(err["code"], "invalid_api_key");
+        assert_eq!(err["type"], "invalid_request_error");
+        assert!(err["param"].is_null());
+        assert!(err["message"].as_str().unwrap().contains("Incorrect API key"));
+        assert_eq!(v.as_object().unwrap().len(), 1);
+        assert_eq!(err.as_object().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn statuses_and_codes_follow_the_contract() {
+        let cases = [
+            (GatewayError::InvalidApiKey, 401, "invalid_api_key"),
+            (GatewayError::ModelNotAllowed("m".into()), 403, "model_not_allowed"),
+            (GatewayError::IpNotAllowed, 403, "ip_not_allowed"),
+            (GatewayError::ModelNotFound("m".into()), 404, "model_not_found"),
+            (
+                GatewayError::RequestTooLarge { limit: 1 },
+                413,
+                "request_too_large",
+            ),
+            (GatewayError::invalid("bad"), 400, "invalid_request_error"),
+            (
+                GatewayError::InsufficientQuota("no".into()),
+                429,
+                "insufficient_quota",
+            ),
+            (GatewayError::UpstreamFailed("x"), 502, "upstream_error"),
+            (GatewayError::NoChannelAvailable, 503, "no_channel_available"),
+            (GatewayError::UpstreamTimeout, 504, "upstream_timeout"),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!(e.status(), status, "{e:?}");
+            assert_eq!(e.code(), Some(code), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn rate_limit_carries_retry_after_rounded_up() {
+        let e = GatewayError::RateLimited {
+            what: "requests",
+            retry_after: Duration::from_millis(1200),
+        };
+        let h = e.headers();
+        assert!(h.contains(&("retry-after", "2".to_string())));
+        assert!(h.contains(&("retry-after-ms", "1200".to_string())));
+        assert!(h.contains(&("x-should-retry", "true".to_string())));
+    }
+
+    #[test]
+    fn hopeless_errors_tell_sdks_not_to_retry() {
+        for e in [
+            GatewayError::InsufficientQuota("x".into()),
+            GatewayError::RevokedApiKey,
+            GatewayError::ModelNotAllowed("m".into()),
+        ] {
+            assert!(e.headers().contains(&("x-should-retry", "false".to_string())));
+        }
+    }
+}

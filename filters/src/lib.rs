@@ -1,0 +1,25 @@
+//! tollgate's filter chain.
+//!
+//! A request passes through an ordered list of [`Filter`]s. Each filter is one module with its
+//! config struct and its tests beside it, and gets its dependencies (stores, caches) through
+//! small traits ("ports") at construction, never from globals. The service in the `tollgate`
+//! crate drives the chain through Pingora's phases:
+//!
+//! ```text
+//! on_request_head   ip_guard → auth(key)                        (before the body is read)
+//! on_request_body   auth(model, ip) → route                     (after one JSON parse)
+//! on_done           route(health) ← auth                        (reverse order, in logging)
+//! ```
+
+pub mod auth;
+mod chain;
+mod ctx;
+mod error;
+pub mod ip_guard;
+pub mod request;
+pub mod route;
+
+pub use chain::{Chain, Filter};
+pub use ctx::{Ctx, Outcome, RequestHead};
+pub use error::GatewayError;
+pub use request::{RequestBody, RequestFacts};

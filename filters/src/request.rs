@@ -1,0 +1,270 @@
+//! The request facts every filter needs, read from the JSON body in one parse.
+//!
+//! The body is parsed once into its top-level fields with their values kept raw
+//! ([`serde_json::value::RawValue`]): `messages` or `input`, often most of the body, is
+//! validated but never turned into a tree. When the body must change on its way upstream
+//! (a mapped model name, an injected `stream_options`), [`RequestBody::rewrite`] copies the
+//! raw fields back out in their original order.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use indexmap::IndexMap;
+use serde_json::Map;
+
+use crate::GatewayError;
+
+/// What the gateway knows about a request once its body is read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    /// The model the client asked for.
+    pub model: String,
+    pub stream: bool,
+    /// `stream_options.include_usage`, as the client sent it.
+    pub include_usage: bool,
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub max_output_tokens: Option<u64>,
+    /// `n`: the number of choices; the worst-case output is `n × cap`.
+    pub choices: u64,
+    /// Estimated prompt tokens: text bytes / 4, with inline base64 payloads left out.
+    pub prompt_tokens_estimate: u64,
+    pub body_bytes: usize,
+}
+
+/// A parsed request body: the original bytes plus its top-level fields.
+#[derive(Debug)]
+pub struct RequestBody {
+    pub raw: Bytes,
+    fields: IndexMap<String, Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+impl RequestBody {
+    /// Parses the body. Not JSON, or not a JSON object, is a 400.
+    pub fn parse(raw: Bytes) -> Result<(RequestBody, RequestFacts), GatewayError> {
+        let top: IndexMap<String, Box<RawValue>> = serde_json::from_slice(&raw).map_err(|e| {
+            GatewayError::invalid(format!(
+                "We could not parse the JSON body of your request: {e}."
+            ))
+        })?;
+        let model = match top.get("model") {
+            None => String::new(),
+            Some(v) => serde_json::from_str::<String>(v.get()).map_err(|_| {
+                GatewayError::InvalidRequest {
+                    message: "`model` must be a string.".into(),
+                    param: Some("model"),
+                }
+            })?,
+        };
+        let flag = |name: &'static str| -> Result<bool, GatewayError> {
+            match top.get(name) {
+                None => Ok(false),
+                Some(v) if v.get() == "null" => Ok(false),
+                Some(v) => serde_json::from_str::<bool>(v.get()).map_err(|_| {
+                    GatewayError::InvalidRequest {
+                        message: format!("`{name}` must be a boolean."),
+                        param: Some(name),
+                    }
+                }),
+            }
+        };
+        let count = |name: &'static str| -> Result<Option<u64>, GatewayError> {
+            match top.get(name) {
+                None => Ok(None),
+                Some(v) if v.get() == "null" => Ok(None),
+                Some(v) => serde_json::from_str::<u64>(v.get()).map(Some).map_err(|_| {
+                    GatewayError::InvalidRequest {
+                        message: format!("`{name}` must be a non-negative integer."),
+                        param: Some(name),
+                    }
+                }),
+            }
+        };
+        let stream = flag("stream")?;
+        let include_usage = match top.get("stream_options") {
+            Some(v) if v.get() != "null" => serde_json::from_str::<StreamOptions>(v.get())
+                .map_err(|_| GatewayError::InvalidRequest {
+                    message: "`stream_options` must be an object.".into(),
+                    param: Some("stream_options"),
+                })?
+                .include_usage,
+            _ => false,
+        };
+        let max_output_tokens = match count("max_completion_tokens")? {
+            Some(n) => Some(n),
+            None => count("max_tokens")?,
+        };
+        let choices = count("n")?.unwrap_or(1).max(1);
+        let facts = RequestFacts {
+            model,
+            stream,
+            include_usage,
+            max_output_tokens,
+            choices,
+            prompt_tokens_estimate: estimate_prompt_tokens(&raw),
+            body_bytes: raw.len(),
+        };
+        Ok((RequestBody { raw, fields: top }, facts))
+    }
+
+    /// The body to send upstream with `model` replaced and, when asked, `stream_options.
+    /// include_usage` forced on. Returns the original bytes untouched when nothing changes.
+    pub fn rewrite(
+        &self,
+        upstream_model: Option<&str>,
+        force_include_usage: bool,
+    ) -> Result<Bytes, GatewayError> {
+        if upstream_model.is_none() && !force_include_usage {
+            return Ok(self.raw.clone());
+        }
+        let mut buf = Vec::with_capacity(self.raw.len() + 48);
+        buf.push(b'{');
+        let mut first = true;
+        let mut put = |buf: &mut Vec<u8>, key: &str, raw_value: &str| {
+            if !first {
+                buf.push(b',');
+            }
+            first = false;
+            // Keys came from valid JSON; re-escaping them is cheap and exact.
+            buf.extend_from_slice(&serde_json::to_vec(key).unwrap_or_default());
+            buf.push(b':');
+            buf.extend_from_slice(raw_value.as_bytes());
+        };
+        let mut saw_options = false;
+        for (k, v) in &self.fields {
+            // Raw values keep every byte of `messages` as sent; only the touched fields change.
+            let raw_value = v.get();
+            match k.as_str() {
+                "model" if upstream_model.is_some() => {
+                    let m = serde_json::to_string(upstream_model.unwrap_or_default())
+                        .map_err(|_| GatewayError::Internal)?;
+                    put(&mut buf, k, &m);
+                }
+                "stream_options" if force_include_usage => {
+                    saw_options = true;
+                    let mut opts: Map<String, serde_json::Value> =
+                        serde_json::from_str(raw_value).unwrap_or_default();
+                    opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+                    let s = serde_json::to_string(&opts).map_err(|_| GatewayError::Internal)?;
+                    put(&mut buf, k, &s);
+                }
+                _ => put(&mut buf, k, raw_value),
+            }
+        }
+        if force_include_usage && !saw_options {
+            put(&mut buf, "stream_options", r#"{"include_usage":true}"#);
+        }
+        buf.push(b'}');
+        Ok(Bytes::from(buf))
+    }
+}
+
+/// Bytes of text / 4, the usual rule of thumb for English with OpenAI's tokenizers.
+/// Inline base64 payloads (`data:...;base64,...`) are skipped: a 4 MiB image is about a
+/// thousand tokens, not a million, and counting it as text would refuse affordable requests.
+pub fn estimate_prompt_tokens(body: &[u8]) -> u64 {
+    let mut text = body.len();
+    let mut rest = body;
+    while let Some(at) = memchr::memmem::find(rest, b";base64,") {
+        let payload = &rest[at + 8..];
+        let end = memchr::memchr(b'"', payload).unwrap_or(payload.len());
+        text -= end;
+        rest = &payload[end..];
+    }
+    // An image still costs tokens upstream; a base64 payload is counted as ~1k tokens by
+    // the caller's pricing cap, so here it contributes nothing.
+    (text / 4) as u64 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<(RequestBody, RequestFacts), GatewayError> {
+        RequestBody::parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn reads_model_after_a_long_messages_array() {
+        let msgs: Vec<String> = (0..200)
+            .map(|i| format!(r#"{{"role":"user","content":"m{i}"}}"#))
+            .collect();
+        let body = format!(
+            r#"{{"messages":[{}],"stream":true,"stream_options":{{"include_usage":true}},"max_tokens":50,"n":2,"model":"gpt-4o-mini"}}"#,
+            msgs.join(",")
+        );
+        let (_, f) = parse(&body).unwrap();
+        assert_eq!(f.model, "gpt-4o-mini");
+        assert!(f.stream && f.include_usage);
+        assert_eq!(f.max_output_tokens, Some(50));
+        assert_eq!(f.choices, 2);
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_over_max_tokens() {
+        let (_, f) =
+            parse(r#"{"model":"m","max_tokens":10,"max_completion_tokens":20}"#).unwrap();
+        assert_eq!(f.max_output_tokens, Some(20));
+    }
+
+    #[test]
+    fn bad_json_and_bad_types_are_400() {
+        assert_eq!(parse("{nope").unwrap_err().status(), 400);
+        assert_eq!(parse("[1,2]").unwrap_err().status(), 400);
+        assert_eq!(parse(r#"{"model":1}"#).unwrap_err().status(), 400);
+        assert_eq!(
+            parse(r#"{"model":"m","stream":"yes"}"#).unwrap_err().status(),
+            400
+        );
+    }
+
+    #[test]
+    fn rewrite_maps_model_and_keeps_everything_else() {
+        let src = r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi \"x\""}],"temperature":0.5}"#;
+        let (b, _) = parse(src).unwrap();
+        let out = b.rewrite(Some("gpt-4o"), false).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "gpt-4o");
+        assert_eq!(v["messages"][0]["content"], "hi \"x\"");
+        assert_eq!(v["temperature"], 0.5);
+        let text = std::str::from_utf8(&out).unwrap();
+        let at = |k: &str| text.find(k).unwrap();
+        assert!(at("\"model\"") < at("\"messages\"") && at("\"messages\"") < at("\"temperature\""));
+    }
+
+    #[test]
+    fn rewrite_injects_include_usage_keeping_other_stream_options() {
+        let (b, _) =
+            parse(r#"{"model":"m","stream":true,"stream_options":{"x":1}}"#).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&b.rewrite(None, true).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["x"], 1);
+        let (b, _) = parse(r#"{"model":"m","stream":true}"#).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&b.rewrite(None, true).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn unchanged_body_is_forwarded_byte_for_byte() {
+        let src = r#"{ "model" : "m" ,"messages":[]}"#;
+        let (b, _) = parse(src).unwrap();
+        assert_eq!(&b.rewrite(None, false).unwrap()[..], src.as_bytes());
+    }
+
+    #[test]
+    fn estimate_skips_base64_images() {
+        let img = "A".repeat(400_000);
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{img}"}}}}]}}]}}"#
+        );
+        assert!(estimate_prompt_tokens(body.as_bytes()) < 100);
+        assert_eq!(estimate_prompt_tokens(&[b'a'; 400]), 101);
+    }
+}
