@@ -1,1 +1,14 @@
+//! tollgate: an AI gateway on Cloudflare Pingora.
+//!
+//! `main.rs` is the table of contents; [`server::run`] assembles the pieces:
+//! config → store → filter chain → relay → services.
 
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod maintenance;
+pub mod metrics;
+pub mod relay;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,1 +1,16 @@
-fn main() {}
+//! tollgate's entry point. Read it as a table of contents:
+//!
+//! 1. parse the command line (`cli`);
+//! 2. load and validate the YAML config (`config`);
+//! 3. for `serve`: open SQLite and migrate (`store`), build the filter chain and the relay
+//!    (`server::build_chain`, `relay`), add the proxy, admin and maintenance services, run.
+
+use clap::Parser;
+
+fn main() {
+    let cli = tollgate::cli::Cli::parse();
+    if let Err(e) = tollgate::cli::run(cli) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -347,7 +347,9 @@ mod tests {
             ..Default::default()
         });
         assert!(run(&auth, "Bearer sk-tg-good", "10.1.2.3").await.is_ok());
-        assert!(run(&auth, "Bearer sk-tg-good", "::ffff:10.1.2.3").await.is_ok());
+        assert!(run(&auth, "Bearer sk-tg-good", "::ffff:10.1.2.3")
+            .await
+            .is_ok());
         assert_eq!(
             run(&auth, "Bearer sk-tg-good", "192.168.0.1").await.err(),
             Some(GatewayError::IpNotAllowed)

@@ -221,7 +221,10 @@ mod tests {
         assert_eq!(err["code"], "invalid_api_key");
         assert_eq!(err["type"], "invalid_request_error");
         assert!(err["param"].is_null());
-        assert!(err["message"].as_str().unwrap().contains("Incorrect API key"));
+        assert!(err["message"]
+            .as_str()
+            .unwrap()
+            .contains("Incorrect API key"));
         assert_eq!(v.as_object().unwrap().len(), 1);
         assert_eq!(err.as_object().unwrap().len(), 4);
     }
@@ -230,9 +233,17 @@ mod tests {
     fn statuses_and_codes_follow_the_contract() {
         let cases = [
             (GatewayError::InvalidApiKey, 401, "invalid_api_key"),
-            (GatewayError::ModelNotAllowed("m".into()), 403, "model_not_allowed"),
+            (
+                GatewayError::ModelNotAllowed("m".into()),
+                403,
+                "model_not_allowed",
+            ),
             (GatewayError::IpNotAllowed, 403, "ip_not_allowed"),
-            (GatewayError::ModelNotFound("m".into()), 404, "model_not_found"),
+            (
+                GatewayError::ModelNotFound("m".into()),
+                404,
+                "model_not_found",
+            ),
             (
                 GatewayError::RequestTooLarge { limit: 1 },
                 413,
@@ -245,7 +256,11 @@ mod tests {
                 "insufficient_quota",
             ),
             (GatewayError::UpstreamFailed("x"), 502, "upstream_error"),
-            (GatewayError::NoChannelAvailable, 503, "no_channel_available"),
+            (
+                GatewayError::NoChannelAvailable,
+                503,
+                "no_channel_available",
+            ),
             (GatewayError::UpstreamTimeout, 504, "upstream_timeout"),
         ];
         for (e, status, code) in cases {
@@ -273,7 +288,9 @@ mod tests {
             GatewayError::RevokedApiKey,
             GatewayError::ModelNotAllowed("m".into()),
         ] {
-            assert!(e.headers().contains(&("x-should-retry", "false".to_string())));
+            assert!(e
+                .headers()
+                .contains(&("x-should-retry", "false".to_string())));
         }
     }
 }

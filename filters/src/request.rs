@@ -7,9 +7,9 @@
 //! raw fields back out in their original order.
 
 use bytes::Bytes;
+use indexmap::IndexMap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use indexmap::IndexMap;
 use serde_json::Map;
 
 use crate::GatewayError;
@@ -87,12 +87,14 @@ impl RequestBody {
         };
         let stream = flag("stream")?;
         let include_usage = match top.get("stream_options") {
-            Some(v) if v.get() != "null" => serde_json::from_str::<StreamOptions>(v.get())
-                .map_err(|_| GatewayError::InvalidRequest {
-                    message: "`stream_options` must be an object.".into(),
-                    param: Some("stream_options"),
-                })?
-                .include_usage,
+            Some(v) if v.get() != "null" => {
+                serde_json::from_str::<StreamOptions>(v.get())
+                    .map_err(|_| GatewayError::InvalidRequest {
+                        message: "`stream_options` must be an object.".into(),
+                        param: Some("stream_options"),
+                    })?
+                    .include_usage
+            }
             _ => false,
         };
         let max_output_tokens = match count("max_completion_tokens")? {
@@ -207,8 +209,7 @@ mod tests {
 
     #[test]
     fn max_completion_tokens_wins_over_max_tokens() {
-        let (_, f) =
-            parse(r#"{"model":"m","max_tokens":10,"max_completion_tokens":20}"#).unwrap();
+        let (_, f) = parse(r#"{"model":"m","max_tokens":10,"max_completion_tokens":20}"#).unwrap();
         assert_eq!(f.max_output_tokens, Some(20));
     }
 
@@ -218,7 +219,9 @@ mod tests {
         assert_eq!(parse("[1,2]").unwrap_err().status(), 400);
         assert_eq!(parse(r#"{"model":1}"#).unwrap_err().status(), 400);
         assert_eq!(
-            parse(r#"{"model":"m","stream":"yes"}"#).unwrap_err().status(),
+            parse(r#"{"model":"m","stream":"yes"}"#)
+                .unwrap_err()
+                .status(),
             400
         );
     }
@@ -239,15 +242,12 @@ mod tests {
 
     #[test]
     fn rewrite_injects_include_usage_keeping_other_stream_options() {
-        let (b, _) =
-            parse(r#"{"model":"m","stream":true,"stream_options":{"x":1}}"#).unwrap();
-        let v: serde_json::Value =
-            serde_json::from_slice(&b.rewrite(None, true).unwrap()).unwrap();
+        let (b, _) = parse(r#"{"model":"m","stream":true,"stream_options":{"x":1}}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b.rewrite(None, true).unwrap()).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["stream_options"]["x"], 1);
         let (b, _) = parse(r#"{"model":"m","stream":true}"#).unwrap();
-        let v: serde_json::Value =
-            serde_json::from_slice(&b.rewrite(None, true).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b.rewrite(None, true).unwrap()).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
     }
 

@@ -1,0 +1,100 @@
+//! Prometheus metrics. One registry, created at start-up and handed to whoever records.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route and final status.
+    pub requests: IntCounterVec,
+    /// Whole-request latency by route.
+    pub latency: HistogramVec,
+    /// Time to the first body byte sent to the client, by route.
+    pub ttfb: HistogramVec,
+    /// Upstream attempts by channel and outcome (`ok`, `connect_error`, `timeout`, `status_5xx`, ...).
+    pub upstream_attempts: IntCounterVec,
+    pub in_flight: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0, 120.0, 300.0,
+        ];
+        let requests = IntCounterVec::new(
+            Opts::new("tollgate_requests_total", "Requests by route and status"),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new("tollgate_request_duration_seconds", "Request latency")
+                .buckets(buckets.clone()),
+            &["route"],
+        )
+        .expect("valid metric");
+        let ttfb = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_time_to_first_byte_seconds",
+                "Time to the first response body byte sent to the client",
+            )
+            .buckets(buckets),
+            &["route"],
+        )
+        .expect("valid metric");
+        let upstream_attempts = IntCounterVec::new(
+            Opts::new(
+                "tollgate_upstream_attempts_total",
+                "Upstream attempts by channel and outcome",
+            ),
+            &["channel", "outcome"],
+        )
+        .expect("valid metric");
+        let in_flight = IntGauge::new("tollgate_in_flight_requests", "Requests being served")
+            .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(ttfb.clone()),
+            Box::new(upstream_attempts.clone()),
+            Box::new(in_flight.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        Metrics {
+            registry,
+            requests,
+            latency,
+            ttfb,
+            upstream_attempts,
+            in_flight,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// A low-cardinality route label: never the raw path.
+pub fn route_label(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "chat",
+        "/v1/completions" => "completions",
+        "/v1/embeddings" => "embeddings",
+        "/v1/models" => "models",
+        p if p.starts_with("/v1/") => "other_v1",
+        _ => "unknown",
+    }
+}

@@ -1,0 +1,143 @@
+//! Assembles the gateway from a validated config and runs it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use tollgate_filters::auth::{Auth, AuthConfig, KeyCache};
+use tollgate_filters::ip_guard::{IpGuard, IpGuardConfig};
+use tollgate_filters::route::{ChannelPicker, ChannelRoute, Route, RouteConfig};
+use tollgate_filters::{Chain, Filter};
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::maintenance::Maintenance;
+use crate::metrics::Metrics;
+use crate::relay::Relay;
+use crate::service::{Gateway, InFlight};
+use crate::store::{self, keys::SqliteKeys, Pool};
+
+/// The shared pieces the filters are built from.
+pub struct Parts {
+    pub pool: Pool,
+    pub keys: Arc<KeyCache>,
+    pub picker: Arc<ChannelPicker>,
+}
+
+/// **The filter chain, in request order.** This is the one place it is assembled.
+pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
+    let filters: Vec<Arc<dyn Filter>> = vec![
+        // pre-auth flood guard: one sketch update per request
+        Arc::new(IpGuard::new(IpGuardConfig {
+            rps: cfg.limits.ip.rps,
+        })),
+        // key → account; status, expiry, IP allow-list; then the model allow-list
+        Arc::new(Auth::new(
+            Arc::new(SqliteKeys(parts.pool.clone())),
+            parts.keys.clone(),
+        )),
+        // model → ordered channel attempts; feeds channel health back in on_done
+        Arc::new(Route::new(parts.picker.clone())),
+    ];
+    Chain::new(filters)
+}
+
+pub fn route_config(cfg: &Config) -> RouteConfig {
+    RouteConfig {
+        channels: cfg
+            .channels
+            .iter()
+            .map(|c| ChannelRoute {
+                name: c.name.clone(),
+                models: c.models.clone(),
+                model_map: c.model_map.clone().into_iter().collect(),
+                priority: c.priority,
+                weight: c.weight,
+            })
+            .collect(),
+        max_attempts: cfg.routing.max_attempts,
+        failure_threshold: cfg.routing.failure_threshold,
+        cooldown: Duration::from_secs(cfg.routing.cooldown_s),
+    }
+}
+
+pub fn auth_config(cfg: &Config) -> AuthConfig {
+    AuthConfig {
+        cache_ttl: Duration::from_millis(cfg.auth.cache_ttl_ms),
+        negative_ttl: Duration::from_millis(cfg.auth.negative_cache_ttl_ms),
+        cache_capacity: cfg.auth.cache_capacity,
+    }
+}
+
+/// Runs the gateway until SIGTERM (graceful) or SIGINT (immediate).
+pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let pool = store::open_and_migrate(&cfg.database)?;
+    let metrics = Arc::new(Metrics::new());
+    let parts = Parts {
+        pool: pool.clone(),
+        keys: Arc::new(KeyCache::new(auth_config(&cfg))),
+        picker: Arc::new(ChannelPicker::new(route_config(&cfg))),
+    };
+    let relay = Arc::new(Relay::new(
+        &cfg.channels,
+        cfg.server.upstream_keepalive_pool_size,
+        metrics.clone(),
+    )?);
+    relay.refresh_dns();
+    let in_flight = Arc::new(InFlight::default());
+    let chain = build_chain(&cfg, &parts);
+    tracing::info!(filters = ?chain.names(), channels = cfg.channels.len(), "filter chain built");
+
+    let conf = ServerConf {
+        threads: cfg.server.threads,
+        grace_period_seconds: Some(cfg.server.grace_period_s),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: cfg.server.upstream_keepalive_pool_size,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let gateway = Gateway {
+        chain,
+        relay: relay.clone(),
+        picker: parts.picker.clone(),
+        max_body_bytes: cfg.server.max_body_bytes,
+        metrics: metrics.clone(),
+        in_flight: in_flight.clone(),
+    };
+    let mut proxy =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
+    proxy.add_tcp(&cfg.server.listen);
+
+    let admin_app = Admin::new(
+        cfg.server.admin_token.clone(),
+        pool.clone(),
+        metrics,
+        parts.keys.clone(),
+        in_flight.clone(),
+        relay.clone(),
+    );
+    let mut admin = Service::new("tollgate-admin".to_string(), admin_app);
+    admin.add_tcp(&cfg.server.admin_listen);
+    admin.threads = Some(1);
+
+    let maintenance = background_service(
+        "tollgate-maintenance",
+        Maintenance {
+            relay,
+            pool,
+            keys: parts.keys,
+            in_flight,
+            grace: Duration::from_secs(cfg.server.grace_period_s),
+        },
+    );
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(maintenance);
+    tracing::info!(listen = %cfg.server.listen, admin = %cfg.server.admin_listen, "tollgate serving");
+    server.run_forever();
+}

@@ -1,0 +1,251 @@
+//! SQLite: the pool, its PRAGMAs, the migrations, and the tables' typed access.
+//!
+//! Reads go through an r2d2 pool. Every connection gets the PRAGMAs from `database:` when it
+//! is opened. Writes made on the request path go through the ledger's single group-committing
+//! writer; the rarely-run admin writes (accounts, keys) use the pool directly.
+
+pub mod accounts;
+pub mod keys;
+
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::Connection;
+
+use crate::config::{DatabaseConfig, JournalMode, Synchronous, TempStore};
+
+pub type Pool = r2d2::Pool<SqliteConnectionManager>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("connection pool: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The numbered migrations, in order. Each is applied once and recorded in `schema_migrations`.
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+
+/// The PRAGMAs for one connection, from config.
+pub fn pragmas(cfg: &DatabaseConfig) -> String {
+    let journal = match cfg.journal_mode {
+        JournalMode::Wal => "WAL",
+        JournalMode::Delete => "DELETE",
+        JournalMode::Truncate => "TRUNCATE",
+        JournalMode::Persist => "PERSIST",
+        JournalMode::Memory => "MEMORY",
+        JournalMode::Off => "OFF",
+    };
+    let sync = match cfg.synchronous {
+        Synchronous::Off => "OFF",
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+        Synchronous::Extra => "EXTRA",
+    };
+    let temp = match cfg.temp_store {
+        TempStore::Default => "DEFAULT",
+        TempStore::File => "FILE",
+        TempStore::Memory => "MEMORY",
+    };
+    // cache_size is negative for KiB in SQLite.
+    format!(
+        "PRAGMA busy_timeout = {}; PRAGMA journal_mode = {journal}; PRAGMA synchronous = {sync}; \
+         PRAGMA cache_size = -{}; PRAGMA mmap_size = {}; PRAGMA temp_store = {temp}; \
+         PRAGMA foreign_keys = ON;",
+        cfg.busy_timeout_ms, cfg.cache_size_kib, cfg.mmap_size_bytes
+    )
+}
+
+/// Opens the pool (creating the file and its folder), applying PRAGMAs on every connection.
+pub fn open(cfg: &DatabaseConfig) -> Result<Pool, StoreError> {
+    if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let init = pragmas(cfg);
+    let manager =
+        SqliteConnectionManager::file(&cfg.path).with_init(move |c| c.execute_batch(&init));
+    let pool = r2d2::Pool::builder()
+        .max_size(cfg.pool_size)
+        .connection_timeout(Duration::from_millis(cfg.busy_timeout_ms.max(1000)))
+        .build(manager)?;
+    Ok(pool)
+}
+
+/// Opens one connection outside the pool (the ledger writer owns one).
+pub fn open_connection(cfg: &DatabaseConfig) -> Result<Connection, StoreError> {
+    let c = Connection::open(&cfg.path)?;
+    c.execute_batch(&pragmas(cfg))?;
+    Ok(c)
+}
+
+/// Applies the migrations not yet recorded. Returns the versions applied now.
+pub fn migrate(conn: &mut Connection) -> Result<Vec<i64>, StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+    )?;
+    let mut applied = Vec::new();
+    for &(version, name, sql) in MIGRATIONS {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let done: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM schema_migrations WHERE version = ?1)",
+            [version],
+            |r| r.get(0),
+        )?;
+        if !done {
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_migrations(version, name, applied_at) VALUES (?1, ?2, ?3)",
+                rusqlite::params![version, name, now_ms()],
+            )?;
+            applied.push(version);
+        }
+        tx.commit()?;
+    }
+    Ok(applied)
+}
+
+/// Opens the pool and brings the schema up to date.
+pub fn open_and_migrate(cfg: &DatabaseConfig) -> Result<Pool, StoreError> {
+    let pool = open(cfg)?;
+    let mut conn = pool.get()?;
+    let applied = migrate(&mut conn)?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, db = %cfg.path.display(), "migrations applied");
+    }
+    Ok(pool)
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The key-change counter maintained by triggers.
+pub fn key_epoch(pool: &Pool) -> Result<i64, StoreError> {
+    Ok(pool
+        .get()?
+        .query_row("SELECT value FROM meta WHERE name = 'key_epoch'", [], |r| {
+            r.get(0)
+        })?)
+}
+
+/// Exact money: nano-USD in an i64. Conversions from the decimal USD users type are done
+/// on the decimal text, never through binary floating point.
+pub mod money {
+    pub const NANO_PER_USD: i64 = 1_000_000_000;
+
+    /// Parses "12.345" into nano-USD exactly. At most 9 decimals.
+    pub fn parse_usd(s: &str) -> Result<i64, String> {
+        let s = s.trim();
+        let (neg, s) = match s.strip_prefix('-') {
+            Some(r) => (true, r),
+            None => (false, s),
+        };
+        let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+        if whole.is_empty() && frac.is_empty()
+            || !whole.chars().all(|c| c.is_ascii_digit())
+            || !frac.chars().all(|c| c.is_ascii_digit())
+        {
+            return Err(format!("`{s}` is not a USD amount like 12.50"));
+        }
+        if frac.len() > 9 {
+            return Err("at most 9 decimal places (nano-USD)".into());
+        }
+        let whole: i64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| "amount too large")?
+        };
+        let frac_n: i64 = format!("{frac:0<9}").parse().map_err(|_| "bad fraction")?;
+        let v = whole
+            .checked_mul(NANO_PER_USD)
+            .and_then(|w| w.checked_add(frac_n))
+            .ok_or("amount too large")?;
+        Ok(if neg { -v } else { v })
+    }
+
+    /// Formats nano-USD as a decimal string with trailing zeros trimmed (at least 2 places).
+    pub fn format_usd(nano: i64) -> String {
+        let sign = if nano < 0 { "-" } else { "" };
+        let n = nano.unsigned_abs();
+        let whole = n / NANO_PER_USD as u64;
+        let frac = format!("{:09}", n % NANO_PER_USD as u64);
+        let frac = frac.trim_end_matches('0');
+        let frac = if frac.len() < 2 {
+            format!("{frac:0<2}")
+        } else {
+            frac.to_string()
+        };
+        format!("{sign}{whole}.{frac}")
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn usd_round_trips_exactly() {
+            assert_eq!(parse_usd("12.5").unwrap(), 12_500_000_000);
+            assert_eq!(parse_usd("0.000000001").unwrap(), 1);
+            assert_eq!(parse_usd(".1").unwrap(), 100_000_000);
+            assert!(parse_usd("1.0000000001").is_err());
+            assert!(parse_usd("abc").is_err());
+            assert_eq!(format_usd(12_500_000_000), "12.50");
+            assert_eq!(format_usd(1), "0.000000001");
+            assert_eq!(format_usd(0), "0.00");
+        }
+    }
+}
+
+/// A scratch database for unit tests.
+#[cfg(test)]
+pub fn test_pool() -> (tempfile::TempDir, Pool) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DatabaseConfig {
+        path: dir.path().join("t.db"),
+        ..Default::default()
+    };
+    let pool = open_and_migrate(&cfg).unwrap();
+    (dir, pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pragmas_from_config_are_applied_and_migrations_run_once() {
+        let (_dir, pool) = test_pool();
+        let c = pool.get().unwrap();
+        let mode: String = c
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!(sync, 1);
+        let busy: i64 = c
+            .query_row("PRAGMA busy_timeout", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(busy, 5000);
+        drop(c);
+        let mut c = pool.get().unwrap();
+        assert!(migrate(&mut c).unwrap().is_empty());
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+}
