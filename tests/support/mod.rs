@@ -1,0 +1,168 @@
+//! Integration-test harness: the real `tollgate` binary, a real SQLite file in a temp dir,
+//! and the in-repo mock upstream (`tollgate_bench::mock`). Only 127.0.0.1 is used, and every
+//! wait is bounded.
+
+#![allow(dead_code, reason = "each test file uses a different subset")]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use tollgate_bench::mock::{Behaviour, MockServer};
+
+/// A free loopback port (bound, then released for the gateway to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub port: u16,
+    pub admin_port: u16,
+    pub child: Option<Child>,
+}
+
+/// One channel line for the YAML.
+pub fn channel(name: &str, base_url: &str, api_key: &str, models: &[&str], priority: i32) -> String {
+    format!(
+        "  - {{ name: {name}, base_url: \"{base_url}\", api_key: \"{api_key}\", models: [{}], priority: {priority}, connect_timeout_ms: 1000, read_timeout_ms: 10000 }}\n",
+        models.join(", ")
+    )
+}
+
+impl Gateway {
+    /// Writes a config with `channels_yaml` (list items) and `extra_yaml` (more top-level
+    /// sections), creates the database, and starts `tollgate serve`.
+    pub fn start(channels_yaml: &str, extra_yaml: &str) -> Gateway {
+        let gw = Gateway::configure(channels_yaml, extra_yaml);
+        gw.launch()
+    }
+
+    pub fn configure(channels_yaml: &str, extra_yaml: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let admin_port = free_port();
+        let db = dir.path().join("tollgate.db");
+        let yaml = format!(
+            "server:\n  listen: \"127.0.0.1:{port}\"\n  admin_listen: \"127.0.0.1:{admin_port}\"\n  threads: 2\n  admin_token: test-admin-token\n  max_body_bytes: 2097152\n  grace_period_s: 10\n  log_level: info\ndatabase:\n  path: \"{}\"\nchannels:\n{channels_yaml}{extra_yaml}",
+            db.display()
+        );
+        let config = dir.path().join("tollgate.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        Gateway {
+            dir,
+            config,
+            port,
+            admin_port,
+            child: None,
+        }
+    }
+
+    pub fn launch(mut self) -> Gateway {
+        let log = std::fs::File::create(self.dir.path().join("gateway.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tollgate");
+        self.child = Some(child);
+        self.wait_ready();
+        self
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if probe(self.admin_port, "/healthz", "test-admin-token") == Some(200) {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("gateway exited with {status}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("gateway did not become healthy; log:\n{}", self.log());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Runs a CLI command against this gateway's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tollgate")
+    }
+
+    /// `accounts create` + `keys create`; returns the secret (the last stdout line).
+    pub fn new_key(&self, account: &str, key_flags: &[&str]) -> String {
+        let _ = self.cli(&["accounts", "create", account, "--balance-usd", "100"]);
+        let mut args = vec!["keys", "create", "--account", account];
+        args.extend_from_slice(key_flags);
+        let out = self.cli(&args);
+        assert!(out.status.success(), "keys create failed: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let secret = stdout.lines().last().unwrap().trim().to_string();
+        assert!(secret.starts_with("sk-tg-"), "{stdout}");
+        secret
+    }
+
+    /// Sends SIGTERM and returns the child, to be waited on by the test.
+    pub fn sigterm(&mut self) -> Child {
+        let child = self.child.take().expect("running");
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        child
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits for a child to exit, bounded; returns its exit status and how long it took.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> (Option<std::process::ExitStatus>, Duration) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(s)) = child.try_wait() {
+            return (Some(s), start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    (None, start.elapsed())
+}
+
+/// One GET over a fresh std TcpStream, returning the status code; enough for a probe.
+pub fn probe(port: u16, path: &str, token: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).ok()?;
+    std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+}
