@@ -102,7 +102,7 @@ pub struct CreateKey {
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
-fn load(path: &PathBuf) -> Result<Config, Box<dyn std::error::Error>> {
+fn load(path: &std::path::Path) -> Result<Config, Box<dyn std::error::Error>> {
     Ok(Config::load(path)?)
 }
 

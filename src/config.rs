@@ -227,6 +227,9 @@ pub struct ChannelConfig {
     /// Verify the upstream's TLS certificate (turn off only for self-signed test upstreams).
     #[serde(default = "d_true")]
     pub tls_verify: bool,
+    /// A PEM CA certificate to trust for this channel instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn d_kind() -> ChannelKind {
@@ -726,6 +729,14 @@ impl Config {
                     err(p(f), "must be greater than 0".into());
                 }
             }
+            if let Some(ca) = &c.ca_file {
+                if !ca.is_file() {
+                    err(
+                        p("ca_file"),
+                        format!("`{}` is not a readable file", ca.display()),
+                    );
+                }
+            }
             if c.api_key.chars().any(|ch| ch.is_control()) {
                 err(p("api_key"), "contains control characters".into());
             }
@@ -815,9 +826,9 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.len(), 1);
-        assert_eq!(e[0].path, "channels[0]");
+        assert_eq!(e[0].path, "channels[0].modles");
         assert!(e[0].message.contains("modles"), "{}", e[0].message);
-        assert_eq!(e[0].line, Some(6));
+        assert_eq!(e[0].line, Some(7));
     }
 
     #[test]

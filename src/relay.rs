@@ -18,8 +18,10 @@ use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::tls::CaType;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::utils::tls::{parse_x509, WrappedX509};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tollgate_filters::route::Attempt;
 use tollgate_filters::{Ctx, GatewayError, RequestBody};
@@ -47,6 +49,8 @@ pub struct UpstreamChannel {
     read_timeout: Duration,
     idle_timeout: Duration,
     tls_verify: bool,
+    /// The channel's own trusted CA, when `ca_file` is set.
+    ca: Option<Arc<CaType>>,
     slots: Arc<Semaphore>,
 }
 
@@ -77,6 +81,11 @@ impl UpstreamChannel {
             read_timeout: Duration::from_millis(cfg.read_timeout_ms),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
             tls_verify: cfg.tls_verify,
+            ca: cfg
+                .ca_file
+                .as_ref()
+                .map(|p| load_ca(&cfg.name, p))
+                .transpose()?,
             slots: Arc::new(Semaphore::new(cfg.max_concurrency as usize)),
         };
         Ok(ch)
@@ -105,7 +114,7 @@ impl UpstreamChannel {
         peer.options.idle_timeout = Some(self.idle_timeout);
         peer.options.verify_cert = self.tls_verify;
         peer.options.verify_hostname = self.tls_verify;
-        peer.options.tcp_keepalive = None;
+        peer.options.ca = self.ca.clone();
         self.peer.store(Some(Arc::new(peer)));
         Ok(addr)
     }
@@ -113,6 +122,17 @@ impl UpstreamChannel {
     pub fn in_use(&self, max: usize) -> usize {
         max.saturating_sub(self.slots.available_permits())
     }
+}
+
+/// Reads a PEM CA certificate for a channel that trusts its own CA.
+fn load_ca(channel: &str, path: &std::path::Path) -> Result<Arc<CaType>, String> {
+    let der = pingora::tls::load_pem_file_ca(&path.display().to_string())
+        .map_err(|e| format!("channel {channel}: ca_file: {e}"))?;
+    if der.is_empty() {
+        return Err(format!("channel {channel}: ca_file holds no certificate"));
+    }
+    let cert = WrappedX509::new(der, parse_x509);
+    Ok(Arc::from(vec![cert]))
 }
 
 /// Why one attempt failed, and whether another channel should be tried.

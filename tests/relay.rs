@@ -11,7 +11,10 @@ use support::{channel, wait_exit, Behaviour, Gateway, MockServer};
 const PROVIDER_KEY: &str = "sk-provider-SECRET-0123456789abcdef";
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 fn chat(model: &str) -> Value {
@@ -25,7 +28,9 @@ async fn single() -> (MockServer, Gateway) {
         "  - {{ name: main, base_url: \"{}\", api_key: \"{PROVIDER_KEY}\", models: [m1, m2, emb], model_map: {{ gpt-4: m1 }} }}\n",
         mock.base_url()
     );
-    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, "")).await.unwrap();
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, ""))
+        .await
+        .unwrap();
     (mock, gw)
 }
 
@@ -39,11 +44,20 @@ async fn error_of(r: reqwest::Response) -> (u16, Value) {
 async fn chat_and_embeddings_are_relayed_with_request_id_and_timing() {
     let (mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&chat("m1")).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(rid.starts_with("req_"));
-    assert!(r.headers()["server-timing"].to_str().unwrap().contains("upstream;dur="));
+    assert!(r.headers()["server-timing"]
+        .to_str()
+        .unwrap()
+        .contains("upstream;dur="));
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["usage"]["completion_tokens"], 3);
@@ -67,9 +81,18 @@ async fn stream_reaches_the_client_chunk_by_chunk() {
     let (mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"gate": true, "chunks": 4}});
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let mut stream = r.bytes_stream();
     let mut seen = String::new();
     // The mock holds every chunk after the first until the gate opens: the client must
@@ -85,7 +108,10 @@ async fn stream_reaches_the_client_chunk_by_chunk() {
     assert_eq!(mock.chunks_sent(), 1);
     assert!(!seen.contains("tok1"));
     mock.open_gate();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap() {
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+    {
         seen.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
     assert!(seen.contains("tok3"));
@@ -99,15 +125,31 @@ async fn one_mebibyte_body_is_forwarded_and_over_limit_gets_413() {
     let big = "x".repeat(1024 * 1024);
     let body = json!({"messages": [{"role": "user", "content": big}], "model": "m1"});
     let sent = serde_json::to_vec(&body).unwrap();
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).body(sent.clone()).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .body(sent.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let got = mock.requests().last().unwrap().body.clone();
     assert_eq!(got.len(), sent.len());
-    assert_eq!(&got[..], &sent[..], "the body must reach the provider byte for byte");
+    assert_eq!(
+        &got[..],
+        &sent[..],
+        "the body must reach the provider byte for byte"
+    );
 
     // The test config sets max_body_bytes to 2 MiB.
     let huge = vec![b'a'; 3 * 1024 * 1024];
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).body(huge).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
     let (status, v) = error_of(r).await;
     assert_eq!(status, 413);
     assert_eq!(v["error"]["code"], "request_too_large");
@@ -118,7 +160,13 @@ async fn one_mebibyte_body_is_forwarded_and_over_limit_gets_413() {
 async fn invalid_json_gets_400_in_openai_shape() {
     let (mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).body("{not json").send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     let (status, v) = error_of(r).await;
     assert_eq!(status, 400);
     assert_eq!(v["error"]["type"], "invalid_request_error");
@@ -130,20 +178,48 @@ async fn invalid_json_gets_400_in_openai_shape() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_revoked_keys_get_401_from_the_next_request_on() {
     let (_mock, gw) = single().await;
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth("sk-tg-unknown").json(&chat("m1")).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth("sk-tg-unknown")
+        .json(&chat("m1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-should-retry"], "false");
     let (status, v) = error_of(r).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (401, Some("invalid_api_key")));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
 
     let key = gw.new_key("acme", &[]);
-    let ok = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&chat("m1")).send().await.unwrap();
+    let ok = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200, "warms the key cache");
     let prefix = &key[..12];
     let out = gw.cli(&["keys", "revoke", prefix]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&chat("m1")).send().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m1"))
+        .send()
+        .await
+        .unwrap();
     let (status, v) = error_of(r).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (401, Some("invalid_api_key")));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
     assert!(v["error"]["message"].as_str().unwrap().contains("revoked"));
 }
 
@@ -151,14 +227,32 @@ async fn unknown_and_revoked_keys_get_401_from_the_next_request_on() {
 async fn model_outside_allow_list_gets_403_and_unknown_model_404() {
     let (mock, gw) = single().await;
     let key = gw.new_key("acme", &["--models", "m1"]);
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&chat("m2")).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m2"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-should-retry"], "false");
     let (status, v) = error_of(r).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (403, Some("model_not_allowed")));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("model_not_allowed"))
+    );
     let open = gw.new_key("other", &[]);
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&open).json(&chat("nope")).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&open)
+        .json(&chat("nope"))
+        .send()
+        .await
+        .unwrap();
     let (status, v) = error_of(r).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("model_not_found")));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
     assert!(mock.requests().is_empty());
 }
 
@@ -166,32 +260,75 @@ async fn model_outside_allow_list_gets_403_and_unknown_model_404() {
 async fn ip_allow_list_refuses_other_addresses() {
     let (_mock, gw) = single().await;
     let key = gw.new_key("acme", &["--allow-ips", "10.0.0.0/8"]);
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&chat("m1")).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m1"))
+        .send()
+        .await
+        .unwrap();
     let (status, v) = error_of(r).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (403, Some("ip_not_allowed")));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("ip_not_allowed"))
+    );
     let local = gw.new_key("local", &["--allow-ips", "127.0.0.0/8"]);
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&local).json(&chat("m1")).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&local)
+        .json(&chat("m1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_first_channel_fails_over_and_5xx_is_retried_on_the_next_channel() {
-    let failing = MockServer::start_with(Behaviour { status: Some(503), ..Default::default() }).await;
+    let failing = MockServer::start_with(Behaviour {
+        status: Some(503),
+        ..Default::default()
+    })
+    .await;
     let good = MockServer::start().await;
     let dead_port = support::free_port();
     let channels = [
-        channel("dead", &format!("http://127.0.0.1:{dead_port}"), "k1", &["m1"], 30),
+        channel(
+            "dead",
+            &format!("http://127.0.0.1:{dead_port}"),
+            "k1",
+            &["m1"],
+            30,
+        ),
         channel("failing", &failing.base_url(), "k2", &["m1", "m5"], 20),
         channel("good", &good.base_url(), "k3", &["m1", "m5"], 10),
     ]
     .concat();
-    let gw = tokio::task::spawn_blocking(move || Gateway::start(&channels, "")).await.unwrap();
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(&channels, ""))
+        .await
+        .unwrap();
     let key = gw.new_key("acme", &[]);
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&chat("m1")).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(failing.requests().len(), 1, "the 503 channel was tried after the dead one");
+    assert_eq!(
+        failing.requests().len(),
+        1,
+        "the 503 channel was tried after the dead one"
+    );
     assert_eq!(good.requests().len(), 1);
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&chat("m5")).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m5"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(failing.requests().len(), 2);
     assert_eq!(good.requests().len(), 2);
@@ -199,34 +336,82 @@ async fn dead_first_channel_fails_over_and_5xx_is_retried_on_the_next_channel() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_channel_fails_the_client_gets_a_502_without_provider_details() {
-    let failing = MockServer::start_with(Behaviour { status: Some(500), ..Default::default() }).await;
+    let failing = MockServer::start_with(Behaviour {
+        status: Some(500),
+        ..Default::default()
+    })
+    .await;
     let ch = channel("only", &failing.base_url(), PROVIDER_KEY, &["m1"], 1);
-    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, "")).await.unwrap();
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, ""))
+        .await
+        .unwrap();
     let key = gw.new_key("acme", &[]);
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&chat("m1")).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m1"))
+        .send()
+        .await
+        .unwrap();
     let text = r.text().await.unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["error"]["code"], "upstream_error");
-    assert!(!text.contains(&failing.base_url()) && !text.contains("127.0.0.1") && !text.contains(PROVIDER_KEY));
+    assert!(
+        !text.contains(&failing.base_url())
+            && !text.contains("127.0.0.1")
+            && !text.contains(PROVIDER_KEY)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_map_is_applied_and_models_are_filtered_by_key() {
     let (mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&chat("gpt-4")).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("gpt-4"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(mock.requests()[0].json().unwrap()["model"], "m1");
 
     let names = |v: Value| -> Vec<String> {
-        v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
     };
-    let all: Value = client().get(gw.url("/v1/models")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    let all: Value = client()
+        .get(gw.url("/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(names(all), ["emb", "gpt-4", "m1", "m2"]);
     let narrow = gw.new_key("narrow", &["--models", "m2,emb"]);
-    let some: Value = client().get(gw.url("/v1/models")).bearer_auth(&narrow).send().await.unwrap().json().await.unwrap();
+    let some: Value = client()
+        .get(gw.url("/v1/models"))
+        .bearer_auth(&narrow)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(names(some), ["emb", "m2"]);
-    let r = client().get(gw.url("/v1/models/m1")).bearer_auth(&narrow).send().await.unwrap();
+    let r = client()
+        .get(gw.url("/v1/models/m1"))
+        .bearer_auth(&narrow)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
 }
 
@@ -245,11 +430,17 @@ async fn the_client_key_never_reaches_the_upstream() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let req = &mock.requests()[0];
-    assert_eq!(req.header("authorization"), Some(format!("Bearer {PROVIDER_KEY}").as_str()));
+    assert_eq!(
+        req.header("authorization"),
+        Some(format!("Bearer {PROVIDER_KEY}").as_str())
+    );
     assert_eq!(req.header("host"), Some(mock.addr().to_string().as_str()));
     assert_eq!(req.header("x-custom"), Some("kept"));
     for (name, value) in &req.headers {
-        assert!(!value.contains(&key), "client key leaked upstream in {name}");
+        assert!(
+            !value.contains(&key),
+            "client key leaked upstream in {name}"
+        );
     }
     assert!(!String::from_utf8_lossy(&req.body).contains(&key));
 }
@@ -260,19 +451,40 @@ async fn a_provider_error_never_leaks_the_channel_key() {
     let key = gw.new_key("acme", &[]);
     // A 400 the provider builds around the key it was sent, as some do.
     let body = json!({"model": "m1", "messages": [], "x_mock": {"status": 400, "echo_auth_in_error": true}});
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let text = r.text().await.unwrap();
-    assert!(!text.contains(PROVIDER_KEY) && !text.contains("SECRET"), "{text}");
+    assert!(
+        !text.contains(PROVIDER_KEY) && !text.contains("SECRET"),
+        "{text}"
+    );
     let v: Value = serde_json::from_str(&text).unwrap();
     assert!(v["error"]["message"].as_str().unwrap().contains("redacted"));
     // A provider refusing the channel key is not the caller's 401.
     let body = json!({"model": "m1", "messages": [], "x_mock": {"status": 401, "echo_auth_in_error": true}});
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 502);
     assert!(!r.text().await.unwrap().contains(PROVIDER_KEY));
-    assert!(!gw.log().contains(PROVIDER_KEY), "the provider key must never be logged");
-    assert!(!gw.log().contains(&key), "the client key must never be logged");
+    assert!(
+        !gw.log().contains(PROVIDER_KEY),
+        "the provider key must never be logged"
+    );
+    assert!(
+        !gw.log().contains(&key),
+        "the client key must never be logged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,12 +492,21 @@ async fn upstream_truncation_reaches_the_client_as_a_broken_stream() {
     let (_mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 10, "truncate_after": 3}});
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let mut stream = r.bytes_stream();
     let mut broken = false;
     let mut text = String::new();
-    while let Some(item) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap() {
+    while let Some(item) = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+    {
         match item {
             Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
             Err(_) => {
@@ -303,24 +524,47 @@ async fn sigterm_lets_a_running_stream_finish() {
     let (mock, mut gw) = single().await;
     let key = gw.new_key("acme", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 10, "delay_ms": 150}});
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let mut stream = r.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
     let mut child = gw.sigterm();
     let mut text = String::from_utf8_lossy(&first).to_string();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap() {
-        text.push_str(&String::from_utf8_lossy(&chunk.expect("the stream must not be cut by SIGTERM")));
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+    {
+        text.push_str(&String::from_utf8_lossy(
+            &chunk.expect("the stream must not be cut by SIGTERM"),
+        ));
     }
-    assert!(text.contains("tok9") && text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(
+        text.contains("tok9") && text.trim_end().ends_with("data: [DONE]"),
+        "{text}"
+    );
     assert_eq!(mock.chunks_sent(), 10);
     // Idle after the stream: the gateway exits well before its 10 s grace period.
-    let (status, took) = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(15))).await.unwrap();
+    let (status, took) =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(15)))
+            .await
+            .unwrap();
     assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
     assert!(took < Duration::from_secs(9), "took {took:?}");
     // New connections are refused once draining has begun.
-    assert!(client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&chat("m1")).send().await.is_err());
+    assert!(client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m1"))
+        .send()
+        .await
+        .is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,25 +583,99 @@ async fn check_config_prints_every_error_with_its_path() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    for want in ["server.listen (line 2)", "server.threads (line 4)", "channels[0].base_url (line 7)"] {
+    for want in [
+        "server.listen (line 2)",
+        "server.threads (line 4)",
+        "channels[0].base_url (line 7)",
+    ] {
         assert!(err.contains(want), "missing `{want}` in:\n{err}");
     }
     let out = gw.cli(&["check-config"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_listener_requires_the_token_and_exports_metrics() {
     let (_mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
-    client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&chat("m1")).send().await.unwrap();
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m1"))
+        .send()
+        .await
+        .unwrap();
     let r = client().get(gw.admin_url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let r = client().get(gw.admin_url("/metrics")).bearer_auth("wrong").send().await.unwrap();
+    let r = client()
+        .get(gw.admin_url("/metrics"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let text = client().get(gw.admin_url("/metrics")).bearer_auth("test-admin-token").send().await.unwrap().text().await.unwrap();
-    assert!(text.contains(r#"tollgate_requests_total{route="chat",status="200"} 1"#), "{text}");
+    let text = client()
+        .get(gw.admin_url("/metrics"))
+        .bearer_auth("test-admin-token")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#"tollgate_requests_total{route="chat",status="200"} 1"#),
+        "{text}"
+    );
     assert!(text.contains("tollgate_request_duration_seconds_bucket"));
-    let r = client().get(gw.admin_url("/readyz")).bearer_auth("test-admin-token").send().await.unwrap();
+    let r = client()
+        .get(gw.admin_url("/readyz"))
+        .bearer_auth("test-admin-token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstream_works_over_rustls_with_the_channel_ca() {
+    let mock = MockServer::start_tls(Behaviour::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, mock.ca_pem().unwrap()).unwrap();
+    let url = format!("https://127.0.0.1:{}", mock.addr().port());
+    let ch = format!(
+        "  - {{ name: tls, base_url: \"{url}\", api_key: k, models: [m1], ca_file: \"{}\" }}\n  - {{ name: untrusted, base_url: \"{url}\", api_key: k, models: [m2] }}\n",
+        ca.display()
+    );
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, ""))
+        .await
+        .unwrap();
+    let key = gw.new_key("acme", &[]);
+    // Without the CA the self-signed certificate is refused: verification is really on.
+    // (Asked first: a pooled connection to the same address would otherwise be reused.)
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(mock.requests().is_empty());
+    let body = json!({"model": "m1", "stream": true, "messages": []});
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("[DONE]"));
+    assert_eq!(mock.requests()[0].header("authorization"), Some("Bearer k"));
 }

@@ -27,9 +27,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::rustls::crypto::ring;
+use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
 
 /// How the mock answers. Server-wide via [`MockServer::start_with`] /
 /// [`MockServer::set_default`], per request via the `"x_mock"` JSON field.
@@ -175,6 +180,8 @@ pub struct MockServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
+    /// Set in TLS mode only; also what makes `base_url` say https.
+    ca_pem: Option<String>,
 }
 
 impl MockServer {
@@ -190,19 +197,29 @@ impl MockServer {
             .expect("bind mock upstream on 127.0.0.1:0")
     }
 
+    /// HTTPS on an ephemeral 127.0.0.1 port with a fresh self-signed
+    /// certificate for "localhost" and 127.0.0.1, so the gateway's TLS
+    /// upstream path can be tested without real certificates. `base_url()`
+    /// is then `https://localhost:PORT`; clients must trust [`Self::ca_pem`].
+    /// Only ALPN "http/1.1" is offered, matching the plain mock.
+    pub async fn start_tls(default: Behaviour) -> MockServer {
+        let (acceptor, pem) = self_signed_tls().expect("self-signed TLS config for the mock");
+        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind mock upstream on 127.0.0.1:0");
+        Self::serve(listener, default, Some((acceptor, pem))).expect("mock listener address")
+    }
+
     pub async fn bind(addr: SocketAddr, default: Behaviour) -> io::Result<MockServer> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        // Lets the benchmark binary restart on a fixed port while old
-        // connections sit in TIME_WAIT.
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        // A deep backlog so connection storms from load tests are not refused.
-        let listener = socket.listen(4096)?;
+        Self::serve(listen(addr)?, default, None)
+    }
+
+    fn serve(
+        listener: TcpListener,
+        default: Behaviour,
+        tls: Option<(TlsAcceptor, String)>,
+    ) -> io::Result<MockServer> {
         let addr = listener.local_addr()?;
+        let (acceptor, ca_pem) = tls.unzip();
         let shared = Arc::new(Shared {
             default: RwLock::new(Arc::new(default)),
             record: AtomicBool::new(true),
@@ -212,16 +229,32 @@ impl MockServer {
             gate: watch::Sender::new(false),
             next_id: AtomicU64::new(1),
         });
-        let task = tokio::spawn(accept_loop(listener, shared.clone()));
-        Ok(MockServer { addr, shared, task })
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), acceptor));
+        Ok(MockServer {
+            addr,
+            shared,
+            task,
+            ca_pem,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// `http://IP:PORT`, or `https://localhost:PORT` in TLS mode because the
+    /// name must match the certificate under the usual SNI/hostname checks.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.ca_pem {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// PEM of the self-signed certificate a client must trust; `None` for
+    /// plain HTTP.
+    pub fn ca_pem(&self) -> Option<String> {
+        self.ca_pem.clone()
     }
 
     /// Every request received so far, in arrival order.
@@ -263,7 +296,41 @@ impl Drop for MockServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // Lets the benchmark binary restart on a fixed port while old
+    // connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // A deep backlog so connection storms from load tests are not refused.
+    socket.listen(4096)
+}
+
+/// A new key and certificate per server, so no key material ships in the
+/// repo. The ring provider is named explicitly because the process-wide
+/// default is ambiguous if another crate ever enables aws-lc-rs.
+fn self_signed_tls() -> Result<(TlsAcceptor, String), Box<dyn StdError>> {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(signing_key.serialize_der()));
+    let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)?;
+    // The mock only speaks HTTP/1.1; refusing h2 in ALPN keeps clients honest.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((TlsAcceptor::from(Arc::new(config)), cert.pem()))
+}
+
+/// A client that connects but never finishes the handshake must not pin a
+/// task forever.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
     let mut builder = http1::Builder::new();
     builder.keep_alive(true).timer(TokioTimer::new());
     let mut conns = JoinSet::new();
@@ -275,9 +342,22 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
                     let builder = builder.clone();
+                    let tls = tls.clone();
+                    // The handshake runs in the connection task so a slow
+                    // client cannot stall the accept loop.
                     conns.spawn(async move {
-                        let svc = service_fn(move |req| handle(shared.clone(), req));
-                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        match tls {
+                            None => serve_connection(&builder, stream, shared).await,
+                            Some(acceptor) => {
+                                let hs = tokio::time::timeout(
+                                    TLS_HANDSHAKE_TIMEOUT,
+                                    acceptor.accept(stream),
+                                );
+                                if let Ok(Ok(stream)) = hs.await {
+                                    serve_connection(&builder, stream, shared).await;
+                                }
+                            }
+                        }
                     });
                 }
                 // Typically EMFILE under load: back off instead of spinning.
@@ -286,6 +366,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
+}
+
+/// The one place connections are served, so plain and TLS behave the same.
+async fn serve_connection<S>(builder: &http1::Builder, io: S, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(shared.clone(), req));
+    let _ = builder.serve_connection(TokioIo::new(io), svc).await;
 }
 
 /// Returned from the service to make hyper drop the connection without

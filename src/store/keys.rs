@@ -192,6 +192,21 @@ pub fn find_by_hash(pool: &Pool, hash: &KeyHash) -> Result<Option<KeyRecord>, St
     Ok(rec)
 }
 
+/// The [`tollgate_filters::auth::KeyLookup`] port over SQLite. Lookups run on the blocking
+/// pool; the key cache in front keeps them rare.
+pub struct SqliteKeys(pub Pool);
+
+#[async_trait::async_trait]
+impl tollgate_filters::auth::KeyLookup for SqliteKeys {
+    async fn find_key(&self, hash: KeyHash) -> Result<Option<KeyRecord>, String> {
+        let pool = self.0.clone();
+        tokio::task::spawn_blocking(move || find_by_hash(&pool, &hash))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,20 +263,5 @@ mod tests {
         assert!(crate::store::key_epoch(&pool).unwrap() > e0);
         assert!(matches!(revoke(&pool, "999"), Err(StoreError::NotFound(_))));
         assert_eq!(list(&pool, Some("acme")).unwrap().len(), 2);
-    }
-}
-
-/// The [`tollgate_filters::auth::KeyLookup`] port over SQLite. Lookups run on the blocking
-/// pool; the key cache in front keeps them rare.
-pub struct SqliteKeys(pub Pool);
-
-#[async_trait::async_trait]
-impl tollgate_filters::auth::KeyLookup for SqliteKeys {
-    async fn find_key(&self, hash: KeyHash) -> Result<Option<KeyRecord>, String> {
-        let pool = self.0.clone();
-        tokio::task::spawn_blocking(move || find_by_hash(&pool, &hash))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
     }
 }

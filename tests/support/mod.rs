@@ -9,11 +9,16 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports, reason = "not every test file uses both")]
 pub use tollgate_bench::mock::{Behaviour, MockServer};
 
 /// A free loopback port (bound, then released for the gateway to take).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Gateway {
@@ -25,7 +30,13 @@ pub struct Gateway {
 }
 
 /// One channel line for the YAML.
-pub fn channel(name: &str, base_url: &str, api_key: &str, models: &[&str], priority: i32) -> String {
+pub fn channel(
+    name: &str,
+    base_url: &str,
+    api_key: &str,
+    models: &[&str],
+    priority: i32,
+) -> String {
     format!(
         "  - {{ name: {name}, base_url: \"{base_url}\", api_key: \"{api_key}\", models: [{}], priority: {priority}, connect_timeout_ms: 1000, read_timeout_ms: 10000 }}\n",
         models.join(", ")
@@ -117,7 +128,11 @@ impl Gateway {
         let mut args = vec!["keys", "create", "--account", account];
         args.extend_from_slice(key_flags);
         let out = self.cli(&args);
-        assert!(out.status.success(), "keys create failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "keys create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let stdout = String::from_utf8(out.stdout).unwrap();
         let secret = stdout.lines().last().unwrap().trim().to_string();
         assert!(secret.starts_with("sk-tg-"), "{stdout}");
@@ -127,7 +142,10 @@ impl Gateway {
     /// Sends SIGTERM and returns the child, to be waited on by the test.
     pub fn sigterm(&mut self) -> Child {
         let child = self.child.take().expect("running");
-        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
         child
     }
@@ -143,7 +161,10 @@ impl Drop for Gateway {
 }
 
 /// Waits for a child to exit, bounded; returns its exit status and how long it took.
-pub fn wait_exit(child: &mut Child, limit: Duration) -> (Option<std::process::ExitStatus>, Duration) {
+pub fn wait_exit(
+    child: &mut Child,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, Duration) {
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Ok(Some(s)) = child.try_wait() {
