@@ -1,51 +1,173 @@
-//! The admin listener: health, readiness, metrics and key-cache control, all behind
-//! `Authorization: Bearer <server.admin_token>` (compared in constant time).
+//! The admin listener: health, readiness, metrics, and the admin API (accounts, keys,
+//! usage, prices), all behind `Authorization: Bearer <server.admin_token>` (compared in
+//! constant time). With an empty token the listener is open; config validation allows that
+//! only on a loopback address.
 //!
-//! With an empty token the listener is open; config validation only allows that on a
-//! loopback address.
+//! Money goes in as USD (a JSON number or a decimal string, converted from its decimal text
+//! exactly) and comes out as both a decimal string (`*_usd`) and integer nano-USD (`*_nano`).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use http::{Response, StatusCode};
+use bytes::BytesMut;
+use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tollgate_filters::auth::KeyCache;
+use tollgate_filters::billing::{PriceTable, Wallets};
 
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::service::InFlight;
-use crate::store::Pool;
+use crate::store::usage::{self, GroupBy, UsageFilter};
+use crate::store::{accounts, keys, money, Pool, StoreError};
+
+const MAX_ADMIN_BODY: usize = 64 * 1024;
 
 pub struct Admin {
-    token: String,
-    pool: Pool,
-    metrics: Arc<Metrics>,
-    keys: Arc<KeyCache>,
-    in_flight: Arc<InFlight>,
-    relay: Arc<Relay>,
+    pub token: String,
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+    pub keys: Arc<KeyCache>,
+    pub wallets: Arc<Wallets>,
+    pub prices: Arc<PriceTable>,
+    pub in_flight: Arc<InFlight>,
+    pub relay: Arc<Relay>,
+}
+
+/// An admin failure: status, code, message.
+struct Fail(StatusCode, &'static str, String);
+
+type Reply = Result<(StatusCode, Value), Fail>;
+
+fn bad(msg: impl Into<String>) -> Fail {
+    Fail(StatusCode::BAD_REQUEST, "invalid_request_error", msg.into())
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Fail {
+        match e {
+            StoreError::NotFound(m) => Fail(StatusCode::NOT_FOUND, "not_found", m),
+            StoreError::Conflict(m) => Fail(StatusCode::CONFLICT, "conflict", m),
+            StoreError::Invalid(m) => bad(m),
+            other => {
+                tracing::error!(error = %other, "admin store error");
+                Fail(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error.".into())
+            }
+        }
+    }
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Vec<u8>> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .unwrap_or_default()
+}
+
+/// USD from JSON: a number (its shortest decimal text) or a string, to nano-USD exactly.
+fn usd_field(v: &Value, field: &str) -> Result<Option<i64>, Fail> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => money::parse_usd(&n.to_string()).map(Some).map_err(|e| bad(format!("`{field}`: {e}"))),
+        Some(Value::String(s)) => money::parse_usd(s).map(Some).map_err(|e| bad(format!("`{field}`: {e}"))),
+        Some(_) => Err(bad(format!("`{field}` must be a USD amount"))),
+    }
+}
+
+fn str_field<'a>(v: &'a Value, field: &str) -> Result<Option<&'a str>, Fail> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(bad(format!("`{field}` must be a string"))),
+    }
+}
+
+fn u32_field(v: &Value, field: &str) -> Result<Option<u32>, Fail> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| bad(format!("`{field}` must be a non-negative integer"))),
+    }
+}
+
+fn list_field(v: &Value, field: &str) -> Result<Option<Vec<String>>, Fail> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_owned).ok_or_else(|| bad(format!("`{field}` must be a list of strings"))))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(_) => Err(bad(format!("`{field}` must be a list of strings"))),
+    }
+}
+
+fn nets(list: Vec<String>) -> Result<Vec<ipnet::IpNet>, Fail> {
+    list.iter()
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| bad(format!("`{s}` is not a CIDR")))
+        })
+        .collect()
+}
+
+fn expiry(v: &Value) -> Result<Option<i64>, Fail> {
+    str_field(v, "expires")?
+        .map(|s| chrono::DateTime::parse_from_rfc3339(s).map(|t| t.timestamp_millis()).map_err(|e| bad(format!("`expires`: {e}"))))
+        .transpose()
+}
+
+fn account_json(a: &accounts::Account, available: Option<i64>) -> Value {
+    json!({
+        "id": a.id,
+        "name": a.name,
+        "group": a.group,
+        "balance_usd": a.balance_usd(),
+        "balance_nano": a.balance_nano,
+        "available_usd": available.map(money::format_usd),
+        "created_at": a.created_at,
+    })
+}
+
+fn key_json(k: &keys::KeyInfo) -> Value {
+    json!({
+        "id": k.id,
+        "account": k.account,
+        "name": k.name,
+        "prefix": k.prefix,
+        "revoked": k.revoked,
+        "expires_at": k.expires_at,
+        "budget_usd": k.budget_nano.map(money::format_usd),
+        "spent_usd": money::format_usd(k.spent_nano),
+        "spent_nano": k.spent_nano,
+        "models": k.models,
+        "allow_ips": k.allow_ips,
+        "rpm": k.rpm,
+        "tpm": k.tpm,
+        "concurrency": k.concurrency,
+        "created_at": k.created_at,
+    })
+}
+
+fn query_map(q: Option<&str>) -> std::collections::HashMap<String, String> {
+    q.unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace('+', " ").replace("%3A", ":").replace("%2B", "+")))
+        .collect()
 }
 
 impl Admin {
-    pub fn new(
-        token: String,
-        pool: Pool,
-        metrics: Arc<Metrics>,
-        keys: Arc<KeyCache>,
-        in_flight: Arc<InFlight>,
-        relay: Arc<Relay>,
-    ) -> Self {
-        Admin {
-            token,
-            pool,
-            metrics,
-            keys,
-            in_flight,
-            relay,
-        }
-    }
-
     fn authorized(&self, session: &ServerSession) -> bool {
         if self.token.is_empty() {
             return true;
@@ -65,75 +187,206 @@ impl Admin {
             return Err("draining".into());
         }
         let conn = self.pool.get().map_err(|e| format!("database: {e}"))?;
-        conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
-            .map_err(|e| format!("database: {e}"))?;
+        conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).map_err(|e| format!("database: {e}"))?;
         Ok(())
     }
-}
 
-fn json(status: StatusCode, v: serde_json::Value) -> Response<Vec<u8>> {
-    let body = serde_json::to_vec(&v).unwrap_or_default();
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::CONTENT_LENGTH, body.len())
-        .body(body)
-        .unwrap_or_default()
-}
+    async fn body(&self, session: &mut ServerSession) -> Result<Value, Fail> {
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await.map_err(|_| bad("cannot read the body"))? {
+            buf.extend_from_slice(&chunk);
+            if buf.len() > MAX_ADMIN_BODY {
+                return Err(Fail(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", "Body too large.".into()));
+            }
+        }
+        if buf.is_empty() {
+            return Ok(json!({}));
+        }
+        let v: Value = serde_json::from_slice(&buf).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(bad("the body must be a JSON object"));
+        }
+        Ok(v)
+    }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
-    json(
-        status,
-        serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}}),
-    )
+    /// Runs a blocking store call off the async workers.
+    async fn store<T: Send + 'static>(&self, f: impl FnOnce(&Pool) -> Result<T, StoreError> + Send + 'static) -> Result<T, Fail> {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || f(&pool))
+            .await
+            .map_err(|_| Fail(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error.".into()))?
+            .map_err(Fail::from)
+    }
+
+    fn key_changed(&self, key_id: i64) {
+        self.keys.invalidate_all();
+        self.wallets.forget_key(key_id);
+    }
+
+    async fn route(&self, session: &mut ServerSession, method: &Method, path: &str) -> Reply {
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let query = query_map(session.req_header().uri.query());
+        match (method.as_str(), segs.as_slice()) {
+            ("POST", ["admin", "cache", "keys", "invalidate"]) => {
+                self.keys.invalidate_all();
+                Ok((StatusCode::OK, json!({"invalidated": true})))
+            }
+            ("GET", ["admin", "accounts"]) => {
+                let list = self.store(accounts::list).await?;
+                let data: Vec<Value> = list.iter().map(|a| account_json(a, self.wallets.account_available(a.id))).collect();
+                Ok((StatusCode::OK, json!({"data": data})))
+            }
+            ("POST", ["admin", "accounts"]) => {
+                let v = self.body(session).await?;
+                let name = str_field(&v, "name")?.ok_or_else(|| bad("`name` is required"))?.to_string();
+                let group = str_field(&v, "group")?.unwrap_or("default").to_string();
+                let balance = usd_field(&v, "balance_usd")?.unwrap_or(0);
+                let a = self.store(move |p| accounts::create(p, &name, &group, balance)).await?;
+                Ok((StatusCode::CREATED, account_json(&a, None)))
+            }
+            ("GET", ["admin", "accounts", name]) => {
+                let name = name.to_string();
+                let a = self.store(move |p| accounts::get(p, &name)).await?;
+                Ok((StatusCode::OK, account_json(&a, self.wallets.account_available(a.id))))
+            }
+            ("POST", ["admin", "accounts", name, "topup"]) => {
+                let v = self.body(session).await?;
+                let usd = usd_field(&v, "usd")?.ok_or_else(|| bad("`usd` is required"))?;
+                let name = name.to_string();
+                let a = self.store(move |p| accounts::topup(p, &name, usd)).await?;
+                self.wallets.credited(a.id, usd);
+                Ok((StatusCode::OK, account_json(&a, self.wallets.account_available(a.id))))
+            }
+            ("GET", ["admin", "keys"]) => {
+                let account = query.get("account").cloned();
+                let list = self.store(move |p| keys::list(p, account.as_deref())).await?;
+                Ok((StatusCode::OK, json!({"data": list.iter().map(key_json).collect::<Vec<_>>()})))
+            }
+            ("POST", ["admin", "keys"]) => {
+                let v = self.body(session).await?;
+                let new = keys::NewKey {
+                    account: str_field(&v, "account")?.ok_or_else(|| bad("`account` is required"))?.to_string(),
+                    name: str_field(&v, "name")?.unwrap_or_default().to_string(),
+                    budget_nano: usd_field(&v, "budget_usd")?,
+                    models: list_field(&v, "models")?.unwrap_or_default(),
+                    rpm: u32_field(&v, "rpm")?,
+                    tpm: u32_field(&v, "tpm")?,
+                    concurrency: u32_field(&v, "concurrency")?,
+                    expires_at: expiry(&v)?,
+                    allow_ips: nets(list_field(&v, "allow_ips")?.unwrap_or_default())?,
+                };
+                let (info, secret) = self.store(move |p| keys::create(p, &new)).await?;
+                let mut out = key_json(&info);
+                out["key"] = Value::String(secret);
+                Ok((StatusCode::CREATED, out))
+            }
+            ("PATCH", ["admin", "keys", id]) => {
+                let id: i64 = id.parse().map_err(|_| bad("key id must be an integer"))?;
+                let v = self.body(session).await?;
+                let nullable_u32 = |f: &str| -> Result<Option<Option<u32>>, Fail> {
+                    if v.get(f).is_some() {
+                        Ok(Some(u32_field(&v, f)?))
+                    } else {
+                        Ok(None)
+                    }
+                };
+                let patch = keys::KeyPatch {
+                    name: str_field(&v, "name")?.map(str::to_owned),
+                    budget_nano: if v.get("budget_usd").is_some() { Some(usd_field(&v, "budget_usd")?) } else { None },
+                    models: list_field(&v, "models")?,
+                    rpm: nullable_u32("rpm")?,
+                    tpm: nullable_u32("tpm")?,
+                    concurrency: nullable_u32("concurrency")?,
+                    expires_at: if v.get("expires").is_some() { Some(expiry(&v)?) } else { None },
+                    allow_ips: list_field(&v, "allow_ips")?.map(nets).transpose()?,
+                    revoked: match v.get("revoked") {
+                        None | Some(Value::Null) => None,
+                        Some(Value::Bool(b)) => Some(*b),
+                        Some(_) => return Err(bad("`revoked` must be a boolean")),
+                    },
+                };
+                let info = self.store(move |p| keys::update(p, id, &patch)).await?;
+                self.key_changed(id);
+                Ok((StatusCode::OK, key_json(&info)))
+            }
+            ("DELETE", ["admin", "keys", id]) => {
+                let id_s = id.to_string();
+                let info = self.store(move |p| keys::revoke(p, &id_s)).await?;
+                self.key_changed(info.id);
+                Ok((StatusCode::OK, key_json(&info)))
+            }
+            ("GET", ["admin", "usage"]) => {
+                let time = |k: &str| query.get(k).map(|s| usage::parse_time(s).map_err(bad)).transpose();
+                let filter = UsageFilter {
+                    account: query.get("account").cloned(),
+                    key_id: query.get("key").map(|k| k.parse().map_err(|_| bad("`key` must be a key id"))).transpose()?,
+                    model: query.get("model").cloned(),
+                    since: time("since")?,
+                    until: time("until")?,
+                };
+                let by: Option<GroupBy> = query.get("by").map(|b| b.parse().map_err(bad)).transpose()?;
+                let (totals, groups) = self.store(move |p| usage::summary(p, &filter, by)).await?;
+                let mut out = serde_json::to_value(&totals).unwrap_or_default();
+                if by.is_some() {
+                    out["breakdown"] = serde_json::to_value(&groups).unwrap_or_default();
+                }
+                Ok((StatusCode::OK, out))
+            }
+            ("GET", ["admin", "pricing"]) => {
+                let page = crate::pricing_page::PricingPage::new(&self.prices);
+                let group = query.get("group").map(String::as_str);
+                let body = page.page(group).ok_or_else(|| bad("unknown group"))?;
+                Ok((StatusCode::OK, serde_json::from_slice(&body).unwrap_or_default()))
+            }
+            _ => Err(Fail(StatusCode::NOT_FOUND, "unknown_url", "Unknown admin route.".into())),
+        }
+    }
 }
 
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         if !self.authorized(session) {
-            return error(
+            return json_response(
                 StatusCode::UNAUTHORIZED,
-                "invalid_admin_token",
-                "A valid admin token is required.",
+                &json!({"error": {"message": "A valid admin token is required.", "type": "invalid_request_error", "param": null, "code": "invalid_admin_token"}}),
             );
         }
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
         match (method.as_str(), path.as_str()) {
-            ("GET", "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-            ("GET", "/readyz") => match self.ready() {
-                Ok(()) => {
-                    let channels: serde_json::Map<String, serde_json::Value> = self
-                        .relay
-                        .channels_in_use()
-                        .into_iter()
-                        .map(|(n, used)| (n.to_string(), serde_json::json!({"in_use": used})))
-                        .collect();
-                    json(
-                        StatusCode::OK,
-                        serde_json::json!({"status": "ready", "channels": channels}),
-                    )
+            ("GET", "/healthz") => return json_response(StatusCode::OK, &json!({"status": "ok"})),
+            ("GET", "/readyz") => {
+                return match self.ready() {
+                    Ok(()) => {
+                        let channels: serde_json::Map<String, Value> = self
+                            .relay
+                            .channels_in_use()
+                            .into_iter()
+                            .map(|(n, used)| (n.to_string(), json!({"in_use": used})))
+                            .collect();
+                        json_response(StatusCode::OK, &json!({"status": "ready", "channels": channels}))
+                    }
+                    Err(why) => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "unavailable", "reason": why})),
                 }
-                Err(why) => json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    serde_json::json!({"status": "unavailable", "reason": why}),
-                ),
-            },
+            }
             ("GET", "/metrics") => {
                 let body = self.metrics.render();
-                Response::builder()
+                return Response::builder()
                     .status(StatusCode::OK)
                     .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
                     .header(http::header::CONTENT_LENGTH, body.len())
                     .body(body)
-                    .unwrap_or_default()
+                    .unwrap_or_default();
             }
-            ("POST", "/admin/cache/keys/invalidate") => {
-                self.keys.invalidate_all();
-                json(StatusCode::OK, serde_json::json!({"invalidated": true}))
-            }
-            _ => error(StatusCode::NOT_FOUND, "unknown_url", "Unknown admin route."),
+            _ => {}
+        }
+        match self.route(session, &method, &path).await {
+            Ok((status, v)) => json_response(status, &v),
+            Err(Fail(status, code, message)) => json_response(
+                status,
+                &json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}}),
+            ),
         }
     }
 }

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::config::Config;
-use crate::store::{self, accounts, keys, money, Pool};
+use crate::store::{self, accounts, keys, money, usage, Pool};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,6 +39,21 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Usage and cost from the ledger.
+    Usage {
+        #[arg(long)]
+        account: Option<String>,
+        /// From this time: RFC 3339, YYYY-MM-DD or unix ms.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// Break the totals down by model, day or key.
+        #[arg(long)]
+        by: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -144,6 +159,34 @@ pub fn run(cli: Cli) -> CliResult {
             let cfg = load(&cli.config)?;
             let pool = open(&cfg)?;
             keys_cmd(&cfg, &pool, cmd)
+        }
+        Command::Usage { account, since, until, model, by } => {
+            let cfg = load(&cli.config)?;
+            let pool = open(&cfg)?;
+            let filter = usage::UsageFilter {
+                account,
+                key_id: None,
+                model,
+                since: since.as_deref().map(usage::parse_time).transpose()?,
+                until: until.as_deref().map(usage::parse_time).transpose()?,
+            };
+            let by = by.as_deref().map(str::parse::<usage::GroupBy>).transpose()?;
+            let (total, groups) = usage::summary(&pool, &filter, by)?;
+            let line = |name: &str, t: &usage::UsageTotals| {
+                println!(
+                    "{:<28} {:>10} {:>14} {:>14} {:>12} {:>18}",
+                    name, t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens, t.cost_usd
+                )
+            };
+            println!(
+                "{:<28} {:>10} {:>14} {:>14} {:>12} {:>18}",
+                "GROUP", "REQUESTS", "PROMPT", "COMPLETION", "CACHED", "COST_USD"
+            );
+            for g in &groups {
+                line(&g.group, &g.totals);
+            }
+            line("TOTAL", &total);
+            Ok(())
         }
     }
 }

@@ -227,6 +227,10 @@ pub struct ChannelConfig {
     /// Verify the upstream's TLS certificate (turn off only for self-signed test upstreams).
     #[serde(default = "d_true")]
     pub tls_verify: bool,
+    /// Ask for `stream_options.include_usage` on streams whose client did not, so usage is
+    /// exact; turn off for providers that reject the field.
+    #[serde(default = "d_true")]
+    pub inject_stream_usage: bool,
     /// A PEM CA certificate to trust for this channel instead of the system roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -288,7 +292,11 @@ pub struct PricingConfig {
     pub models: BTreeMap<String, ModelPrice>,
     pub groups: BTreeMap<String, f64>,
     pub unpriced: Unpriced,
+    /// Serve the price table at `GET /api/pricing` on the main listener.
     pub expose: bool,
+    /// Output cap assumed for the worst-case reservation when neither the request
+    /// (`max_tokens`) nor the model (`default_max_output`) sets one.
+    pub default_max_output: u64,
 }
 
 impl Default for PricingConfig {
@@ -298,6 +306,7 @@ impl Default for PricingConfig {
             groups: BTreeMap::from([("default".to_string(), 1.0)]),
             unpriced: Unpriced::Reject,
             expose: false,
+            default_max_output: 4096,
         }
     }
 }
@@ -337,6 +346,10 @@ pub struct AccountingConfig {
     pub flush_interval_ms: u64,
     pub max_batch: usize,
     pub retention_days: u32,
+    /// After a client disconnects mid-response, keep reading the provider this long for usage.
+    pub drain_timeout_ms: u64,
+    /// ... and at most this many bytes.
+    pub drain_max_bytes: u64,
 }
 
 impl Default for AccountingConfig {
@@ -345,6 +358,8 @@ impl Default for AccountingConfig {
             flush_interval_ms: 20,
             max_batch: 2000,
             retention_days: 90,
+            drain_timeout_ms: 60_000,
+            drain_max_bytes: 16 * 1024 * 1024,
         }
     }
 }

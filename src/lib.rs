@@ -6,9 +6,12 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod ledger;
 pub mod maintenance;
 pub mod metrics;
+pub mod pricing_page;
 pub mod relay;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod usage;

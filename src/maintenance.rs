@@ -4,7 +4,9 @@
 //! - polls the key-change counter, so a key revoked by another process or node takes effect
 //!   here within `KEY_POLL`;
 //! - on SIGTERM: waits for in-flight requests (bounded by `server.grace_period_s`), then
-//!   exits. Pingora itself would sleep the whole grace period even when idle.
+//!   commits every queued ledger row, and exits. Pingora itself would sleep the whole grace
+//!   period even when idle;
+//! - deletes ledger rows older than `accounting.retention_days`, in small batches, hourly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,19 +16,25 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tollgate_filters::auth::KeyCache;
 
+use crate::ledger::Ledger;
 use crate::relay::Relay;
 use crate::service::InFlight;
 use crate::store::{self, Pool};
 
 const DNS_REFRESH: Duration = Duration::from_secs(30);
 const KEY_POLL: Duration = Duration::from_millis(250);
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+const RETENTION_BATCH: usize = 5000;
 
 pub struct Maintenance {
     pub relay: Arc<Relay>,
     pub pool: Pool,
     pub keys: Arc<KeyCache>,
     pub in_flight: Arc<InFlight>,
+    pub ledger: Arc<Ledger>,
     pub grace: Duration,
+    /// Ledger rows older than this are deleted (0 keeps everything).
+    pub retention_days: u32,
 }
 
 #[async_trait]
@@ -34,6 +42,7 @@ impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut dns = tokio::time::interval(DNS_REFRESH);
         let mut keys = tokio::time::interval(KEY_POLL);
+        let mut retention = tokio::time::interval(RETENTION_EVERY);
         let mut epoch = None;
         loop {
             tokio::select! {
@@ -41,6 +50,15 @@ impl BackgroundService for Maintenance {
                 _ = dns.tick() => {
                     let relay = self.relay.clone();
                     let _ = tokio::task::spawn_blocking(move || relay.refresh_dns()).await;
+                }
+                _ = retention.tick(), if self.retention_days > 0 => {
+                    let pool = self.pool.clone();
+                    let before = store::now_ms() - i64::from(self.retention_days) * 86_400_000;
+                    match tokio::task::spawn_blocking(move || store::usage::delete_older_than(&pool, before, RETENTION_BATCH)).await {
+                        Ok(Ok(n)) if n > 0 => tracing::info!(deleted = n, "old ledger rows deleted"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "ledger retention failed"),
+                        _ => {}
+                    }
                 }
                 _ = keys.tick() => {
                     let pool = self.pool.clone();
@@ -69,6 +87,8 @@ impl BackgroundService for Maintenance {
         if left > 0 {
             tracing::warn!(left, "grace period over; exiting with requests in flight");
         }
+        let ledger = self.ledger.clone();
+        let _ = tokio::task::spawn_blocking(move || ledger.shutdown()).await;
         tracing::info!("shutdown complete");
         std::process::exit(0);
     }

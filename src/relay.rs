@@ -28,6 +28,7 @@ use tollgate_filters::{Ctx, GatewayError, RequestBody};
 
 use crate::config::{ChannelConfig, UpstreamUrl};
 use crate::metrics::Metrics;
+use crate::usage::UsageScanner;
 
 /// Largest upstream error body read for rewriting; the rest is dropped.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -49,6 +50,8 @@ pub struct UpstreamChannel {
     read_timeout: Duration,
     idle_timeout: Duration,
     tls_verify: bool,
+    /// Ask for `stream_options.include_usage` when the client did not (see `usage.rs`).
+    inject_stream_usage: bool,
     /// The channel's own trusted CA, when `ca_file` is set.
     ca: Option<Arc<CaType>>,
     slots: Arc<Semaphore>,
@@ -81,6 +84,7 @@ impl UpstreamChannel {
             read_timeout: Duration::from_millis(cfg.read_timeout_ms),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
             tls_verify: cfg.tls_verify,
+            inject_stream_usage: cfg.inject_stream_usage,
             ca: cfg
                 .ca_file
                 .as_ref()
@@ -230,21 +234,33 @@ const DROP_RESPONSE: &[&str] = &[
 /// The relay: the channels and the pooled connector.
 pub struct Relay {
     connector: Connector,
+    drain: DrainLimits,
     pub channels: Vec<UpstreamChannel>,
     max_concurrency: Vec<usize>,
     metrics: Arc<Metrics>,
+}
+
+/// How long, and how much, to keep reading a provider's answer after the client has gone,
+/// to learn the real usage.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainLimits {
+    pub timeout: Duration,
+    pub max_bytes: u64,
 }
 
 /// What the relay needs from the request, beyond the context.
 pub struct Outbound<'a> {
     pub body: &'a RequestBody,
     pub path: &'a str,
+    /// A stream whose client did not ask for usage: ask the provider for it anyway.
+    pub wants_usage_injection: bool,
 }
 
 impl Relay {
     pub fn new(
         channels: &[ChannelConfig],
         keepalive_pool_size: usize,
+        drain: DrainLimits,
         metrics: Arc<Metrics>,
     ) -> Result<Relay, String> {
         let mut opts = ConnectorOptions::new(keepalive_pool_size);
@@ -255,6 +271,7 @@ impl Relay {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Relay {
             connector: Connector::new(Some(opts)),
+            drain,
             max_concurrency: channels
                 .iter()
                 .map(|c| c.max_concurrency as usize)
@@ -297,7 +314,8 @@ impl Relay {
             let ch = &self.channels[attempt.channel];
             let is_last = i + 1 == n;
             ctx.outcome.attempts += 1;
-            let body = out.body.rewrite(attempt.upstream_model.as_deref(), false)?;
+            let inject = out.wants_usage_injection && ch.inject_stream_usage;
+            let body = out.body.rewrite(attempt.upstream_model.as_deref(), inject)?;
             let req = self.request_header(session, ch, out.path, body.len())?;
             let started = Instant::now();
             let mut ex = match self.exchange(ch, req, body).await {
@@ -342,10 +360,11 @@ impl Relay {
             }
             ctx.outcome.upstream_header_time = Some(started.elapsed());
             ctx.outcome.channel = Some(attempt.channel);
+            ctx.upstream_model = attempt.upstream_model.clone();
             if !(200..300).contains(&status) {
                 return self.relay_error(session, ctx, ch, ex, status).await;
             }
-            self.stream_response(session, ctx, ch, ex).await;
+            self.stream_response(session, ctx, ch, ex, inject).await;
             return Ok(());
         }
         Err(last)
@@ -438,48 +457,74 @@ impl Relay {
         }
     }
 
-    /// The provider answered 2xx: copy its header, then its body chunk by chunk.
+    /// The provider answered 2xx: copy its header, then its body chunk by chunk, scanning it
+    /// for usage on the side. If the client goes away, keep reading (bounded) for the usage.
     async fn stream_response(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
         ch: &UpstreamChannel,
         mut ex: Exchange,
+        injected_usage: bool,
     ) {
         let Some(up) = ex.session.response_header() else {
             return;
+        };
+        let mut scanner = if is_event_stream(up) {
+            UsageScanner::sse(injected_usage)
+        } else {
+            UsageScanner::json()
         };
         let mut resp = match client_response_header(up, ctx, session.as_downstream().is_http2()) {
             Ok(r) => r,
             Err(_) => return,
         };
+        ctx.outcome.status = up.status.as_u16();
         set_server_timing(&mut resp, ctx);
         if let Err(e) = session.write_response_header(Box::new(resp), false).await {
             tracing::info!(request_id = %ctx.request_id, error = %e, "client went away before the response header");
             ctx.outcome.client_gone = true;
-            ex.session.shutdown().await;
-            return;
         }
-        ctx.outcome.status = ex
-            .session
-            .response_header()
-            .map(|h| h.status.as_u16())
-            .unwrap_or(200);
         let mut upstream_broken = false;
+        let mut drained: u64 = 0;
+        let mut drain_deadline = None;
         loop {
-            match ex.session.read_response_body().await {
+            let read = match drain_deadline {
+                None => ex.session.read_response_body().await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, ex.session.read_response_body()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::info!(request_id = %ctx.request_id, "stopped draining: time limit");
+                        upstream_broken = true;
+                        break;
+                    }
+                },
+            };
+            match read {
                 Ok(Some(chunk)) => {
                     if chunk.is_empty() {
+                        continue;
+                    }
+                    let out = scanner.feed(chunk);
+                    if ctx.outcome.client_gone {
+                        drained += out.len() as u64;
+                        if drained > self.drain.max_bytes {
+                            tracing::info!(request_id = %ctx.request_id, "stopped draining: byte limit");
+                            upstream_broken = true;
+                            break;
+                        }
+                        continue;
+                    }
+                    if out.is_empty() {
                         continue;
                     }
                     if ctx.outcome.first_byte.is_none() {
                         ctx.outcome.first_byte = Some(ctx.started.elapsed());
                     }
-                    ctx.outcome.bytes_to_client += chunk.len() as u64;
-                    if let Err(e) = session.write_response_body(Some(chunk), false).await {
-                        tracing::info!(request_id = %ctx.request_id, error = %e, "client went away mid-response");
+                    ctx.outcome.bytes_to_client += out.len() as u64;
+                    if let Err(e) = session.write_response_body(Some(out), false).await {
+                        tracing::info!(request_id = %ctx.request_id, error = %e, "client went away mid-response; reading on for usage");
                         ctx.outcome.client_gone = true;
-                        break;
                     }
                 }
                 Ok(None) => break,
@@ -489,17 +534,26 @@ impl Relay {
                     break;
                 }
             }
+            if ctx.outcome.client_gone && drain_deadline.is_none() {
+                drain_deadline = Some(tokio::time::Instant::now() + self.drain.timeout);
+            }
         }
+        let rest = scanner.finish();
+        ctx.usage = scanner.usage;
+        ctx.outcome.completion_text_bytes = scanner.text_bytes;
         if upstream_broken || ctx.outcome.client_gone {
             // Never terminate the body cleanly after a cut: the client must see a broken
             // stream, not a short one that looks complete.
             ex.session.shutdown().await;
             session.as_downstream_mut().set_keepalive(None);
             session.as_downstream_mut().shutdown().await;
-            if upstream_broken {
+            if upstream_broken && !ctx.outcome.client_gone {
                 ctx.outcome.error = Some(GatewayError::UpstreamFailed("truncated"));
             }
             return;
+        }
+        if !rest.is_empty() && session.write_response_body(Some(rest), false).await.is_err() {
+            ctx.outcome.client_gone = true;
         }
         if let Err(e) = session.write_response_body(None, true).await {
             tracing::info!(request_id = %ctx.request_id, error = %e, "client went away at the end");

@@ -8,23 +8,28 @@ use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use tollgate_filters::auth::{Auth, AuthConfig, KeyCache};
+use tollgate_filters::billing::{Billing, ModelRate, PriceTable, UnpricedPolicy, Wallets};
 use tollgate_filters::ip_guard::{IpGuard, IpGuardConfig};
 use tollgate_filters::route::{ChannelPicker, ChannelRoute, Route, RouteConfig};
 use tollgate_filters::{Chain, Filter};
 
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::config::{Config, Unpriced};
+use crate::ledger::Ledger;
 use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
-use crate::relay::Relay;
+use crate::relay::{DrainLimits, Relay};
 use crate::service::{Gateway, InFlight};
-use crate::store::{self, keys::SqliteKeys, Pool};
+use crate::store::{self, accounts::SqliteBalances, keys::SqliteKeys, Pool};
 
 /// The shared pieces the filters are built from.
 pub struct Parts {
     pub pool: Pool,
     pub keys: Arc<KeyCache>,
     pub picker: Arc<ChannelPicker>,
+    pub prices: Arc<PriceTable>,
+    pub wallets: Arc<Wallets>,
+    pub ledger: Arc<Ledger>,
 }
 
 /// **The filter chain, in request order.** This is the one place it is assembled.
@@ -41,6 +46,13 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
         )),
         // model → ordered channel attempts; feeds channel health back in on_done
         Arc::new(Route::new(parts.picker.clone())),
+        // worst case → reservation; on_done: real cost → settle → ledger row
+        Arc::new(Billing::new(
+            parts.prices.clone(),
+            parts.wallets.clone(),
+            parts.ledger.clone(),
+            cfg.channels.iter().map(|c| c.name.clone()).collect(),
+        )),
     ];
     Chain::new(filters)
 }
@@ -64,6 +76,29 @@ pub fn route_config(cfg: &Config) -> RouteConfig {
     }
 }
 
+pub fn price_table(cfg: &Config) -> PriceTable {
+    let p = &cfg.pricing;
+    PriceTable {
+        models: p
+            .models
+            .iter()
+            .map(|(m, price)| {
+                let rate = ModelRate {
+                    default_max_output: price.default_max_output,
+                    ..ModelRate::from_usd(price.input, price.output, price.cached_input, price.per_request)
+                };
+                (m.clone(), rate)
+            })
+            .collect(),
+        groups: p.groups.iter().map(|(g, m)| (g.clone(), (m * 1_000_000.0).round() as u64)).collect(),
+        unpriced: match p.unpriced {
+            Unpriced::Reject => UnpricedPolicy::Reject,
+            Unpriced::Free => UnpricedPolicy::Free,
+        },
+        default_max_output: p.default_max_output,
+    }
+}
+
 pub fn auth_config(cfg: &Config) -> AuthConfig {
     AuthConfig {
         cache_ttl: Duration::from_millis(cfg.auth.cache_ttl_ms),
@@ -76,14 +111,24 @@ pub fn auth_config(cfg: &Config) -> AuthConfig {
 pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let pool = store::open_and_migrate(&cfg.database)?;
     let metrics = Arc::new(Metrics::new());
+    let wallets = Arc::new(Wallets::new(Arc::new(SqliteBalances(pool.clone()))));
+    let ledger = Arc::new(Ledger::start(&cfg.database, &cfg.accounting, wallets.clone())?);
     let parts = Parts {
         pool: pool.clone(),
         keys: Arc::new(KeyCache::new(auth_config(&cfg))),
         picker: Arc::new(ChannelPicker::new(route_config(&cfg))),
+        prices: Arc::new(price_table(&cfg)),
+        wallets,
+        ledger: ledger.clone(),
+    };
+    let drain = DrainLimits {
+        timeout: Duration::from_millis(cfg.accounting.drain_timeout_ms),
+        max_bytes: cfg.accounting.drain_max_bytes,
     };
     let relay = Arc::new(Relay::new(
         &cfg.channels,
         cfg.server.upstream_keepalive_pool_size,
+        drain,
         metrics.clone(),
     )?);
     relay.refresh_dns();
@@ -108,19 +153,22 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         max_body_bytes: cfg.server.max_body_bytes,
         metrics: metrics.clone(),
         in_flight: in_flight.clone(),
+        pricing: cfg.pricing.expose.then(|| Arc::new(crate::pricing_page::PricingPage::new(&parts.prices))),
     };
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
     proxy.add_tcp(&cfg.server.listen);
 
-    let admin_app = Admin::new(
-        cfg.server.admin_token.clone(),
-        pool.clone(),
+    let admin_app = Admin {
+        token: cfg.server.admin_token.clone(),
+        pool: pool.clone(),
         metrics,
-        parts.keys.clone(),
-        in_flight.clone(),
-        relay.clone(),
-    );
+        keys: parts.keys.clone(),
+        wallets: parts.wallets.clone(),
+        prices: parts.prices.clone(),
+        in_flight: in_flight.clone(),
+        relay: relay.clone(),
+    };
     let mut admin = Service::new("tollgate-admin".to_string(), admin_app);
     admin.add_tcp(&cfg.server.admin_listen);
     admin.threads = Some(1);
@@ -132,7 +180,9 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
             pool,
             keys: parts.keys,
             in_flight,
+            ledger,
             grace: Duration::from_secs(cfg.server.grace_period_s),
+            retention_days: cfg.accounting.retention_days,
         },
     );
     server.add_service(proxy);

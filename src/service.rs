@@ -19,6 +19,7 @@ use tollgate_filters::route::ChannelPicker;
 use tollgate_filters::{Chain, Ctx, GatewayError, RequestBody, RequestHead};
 
 use crate::metrics::{route_label, Metrics};
+use crate::pricing_page::PricingPage;
 use crate::relay::{Outbound, Relay};
 
 /// Counts requests in flight so shutdown can wait for them, and says when draining began.
@@ -79,6 +80,8 @@ pub struct Gateway {
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
     pub in_flight: Arc<InFlight>,
+    /// `GET /api/pricing`, when `pricing.expose` is on.
+    pub pricing: Option<Arc<PricingPage>>,
 }
 
 fn new_request_id() -> String {
@@ -91,6 +94,9 @@ impl Gateway {
         let method = session.req_header().method.clone();
         rc.route = route_label(&path);
         rc.ctx.client_ip = client_ip(session);
+        if path == "/api/pricing" && method == http::Method::GET {
+            return self.pricing_page(session, &mut rc.ctx).await;
+        }
         if !path.starts_with("/v1/") {
             return Err(GatewayError::RouteNotFound(path));
         }
@@ -115,18 +121,18 @@ impl Gateway {
         }
         let raw = self.read_body(session).await?;
         let (body, facts) = RequestBody::parse(raw)?;
+        // A stream whose client did not ask for usage: billing still needs it.
+        let wants_usage_injection = facts.stream
+            && !facts.include_usage
+            && matches!(path.as_str(), "/v1/chat/completions" | "/v1/completions");
         rc.ctx.facts = Some(facts);
         self.chain.request_body(&mut rc.ctx).await?;
-        self.relay
-            .forward(
-                session,
-                &mut rc.ctx,
-                Outbound {
-                    body: &body,
-                    path: &path,
-                },
-            )
-            .await
+        let out = Outbound {
+            body: &body,
+            path: &path,
+            wants_usage_injection,
+        };
+        self.relay.forward(session, &mut rc.ctx, out).await
     }
 
     /// Reads the whole body, refusing past `max_body_bytes` (by `Content-Length` up front when
@@ -174,6 +180,18 @@ impl Gateway {
             }
         }
         Ok(buf.freeze())
+    }
+
+    async fn pricing_page(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        let page = self.pricing.as_ref().ok_or_else(|| GatewayError::RouteNotFound("/api/pricing".into()))?;
+        let group = session.req_header().uri.query().and_then(|q| {
+            q.split('&').find_map(|kv| kv.strip_prefix("group=")).map(str::to_owned)
+        });
+        let body = page
+            .page(group.as_deref())
+            .ok_or_else(|| GatewayError::invalid(format!("Unknown pricing group `{}`.", group.unwrap_or_default())))?;
+        write_json(session, ctx, 200, body, &[("cache-control", "public, max-age=60".into())]).await;
+        Ok(())
     }
 
     /// `GET /v1/models` (and `/v1/models/{id}`): the models this key may use.

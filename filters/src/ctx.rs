@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, Method};
 
 use crate::auth::KeyRecord;
+use crate::billing::{Reservation, Usage};
 use crate::route::Attempt;
 use crate::{GatewayError, RequestFacts};
 
@@ -38,6 +39,8 @@ pub struct Outcome {
     /// The client went away before the response was complete.
     pub client_gone: bool,
     pub bytes_to_client: u64,
+    /// Bytes of generated text seen in the response (for estimates when usage never comes).
+    pub completion_text_bytes: u64,
 }
 
 /// One request's state. Created in `new_ctx`, dropped after `logging`.
@@ -52,6 +55,12 @@ pub struct Ctx {
     pub facts: Option<RequestFacts>,
     /// Upstream attempts in order, once `route` has run.
     pub route: Vec<Attempt>,
+    /// The model name sent upstream, when `model_map` renamed it.
+    pub upstream_model: Option<String>,
+    /// Money held for this request, once `billing` has run.
+    pub reservation: Option<Reservation>,
+    /// Usage as the provider reported it.
+    pub usage: Option<Usage>,
     pub outcome: Outcome,
 }
 
@@ -64,6 +73,9 @@ impl Ctx {
             key: None,
             facts: None,
             route: Vec::new(),
+            upstream_model: None,
+            reservation: None,
+            usage: None,
             outcome: Outcome::default(),
         }
     }

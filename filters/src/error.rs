@@ -25,6 +25,8 @@ pub enum GatewayError {
     ExpiredApiKey,
     #[error("This API key may not use the model `{0}`.")]
     ModelNotAllowed(String),
+    #[error("The model `{0}` has no price configured on this gateway.")]
+    Unpriced(String),
     #[error("Requests from this address are not allowed for this API key.")]
     IpNotAllowed,
     #[error("The model `{0}` does not exist or is not served by this gateway.")]
@@ -89,7 +91,7 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             MissingApiKey | InvalidApiKey | RevokedApiKey | ExpiredApiKey => 401,
-            ModelNotAllowed(_) | IpNotAllowed => 403,
+            ModelNotAllowed(_) | IpNotAllowed | Unpriced(_) => 403,
             ModelNotFound(_) | RouteNotFound(_) => 404,
             MethodNotAllowed(_) => 405,
             RequestTooLarge { .. } => 413,
@@ -110,7 +112,7 @@ impl GatewayError {
             MissingApiKey | InvalidApiKey | RevokedApiKey | ExpiredApiKey => {
                 "invalid_request_error"
             }
-            ModelNotAllowed(_) | IpNotAllowed => "permission_error",
+            ModelNotAllowed(_) | IpNotAllowed | Unpriced(_) => "permission_error",
             ModelNotFound(_) | RouteNotFound(_) | MethodNotAllowed(_) => "invalid_request_error",
             RequestTooLarge { .. } | InvalidRequest { .. } => "invalid_request_error",
             RateLimited { .. } | UpstreamRateLimited { .. } => "requests",
@@ -129,6 +131,7 @@ impl GatewayError {
             MissingApiKey | InvalidApiKey | RevokedApiKey | ExpiredApiKey => "invalid_api_key",
             ModelNotAllowed(_) => "model_not_allowed",
             IpNotAllowed => "ip_not_allowed",
+            Unpriced(_) => "model_not_priced",
             ModelNotFound(_) => "model_not_found",
             RouteNotFound(_) => "unknown_url",
             MethodNotAllowed(_) => "method_not_allowed",
@@ -147,7 +150,9 @@ impl GatewayError {
     fn param(&self) -> Option<&'static str> {
         match self {
             GatewayError::InvalidRequest { param, .. } => *param,
-            GatewayError::ModelNotFound(_) | GatewayError::ModelNotAllowed(_) => Some("model"),
+            GatewayError::ModelNotFound(_)
+            | GatewayError::ModelNotAllowed(_)
+            | GatewayError::Unpriced(_) => Some("model"),
             _ => None,
         }
     }
@@ -168,7 +173,7 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             InvalidApiKey | RevokedApiKey | ExpiredApiKey | MissingApiKey => Some(false),
-            ModelNotAllowed(_) | IpNotAllowed | InsufficientQuota(_) => Some(false),
+            ModelNotAllowed(_) | IpNotAllowed | InsufficientQuota(_) | Unpriced(_) => Some(false),
             RequestTooLarge { .. } | InvalidRequest { .. } | ModelNotFound(_) => Some(false),
             RateLimited { .. } | UpstreamRateLimited { .. } => Some(true),
             _ => None,

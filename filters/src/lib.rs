@@ -6,12 +6,13 @@
 //! crate drives the chain through Pingora's phases:
 //!
 //! ```text
-//! on_request_head   ip_guard → auth(key)                        (before the body is read)
-//! on_request_body   auth(model, ip) → route                     (after one JSON parse)
-//! on_done           route(health) ← auth                        (reverse order, in logging)
+//! on_request_head   ip_guard → auth(key, ip)                    (before the body is read)
+//! on_request_body   auth(model) → route → billing(reserve)      (after one JSON parse)
+//! on_done           billing(settle, ledger) → route(health)     (reverse order, in logging)
 //! ```
 
 pub mod auth;
+pub mod billing;
 mod chain;
 mod ctx;
 mod error;

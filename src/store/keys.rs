@@ -157,6 +157,68 @@ pub fn revoke(pool: &Pool, id_or_prefix: &str) -> Result<KeyInfo, StoreError> {
     Ok(info)
 }
 
+/// A partial update (`PATCH /admin/keys/{id}`). `Some(None)` clears a nullable field.
+#[derive(Debug, Clone, Default)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub budget_nano: Option<Option<i64>>,
+    pub models: Option<Vec<String>>,
+    pub rpm: Option<Option<u32>>,
+    pub tpm: Option<Option<u32>>,
+    pub concurrency: Option<Option<u32>>,
+    pub expires_at: Option<Option<i64>>,
+    pub allow_ips: Option<Vec<IpNet>>,
+    /// `true` revokes; `false` restores a revoked key.
+    pub revoked: Option<bool>,
+}
+
+pub fn update(pool: &Pool, id: i64, p: &KeyPatch) -> Result<KeyInfo, StoreError> {
+    use rusqlite::types::Value;
+    let mut sets: Vec<String> = Vec::new();
+    let mut args: Vec<Value> = Vec::new();
+    let mut set = |col: &str, v: Value| {
+        args.push(v);
+        sets.push(format!("{col} = ?{}", args.len()));
+    };
+    let opt_int = |v: Option<i64>| v.map_or(Value::Null, Value::Integer);
+    if let Some(n) = &p.name {
+        set("name", Value::Text(n.clone()));
+    }
+    if let Some(b) = p.budget_nano {
+        if b.is_some_and(|b| b < 0) {
+            return Err(StoreError::Invalid("budget must not be negative".into()));
+        }
+        set("budget_nano", opt_int(b));
+    }
+    if let Some(m) = &p.models {
+        set("models", Value::Text(serde_json::to_string(m).unwrap_or_else(|_| "[]".into())));
+    }
+    for (col, v) in [("rpm", p.rpm), ("tpm", p.tpm), ("concurrency", p.concurrency)] {
+        if let Some(v) = v {
+            set(col, opt_int(v.map(i64::from)));
+        }
+    }
+    if let Some(e) = p.expires_at {
+        set("expires_at", opt_int(e));
+    }
+    if let Some(ips) = &p.allow_ips {
+        let ips: Vec<String> = ips.iter().map(|n| n.to_string()).collect();
+        set("allow_ips", Value::Text(serde_json::to_string(&ips).unwrap_or_else(|_| "[]".into())));
+    }
+    if let Some(r) = p.revoked {
+        set("revoked_at", if r { Value::Integer(now_ms()) } else { Value::Null });
+    }
+    if !sets.is_empty() {
+        args.push(Value::Integer(id));
+        let sql = format!("UPDATE api_keys SET {} WHERE id = ?{}", sets.join(", "), args.len());
+        let n = pool.get()?.execute(&sql, rusqlite::params_from_iter(args.iter()))?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("no key with id {id}")));
+        }
+    }
+    get(pool, id)
+}
+
 /// The request-path lookup: the key with this hash, with its account.
 pub fn find_by_hash(pool: &Pool, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
     let c = pool.get()?;
@@ -263,5 +325,19 @@ mod tests {
         assert!(crate::store::key_epoch(&pool).unwrap() > e0);
         assert!(matches!(revoke(&pool, "999"), Err(StoreError::NotFound(_))));
         assert_eq!(list(&pool, Some("acme")).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn patch_changes_only_what_it_names() {
+        let (_d, pool) = crate::store::test_pool();
+        crate::store::accounts::create(&pool, "acme", "default", 0).unwrap();
+        let new = NewKey { account: "acme".into(), rpm: Some(5), budget_nano: Some(10), ..Default::default() };
+        let (k, _) = create(&pool, &new).unwrap();
+        let p = KeyPatch { budget_nano: Some(None), models: Some(vec!["m".into()]), ..Default::default() };
+        let k2 = update(&pool, k.id, &p).unwrap();
+        assert_eq!((k2.budget_nano, k2.rpm, k2.models.clone()), (None, Some(5), vec!["m".to_string()]));
+        let k3 = update(&pool, k.id, &KeyPatch { revoked: Some(true), ..Default::default() }).unwrap();
+        assert!(k3.revoked);
+        assert!(matches!(update(&pool, 999, &KeyPatch { name: Some("x".into()), ..Default::default() }), Err(StoreError::NotFound(_))));
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod keys;
+pub mod usage;
 
 use std::time::Duration;
 

@@ -60,6 +60,12 @@ impl Gateway {
             "server:\n  listen: \"127.0.0.1:{port}\"\n  admin_listen: \"127.0.0.1:{admin_port}\"\n  threads: 2\n  admin_token: test-admin-token\n  max_body_bytes: 2097152\n  grace_period_s: 10\n  log_level: info\ndatabase:\n  path: \"{}\"\nchannels:\n{channels_yaml}{extra_yaml}",
             db.display()
         );
+        // Relay tests use unpriced models; billing tests bring their own price table.
+        let yaml = if extra_yaml.contains("pricing:") {
+            yaml
+        } else {
+            format!("{yaml}pricing: {{ unpriced: free }}\n")
+        };
         let config = dir.path().join("tollgate.yaml");
         std::fs::write(&config, yaml).unwrap();
         Gateway {

@@ -1,0 +1,283 @@
+//! The ledger writer: one thread, one SQLite connection, group commits.
+//!
+//! Rows arrive over a channel from the request path (never blocking it). The writer takes
+//! the first row, gathers more for up to `accounting.flush_interval_ms` or until
+//! `accounting.max_batch` rows, and commits them together with the balance and budget
+//! changes in one `BEGIN IMMEDIATE` transaction. Inserts are `INSERT OR IGNORE` on the
+//! request id, and a row's money moves only when its insert took effect, so writing the
+//! same request twice changes nothing. A failed commit keeps the batch and retries: rows
+//! are never dropped. On SIGTERM the channel is closed and the writer drains it before the
+//! process exits; on SIGKILL, at most the rows of the open flush window are lost.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, TransactionBehavior};
+use tollgate_filters::billing::{LedgerRow, LedgerSink, Wallets};
+
+use crate::config::{AccountingConfig, DatabaseConfig};
+use crate::store::{self, StoreError};
+
+enum Msg {
+    Row(Box<LedgerRow>),
+    /// Reply once everything sent before this is committed.
+    Flush(SyncSender<()>),
+}
+
+/// Called after each commit with what moved: `(account, key, charged)` per applied row.
+type OnCommit = Arc<dyn Fn(&[(i64, i64, i64)]) + Send + Sync>;
+
+pub struct Ledger {
+    tx: Mutex<Option<Sender<Msg>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Ledger {
+    /// Starts the writer on its own connection. `wallets` learns of every commit.
+    pub fn start(db: &DatabaseConfig, cfg: &AccountingConfig, wallets: Arc<Wallets>) -> Result<Ledger, StoreError> {
+        let on_commit: OnCommit = Arc::new(move |applied| {
+            for &(account, key, charged) in applied {
+                wallets.flushed(account, Some(key), charged);
+            }
+        });
+        Ledger::start_with(db, cfg, on_commit)
+    }
+
+    fn start_with(db: &DatabaseConfig, cfg: &AccountingConfig, on_commit: OnCommit) -> Result<Ledger, StoreError> {
+        let conn = store::open_connection(db)?;
+        let (tx, rx) = mpsc::channel();
+        let window = Duration::from_millis(cfg.flush_interval_ms);
+        let max_batch = cfg.max_batch;
+        let thread = std::thread::Builder::new()
+            .name("tollgate-ledger".into())
+            .spawn(move || writer(conn, rx, window, max_batch, on_commit))?;
+        Ok(Ledger {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn send(&self, m: Msg) -> bool {
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().is_some_and(|tx| tx.send(m).is_ok())
+    }
+
+    /// Blocks until every row recorded before the call is committed.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.send(Msg::Flush(tx)) {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Closes the channel and waits for the writer to commit everything queued.
+    pub fn shutdown(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl LedgerSink for Ledger {
+    fn record(&self, row: LedgerRow) {
+        if !self.send(Msg::Row(Box::new(row))) {
+            tracing::error!("ledger writer is closed; a usage row was not recorded");
+        }
+    }
+}
+
+fn writer(mut conn: Connection, rx: Receiver<Msg>, window: Duration, max_batch: usize, on_commit: OnCommit) {
+    let mut batch: Vec<LedgerRow> = Vec::with_capacity(max_batch);
+    let mut waiters: Vec<SyncSender<()>> = Vec::new();
+    let mut open = true;
+    while open {
+        match rx.recv() {
+            Ok(m) => take(m, &mut batch, &mut waiters),
+            Err(_) => break,
+        }
+        let deadline = Instant::now() + window;
+        while batch.len() < max_batch && waiters.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(m) => take(m, &mut batch, &mut waiters),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        // A flush request commits what is queued right now, not just what was gathered.
+        if !waiters.is_empty() {
+            while let Ok(m) = rx.try_recv() {
+                take(m, &mut batch, &mut waiters);
+            }
+        }
+        commit_with_retry(&mut conn, &mut batch, &on_commit);
+        for w in waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+    // Closed: commit whatever is left.
+    while let Ok(m) = rx.try_recv() {
+        take(m, &mut batch, &mut waiters);
+    }
+    commit_with_retry(&mut conn, &mut batch, &on_commit);
+    for w in waiters.drain(..) {
+        let _ = w.send(());
+    }
+    tracing::info!("ledger writer stopped");
+}
+
+fn take(m: Msg, batch: &mut Vec<LedgerRow>, waiters: &mut Vec<SyncSender<()>>) {
+    match m {
+        Msg::Row(r) => batch.push(*r),
+        Msg::Flush(w) => waiters.push(w),
+    }
+}
+
+fn commit_with_retry(conn: &mut Connection, batch: &mut Vec<LedgerRow>, on_commit: &OnCommit) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut delay = Duration::from_millis(10);
+    loop {
+        match commit(conn, batch) {
+            Ok(applied) => {
+                on_commit(&applied);
+                batch.clear();
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, rows = batch.len(), "ledger commit failed; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// One transaction: the rows, then one balance and one spend update per account and key.
+fn commit(conn: &mut Connection, batch: &[LedgerRow]) -> Result<Vec<(i64, i64, i64)>, rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut applied = Vec::with_capacity(batch.len());
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO usage_ledger (request_id, ts, key_id, account_id, model, upstream_model, channel, status,
+               prompt_tokens, completion_tokens, cached_tokens, cost_nano, latency_ms, ttft_ms, stream, estimated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )?;
+        for r in batch {
+            let n = insert.execute(params![
+                r.request_id,
+                r.ts_ms,
+                r.key_id,
+                r.account_id,
+                r.model,
+                r.upstream_model,
+                r.channel,
+                r.status,
+                r.usage.prompt_tokens as i64,
+                r.usage.completion_tokens as i64,
+                r.usage.cached_tokens as i64,
+                r.cost_nano,
+                r.latency_ms as i64,
+                r.ttft_ms.map(|t| t as i64),
+                r.stream,
+                r.usage.estimated,
+            ])?;
+            if n == 1 && r.cost_nano != 0 {
+                applied.push((r.account_id, r.key_id, r.cost_nano));
+            }
+        }
+        let mut by_account: HashMap<i64, i64> = HashMap::new();
+        let mut by_key: HashMap<i64, i64> = HashMap::new();
+        for &(a, k, c) in &applied {
+            *by_account.entry(a).or_default() += c;
+            *by_key.entry(k).or_default() += c;
+        }
+        let now = store::now_ms();
+        let mut debit = tx.prepare_cached(
+            "UPDATE accounts SET balance_nano = MAX(balance_nano - ?1, 0), updated_at = ?2 WHERE id = ?3",
+        )?;
+        for (a, c) in by_account {
+            debit.execute(params![c, now, a])?;
+        }
+        let mut spend = tx.prepare_cached("UPDATE api_keys SET spent_nano = spent_nano + ?1 WHERE id = ?2")?;
+        for (k, c) in by_key {
+            spend.execute(params![c, k])?;
+        }
+    }
+    tx.commit()?;
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_filters::billing::Usage;
+
+    fn row(id: &str, account: i64, key: i64, cost: i64) -> LedgerRow {
+        LedgerRow {
+            request_id: id.into(),
+            ts_ms: 1,
+            key_id: key,
+            account_id: account,
+            model: "m".into(),
+            upstream_model: None,
+            channel: Some("c".into()),
+            status: 200,
+            usage: Usage { prompt_tokens: 10, completion_tokens: 5, cached_tokens: 0, estimated: false },
+            cost_nano: cost,
+            latency_ms: 3,
+            ttft_ms: Some(1),
+            stream: false,
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, store::Pool, DatabaseConfig, i64, i64) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = DatabaseConfig { path: dir.path().join("l.db"), ..Default::default() };
+        let pool = store::open_and_migrate(&db).unwrap();
+        let a = store::accounts::create(&pool, "acme", "default", 1_000_000).unwrap();
+        let (k, _) = store::keys::create(&pool, &store::keys::NewKey { account: "acme".into(), ..Default::default() }).unwrap();
+        (dir, pool, db, a.id, k.id)
+    }
+
+    #[test]
+    fn rows_and_money_commit_together_and_duplicates_change_nothing() {
+        let (_d, pool, db, a, k) = setup();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let ledger = Ledger::start_with(&db, &AccountingConfig::default(), Arc::new(move |ap| s2.lock().unwrap().extend_from_slice(ap))).unwrap();
+        ledger.record(row("r1", a, k, 100));
+        ledger.record(row("r2", a, k, 50));
+        ledger.record(row("r1", a, k, 100));
+        ledger.flush();
+        ledger.record(row("r2", a, k, 50));
+        ledger.shutdown();
+        let c = pool.get().unwrap();
+        let n: i64 = c.query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0)).unwrap();
+        let bal: i64 = c.query_row("SELECT balance_nano FROM accounts WHERE id = ?1", [a], |r| r.get(0)).unwrap();
+        let spent: i64 = c.query_row("SELECT spent_nano FROM api_keys WHERE id = ?1", [k], |r| r.get(0)).unwrap();
+        assert_eq!((n, bal, spent), (2, 1_000_000 - 150, 150));
+        assert_eq!(seen.lock().unwrap().iter().map(|x| x.2).sum::<i64>(), 150);
+    }
+
+    #[test]
+    fn shutdown_commits_everything_queued() {
+        let (_d, pool, db, a, k) = setup();
+        let cfg = AccountingConfig { flush_interval_ms: 60_000, max_batch: 1_000_000, ..Default::default() };
+        let ledger = Ledger::start_with(&db, &cfg, Arc::new(|_| {})).unwrap();
+        for i in 0..5000 {
+            ledger.record(row(&format!("r{i}"), a, k, 1));
+        }
+        ledger.shutdown();
+        let n: i64 = pool.get().unwrap().query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 5000);
+    }
+}

@@ -1,0 +1,330 @@
+//! Reads the provider's reported usage from a response as it streams past.
+//!
+//! - **SSE**: network chunks do not align with events, so complete events are cut out of a
+//!   small pending buffer and parsed on the side. Chunks go to the client unchanged, except
+//!   when tollgate itself asked for `stream_options.include_usage`: then the usage-only
+//!   event (`"choices": []`) is removed from what the client sees, and only complete events
+//!   are forwarded (a partial event waits for its end, never for the next event).
+//!   Cumulative usage (sent on every chunk by some providers) is handled by keeping the last.
+//! - **JSON**: `usage` sits at the end of chat and embeddings bodies, so only the last
+//!   64 KiB are kept and the last `"usage"` object in them is parsed when the body ends.
+//!   Large embeddings responses therefore cost no buffering.
+
+use std::borrow::Cow;
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use tollgate_filters::billing::Usage;
+
+const JSON_TAIL: usize = 64 * 1024;
+/// A single SSE event larger than this is passed through unparsed.
+const MAX_EVENT: usize = 1024 * 1024;
+
+#[derive(Deserialize)]
+struct UsageJson {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+impl From<UsageJson> for Usage {
+    fn from(u: UsageJson) -> Usage {
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            estimated: false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Option<Vec<Choice<'a>>>,
+    #[serde(default)]
+    usage: Option<UsageJson>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+}
+
+enum Mode {
+    Sse { strip_usage_event: bool, pending: BytesMut },
+    Json { tail: BytesMut },
+}
+
+/// Watches one response body for usage and generated text.
+pub struct UsageScanner {
+    mode: Mode,
+    /// The last usage reported.
+    pub usage: Option<Usage>,
+    /// Bytes of generated text seen (content, reasoning, completions text).
+    pub text_bytes: u64,
+    /// The provider sent an error event mid-stream.
+    pub saw_error: bool,
+}
+
+impl UsageScanner {
+    pub fn sse(strip_usage_event: bool) -> Self {
+        UsageScanner {
+            mode: Mode::Sse {
+                strip_usage_event,
+                pending: BytesMut::new(),
+            },
+            usage: None,
+            text_bytes: 0,
+            saw_error: false,
+        }
+    }
+
+    pub fn json() -> Self {
+        UsageScanner {
+            mode: Mode::Json { tail: BytesMut::new() },
+            usage: None,
+            text_bytes: 0,
+            saw_error: false,
+        }
+    }
+
+    /// Takes one network chunk; returns what to send to the client now (maybe empty).
+    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        match &mut self.mode {
+            Mode::Json { tail } => {
+                tail.extend_from_slice(&chunk);
+                if tail.len() > 2 * JSON_TAIL {
+                    let cut = tail.len() - JSON_TAIL;
+                    let _ = tail.split_to(cut);
+                }
+                chunk
+            }
+            Mode::Sse { strip_usage_event, pending } => {
+                let strip = *strip_usage_event;
+                pending.extend_from_slice(&chunk);
+                let mut out = if strip { BytesMut::with_capacity(chunk.len()) } else { BytesMut::new() };
+                while let Some(end) = event_end(pending) {
+                    let event = pending.split_to(end);
+                    let keep = self_scan(&event, &mut self.usage, &mut self.text_bytes, &mut self.saw_error, strip);
+                    if strip && keep {
+                        out.extend_from_slice(&event);
+                    }
+                }
+                if pending.len() > MAX_EVENT {
+                    // Not SSE as we know it: stop buffering, pass everything on.
+                    let rest = pending.split();
+                    if strip {
+                        out.extend_from_slice(&rest);
+                    }
+                }
+                if strip {
+                    out.freeze()
+                } else {
+                    chunk
+                }
+            }
+        }
+    }
+
+    /// The body ended: returns any bytes still held back, and settles JSON usage.
+    pub fn finish(&mut self) -> Bytes {
+        match &mut self.mode {
+            Mode::Json { tail } => {
+                self.usage = last_usage_object(tail).or(self.usage);
+                Bytes::new()
+            }
+            Mode::Sse { strip_usage_event, pending } => {
+                let rest = pending.split().freeze();
+                if !rest.is_empty() {
+                    // A final event without its blank line.
+                    let keep = self_scan(&rest, &mut self.usage, &mut self.text_bytes, &mut self.saw_error, *strip_usage_event);
+                    if *strip_usage_event && keep {
+                        return rest;
+                    }
+                }
+                Bytes::new()
+            }
+        }
+    }
+}
+
+/// The end (exclusive) of the first complete event in `buf`, including its blank line.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(b'\n', &buf[from..]) {
+        let at = from + i;
+        let next = &buf[at + 1..];
+        if next.first() == Some(&b'\n') {
+            return Some(at + 2);
+        }
+        if next.starts_with(b"\r\n") {
+            return Some(at + 3);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// Scans one event; returns whether the client should see it.
+fn self_scan(event: &[u8], usage: &mut Option<Usage>, text: &mut u64, error: &mut bool, strip: bool) -> bool {
+    let mut keep = true;
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data == b"[DONE]" || data.is_empty() {
+            continue;
+        }
+        let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
+            continue;
+        };
+        if chunk.error.is_some() {
+            *error = true;
+        }
+        let choices = chunk.choices.unwrap_or_default();
+        for c in &choices {
+            if let Some(d) = &c.delta {
+                *text += d.content.as_deref().map_or(0, str::len) as u64;
+                *text += d.reasoning_content.as_deref().map_or(0, str::len) as u64;
+            }
+            *text += c.text.as_deref().map_or(0, str::len) as u64;
+        }
+        if let Some(u) = chunk.usage {
+            *usage = Some(u.into());
+            if strip && choices.is_empty() {
+                keep = false;
+            }
+        }
+    }
+    keep
+}
+
+/// The last `"usage": {...}` object in a JSON tail.
+fn last_usage_object(buf: &[u8]) -> Option<Usage> {
+    let mut end = buf.len();
+    while let Some(at) = memchr::memmem::rfind(&buf[..end], b"\"usage\"") {
+        let rest = &buf[at + 7..];
+        let rest = trim_start(rest);
+        if let Some(rest) = rest.strip_prefix(b":") {
+            let mut it = serde_json::Deserializer::from_slice(trim_start(rest)).into_iter::<UsageJson>();
+            if let Some(Ok(u)) = it.next() {
+                return Some(u.into());
+            }
+        }
+        end = at;
+    }
+    None
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
+    &b[n..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROLE: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n";
+    const C1: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}],\"usage\":null}\n\n";
+    const USAGE: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    fn run(s: &mut UsageScanner, pieces: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in pieces {
+            out.extend_from_slice(&s.feed(Bytes::copy_from_slice(p)));
+        }
+        out.extend_from_slice(&s.finish());
+        out
+    }
+
+    #[test]
+    fn usage_is_found_across_arbitrary_splits_and_chunks_pass_unchanged() {
+        let whole = format!("{ROLE}{C1}{USAGE}{DONE}");
+        for split in 1..whole.len() {
+            let (a, b) = whole.as_bytes().split_at(split);
+            let mut s = UsageScanner::sse(false);
+            assert_eq!(run(&mut s, &[a, b]), whole.as_bytes());
+            let u = s.usage.unwrap();
+            assert_eq!((u.prompt_tokens, u.completion_tokens, u.cached_tokens), (9, 2, 4));
+            assert_eq!(s.text_bytes, 5);
+        }
+    }
+
+    #[test]
+    fn injected_usage_event_is_removed_but_recorded() {
+        let whole = format!("{ROLE}{C1}{USAGE}{DONE}");
+        for split in [1, 30, ROLE.len(), ROLE.len() + C1.len() + 10, whole.len() - 3] {
+            let (a, b) = whole.as_bytes().split_at(split);
+            let mut s = UsageScanner::sse(true);
+            let out = String::from_utf8(run(&mut s, &[a, b])).unwrap();
+            assert_eq!(out, format!("{ROLE}{C1}{DONE}"));
+            assert_eq!(s.usage.unwrap().completion_tokens, 2);
+        }
+    }
+
+    #[test]
+    fn cumulative_usage_takes_the_last_value_never_the_sum() {
+        let e = |p: u32, c: u32| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"x\"}}}}],\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c}}}}}\n\n");
+        let body = format!("{}{}{}", e(5, 1), e(5, 2), e(5, 3));
+        let mut s = UsageScanner::sse(true);
+        let out = run(&mut s, &[body.as_bytes()]);
+        assert_eq!(out, body.as_bytes(), "usage on content chunks is not stripped");
+        assert_eq!(s.usage.unwrap().completion_tokens, 3);
+    }
+
+    #[test]
+    fn crlf_events_mid_stream_errors_and_completions_text() {
+        let body = "data: {\"choices\":[{\"text\":\"abc\"}]}\r\n\r\ndata: {\"error\":{\"message\":\"boom\"}}\r\n\r\n";
+        let mut s = UsageScanner::sse(false);
+        run(&mut s, &[body.as_bytes()]);
+        assert_eq!(s.text_bytes, 3);
+        assert!(s.saw_error);
+        assert!(s.usage.is_none());
+    }
+
+    #[test]
+    fn json_usage_is_read_from_the_tail_of_a_large_body() {
+        let big = "1.0,".repeat(100_000);
+        let body = format!("{{\"data\":[{{\"embedding\":[{big}0]}}],\"model\":\"e\",\"usage\":{{\"prompt_tokens\":8,\"total_tokens\":8}}}}");
+        let mut s = UsageScanner::json();
+        let pieces: Vec<&[u8]> = body.as_bytes().chunks(16 * 1024).collect();
+        let out = run(&mut s, &pieces);
+        assert_eq!(out.len(), body.len());
+        assert_eq!(s.usage.unwrap().prompt_tokens, 8);
+    }
+
+    #[test]
+    fn json_text_mentioning_usage_does_not_confuse_the_scanner() {
+        let body = r#"{"choices":[{"message":{"content":"the \"usage\": {} key"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        let mut s = UsageScanner::json();
+        run(&mut s, &[body.as_bytes()]);
+        assert_eq!(s.usage.unwrap().completion_tokens, 4);
+    }
+}
