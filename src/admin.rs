@@ -54,7 +54,11 @@ impl From<StoreError> for Fail {
             StoreError::Invalid(m) => bad(m),
             other => {
                 tracing::error!(error = %other, "admin store error");
-                Fail(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error.".into())
+                Fail(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "Internal error.".into(),
+                )
             }
         }
     }
@@ -74,8 +78,12 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Vec<u8>> {
 fn usd_field(v: &Value, field: &str) -> Result<Option<i64>, Fail> {
     match v.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => money::parse_usd(&n.to_string()).map(Some).map_err(|e| bad(format!("`{field}`: {e}"))),
-        Some(Value::String(s)) => money::parse_usd(s).map(Some).map_err(|e| bad(format!("`{field}`: {e}"))),
+        Some(Value::Number(n)) => money::parse_usd(&n.to_string())
+            .map(Some)
+            .map_err(|e| bad(format!("`{field}`: {e}"))),
+        Some(Value::String(s)) => money::parse_usd(s)
+            .map(Some)
+            .map_err(|e| bad(format!("`{field}`: {e}"))),
         Some(_) => Err(bad(format!("`{field}` must be a USD amount"))),
     }
 }
@@ -104,7 +112,11 @@ fn list_field(v: &Value, field: &str) -> Result<Option<Vec<String>>, Fail> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|i| i.as_str().map(str::to_owned).ok_or_else(|| bad(format!("`{field}` must be a list of strings"))))
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| bad(format!("`{field}` must be a list of strings")))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map(Some),
         Some(_) => Err(bad(format!("`{field}` must be a list of strings"))),
@@ -123,7 +135,11 @@ fn nets(list: Vec<String>) -> Result<Vec<ipnet::IpNet>, Fail> {
 
 fn expiry(v: &Value) -> Result<Option<i64>, Fail> {
     str_field(v, "expires")?
-        .map(|s| chrono::DateTime::parse_from_rfc3339(s).map(|t| t.timestamp_millis()).map_err(|e| bad(format!("`expires`: {e}"))))
+        .map(|s| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| bad(format!("`expires`: {e}")))
+        })
         .transpose()
 }
 
@@ -163,7 +179,12 @@ fn query_map(q: Option<&str>) -> std::collections::HashMap<String, String> {
     q.unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace('+', " ").replace("%3A", ":").replace("%2B", "+")))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.replace('+', " ").replace("%3A", ":").replace("%2B", "+"),
+            )
+        })
         .collect()
 }
 
@@ -187,22 +208,32 @@ impl Admin {
             return Err("draining".into());
         }
         let conn = self.pool.get().map_err(|e| format!("database: {e}"))?;
-        conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).map_err(|e| format!("database: {e}"))?;
+        conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| format!("database: {e}"))?;
         Ok(())
     }
 
     async fn body(&self, session: &mut ServerSession) -> Result<Value, Fail> {
         let mut buf = BytesMut::new();
-        while let Some(chunk) = session.read_request_body().await.map_err(|_| bad("cannot read the body"))? {
+        while let Some(chunk) = session
+            .read_request_body()
+            .await
+            .map_err(|_| bad("cannot read the body"))?
+        {
             buf.extend_from_slice(&chunk);
             if buf.len() > MAX_ADMIN_BODY {
-                return Err(Fail(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", "Body too large.".into()));
+                return Err(Fail(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    "Body too large.".into(),
+                ));
             }
         }
         if buf.is_empty() {
             return Ok(json!({}));
         }
-        let v: Value = serde_json::from_slice(&buf).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_slice(&buf).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         if !v.is_object() {
             return Err(bad("the body must be a JSON object"));
         }
@@ -210,11 +241,20 @@ impl Admin {
     }
 
     /// Runs a blocking store call off the async workers.
-    async fn store<T: Send + 'static>(&self, f: impl FnOnce(&Pool) -> Result<T, StoreError> + Send + 'static) -> Result<T, Fail> {
+    async fn store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Pool) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, Fail> {
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || f(&pool))
             .await
-            .map_err(|_| Fail(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error.".into()))?
+            .map_err(|_| {
+                Fail(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "Internal error.".into(),
+                )
+            })?
             .map_err(Fail::from)
     }
 
@@ -233,21 +273,31 @@ impl Admin {
             }
             ("GET", ["admin", "accounts"]) => {
                 let list = self.store(accounts::list).await?;
-                let data: Vec<Value> = list.iter().map(|a| account_json(a, self.wallets.account_available(a.id))).collect();
+                let data: Vec<Value> = list
+                    .iter()
+                    .map(|a| account_json(a, self.wallets.account_available(a.id)))
+                    .collect();
                 Ok((StatusCode::OK, json!({"data": data})))
             }
             ("POST", ["admin", "accounts"]) => {
                 let v = self.body(session).await?;
-                let name = str_field(&v, "name")?.ok_or_else(|| bad("`name` is required"))?.to_string();
+                let name = str_field(&v, "name")?
+                    .ok_or_else(|| bad("`name` is required"))?
+                    .to_string();
                 let group = str_field(&v, "group")?.unwrap_or("default").to_string();
                 let balance = usd_field(&v, "balance_usd")?.unwrap_or(0);
-                let a = self.store(move |p| accounts::create(p, &name, &group, balance)).await?;
+                let a = self
+                    .store(move |p| accounts::create(p, &name, &group, balance))
+                    .await?;
                 Ok((StatusCode::CREATED, account_json(&a, None)))
             }
             ("GET", ["admin", "accounts", name]) => {
                 let name = name.to_string();
                 let a = self.store(move |p| accounts::get(p, &name)).await?;
-                Ok((StatusCode::OK, account_json(&a, self.wallets.account_available(a.id))))
+                Ok((
+                    StatusCode::OK,
+                    account_json(&a, self.wallets.account_available(a.id)),
+                ))
             }
             ("POST", ["admin", "accounts", name, "topup"]) => {
                 let v = self.body(session).await?;
@@ -255,17 +305,27 @@ impl Admin {
                 let name = name.to_string();
                 let a = self.store(move |p| accounts::topup(p, &name, usd)).await?;
                 self.wallets.credited(a.id, usd);
-                Ok((StatusCode::OK, account_json(&a, self.wallets.account_available(a.id))))
+                Ok((
+                    StatusCode::OK,
+                    account_json(&a, self.wallets.account_available(a.id)),
+                ))
             }
             ("GET", ["admin", "keys"]) => {
                 let account = query.get("account").cloned();
-                let list = self.store(move |p| keys::list(p, account.as_deref())).await?;
-                Ok((StatusCode::OK, json!({"data": list.iter().map(key_json).collect::<Vec<_>>()})))
+                let list = self
+                    .store(move |p| keys::list(p, account.as_deref()))
+                    .await?;
+                Ok((
+                    StatusCode::OK,
+                    json!({"data": list.iter().map(key_json).collect::<Vec<_>>()}),
+                ))
             }
             ("POST", ["admin", "keys"]) => {
                 let v = self.body(session).await?;
                 let new = keys::NewKey {
-                    account: str_field(&v, "account")?.ok_or_else(|| bad("`account` is required"))?.to_string(),
+                    account: str_field(&v, "account")?
+                        .ok_or_else(|| bad("`account` is required"))?
+                        .to_string(),
                     name: str_field(&v, "name")?.unwrap_or_default().to_string(),
                     budget_nano: usd_field(&v, "budget_usd")?,
                     models: list_field(&v, "models")?.unwrap_or_default(),
@@ -292,12 +352,20 @@ impl Admin {
                 };
                 let patch = keys::KeyPatch {
                     name: str_field(&v, "name")?.map(str::to_owned),
-                    budget_nano: if v.get("budget_usd").is_some() { Some(usd_field(&v, "budget_usd")?) } else { None },
+                    budget_nano: if v.get("budget_usd").is_some() {
+                        Some(usd_field(&v, "budget_usd")?)
+                    } else {
+                        None
+                    },
                     models: list_field(&v, "models")?,
                     rpm: nullable_u32("rpm")?,
                     tpm: nullable_u32("tpm")?,
                     concurrency: nullable_u32("concurrency")?,
-                    expires_at: if v.get("expires").is_some() { Some(expiry(&v)?) } else { None },
+                    expires_at: if v.get("expires").is_some() {
+                        Some(expiry(&v)?)
+                    } else {
+                        None
+                    },
                     allow_ips: list_field(&v, "allow_ips")?.map(nets).transpose()?,
                     revoked: match v.get("revoked") {
                         None | Some(Value::Null) => None,
@@ -316,15 +384,26 @@ impl Admin {
                 Ok((StatusCode::OK, key_json(&info)))
             }
             ("GET", ["admin", "usage"]) => {
-                let time = |k: &str| query.get(k).map(|s| usage::parse_time(s).map_err(bad)).transpose();
+                let time = |k: &str| {
+                    query
+                        .get(k)
+                        .map(|s| usage::parse_time(s).map_err(bad))
+                        .transpose()
+                };
                 let filter = UsageFilter {
                     account: query.get("account").cloned(),
-                    key_id: query.get("key").map(|k| k.parse().map_err(|_| bad("`key` must be a key id"))).transpose()?,
+                    key_id: query
+                        .get("key")
+                        .map(|k| k.parse().map_err(|_| bad("`key` must be a key id")))
+                        .transpose()?,
                     model: query.get("model").cloned(),
                     since: time("since")?,
                     until: time("until")?,
                 };
-                let by: Option<GroupBy> = query.get("by").map(|b| b.parse().map_err(bad)).transpose()?;
+                let by: Option<GroupBy> = query
+                    .get("by")
+                    .map(|b| b.parse().map_err(bad))
+                    .transpose()?;
                 let (totals, groups) = self.store(move |p| usage::summary(p, &filter, by)).await?;
                 let mut out = serde_json::to_value(&totals).unwrap_or_default();
                 if by.is_some() {
@@ -336,9 +415,16 @@ impl Admin {
                 let page = crate::pricing_page::PricingPage::new(&self.prices);
                 let group = query.get("group").map(String::as_str);
                 let body = page.page(group).ok_or_else(|| bad("unknown group"))?;
-                Ok((StatusCode::OK, serde_json::from_slice(&body).unwrap_or_default()))
+                Ok((
+                    StatusCode::OK,
+                    serde_json::from_slice(&body).unwrap_or_default(),
+                ))
             }
-            _ => Err(Fail(StatusCode::NOT_FOUND, "unknown_url", "Unknown admin route.".into())),
+            _ => Err(Fail(
+                StatusCode::NOT_FOUND,
+                "unknown_url",
+                "Unknown admin route.".into(),
+            )),
         }
     }
 }
@@ -365,9 +451,15 @@ impl ServeHttp for Admin {
                             .into_iter()
                             .map(|(n, used)| (n.to_string(), json!({"in_use": used})))
                             .collect();
-                        json_response(StatusCode::OK, &json!({"status": "ready", "channels": channels}))
+                        json_response(
+                            StatusCode::OK,
+                            &json!({"status": "ready", "channels": channels}),
+                        )
                     }
-                    Err(why) => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "unavailable", "reason": why})),
+                    Err(why) => json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({"status": "unavailable", "reason": why}),
+                    ),
                 }
             }
             ("GET", "/metrics") => {

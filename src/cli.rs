@@ -39,6 +39,9 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Usage and cost from the ledger.
     Usage {
         #[arg(long)]
@@ -53,6 +56,19 @@ pub enum Command {
         /// Break the totals down by model, day or key.
         #[arg(long)]
         by: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// The ledger writer's throughput: rows/s through group commits into a scratch SQLite
+    /// file with the configured PRAGMAs and `accounting` settings.
+    Ledger {
+        #[arg(long, default_value_t = 200_000)]
+        rows: usize,
+        /// Accounts the rows are spread over (one key each).
+        #[arg(long, default_value_t = 100)]
+        accounts: usize,
     },
 }
 
@@ -160,7 +176,17 @@ pub fn run(cli: Cli) -> CliResult {
             let pool = open(&cfg)?;
             keys_cmd(&cfg, &pool, cmd)
         }
-        Command::Usage { account, since, until, model, by } => {
+        Command::Bench(BenchCmd::Ledger { rows, accounts }) => {
+            let cfg = load(&cli.config)?;
+            bench_ledger(&cfg, rows, accounts.max(1))
+        }
+        Command::Usage {
+            account,
+            since,
+            until,
+            model,
+            by,
+        } => {
             let cfg = load(&cli.config)?;
             let pool = open(&cfg)?;
             let filter = usage::UsageFilter {
@@ -170,12 +196,20 @@ pub fn run(cli: Cli) -> CliResult {
                 since: since.as_deref().map(usage::parse_time).transpose()?,
                 until: until.as_deref().map(usage::parse_time).transpose()?,
             };
-            let by = by.as_deref().map(str::parse::<usage::GroupBy>).transpose()?;
+            let by = by
+                .as_deref()
+                .map(str::parse::<usage::GroupBy>)
+                .transpose()?;
             let (total, groups) = usage::summary(&pool, &filter, by)?;
             let line = |name: &str, t: &usage::UsageTotals| {
                 println!(
                     "{:<28} {:>10} {:>14} {:>14} {:>12} {:>18}",
-                    name, t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens, t.cost_usd
+                    name,
+                    t.requests,
+                    t.prompt_tokens,
+                    t.completion_tokens,
+                    t.cached_tokens,
+                    t.cost_usd
                 )
             };
             println!(
@@ -280,6 +314,83 @@ fn keys_cmd(cfg: &Config, pool: &Pool, cmd: KeysCmd) -> CliResult {
             }
         }
     }
+    Ok(())
+}
+
+fn bench_ledger(cfg: &Config, rows: usize, n_accounts: usize) -> CliResult {
+    use std::sync::Arc;
+    use tollgate_filters::billing::{LedgerRow, LedgerSink, Usage, Wallets};
+
+    let path =
+        std::env::temp_dir().join(format!("tollgate-bench-ledger-{}.db", std::process::id()));
+    let db = crate::config::DatabaseConfig {
+        path: path.clone(),
+        ..cfg.database.clone()
+    };
+    let pool = store::open_and_migrate(&db)?;
+    let mut ids = Vec::with_capacity(n_accounts);
+    for i in 0..n_accounts {
+        let name = format!("bench-{i}");
+        let a = accounts::create(&pool, &name, "default", 1_000_000 * money::NANO_PER_USD)?;
+        let (k, _) = keys::create(
+            &pool,
+            &keys::NewKey {
+                account: name,
+                ..Default::default()
+            },
+        )?;
+        ids.push((a.id, k.id));
+    }
+    let wallets = Arc::new(Wallets::new(Arc::new(accounts::SqliteBalances(
+        pool.clone(),
+    ))));
+    let ledger = crate::ledger::Ledger::start(&db, &cfg.accounting, wallets)?;
+    let started = std::time::Instant::now();
+    for i in 0..rows {
+        let (account_id, key_id) = ids[i % ids.len()];
+        ledger.record(LedgerRow {
+            request_id: format!("req_bench_{i:010}"),
+            ts_ms: store::now_ms(),
+            key_id,
+            account_id,
+            model: "gpt-4o-mini".into(),
+            upstream_model: None,
+            channel: Some("bench".into()),
+            status: 200,
+            usage: Usage {
+                prompt_tokens: 500,
+                completion_tokens: 120,
+                cached_tokens: 0,
+                estimated: false,
+            },
+            cost_nano: 147_000,
+            latency_ms: 800,
+            ttft_ms: Some(200),
+            stream: true,
+        });
+    }
+    let queued = started.elapsed();
+    ledger.shutdown();
+    let took = started.elapsed();
+    let c = pool.get()?;
+    let n: i64 = c.query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))?;
+    drop(c);
+    drop(pool);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    if n as usize != rows {
+        return Err(format!("wrote {n} of {rows} rows").into());
+    }
+    println!(
+        "ledger: {rows} rows over {n_accounts} accounts in {:.3}s (queued in {:.3}s): {:.0} rows/s; flush_interval_ms={} max_batch={} synchronous={:?}",
+        took.as_secs_f64(),
+        queued.as_secs_f64(),
+        rows as f64 / took.as_secs_f64(),
+        cfg.accounting.flush_interval_ms,
+        cfg.accounting.max_batch,
+        cfg.database.synchronous
+    );
     Ok(())
 }
 

@@ -37,7 +37,11 @@ pub struct Ledger {
 
 impl Ledger {
     /// Starts the writer on its own connection. `wallets` learns of every commit.
-    pub fn start(db: &DatabaseConfig, cfg: &AccountingConfig, wallets: Arc<Wallets>) -> Result<Ledger, StoreError> {
+    pub fn start(
+        db: &DatabaseConfig,
+        cfg: &AccountingConfig,
+        wallets: Arc<Wallets>,
+    ) -> Result<Ledger, StoreError> {
         let on_commit: OnCommit = Arc::new(move |applied| {
             for &(account, key, charged) in applied {
                 wallets.flushed(account, Some(key), charged);
@@ -46,7 +50,11 @@ impl Ledger {
         Ledger::start_with(db, cfg, on_commit)
     }
 
-    fn start_with(db: &DatabaseConfig, cfg: &AccountingConfig, on_commit: OnCommit) -> Result<Ledger, StoreError> {
+    fn start_with(
+        db: &DatabaseConfig,
+        cfg: &AccountingConfig,
+        on_commit: OnCommit,
+    ) -> Result<Ledger, StoreError> {
         let conn = store::open_connection(db)?;
         let (tx, rx) = mpsc::channel();
         let window = Duration::from_millis(cfg.flush_interval_ms);
@@ -90,7 +98,13 @@ impl LedgerSink for Ledger {
     }
 }
 
-fn writer(mut conn: Connection, rx: Receiver<Msg>, window: Duration, max_batch: usize, on_commit: OnCommit) {
+fn writer(
+    mut conn: Connection,
+    rx: Receiver<Msg>,
+    window: Duration,
+    max_batch: usize,
+    on_commit: OnCommit,
+) {
     let mut batch: Vec<LedgerRow> = Vec::with_capacity(max_batch);
     let mut waiters: Vec<SyncSender<()>> = Vec::new();
     let mut open = true;
@@ -162,7 +176,10 @@ fn commit_with_retry(conn: &mut Connection, batch: &mut Vec<LedgerRow>, on_commi
 }
 
 /// One transaction: the rows, then one balance and one spend update per account and key.
-fn commit(conn: &mut Connection, batch: &[LedgerRow]) -> Result<Vec<(i64, i64, i64)>, rusqlite::Error> {
+fn commit(
+    conn: &mut Connection,
+    batch: &[LedgerRow],
+) -> Result<Vec<(i64, i64, i64)>, rusqlite::Error> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut applied = Vec::with_capacity(batch.len());
     {
@@ -207,7 +224,8 @@ fn commit(conn: &mut Connection, batch: &[LedgerRow]) -> Result<Vec<(i64, i64, i
         for (a, c) in by_account {
             debit.execute(params![c, now, a])?;
         }
-        let mut spend = tx.prepare_cached("UPDATE api_keys SET spent_nano = spent_nano + ?1 WHERE id = ?2")?;
+        let mut spend =
+            tx.prepare_cached("UPDATE api_keys SET spent_nano = spent_nano + ?1 WHERE id = ?2")?;
         for (k, c) in by_key {
             spend.execute(params![c, k])?;
         }
@@ -231,7 +249,12 @@ mod tests {
             upstream_model: None,
             channel: Some("c".into()),
             status: 200,
-            usage: Usage { prompt_tokens: 10, completion_tokens: 5, cached_tokens: 0, estimated: false },
+            usage: Usage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                cached_tokens: 0,
+                estimated: false,
+            },
             cost_nano: cost,
             latency_ms: 3,
             ttft_ms: Some(1),
@@ -241,10 +264,20 @@ mod tests {
 
     fn setup() -> (tempfile::TempDir, store::Pool, DatabaseConfig, i64, i64) {
         let dir = tempfile::tempdir().unwrap();
-        let db = DatabaseConfig { path: dir.path().join("l.db"), ..Default::default() };
+        let db = DatabaseConfig {
+            path: dir.path().join("l.db"),
+            ..Default::default()
+        };
         let pool = store::open_and_migrate(&db).unwrap();
         let a = store::accounts::create(&pool, "acme", "default", 1_000_000).unwrap();
-        let (k, _) = store::keys::create(&pool, &store::keys::NewKey { account: "acme".into(), ..Default::default() }).unwrap();
+        let (k, _) = store::keys::create(
+            &pool,
+            &store::keys::NewKey {
+                account: "acme".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         (dir, pool, db, a.id, k.id)
     }
 
@@ -253,7 +286,12 @@ mod tests {
         let (_d, pool, db, a, k) = setup();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
-        let ledger = Ledger::start_with(&db, &AccountingConfig::default(), Arc::new(move |ap| s2.lock().unwrap().extend_from_slice(ap))).unwrap();
+        let ledger = Ledger::start_with(
+            &db,
+            &AccountingConfig::default(),
+            Arc::new(move |ap| s2.lock().unwrap().extend_from_slice(ap)),
+        )
+        .unwrap();
         ledger.record(row("r1", a, k, 100));
         ledger.record(row("r2", a, k, 50));
         ledger.record(row("r1", a, k, 100));
@@ -261,9 +299,21 @@ mod tests {
         ledger.record(row("r2", a, k, 50));
         ledger.shutdown();
         let c = pool.get().unwrap();
-        let n: i64 = c.query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0)).unwrap();
-        let bal: i64 = c.query_row("SELECT balance_nano FROM accounts WHERE id = ?1", [a], |r| r.get(0)).unwrap();
-        let spent: i64 = c.query_row("SELECT spent_nano FROM api_keys WHERE id = ?1", [k], |r| r.get(0)).unwrap();
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))
+            .unwrap();
+        let bal: i64 = c
+            .query_row(
+                "SELECT balance_nano FROM accounts WHERE id = ?1",
+                [a],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let spent: i64 = c
+            .query_row("SELECT spent_nano FROM api_keys WHERE id = ?1", [k], |r| {
+                r.get(0)
+            })
+            .unwrap();
         assert_eq!((n, bal, spent), (2, 1_000_000 - 150, 150));
         assert_eq!(seen.lock().unwrap().iter().map(|x| x.2).sum::<i64>(), 150);
     }
@@ -271,13 +321,21 @@ mod tests {
     #[test]
     fn shutdown_commits_everything_queued() {
         let (_d, pool, db, a, k) = setup();
-        let cfg = AccountingConfig { flush_interval_ms: 60_000, max_batch: 1_000_000, ..Default::default() };
+        let cfg = AccountingConfig {
+            flush_interval_ms: 60_000,
+            max_batch: 1_000_000,
+            ..Default::default()
+        };
         let ledger = Ledger::start_with(&db, &cfg, Arc::new(|_| {})).unwrap();
         for i in 0..5000 {
             ledger.record(row(&format!("r{i}"), a, k, 1));
         }
         ledger.shutdown();
-        let n: i64 = pool.get().unwrap().query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0)).unwrap();
+        let n: i64 = pool
+            .get()
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 5000);
     }
 }

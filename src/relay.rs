@@ -315,7 +315,9 @@ impl Relay {
             let is_last = i + 1 == n;
             ctx.outcome.attempts += 1;
             let inject = out.wants_usage_injection && ch.inject_stream_usage;
-            let body = out.body.rewrite(attempt.upstream_model.as_deref(), inject)?;
+            let body = out
+                .body
+                .rewrite(attempt.upstream_model.as_deref(), inject)?;
             let req = self.request_header(session, ch, out.path, body.len())?;
             let started = Instant::now();
             let mut ex = match self.exchange(ch, req, body).await {
@@ -491,14 +493,16 @@ impl Relay {
         loop {
             let read = match drain_deadline {
                 None => ex.session.read_response_body().await,
-                Some(deadline) => match tokio::time::timeout_at(deadline, ex.session.read_response_body()).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::info!(request_id = %ctx.request_id, "stopped draining: time limit");
-                        upstream_broken = true;
-                        break;
+                Some(deadline) => {
+                    match tokio::time::timeout_at(deadline, ex.session.read_response_body()).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            tracing::info!(request_id = %ctx.request_id, "stopped draining: time limit");
+                            upstream_broken = true;
+                            break;
+                        }
                     }
-                },
+                }
             };
             match read {
                 Ok(Some(chunk)) => {
@@ -552,7 +556,12 @@ impl Relay {
             }
             return;
         }
-        if !rest.is_empty() && session.write_response_body(Some(rest), false).await.is_err() {
+        if !rest.is_empty()
+            && session
+                .write_response_body(Some(rest), false)
+                .await
+                .is_err()
+        {
             ctx.outcome.client_gone = true;
         }
         if let Err(e) = session.write_response_body(None, true).await {

@@ -85,12 +85,21 @@ pub fn price_table(cfg: &Config) -> PriceTable {
             .map(|(m, price)| {
                 let rate = ModelRate {
                     default_max_output: price.default_max_output,
-                    ..ModelRate::from_usd(price.input, price.output, price.cached_input, price.per_request)
+                    ..ModelRate::from_usd(
+                        price.input,
+                        price.output,
+                        price.cached_input,
+                        price.per_request,
+                    )
                 };
                 (m.clone(), rate)
             })
             .collect(),
-        groups: p.groups.iter().map(|(g, m)| (g.clone(), (m * 1_000_000.0).round() as u64)).collect(),
+        groups: p
+            .groups
+            .iter()
+            .map(|(g, m)| (g.clone(), (m * 1_000_000.0).round() as u64))
+            .collect(),
         unpriced: match p.unpriced {
             Unpriced::Reject => UnpricedPolicy::Reject,
             Unpriced::Free => UnpricedPolicy::Free,
@@ -112,7 +121,11 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let pool = store::open_and_migrate(&cfg.database)?;
     let metrics = Arc::new(Metrics::new());
     let wallets = Arc::new(Wallets::new(Arc::new(SqliteBalances(pool.clone()))));
-    let ledger = Arc::new(Ledger::start(&cfg.database, &cfg.accounting, wallets.clone())?);
+    let ledger = Arc::new(Ledger::start(
+        &cfg.database,
+        &cfg.accounting,
+        wallets.clone(),
+    )?);
     let parts = Parts {
         pool: pool.clone(),
         keys: Arc::new(KeyCache::new(auth_config(&cfg))),
@@ -153,7 +166,10 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         max_body_bytes: cfg.server.max_body_bytes,
         metrics: metrics.clone(),
         in_flight: in_flight.clone(),
-        pricing: cfg.pricing.expose.then(|| Arc::new(crate::pricing_page::PricingPage::new(&parts.prices))),
+        pricing: cfg
+            .pricing
+            .expose
+            .then(|| Arc::new(crate::pricing_page::PricingPage::new(&parts.prices))),
     };
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");

@@ -183,14 +183,29 @@ impl Gateway {
     }
 
     async fn pricing_page(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
-        let page = self.pricing.as_ref().ok_or_else(|| GatewayError::RouteNotFound("/api/pricing".into()))?;
+        let page = self
+            .pricing
+            .as_ref()
+            .ok_or_else(|| GatewayError::RouteNotFound("/api/pricing".into()))?;
         let group = session.req_header().uri.query().and_then(|q| {
-            q.split('&').find_map(|kv| kv.strip_prefix("group=")).map(str::to_owned)
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("group="))
+                .map(str::to_owned)
         });
-        let body = page
-            .page(group.as_deref())
-            .ok_or_else(|| GatewayError::invalid(format!("Unknown pricing group `{}`.", group.unwrap_or_default())))?;
-        write_json(session, ctx, 200, body, &[("cache-control", "public, max-age=60".into())]).await;
+        let body = page.page(group.as_deref()).ok_or_else(|| {
+            GatewayError::invalid(format!(
+                "Unknown pricing group `{}`.",
+                group.unwrap_or_default()
+            ))
+        })?;
+        write_json(
+            session,
+            ctx,
+            200,
+            body,
+            &[("cache-control", "public, max-age=60".into())],
+        )
+        .await;
         Ok(())
     }
 

@@ -41,7 +41,10 @@ impl From<UsageJson> for Usage {
         Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
-            cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            cached_tokens: u
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
             estimated: false,
         }
     }
@@ -74,8 +77,13 @@ struct Delta<'a> {
 }
 
 enum Mode {
-    Sse { strip_usage_event: bool, pending: BytesMut },
-    Json { tail: BytesMut },
+    Sse {
+        strip_usage_event: bool,
+        pending: BytesMut,
+    },
+    Json {
+        tail: BytesMut,
+    },
 }
 
 /// Watches one response body for usage and generated text.
@@ -104,7 +112,9 @@ impl UsageScanner {
 
     pub fn json() -> Self {
         UsageScanner {
-            mode: Mode::Json { tail: BytesMut::new() },
+            mode: Mode::Json {
+                tail: BytesMut::new(),
+            },
             usage: None,
             text_bytes: 0,
             saw_error: false,
@@ -122,13 +132,26 @@ impl UsageScanner {
                 }
                 chunk
             }
-            Mode::Sse { strip_usage_event, pending } => {
+            Mode::Sse {
+                strip_usage_event,
+                pending,
+            } => {
                 let strip = *strip_usage_event;
                 pending.extend_from_slice(&chunk);
-                let mut out = if strip { BytesMut::with_capacity(chunk.len()) } else { BytesMut::new() };
+                let mut out = if strip {
+                    BytesMut::with_capacity(chunk.len())
+                } else {
+                    BytesMut::new()
+                };
                 while let Some(end) = event_end(pending) {
                     let event = pending.split_to(end);
-                    let keep = self_scan(&event, &mut self.usage, &mut self.text_bytes, &mut self.saw_error, strip);
+                    let keep = self_scan(
+                        &event,
+                        &mut self.usage,
+                        &mut self.text_bytes,
+                        &mut self.saw_error,
+                        strip,
+                    );
                     if strip && keep {
                         out.extend_from_slice(&event);
                     }
@@ -156,11 +179,20 @@ impl UsageScanner {
                 self.usage = last_usage_object(tail).or(self.usage);
                 Bytes::new()
             }
-            Mode::Sse { strip_usage_event, pending } => {
+            Mode::Sse {
+                strip_usage_event,
+                pending,
+            } => {
                 let rest = pending.split().freeze();
                 if !rest.is_empty() {
                     // A final event without its blank line.
-                    let keep = self_scan(&rest, &mut self.usage, &mut self.text_bytes, &mut self.saw_error, *strip_usage_event);
+                    let keep = self_scan(
+                        &rest,
+                        &mut self.usage,
+                        &mut self.text_bytes,
+                        &mut self.saw_error,
+                        *strip_usage_event,
+                    );
                     if *strip_usage_event && keep {
                         return rest;
                     }
@@ -189,7 +221,13 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Scans one event; returns whether the client should see it.
-fn self_scan(event: &[u8], usage: &mut Option<Usage>, text: &mut u64, error: &mut bool, strip: bool) -> bool {
+fn self_scan(
+    event: &[u8],
+    usage: &mut Option<Usage>,
+    text: &mut u64,
+    error: &mut bool,
+    strip: bool,
+) -> bool {
     let mut keep = true;
     for line in event.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -231,7 +269,8 @@ fn last_usage_object(buf: &[u8]) -> Option<Usage> {
         let rest = &buf[at + 7..];
         let rest = trim_start(rest);
         if let Some(rest) = rest.strip_prefix(b":") {
-            let mut it = serde_json::Deserializer::from_slice(trim_start(rest)).into_iter::<UsageJson>();
+            let mut it =
+                serde_json::Deserializer::from_slice(trim_start(rest)).into_iter::<UsageJson>();
             if let Some(Ok(u)) = it.next() {
                 return Some(u.into());
             }
@@ -251,7 +290,8 @@ mod tests {
     use super::*;
 
     const ROLE: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n";
-    const C1: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}],\"usage\":null}\n\n";
+    const C1: &str =
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}],\"usage\":null}\n\n";
     const USAGE: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
 
@@ -272,7 +312,10 @@ mod tests {
             let mut s = UsageScanner::sse(false);
             assert_eq!(run(&mut s, &[a, b]), whole.as_bytes());
             let u = s.usage.unwrap();
-            assert_eq!((u.prompt_tokens, u.completion_tokens, u.cached_tokens), (9, 2, 4));
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+                (9, 2, 4)
+            );
             assert_eq!(s.text_bytes, 5);
         }
     }
@@ -280,7 +323,13 @@ mod tests {
     #[test]
     fn injected_usage_event_is_removed_but_recorded() {
         let whole = format!("{ROLE}{C1}{USAGE}{DONE}");
-        for split in [1, 30, ROLE.len(), ROLE.len() + C1.len() + 10, whole.len() - 3] {
+        for split in [
+            1,
+            30,
+            ROLE.len(),
+            ROLE.len() + C1.len() + 10,
+            whole.len() - 3,
+        ] {
             let (a, b) = whole.as_bytes().split_at(split);
             let mut s = UsageScanner::sse(true);
             let out = String::from_utf8(run(&mut s, &[a, b])).unwrap();
@@ -291,11 +340,17 @@ mod tests {
 
     #[test]
     fn cumulative_usage_takes_the_last_value_never_the_sum() {
-        let e = |p: u32, c: u32| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"x\"}}}}],\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c}}}}}\n\n");
+        let e = |p: u32, c: u32| {
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"x\"}}}}],\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c}}}}}\n\n")
+        };
         let body = format!("{}{}{}", e(5, 1), e(5, 2), e(5, 3));
         let mut s = UsageScanner::sse(true);
         let out = run(&mut s, &[body.as_bytes()]);
-        assert_eq!(out, body.as_bytes(), "usage on content chunks is not stripped");
+        assert_eq!(
+            out,
+            body.as_bytes(),
+            "usage on content chunks is not stripped"
+        );
         assert_eq!(s.usage.unwrap().completion_tokens, 3);
     }
 

@@ -23,14 +23,22 @@ fn expected_cost(model: &str, prompt: u64, completion: u64, cached: u64) -> i64 
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 async fn start(accounting: &str) -> (MockServer, Gateway) {
     let mock = MockServer::start().await;
-    let ch = format!("  - {{ name: main, base_url: \"{}\", api_key: sk-up, models: [m1, emb] }}\n", mock.base_url());
+    let ch = format!(
+        "  - {{ name: main, base_url: \"{}\", api_key: sk-up, models: [m1, emb] }}\n",
+        mock.base_url()
+    );
     let extra = format!("{PRICING}{accounting}");
-    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, &extra)).await.unwrap();
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, &extra))
+        .await
+        .unwrap();
     (mock, gw)
 }
 
@@ -41,18 +49,30 @@ fn db(gw: &Gateway) -> rusqlite::Connection {
 }
 
 fn balance(gw: &Gateway, account: &str) -> i64 {
-    db(gw).query_row("SELECT balance_nano FROM accounts WHERE name = ?1", [account], |r| r.get(0)).unwrap()
+    db(gw)
+        .query_row(
+            "SELECT balance_nano FROM accounts WHERE name = ?1",
+            [account],
+            |r| r.get(0),
+        )
+        .unwrap()
 }
 
 fn ledger_count(gw: &Gateway) -> i64 {
-    db(gw).query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0)).unwrap()
+    db(gw)
+        .query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))
+        .unwrap()
 }
 
 /// Waits (bounded) until the ledger holds `n` rows.
 async fn wait_rows(gw: &Gateway, n: i64) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while ledger_count(gw) < n {
-        assert!(Instant::now() < deadline, "ledger has {} of {n} rows", ledger_count(gw));
+        assert!(
+            Instant::now() < deadline,
+            "ledger has {} of {n} rows",
+            ledger_count(gw)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -60,11 +80,20 @@ async fn wait_rows(gw: &Gateway, n: i64) {
 /// Creates an account with `usd` and a key for it.
 fn account_with_key(gw: &Gateway, account: &str, usd: &str, key_flags: &[&str]) -> String {
     let out = gw.cli(&["accounts", "create", account, "--balance-usd", usd]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut args = vec!["keys", "create", "--account", account];
     args.extend_from_slice(key_flags);
     let out = gw.cli(&args);
-    String::from_utf8(out.stdout).unwrap().lines().last().unwrap().to_string()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,10 +109,22 @@ async fn mixed_run_costs_exactly_the_price_table_applied_to_served_tokens() {
             let cached = (round + i) % 3;
             let content = "word ".repeat(1 + (round * 10 + i) % 37);
             let (path, body) = match i % 5 {
-                0 | 1 => ("/v1/chat/completions", json!({"model": "m1", "messages": [{"role": "user", "content": content}], "x_mock": {"cached_tokens": cached, "chunks": 1 + i}})),
-                2 => ("/v1/chat/completions", json!({"model": "m1", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": content}], "x_mock": {"chunks": 2 + i}})),
-                3 => ("/v1/chat/completions", json!({"model": "m1", "stream": true, "messages": [{"role": "user", "content": content}], "x_mock": {"chunks": 3 + i, "cached_tokens": cached}})),
-                _ => ("/v1/embeddings", json!({"model": "emb", "input": [content, "x"]})),
+                0 | 1 => (
+                    "/v1/chat/completions",
+                    json!({"model": "m1", "messages": [{"role": "user", "content": content}], "x_mock": {"cached_tokens": cached, "chunks": 1 + i}}),
+                ),
+                2 => (
+                    "/v1/chat/completions",
+                    json!({"model": "m1", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": content}], "x_mock": {"chunks": 2 + i}}),
+                ),
+                3 => (
+                    "/v1/chat/completions",
+                    json!({"model": "m1", "stream": true, "messages": [{"role": "user", "content": content}], "x_mock": {"chunks": 3 + i, "cached_tokens": cached}}),
+                ),
+                _ => (
+                    "/v1/embeddings",
+                    json!({"model": "emb", "input": [content, "x"]}),
+                ),
             };
             let req = c.post(gw.url(path)).bearer_auth(&key).json(&body);
             batch.push(async move {
@@ -99,7 +140,17 @@ async fn mixed_run_costs_exactly_the_price_table_applied_to_served_tokens() {
     wait_rows(&gw, n).await;
     let served = mock.served();
     assert_eq!(served.len() as i64, n, "every response reported usage");
-    let expected: i64 = served.iter().map(|u| expected_cost(&u.model, u.prompt_tokens, u.completion_tokens, u.cached_tokens)).sum();
+    let expected: i64 = served
+        .iter()
+        .map(|u| {
+            expected_cost(
+                &u.model,
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.cached_tokens,
+            )
+        })
+        .sum();
     let (rows, ledger_sum, prompt, completion, cached, estimated): (i64, i64, i64, i64, i64, i64) = db(&gw)
         .query_row(
             "SELECT COUNT(*), SUM(cost_nano), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(estimated) FROM usage_ledger",
@@ -109,12 +160,27 @@ async fn mixed_run_costs_exactly_the_price_table_applied_to_served_tokens() {
         .unwrap();
     assert_eq!(rows, n);
     assert_eq!(estimated, 0);
-    assert_eq!(prompt as u64, served.iter().map(|u| u.prompt_tokens).sum::<u64>());
-    assert_eq!(completion as u64, served.iter().map(|u| u.completion_tokens).sum::<u64>());
-    assert_eq!(cached as u64, served.iter().map(|u| u.cached_tokens).sum::<u64>());
+    assert_eq!(
+        prompt as u64,
+        served.iter().map(|u| u.prompt_tokens).sum::<u64>()
+    );
+    assert_eq!(
+        completion as u64,
+        served.iter().map(|u| u.completion_tokens).sum::<u64>()
+    );
+    assert_eq!(
+        cached as u64,
+        served.iter().map(|u| u.cached_tokens).sum::<u64>()
+    );
     assert_eq!(ledger_sum, expected, "ledger sum vs price table");
-    assert_eq!(before - balance(&gw, "acme"), expected, "balance decrease vs price table");
-    let spent: i64 = db(&gw).query_row("SELECT spent_nano FROM api_keys", [], |r| r.get(0)).unwrap();
+    assert_eq!(
+        before - balance(&gw, "acme"),
+        expected,
+        "balance decrease vs price table"
+    );
+    let spent: i64 = db(&gw)
+        .query_row("SELECT spent_nano FROM api_keys", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(spent, expected);
 }
 
@@ -140,19 +206,32 @@ async fn two_hundred_concurrent_requests_never_overspend_the_balance() {
     let admitted = results.iter().filter(|(s, _, _)| *s == 200).count();
     let refused: Vec<_> = results.iter().filter(|(s, _, _)| *s == 429).collect();
     assert_eq!(admitted + refused.len(), 200);
-    assert!(admitted >= 1 && admitted <= 20, "admitted {admitted}");
+    assert!((1..=20).contains(&admitted), "admitted {admitted}");
     for (_, retry, v) in &refused {
         assert_eq!(v["error"]["code"], "insufficient_quota");
         assert_eq!(retry.as_deref(), Some("false"));
     }
-    assert_eq!(mock.requests().len(), admitted, "refused requests never reach the provider");
+    assert_eq!(
+        mock.requests().len(),
+        admitted,
+        "refused requests never reach the provider"
+    );
     wait_rows(&gw, 200).await;
     let after = balance(&gw, "poor");
     assert!(after >= 0);
-    let charged: i64 = db(&gw).query_row("SELECT SUM(cost_nano) FROM usage_ledger", [], |r| r.get(0)).unwrap();
+    let charged: i64 = db(&gw)
+        .query_row("SELECT SUM(cost_nano) FROM usage_ledger", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(before - after, charged);
-    let served: i64 = mock.served().iter().map(|u| expected_cost("m1", u.prompt_tokens, u.completion_tokens, 0)).sum();
-    assert_eq!(charged, served, "every admitted request was paid for in full");
+    let served: i64 = mock
+        .served()
+        .iter()
+        .map(|u| expected_cost("m1", u.prompt_tokens, u.completion_tokens, 0))
+        .sum();
+    assert_eq!(
+        charged, served,
+        "every admitted request was paid for in full"
+    );
     assert!(charged <= before);
 }
 
@@ -161,11 +240,20 @@ async fn injected_usage_never_reaches_the_client_but_is_recorded() {
     let (mock, gw) = start("").await;
     let key = account_with_key(&gw, "acme", "10", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [{"role": "user", "content": "hi"}], "x_mock": {"chunks": 4}});
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let text = r.text().await.unwrap();
     assert!(text.contains("tok3") && text.trim_end().ends_with("data: [DONE]"));
-    assert!(!text.contains("\"choices\":[]") && !text.contains("prompt_tokens"), "usage chunk leaked:\n{text}");
+    assert!(
+        !text.contains("\"choices\":[]") && !text.contains("prompt_tokens"),
+        "usage chunk leaked:\n{text}"
+    );
     let sent = mock.requests()[0].json().unwrap();
     assert_eq!(sent["stream_options"]["include_usage"], true);
     wait_rows(&gw, 1).await;
@@ -182,19 +270,31 @@ async fn client_that_disconnects_after_5_of_60_chunks_is_charged_the_real_usage(
     let (mock, gw) = start("").await;
     let key = account_with_key(&gw, "acme", "10", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 60, "delay_ms": 10}});
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let mut stream = r.bytes_stream();
     let mut text = String::new();
     while !text.contains("tok4 ") {
-        text.push_str(&String::from_utf8_lossy(&stream.next().await.unwrap().unwrap()));
+        text.push_str(&String::from_utf8_lossy(
+            &stream.next().await.unwrap().unwrap(),
+        ));
     }
     drop(stream);
     wait_rows(&gw, 1).await;
     let (completion, estimated, cost): (i64, i64, i64) = db(&gw)
         .query_row("SELECT completion_tokens, estimated, cost_nano FROM usage_ledger WHERE request_id = ?1", [&rid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .unwrap();
-    assert_eq!((completion, estimated), (60, 0), "the gateway read on to the provider's usage");
+    assert_eq!(
+        (completion, estimated),
+        (60, 0),
+        "the gateway read on to the provider's usage"
+    );
     assert_eq!(mock.chunks_sent(), 60);
     let u = &mock.served()[0];
     assert_eq!(cost, expected_cost("m1", u.prompt_tokens, 60, 0));
@@ -205,7 +305,13 @@ async fn stream_cut_by_the_upstream_is_charged_a_bounded_estimate_and_marked() {
     let (mock, gw) = start("").await;
     let key = account_with_key(&gw, "acme", "10", &[]);
     let body = json!({"model": "m1", "stream": true, "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}], "x_mock": {"chunks": 20, "truncate_after": 5}});
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(r.text().await.is_err(), "the client sees a broken stream");
     wait_rows(&gw, 1).await;
@@ -217,11 +323,17 @@ async fn stream_cut_by_the_upstream_is_charged_a_bounded_estimate_and_marked() {
         )
         .unwrap();
     assert_eq!(estimated, 1);
-    assert!(mock.served().is_empty(), "the provider never reported usage");
+    assert!(
+        mock.served().is_empty(),
+        "the provider never reported usage"
+    );
     // 5 chunks of "tokN " = 25 bytes of text → 7 tokens; never above max_tokens.
     assert_eq!(completion, 7);
     assert!(completion <= 50 && prompt > 0);
-    assert_eq!(cost, expected_cost("m1", prompt as u64, completion as u64, 0));
+    assert_eq!(
+        cost,
+        expected_cost("m1", prompt as u64, completion as u64, 0)
+    );
 }
 
 type Done = std::sync::Arc<std::sync::Mutex<Vec<(String, Instant)>>>;
@@ -254,29 +366,45 @@ async fn load(url: String, key: String, total: usize, done: Done) {
 fn ledger_ids(gw: &Gateway) -> HashSet<String> {
     let c = db(gw);
     let mut st = c.prepare("SELECT request_id FROM usage_ledger").unwrap();
-    let ids = st.query_map([], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect();
+    let ids = st
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
     ids
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_no_row() {
-    let (_mock, mut gw) = start("accounting: { flush_interval_ms: 200, max_batch: 100000 }\n").await;
+    let (_mock, mut gw) =
+        start("accounting: { flush_interval_ms: 200, max_batch: 100000 }\n").await;
     let key = account_with_key(&gw, "acme", "100", &[]);
     let done: Done = Default::default();
-    let runner = tokio::spawn(load(gw.url("/v1/chat/completions"), key, 100_000, done.clone()));
+    let runner = tokio::spawn(load(
+        gw.url("/v1/chat/completions"),
+        key,
+        100_000,
+        done.clone(),
+    ));
     let deadline = Instant::now() + Duration::from_secs(20);
     while done.lock().unwrap().len() < 300 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut child = gw.sigterm();
-    let (status, _) = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(30))).await.unwrap();
+    let (status, _) =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(30)))
+            .await
+            .unwrap();
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     runner.abort();
     let completed = done.lock().unwrap().clone();
     assert!(completed.len() >= 300);
     let ids = ledger_ids(&gw);
     let missing = completed.iter().filter(|(id, _)| !ids.contains(id)).count();
-    assert_eq!(missing, 0, "{missing} completed requests have no ledger row");
+    assert_eq!(
+        missing, 0,
+        "{missing} completed requests have no ledger row"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,7 +412,12 @@ async fn sigkill_loses_at_most_the_open_flush_window() {
     let (_mock, mut gw) = start("accounting: { flush_interval_ms: 20, max_batch: 2000 }\n").await;
     let key = account_with_key(&gw, "acme", "100", &[]);
     let done: Done = Default::default();
-    let runner = tokio::spawn(load(gw.url("/v1/chat/completions"), key, 100_000, done.clone()));
+    let runner = tokio::spawn(load(
+        gw.url("/v1/chat/completions"),
+        key,
+        100_000,
+        done.clone(),
+    ));
     let deadline = Instant::now() + Duration::from_secs(20);
     while done.lock().unwrap().len() < 500 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -296,8 +429,15 @@ async fn sigkill_loses_at_most_the_open_flush_window() {
     runner.abort();
     let completed = done.lock().unwrap().clone();
     let ids = ledger_ids(&gw);
-    let lost: Vec<_> = completed.iter().filter(|(id, _)| !ids.contains(id)).collect();
-    let oldest_lost = lost.iter().map(|(_, t)| killed_at.saturating_duration_since(*t)).max().unwrap_or_default();
+    let lost: Vec<_> = completed
+        .iter()
+        .filter(|(id, _)| !ids.contains(id))
+        .collect();
+    let oldest_lost = lost
+        .iter()
+        .map(|(_, t)| killed_at.saturating_duration_since(*t))
+        .max()
+        .unwrap_or_default();
     println!(
         "SIGKILL: {} of {} completed requests had no ledger row; the oldest completed {:?} before the kill",
         lost.len(),
@@ -306,7 +446,10 @@ async fn sigkill_loses_at_most_the_open_flush_window() {
     );
     // Rows are committed every 20 ms: only requests that finished in the last window (plus
     // one commit and scheduling slack) may be missing.
-    assert!(oldest_lost < Duration::from_millis(500), "lost a row {oldest_lost:?} old");
+    assert!(
+        oldest_lost < Duration::from_millis(500),
+        "lost a row {oldest_lost:?} old"
+    );
     assert!(lost.len() < completed.len() / 2);
 }
 
@@ -314,19 +457,49 @@ async fn sigkill_loses_at_most_the_open_flush_window() {
 async fn admin_api_accounts_keys_usage_and_public_pricing() {
     let (_mock, gw) = start("").await;
     let c = client();
-    let admin = |m: reqwest::Method, p: &str| c.request(m, gw.admin_url(p)).bearer_auth("test-admin-token");
-    let r = admin(reqwest::Method::POST, "/admin/accounts").json(&json!({"name": "team", "group": "vip", "balance_usd": 1.5})).send().await.unwrap();
+    let admin = |m: reqwest::Method, p: &str| {
+        c.request(m, gw.admin_url(p))
+            .bearer_auth("test-admin-token")
+    };
+    let r = admin(reqwest::Method::POST, "/admin/accounts")
+        .json(&json!({"name": "team", "group": "vip", "balance_usd": 1.5}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
-    let r = admin(reqwest::Method::POST, "/admin/accounts").json(&json!({"name": "team"})).send().await.unwrap();
+    let r = admin(reqwest::Method::POST, "/admin/accounts")
+        .json(&json!({"name": "team"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 409);
-    let r = admin(reqwest::Method::POST, "/admin/accounts/team/topup").json(&json!({"usd": "0.25"})).send().await.unwrap();
+    let r = admin(reqwest::Method::POST, "/admin/accounts/team/topup")
+        .json(&json!({"usd": "0.25"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let a: Value = admin(reqwest::Method::GET, "/admin/accounts/team").send().await.unwrap().json().await.unwrap();
-    assert_eq!((a["name"].as_str(), a["group"].as_str(), a["balance_usd"].as_str()), (Some("team"), Some("vip"), Some("1.75")));
+    let a: Value = admin(reqwest::Method::GET, "/admin/accounts/team")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            a["name"].as_str(),
+            a["group"].as_str(),
+            a["balance_usd"].as_str()
+        ),
+        (Some("team"), Some("vip"), Some("1.75"))
+    );
     assert_eq!(a["balance_nano"], 1_750_000_000i64);
 
     let k: Value = admin(reqwest::Method::POST, "/admin/keys")
-        .json(&json!({"account": "team", "name": "ci", "models": ["m1"], "budget_usd": 1, "rpm": 10}))
+        .json(
+            &json!({"account": "team", "name": "ci", "models": ["m1"], "budget_usd": 1, "rpm": 10}),
+        )
         .send()
         .await
         .unwrap()
@@ -336,15 +509,36 @@ async fn admin_api_accounts_keys_usage_and_public_pricing() {
     let secret = k["key"].as_str().unwrap().to_string();
     let id = k["id"].as_i64().unwrap();
     assert!(secret.starts_with("sk-tg-"));
-    let list: Value = admin(reqwest::Method::GET, "/admin/keys?account=team").send().await.unwrap().json().await.unwrap();
+    let list: Value = admin(reqwest::Method::GET, "/admin/keys?account=team")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["data"].as_array().unwrap().len(), 1);
-    assert!(!list.to_string().contains(&secret), "secrets are shown once only");
+    assert!(
+        !list.to_string().contains(&secret),
+        "secrets are shown once only"
+    );
 
     // The vip group pays half: 25 prompt-ish tokens × 1000 + 3 × 4000.
-    let r = c.post(gw.url("/v1/chat/completions")).bearer_auth(&secret).json(&json!({"model": "m1", "messages": []})).send().await.unwrap();
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "m1", "messages": []}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     wait_rows(&gw, 1).await;
-    let u: Value = admin(reqwest::Method::GET, "/admin/usage?account=team&by=model").send().await.unwrap().json().await.unwrap();
+    let u: Value = admin(reqwest::Method::GET, "/admin/usage?account=team&by=model")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(u["requests"], 1);
     assert_eq!(u["completion_tokens"], 3);
     let prompt = u["prompt_tokens"].as_i64().unwrap();
@@ -352,20 +546,57 @@ async fn admin_api_accounts_keys_usage_and_public_pricing() {
     assert_eq!(u["breakdown"][0]["group"], "m1");
     assert!(u["cost_usd"].is_string());
 
-    let r = admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}")).json(&json!({"models": ["emb"]})).send().await.unwrap();
+    let r = admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"))
+        .json(&json!({"models": ["emb"]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = c.post(gw.url("/v1/chat/completions")).bearer_auth(&secret).json(&json!({"model": "m1", "messages": []})).send().await.unwrap();
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "m1", "messages": []}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403, "a PATCH is in force from the next request");
-    let r = admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}")).send().await.unwrap();
+    let r = admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = c.post(gw.url("/v1/embeddings")).bearer_auth(&secret).json(&json!({"model": "emb", "input": "x"})).send().await.unwrap();
+    let r = c
+        .post(gw.url("/v1/embeddings"))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "emb", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
 
-    let p: Value = c.get(gw.url("/api/pricing?group=vip")).send().await.unwrap().json().await.unwrap();
-    let m1 = p["data"].as_array().unwrap().iter().find(|m| m["model"] == "m1").unwrap();
-    assert_eq!((m1["input"].as_f64(), m1["output"].as_f64()), (Some(1.0), Some(4.0)));
+    let p: Value = c
+        .get(gw.url("/api/pricing?group=vip"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let m1 = p["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == "m1")
+        .unwrap();
+    assert_eq!(
+        (m1["input"].as_f64(), m1["output"].as_f64()),
+        (Some(1.0), Some(4.0))
+    );
     let r = c.get(gw.url("/api/pricing")).send().await.unwrap();
-    assert!(r.headers()["cache-control"].to_str().unwrap().contains("max-age"));
+    assert!(r.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("max-age"));
 
     let out = gw.cli(&["usage", "--account", "team", "--by", "day"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -375,11 +606,22 @@ async fn admin_api_accounts_keys_usage_and_public_pricing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpriced_model_is_refused_and_key_budget_is_enforced() {
     let mock = MockServer::start().await;
-    let ch = format!("  - {{ name: main, base_url: \"{}\", api_key: sk-up, models: [m1, free-model] }}\n", mock.base_url());
+    let ch = format!(
+        "  - {{ name: main, base_url: \"{}\", api_key: sk-up, models: [m1, free-model] }}\n",
+        mock.base_url()
+    );
     let extra = PRICING.to_string();
-    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, &extra)).await.unwrap();
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, &extra))
+        .await
+        .unwrap();
     let key = account_with_key(&gw, "acme", "100", &["--budget-usd", "0.0005"]);
-    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&key).json(&json!({"model": "free-model", "messages": []})).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "free-model", "messages": []}))
+        .send()
+        .await
+        .unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "model_not_priced");
     // Worst case 10 × 8000 + prompt ≈ 0.00013 USD: fits three times, not four.
@@ -388,7 +630,9 @@ async fn unpriced_model_is_refused_and_key_budget_is_enforced() {
         let r = client()
             .post(gw.url("/v1/chat/completions"))
             .bearer_auth(&key)
-            .json(&json!({"model": "m1", "max_tokens": 10, "messages": [], "x_mock": {"chunks": 10}}))
+            .json(
+                &json!({"model": "m1", "max_tokens": 10, "messages": [], "x_mock": {"chunks": 10}}),
+            )
             .send()
             .await
             .unwrap();
@@ -403,6 +647,24 @@ async fn unpriced_model_is_refused_and_key_budget_is_enforced() {
     }
     assert!((1..6).contains(&ok), "{ok}");
     wait_rows(&gw, 7).await;
-    let spent: i64 = db(&gw).query_row("SELECT spent_nano FROM api_keys", [], |r| r.get(0)).unwrap();
+    let spent: i64 = db(&gw)
+        .query_row("SELECT spent_nano FROM api_keys", [], |r| r.get(0))
+        .unwrap();
     assert!(spent <= 500_000, "spent {spent} of a 500000 budget");
+}
+
+#[test]
+fn ledger_benchmark_prints_rows_per_second() {
+    let gw = Gateway::configure("", "");
+    let out = gw.cli(&["bench", "ledger", "--rows", "5000", "--accounts", "10"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("5000 rows") && text.contains("rows/s"),
+        "{text}"
+    );
 }

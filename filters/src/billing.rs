@@ -121,8 +121,17 @@ impl PriceTable {
 
     /// The most this request can cost: the prompt estimate in full at the input price, plus
     /// `n ×` the output cap. Rounded up.
-    pub fn worst_case(&self, rate: &ModelRate, group: &str, prompt_estimate: u64, max_output: Option<u64>, n: u64) -> i64 {
-        let cap = max_output.or(rate.default_max_output).unwrap_or(self.default_max_output);
+    pub fn worst_case(
+        &self,
+        rate: &ModelRate,
+        group: &str,
+        prompt_estimate: u64,
+        max_output: Option<u64>,
+        n: u64,
+    ) -> i64 {
+        let cap = max_output
+            .or(rate.default_max_output)
+            .unwrap_or(self.default_max_output);
         let u = Usage {
             prompt_tokens: prompt_estimate,
             completion_tokens: cap.saturating_mul(n.max(1)),
@@ -163,11 +172,15 @@ struct Book {
 
 impl Book {
     fn account_available(&self, id: i64) -> Option<i64> {
-        self.accounts.get(&id).map(|p| p.stored - p.unflushed - p.reserved)
+        self.accounts
+            .get(&id)
+            .map(|p| p.stored - p.unflushed - p.reserved)
     }
 
     fn key_available(&self, id: i64, budget: i64) -> Option<i64> {
-        self.keys.get(&id).map(|p| budget - p.stored - p.unflushed - p.reserved)
+        self.keys
+            .get(&id)
+            .map(|p| budget - p.stored - p.unflushed - p.reserved)
     }
 }
 
@@ -199,7 +212,12 @@ impl Wallets {
     }
 
     /// Loads what the book lacks, or (with `force`) re-reads stored amounts.
-    async fn load(&self, account_id: i64, key_id: Option<i64>, force: bool) -> Result<(), GatewayError> {
+    async fn load(
+        &self,
+        account_id: i64,
+        key_id: Option<i64>,
+        force: bool,
+    ) -> Result<(), GatewayError> {
         let (gen, need_account, need_key) = {
             let b = self.lock();
             (
@@ -212,7 +230,16 @@ impl Wallets {
             tracing::error!(error = %e, "cannot read balances");
             GatewayError::Internal
         };
-        let balance = if need_account { Some(self.source.account_balance(account_id).await.map_err(fail)?) } else { None };
+        let balance = if need_account {
+            Some(
+                self.source
+                    .account_balance(account_id)
+                    .await
+                    .map_err(fail)?,
+            )
+        } else {
+            None
+        };
         let spent = match need_key {
             Some(k) => Some(self.source.key_spent(k).await.map_err(fail)?),
             None => None,
@@ -231,7 +258,12 @@ impl Wallets {
         Ok(())
     }
 
-    fn try_reserve(&self, account_id: i64, key: Option<(i64, i64)>, amount: i64) -> Option<Reservation> {
+    fn try_reserve(
+        &self,
+        account_id: i64,
+        key: Option<(i64, i64)>,
+        amount: i64,
+    ) -> Option<Reservation> {
         let mut b = self.lock();
         if b.account_available(account_id)? < amount {
             return None;
@@ -252,7 +284,12 @@ impl Wallets {
 
     /// Holds `amount` against the account and (when it has a budget) the key, atomically.
     /// `key` is `(key_id, budget_nano)`.
-    pub async fn reserve(&self, account_id: i64, key: Option<(i64, i64)>, amount: i64) -> Result<Reservation, GatewayError> {
+    pub async fn reserve(
+        &self,
+        account_id: i64,
+        key: Option<(i64, i64)>,
+        amount: i64,
+    ) -> Result<Reservation, GatewayError> {
         let key_id = key.map(|(k, _)| k);
         self.load(account_id, key_id, false).await?;
         if let Some(r) = self.try_reserve(account_id, key, amount) {
@@ -262,11 +299,13 @@ impl Wallets {
         self.load(account_id, key_id, true).await?;
         self.try_reserve(account_id, key, amount).ok_or_else(|| {
             let b = self.lock();
-            let over_budget = key.is_some_and(|(k, budget)| b.key_available(k, budget).unwrap_or(0) < amount);
+            let over_budget =
+                key.is_some_and(|(k, budget)| b.key_available(k, budget).unwrap_or(0) < amount);
             GatewayError::InsufficientQuota(if over_budget {
                 "This API key has reached its budget.".into()
             } else {
-                "You exceeded your current quota: the account balance does not cover this request.".into()
+                "You exceeded your current quota: the account balance does not cover this request."
+                    .into()
             })
         })
     }
@@ -282,7 +321,12 @@ impl Wallets {
         let available = (acct.stored - acct.unflushed - acct.reserved).max(0);
         let charged = cost.clamp(0, available);
         if charged < cost {
-            tracing::warn!(account = r.account_id, cost, charged, "cost above the balance; charged what was left");
+            tracing::warn!(
+                account = r.account_id,
+                cost,
+                charged,
+                "cost above the balance; charged what was left"
+            );
         }
         acct.unflushed += charged;
         if let Some(k) = r.key_id.and_then(|k| b.keys.get_mut(&k)) {
@@ -318,7 +362,10 @@ impl Wallets {
     /// Forget a key's purse (its budget or spend was edited); it is re-read on next use.
     pub fn forget_key(&self, key_id: i64) {
         let mut b = self.lock();
-        if b.keys.get(&key_id).is_some_and(|p| p.reserved == 0 && p.unflushed == 0) {
+        if b.keys
+            .get(&key_id)
+            .is_some_and(|p| p.reserved == 0 && p.unflushed == 0)
+        {
             b.keys.remove(&key_id);
         }
     }
@@ -335,7 +382,10 @@ fn put(entry: std::collections::hash_map::Entry<'_, i64, Purse>, stored: i64, ov
         Entry::Occupied(mut e) if overwrite => e.get_mut().stored = stored,
         Entry::Occupied(_) => {}
         Entry::Vacant(e) => {
-            e.insert(Purse { stored, ..Purse::default() });
+            e.insert(Purse {
+                stored,
+                ..Purse::default()
+            });
         }
     }
 }
@@ -374,7 +424,12 @@ pub struct Billing {
 }
 
 impl Billing {
-    pub fn new(prices: Arc<PriceTable>, wallets: Arc<Wallets>, ledger: Arc<dyn LedgerSink>, channels: Vec<String>) -> Self {
+    pub fn new(
+        prices: Arc<PriceTable>,
+        wallets: Arc<Wallets>,
+        ledger: Arc<dyn LedgerSink>,
+        channels: Vec<String>,
+    ) -> Self {
         Billing {
             prices,
             wallets,
@@ -414,7 +469,13 @@ impl Filter for Billing {
         let Some(rate) = self.prices.rate(&facts.model)? else {
             return Ok(());
         };
-        let worst = self.prices.worst_case(rate, &key.group, facts.prompt_tokens_estimate, facts.max_output_tokens, facts.choices);
+        let worst = self.prices.worst_case(
+            rate,
+            &key.group,
+            facts.prompt_tokens_estimate,
+            facts.max_output_tokens,
+            facts.choices,
+        );
         let budget = key.budget_nano.map(|b| (key.id, b));
         ctx.reservation = Some(self.wallets.reserve(key.account_id, budget, worst).await?);
         Ok(())
@@ -430,14 +491,20 @@ impl Filter for Billing {
             (Some(u), _) => u,
             (None, 200..=299) => Usage {
                 prompt_tokens: facts.prompt_tokens_estimate,
-                completion_tokens: estimate_completion(out.completion_text_bytes, facts.max_output_tokens, facts.choices),
+                completion_tokens: estimate_completion(
+                    out.completion_text_bytes,
+                    facts.max_output_tokens,
+                    facts.choices,
+                ),
                 cached_tokens: 0,
                 estimated: true,
             },
             (None, _) => Usage::default(),
         };
         let cost = match self.prices.rate(&facts.model) {
-            Ok(Some(rate)) if usage != Usage::default() => self.prices.cost(rate, &key.group, &usage),
+            Ok(Some(rate)) if usage != Usage::default() => {
+                self.prices.cost(rate, &key.group, &usage)
+            }
             _ => 0,
         };
         let charged = match ctx.reservation.take() {
@@ -470,8 +537,14 @@ mod tests {
 
     fn table() -> PriceTable {
         let mut models = HashMap::new();
-        models.insert("m".to_string(), ModelRate::from_usd(0.15, 0.60, Some(0.075), 0.0));
-        models.insert("fee".to_string(), ModelRate::from_usd(1.0, 2.0, None, 0.001));
+        models.insert(
+            "m".to_string(),
+            ModelRate::from_usd(0.15, 0.60, Some(0.075), 0.0),
+        );
+        models.insert(
+            "fee".to_string(),
+            ModelRate::from_usd(1.0, 2.0, None, 0.001),
+        );
         PriceTable {
             models,
             groups: HashMap::from([("default".into(), 1_000_000), ("vip".into(), 500_000)]),
@@ -485,24 +558,39 @@ mod tests {
         let t = table();
         let m = &t.models["m"];
         assert_eq!(m.input, 150_000_000);
-        let u = Usage { prompt_tokens: 1000, completion_tokens: 100, cached_tokens: 400, estimated: false };
+        let u = Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 100,
+            cached_tokens: 400,
+            estimated: false,
+        };
         // 600 × 150 + 400 × 75 + 100 × 600 nano-USD = 90_000 + 30_000 + 60_000
         assert_eq!(t.cost(m, "default", &u), 180_000);
         assert_eq!(t.cost(m, "vip", &u), 90_000);
         assert_eq!(t.cost(m, "unknown-group", &u), 180_000);
         let fee = &t.models["fee"];
-        let one = Usage { prompt_tokens: 1, ..Default::default() };
+        let one = Usage {
+            prompt_tokens: 1,
+            ..Default::default()
+        };
         assert_eq!(t.cost(fee, "default", &one), 1_000 + 1_000_000);
     }
 
     #[test]
     fn sub_nano_costs_round_half_up_and_worst_case_rounds_up() {
         let mut t = table();
-        t.models.insert("tiny".into(), ModelRate::from_usd(0.0005, 0.0, None, 0.0)); // 0.5 nano/token
+        t.models
+            .insert("tiny".into(), ModelRate::from_usd(0.0005, 0.0, None, 0.0)); // 0.5 nano/token
         let r = t.models["tiny"].clone();
-        let one = Usage { prompt_tokens: 1, ..Default::default() };
+        let one = Usage {
+            prompt_tokens: 1,
+            ..Default::default()
+        };
         assert_eq!(t.cost(&r, "default", &one), 1);
-        let three = Usage { prompt_tokens: 3, ..Default::default() };
+        let three = Usage {
+            prompt_tokens: 3,
+            ..Default::default()
+        };
         assert_eq!(t.cost(&r, "default", &three), 2);
         assert_eq!(t.worst_case(&r, "default", 3, Some(0), 1), 2);
     }
@@ -511,7 +599,10 @@ mod tests {
     fn worst_case_uses_n_times_the_cap_or_the_default() {
         let t = table();
         let m = &t.models["m"];
-        assert_eq!(t.worst_case(m, "default", 100, Some(10), 2), 100 * 150 + 20 * 600);
+        assert_eq!(
+            t.worst_case(m, "default", 100, Some(10), 2),
+            100 * 150 + 20 * 600
+        );
         assert_eq!(t.worst_case(m, "default", 0, None, 1), 4096 * 600);
     }
 
@@ -539,7 +630,10 @@ mod tests {
     }
 
     fn wallets(balance: i64) -> (Arc<Store>, Wallets) {
-        let s = Arc::new(Store { balance: AtomicI64::new(balance), spent: AtomicI64::new(0) });
+        let s = Arc::new(Store {
+            balance: AtomicI64::new(balance),
+            spent: AtomicI64::new(0),
+        });
         (s.clone(), Wallets::new(s))
     }
 
@@ -550,7 +644,9 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..50 {
             let w = w.clone();
-            tasks.push(tokio::spawn(async move { w.reserve(1, None, 100).await.ok() }));
+            tasks.push(tokio::spawn(
+                async move { w.reserve(1, None, 100).await.ok() },
+            ));
         }
         let mut held = Vec::new();
         for t in tasks {

@@ -113,8 +113,12 @@ impl tollgate_filters::billing::BalanceSource for SqliteBalances {
         let pool = self.0.clone();
         tokio::task::spawn_blocking(move || -> Result<i64, String> {
             let c = pool.get().map_err(|e| e.to_string())?;
-            c.query_row("SELECT balance_nano FROM accounts WHERE id = ?1", [account_id], |r| r.get(0))
-                .map_err(|e| e.to_string())
+            c.query_row(
+                "SELECT balance_nano FROM accounts WHERE id = ?1",
+                [account_id],
+                |r| r.get(0),
+            )
+            .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())?
@@ -124,8 +128,12 @@ impl tollgate_filters::billing::BalanceSource for SqliteBalances {
         let pool = self.0.clone();
         tokio::task::spawn_blocking(move || -> Result<i64, String> {
             let c = pool.get().map_err(|e| e.to_string())?;
-            c.query_row("SELECT spent_nano FROM api_keys WHERE id = ?1", [key_id], |r| r.get(0))
-                .map_err(|e| e.to_string())
+            c.query_row(
+                "SELECT spent_nano FROM api_keys WHERE id = ?1",
+                [key_id],
+                |r| r.get(0),
+            )
+            .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())?

@@ -191,9 +191,16 @@ pub fn update(pool: &Pool, id: i64, p: &KeyPatch) -> Result<KeyInfo, StoreError>
         set("budget_nano", opt_int(b));
     }
     if let Some(m) = &p.models {
-        set("models", Value::Text(serde_json::to_string(m).unwrap_or_else(|_| "[]".into())));
+        set(
+            "models",
+            Value::Text(serde_json::to_string(m).unwrap_or_else(|_| "[]".into())),
+        );
     }
-    for (col, v) in [("rpm", p.rpm), ("tpm", p.tpm), ("concurrency", p.concurrency)] {
+    for (col, v) in [
+        ("rpm", p.rpm),
+        ("tpm", p.tpm),
+        ("concurrency", p.concurrency),
+    ] {
         if let Some(v) = v {
             set(col, opt_int(v.map(i64::from)));
         }
@@ -203,15 +210,31 @@ pub fn update(pool: &Pool, id: i64, p: &KeyPatch) -> Result<KeyInfo, StoreError>
     }
     if let Some(ips) = &p.allow_ips {
         let ips: Vec<String> = ips.iter().map(|n| n.to_string()).collect();
-        set("allow_ips", Value::Text(serde_json::to_string(&ips).unwrap_or_else(|_| "[]".into())));
+        set(
+            "allow_ips",
+            Value::Text(serde_json::to_string(&ips).unwrap_or_else(|_| "[]".into())),
+        );
     }
     if let Some(r) = p.revoked {
-        set("revoked_at", if r { Value::Integer(now_ms()) } else { Value::Null });
+        set(
+            "revoked_at",
+            if r {
+                Value::Integer(now_ms())
+            } else {
+                Value::Null
+            },
+        );
     }
     if !sets.is_empty() {
         args.push(Value::Integer(id));
-        let sql = format!("UPDATE api_keys SET {} WHERE id = ?{}", sets.join(", "), args.len());
-        let n = pool.get()?.execute(&sql, rusqlite::params_from_iter(args.iter()))?;
+        let sql = format!(
+            "UPDATE api_keys SET {} WHERE id = ?{}",
+            sets.join(", "),
+            args.len()
+        );
+        let n = pool
+            .get()?
+            .execute(&sql, rusqlite::params_from_iter(args.iter()))?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("no key with id {id}")));
         }
@@ -331,13 +354,43 @@ mod tests {
     fn patch_changes_only_what_it_names() {
         let (_d, pool) = crate::store::test_pool();
         crate::store::accounts::create(&pool, "acme", "default", 0).unwrap();
-        let new = NewKey { account: "acme".into(), rpm: Some(5), budget_nano: Some(10), ..Default::default() };
+        let new = NewKey {
+            account: "acme".into(),
+            rpm: Some(5),
+            budget_nano: Some(10),
+            ..Default::default()
+        };
         let (k, _) = create(&pool, &new).unwrap();
-        let p = KeyPatch { budget_nano: Some(None), models: Some(vec!["m".into()]), ..Default::default() };
+        let p = KeyPatch {
+            budget_nano: Some(None),
+            models: Some(vec!["m".into()]),
+            ..Default::default()
+        };
         let k2 = update(&pool, k.id, &p).unwrap();
-        assert_eq!((k2.budget_nano, k2.rpm, k2.models.clone()), (None, Some(5), vec!["m".to_string()]));
-        let k3 = update(&pool, k.id, &KeyPatch { revoked: Some(true), ..Default::default() }).unwrap();
+        assert_eq!(
+            (k2.budget_nano, k2.rpm, k2.models.clone()),
+            (None, Some(5), vec!["m".to_string()])
+        );
+        let k3 = update(
+            &pool,
+            k.id,
+            &KeyPatch {
+                revoked: Some(true),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(k3.revoked);
-        assert!(matches!(update(&pool, 999, &KeyPatch { name: Some("x".into()), ..Default::default() }), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            update(
+                &pool,
+                999,
+                &KeyPatch {
+                    name: Some("x".into()),
+                    ..Default::default()
+                }
+            ),
+            Err(StoreError::NotFound(_))
+        ));
     }
 }

@@ -67,7 +67,8 @@ fn totals(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageTotals> {
     })
 }
 
-const SUMS: &str = "COUNT(*), COALESCE(SUM(u.prompt_tokens),0), COALESCE(SUM(u.completion_tokens),0), \
+const SUMS: &str =
+    "COUNT(*), COALESCE(SUM(u.prompt_tokens),0), COALESCE(SUM(u.completion_tokens),0), \
     COALESCE(SUM(u.cached_tokens),0), COALESCE(SUM(u.estimated),0), COALESCE(SUM(u.cost_nano),0)";
 
 fn where_clause(f: &UsageFilter) -> (String, Vec<Value>) {
@@ -75,7 +76,10 @@ fn where_clause(f: &UsageFilter) -> (String, Vec<Value>) {
     let mut args: Vec<Value> = Vec::new();
     if let Some(a) = &f.account {
         args.push(Value::Text(a.clone()));
-        conds.push(format!("u.account_id = (SELECT id FROM accounts WHERE name = ?{})", args.len()));
+        conds.push(format!(
+            "u.account_id = (SELECT id FROM accounts WHERE name = ?{})",
+            args.len()
+        ));
     }
     if let Some(k) = f.key_id {
         args.push(Value::Integer(k));
@@ -93,26 +97,47 @@ fn where_clause(f: &UsageFilter) -> (String, Vec<Value>) {
         args.push(Value::Integer(u));
         conds.push(format!("u.ts < ?{}", args.len()));
     }
-    let w = if conds.is_empty() { String::new() } else { format!("WHERE {}", conds.join(" AND ")) };
+    let w = if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conds.join(" AND "))
+    };
     (w, args)
 }
 
-pub fn summary(pool: &Pool, f: &UsageFilter, by: Option<GroupBy>) -> Result<(UsageTotals, Vec<UsageGroup>), StoreError> {
+pub fn summary(
+    pool: &Pool,
+    f: &UsageFilter,
+    by: Option<GroupBy>,
+) -> Result<(UsageTotals, Vec<UsageGroup>), StoreError> {
     let c = pool.get()?;
     let (w, args) = where_clause(f);
-    let total = c.query_row(&format!("SELECT {SUMS} FROM usage_ledger u {w}"), rusqlite::params_from_iter(args.iter()), |r| totals(r, 0))?;
+    let total = c.query_row(
+        &format!("SELECT {SUMS} FROM usage_ledger u {w}"),
+        rusqlite::params_from_iter(args.iter()),
+        |r| totals(r, 0),
+    )?;
     let Some(by) = by else {
         return Ok((total, Vec::new()));
     };
     let (expr, join) = match by {
         GroupBy::Model => ("u.model", ""),
         GroupBy::Day => ("strftime('%Y-%m-%d', u.ts / 1000, 'unixepoch')", ""),
-        GroupBy::Key => ("COALESCE(k.prefix, CAST(u.key_id AS TEXT))", "LEFT JOIN api_keys k ON k.id = u.key_id"),
+        GroupBy::Key => (
+            "COALESCE(k.prefix, CAST(u.key_id AS TEXT))",
+            "LEFT JOIN api_keys k ON k.id = u.key_id",
+        ),
     };
-    let sql = format!("SELECT {expr} AS g, {SUMS} FROM usage_ledger u {join} {w} GROUP BY g ORDER BY g");
+    let sql =
+        format!("SELECT {expr} AS g, {SUMS} FROM usage_ledger u {join} {w} GROUP BY g ORDER BY g");
     let mut st = c.prepare(&sql)?;
     let groups = st
-        .query_map(rusqlite::params_from_iter(args.iter()), |r| Ok(UsageGroup { group: r.get(0)?, totals: totals(r, 1)? }))?
+        .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+            Ok(UsageGroup {
+                group: r.get(0)?,
+                totals: totals(r, 1)?,
+            })
+        })?
         .collect::<Result<Vec<_>, _>>()?;
     Ok((total, groups))
 }
@@ -126,9 +151,14 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
         return Ok(t.timestamp_millis());
     }
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok(d.and_hms_opt(0, 0, 0).map(|t| t.and_utc().timestamp_millis()).unwrap_or(0));
+        return Ok(d
+            .and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp_millis())
+            .unwrap_or(0));
     }
-    Err(format!("`{s}`: expected RFC 3339, YYYY-MM-DD or unix milliseconds"))
+    Err(format!(
+        "`{s}`: expected RFC 3339, YYYY-MM-DD or unix milliseconds"
+    ))
 }
 
 /// Deletes ledger rows older than `before_ms`, `batch` rows per transaction, so the writer
@@ -158,7 +188,11 @@ mod tests {
         let a = crate::store::accounts::create(&pool, "acme", "default", 0).unwrap();
         let c = pool.get().unwrap();
         let day = 86_400_000i64;
-        for (id, ts, model, cost) in [("a", day, "m1", 10), ("b", day + 5, "m2", 20), ("c", 3 * day, "m1", 30)] {
+        for (id, ts, model, cost) in [
+            ("a", day, "m1", 10),
+            ("b", day + 5, "m2", 20),
+            ("c", 3 * day, "m1", 30),
+        ] {
             c.execute(
                 "INSERT INTO usage_ledger(request_id, ts, key_id, account_id, model, status, prompt_tokens, completion_tokens, cost_nano) VALUES (?1, ?2, 1, ?3, ?4, 200, 5, 7, ?5)",
                 rusqlite::params![id, ts, a.id, model, cost],
@@ -166,13 +200,35 @@ mod tests {
             .unwrap();
         }
         drop(c);
-        let f = UsageFilter { account: Some("acme".into()), ..Default::default() };
+        let f = UsageFilter {
+            account: Some("acme".into()),
+            ..Default::default()
+        };
         let (t, g) = summary(&pool, &f, Some(GroupBy::Model)).unwrap();
-        assert_eq!((t.requests, t.prompt_tokens, t.completion_tokens, t.cost_nano), (3, 15, 21, 60));
-        assert_eq!(g.iter().map(|g| (g.group.as_str(), g.totals.cost_nano)).collect::<Vec<_>>(), [("m1", 40), ("m2", 20)]);
+        assert_eq!(
+            (
+                t.requests,
+                t.prompt_tokens,
+                t.completion_tokens,
+                t.cost_nano
+            ),
+            (3, 15, 21, 60)
+        );
+        assert_eq!(
+            g.iter()
+                .map(|g| (g.group.as_str(), g.totals.cost_nano))
+                .collect::<Vec<_>>(),
+            [("m1", 40), ("m2", 20)]
+        );
         let (_, g) = summary(&pool, &f, Some(GroupBy::Day)).unwrap();
-        assert_eq!(g.iter().map(|g| g.group.as_str()).collect::<Vec<_>>(), ["1970-01-02", "1970-01-04"]);
-        let since = UsageFilter { since: Some(2 * day), ..f.clone() };
+        assert_eq!(
+            g.iter().map(|g| g.group.as_str()).collect::<Vec<_>>(),
+            ["1970-01-02", "1970-01-04"]
+        );
+        let since = UsageFilter {
+            since: Some(2 * day),
+            ..f.clone()
+        };
         assert_eq!(summary(&pool, &since, None).unwrap().0.cost_nano, 30);
         assert_eq!(delete_older_than(&pool, 2 * day, 1).unwrap(), 2);
         assert_eq!(summary(&pool, &f, None).unwrap().0.requests, 1);
