@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use support::{wait_exit, Gateway, MockServer};
+use support::{post, wait_exit, Gateway, MockServer};
 
 /// Prices with whole nano-USD per token, so the expected cost below is plain arithmetic:
 /// m1: 2000 in, 1000 cached, 8000 out; emb: 20 in (nano-USD per token).
@@ -61,6 +61,17 @@ fn balance(gw: &Gateway, account: &str) -> i64 {
 fn ledger_count(gw: &Gateway) -> i64 {
     db(gw)
         .query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// `(prompt_tokens, completion_tokens, estimated, cost_nano)` of one request's ledger row.
+fn ledger_row(gw: &Gateway, request_id: &str) -> (i64, i64, i64, i64) {
+    db(gw)
+        .query_row(
+            "SELECT prompt_tokens, completion_tokens, estimated, cost_nano FROM usage_ledger WHERE request_id = ?1",
+            [request_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
         .unwrap()
 }
 
@@ -240,13 +251,7 @@ async fn injected_usage_never_reaches_the_client_but_is_recorded() {
     let (mock, gw) = start("").await;
     let key = account_with_key(&gw, "acme", "10", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [{"role": "user", "content": "hi"}], "x_mock": {"chunks": 4}});
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let text = r.text().await.unwrap();
     assert!(text.contains("tok3") && text.trim_end().ends_with("data: [DONE]"));
@@ -257,9 +262,7 @@ async fn injected_usage_never_reaches_the_client_but_is_recorded() {
     let sent = mock.requests()[0].json().unwrap();
     assert_eq!(sent["stream_options"]["include_usage"], true);
     wait_rows(&gw, 1).await;
-    let (completion, estimated, cost): (i64, i64, i64) = db(&gw)
-        .query_row("SELECT completion_tokens, estimated, cost_nano FROM usage_ledger WHERE request_id = ?1", [&rid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap();
+    let (_, completion, estimated, cost) = ledger_row(&gw, &rid);
     let u = &mock.served()[0];
     assert_eq!((completion, estimated), (4, 0));
     assert_eq!(cost, expected_cost("m1", u.prompt_tokens, 4, 0));
@@ -270,13 +273,7 @@ async fn client_that_disconnects_after_5_of_60_chunks_is_charged_the_real_usage(
     let (mock, gw) = start("").await;
     let key = account_with_key(&gw, "acme", "10", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 60, "delay_ms": 10}});
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let mut stream = r.bytes_stream();
     let mut text = String::new();
@@ -287,9 +284,7 @@ async fn client_that_disconnects_after_5_of_60_chunks_is_charged_the_real_usage(
     }
     drop(stream);
     wait_rows(&gw, 1).await;
-    let (completion, estimated, cost): (i64, i64, i64) = db(&gw)
-        .query_row("SELECT completion_tokens, estimated, cost_nano FROM usage_ledger WHERE request_id = ?1", [&rid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap();
+    let (_, completion, estimated, cost) = ledger_row(&gw, &rid);
     assert_eq!(
         (completion, estimated),
         (60, 0),
@@ -305,23 +300,11 @@ async fn stream_cut_by_the_upstream_is_charged_a_bounded_estimate_and_marked() {
     let (mock, gw) = start("").await;
     let key = account_with_key(&gw, "acme", "10", &[]);
     let body = json!({"model": "m1", "stream": true, "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}], "x_mock": {"chunks": 20, "truncate_after": 5}});
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(r.text().await.is_err(), "the client sees a broken stream");
     wait_rows(&gw, 1).await;
-    let (prompt, completion, estimated, cost): (i64, i64, i64, i64) = db(&gw)
-        .query_row(
-            "SELECT prompt_tokens, completion_tokens, estimated, cost_nano FROM usage_ledger WHERE request_id = ?1",
-            [&rid],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .unwrap();
+    let (prompt, completion, estimated, cost) = ledger_row(&gw, &rid);
     assert_eq!(estimated, 1);
     assert!(
         mock.served().is_empty(),
@@ -523,13 +506,13 @@ async fn admin_api_accounts_keys_usage_and_public_pricing() {
     );
 
     // The vip group pays half: 25 prompt-ish tokens × 1000 + 3 × 4000.
-    let r = c
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&secret)
-        .json(&json!({"model": "m1", "messages": []}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &gw,
+        &secret,
+        "/v1/chat/completions",
+        &json!({"model": "m1", "messages": []}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     wait_rows(&gw, 1).await;
     let u: Value = admin(reqwest::Method::GET, "/admin/usage?account=team&by=model")
@@ -552,26 +535,26 @@ async fn admin_api_accounts_keys_usage_and_public_pricing() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = c
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&secret)
-        .json(&json!({"model": "m1", "messages": []}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &gw,
+        &secret,
+        "/v1/chat/completions",
+        &json!({"model": "m1", "messages": []}),
+    )
+    .await;
     assert_eq!(r.status(), 403, "a PATCH is in force from the next request");
     let r = admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = c
-        .post(gw.url("/v1/embeddings"))
-        .bearer_auth(&secret)
-        .json(&json!({"model": "emb", "input": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &gw,
+        &secret,
+        "/v1/embeddings",
+        &json!({"model": "emb", "input": "x"}),
+    )
+    .await;
     assert_eq!(r.status(), 401);
 
     let p: Value = c
@@ -615,13 +598,13 @@ async fn unpriced_model_is_refused_and_key_budget_is_enforced() {
         .await
         .unwrap();
     let key = account_with_key(&gw, "acme", "100", &["--budget-usd", "0.0005"]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&json!({"model": "free-model", "messages": []}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &gw,
+        &key,
+        "/v1/chat/completions",
+        &json!({"model": "free-model", "messages": []}),
+    )
+    .await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "model_not_priced");
     // Worst case 10 × 8000 + prompt ≈ 0.00013 USD: fits three times, not four.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use support::{channel, wait_exit, Behaviour, Gateway, MockServer};
+use support::{channel, post, wait_exit, Behaviour, Gateway, MockServer};
 
 const PROVIDER_KEY: &str = "sk-provider-SECRET-0123456789abcdef";
 
@@ -44,13 +44,7 @@ async fn error_of(r: reqwest::Response) -> (u16, Value) {
 async fn chat_and_embeddings_are_relayed_with_request_id_and_timing() {
     let (mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("m1"))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("m1")).await;
     assert_eq!(r.status(), 200);
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(rid.starts_with("req_"));
@@ -62,13 +56,13 @@ async fn chat_and_embeddings_are_relayed_with_request_id_and_timing() {
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["usage"]["completion_tokens"], 3);
 
-    let r = client()
-        .post(gw.url("/v1/embeddings"))
-        .bearer_auth(&key)
-        .json(&json!({"model": "emb", "input": ["a", "b"]}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &gw,
+        &key,
+        "/v1/embeddings",
+        &json!({"model": "emb", "input": ["a", "b"]}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
@@ -81,13 +75,7 @@ async fn stream_reaches_the_client_chunk_by_chunk() {
     let (mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"gate": true, "chunks": 4}});
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
         .to_str()
@@ -193,13 +181,7 @@ async fn unknown_and_revoked_keys_get_401_from_the_next_request_on() {
     );
 
     let key = gw.new_key("acme", &[]);
-    let ok = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("m1"))
-        .send()
-        .await
-        .unwrap();
+    let ok = post(&gw, &key, "/v1/chat/completions", &chat("m1")).await;
     assert_eq!(ok.status(), 200, "warms the key cache");
     let prefix = &key[..12];
     let out = gw.cli(&["keys", "revoke", prefix]);
@@ -208,13 +190,7 @@ async fn unknown_and_revoked_keys_get_401_from_the_next_request_on() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("m1"))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("m1")).await;
     let (status, v) = error_of(r).await;
     assert_eq!(
         (status, v["error"]["code"].as_str()),
@@ -227,13 +203,7 @@ async fn unknown_and_revoked_keys_get_401_from_the_next_request_on() {
 async fn model_outside_allow_list_gets_403_and_unknown_model_404() {
     let (mock, gw) = single().await;
     let key = gw.new_key("acme", &["--models", "m1"]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("m2"))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("m2")).await;
     assert_eq!(r.headers()["x-should-retry"], "false");
     let (status, v) = error_of(r).await;
     assert_eq!(
@@ -241,13 +211,7 @@ async fn model_outside_allow_list_gets_403_and_unknown_model_404() {
         (403, Some("model_not_allowed"))
     );
     let open = gw.new_key("other", &[]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&open)
-        .json(&chat("nope"))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &open, "/v1/chat/completions", &chat("nope")).await;
     let (status, v) = error_of(r).await;
     assert_eq!(
         (status, v["error"]["code"].as_str()),
@@ -260,26 +224,14 @@ async fn model_outside_allow_list_gets_403_and_unknown_model_404() {
 async fn ip_allow_list_refuses_other_addresses() {
     let (_mock, gw) = single().await;
     let key = gw.new_key("acme", &["--allow-ips", "10.0.0.0/8"]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("m1"))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("m1")).await;
     let (status, v) = error_of(r).await;
     assert_eq!(
         (status, v["error"]["code"].as_str()),
         (403, Some("ip_not_allowed"))
     );
     let local = gw.new_key("local", &["--allow-ips", "127.0.0.0/8"]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&local)
-        .json(&chat("m1"))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &local, "/v1/chat/completions", &chat("m1")).await;
     assert_eq!(r.status(), 200);
 }
 
@@ -308,13 +260,7 @@ async fn dead_first_channel_fails_over_and_5xx_is_retried_on_the_next_channel() 
         .await
         .unwrap();
     let key = gw.new_key("acme", &[]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("m1"))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("m1")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         failing.requests().len(),
@@ -322,13 +268,7 @@ async fn dead_first_channel_fails_over_and_5xx_is_retried_on_the_next_channel() 
         "the 503 channel was tried after the dead one"
     );
     assert_eq!(good.requests().len(), 1);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("m5"))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("m5")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(failing.requests().len(), 2);
     assert_eq!(good.requests().len(), 2);
@@ -346,13 +286,7 @@ async fn when_every_channel_fails_the_client_gets_a_502_without_provider_details
         .await
         .unwrap();
     let key = gw.new_key("acme", &[]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("m1"))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("m1")).await;
     let text = r.text().await.unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["error"]["code"], "upstream_error");
@@ -367,13 +301,7 @@ async fn when_every_channel_fails_the_client_gets_a_502_without_provider_details
 async fn model_map_is_applied_and_models_are_filtered_by_key() {
     let (mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("gpt-4"))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("gpt-4")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(mock.requests()[0].json().unwrap()["model"], "m1");
 
@@ -451,13 +379,7 @@ async fn a_provider_error_never_leaks_the_channel_key() {
     let key = gw.new_key("acme", &[]);
     // A 400 the provider builds around the key it was sent, as some do.
     let body = json!({"model": "m1", "messages": [], "x_mock": {"status": 400, "echo_auth_in_error": true}});
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     assert_eq!(r.status(), 400);
     let text = r.text().await.unwrap();
     assert!(
@@ -468,13 +390,7 @@ async fn a_provider_error_never_leaks_the_channel_key() {
     assert!(v["error"]["message"].as_str().unwrap().contains("redacted"));
     // A provider refusing the channel key is not the caller's 401.
     let body = json!({"model": "m1", "messages": [], "x_mock": {"status": 401, "echo_auth_in_error": true}});
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     assert_eq!(r.status(), 502);
     assert!(!r.text().await.unwrap().contains(PROVIDER_KEY));
     assert!(
@@ -492,13 +408,7 @@ async fn upstream_truncation_reaches_the_client_as_a_broken_stream() {
     let (_mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 10, "truncate_after": 3}});
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     assert_eq!(r.status(), 200);
     let mut stream = r.bytes_stream();
     let mut broken = false;
@@ -524,13 +434,7 @@ async fn sigterm_lets_a_running_stream_finish() {
     let (mock, mut gw) = single().await;
     let key = gw.new_key("acme", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 10, "delay_ms": 150}});
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     assert_eq!(r.status(), 200);
     let mut stream = r.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
@@ -602,13 +506,7 @@ async fn check_config_prints_every_error_with_its_path() {
 async fn admin_listener_requires_the_token_and_exports_metrics() {
     let (_mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
-    client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("m1"))
-        .send()
-        .await
-        .unwrap();
+    post(&gw, &key, "/v1/chat/completions", &chat("m1")).await;
     let r = client().get(gw.admin_url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     let r = client()
@@ -658,23 +556,11 @@ async fn tls_upstream_works_over_rustls_with_the_channel_ca() {
     let key = gw.new_key("acme", &[]);
     // Without the CA the self-signed certificate is refused: verification is really on.
     // (Asked first: a pooled connection to the same address would otherwise be reused.)
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("m2"))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("m2")).await;
     assert_eq!(r.status(), 502);
     assert!(mock.requests().is_empty());
     let body = json!({"model": "m1", "stream": true, "messages": []});
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("[DONE]"));
     assert_eq!(mock.requests()[0].header("authorization"), Some("Bearer k"));

@@ -107,36 +107,33 @@ pub fn topup(pool: &Pool, name: &str, delta_nano: i64) -> Result<Account, StoreE
 /// The [`tollgate_filters::billing::BalanceSource`] port over SQLite.
 pub struct SqliteBalances(pub Pool);
 
-#[async_trait::async_trait]
-impl tollgate_filters::billing::BalanceSource for SqliteBalances {
-    async fn account_balance(&self, account_id: i64) -> Result<i64, String> {
+impl SqliteBalances {
+    /// One integer column by id, on the blocking pool.
+    async fn read(&self, sql: &'static str, id: i64) -> Result<i64, String> {
         let pool = self.0.clone();
         tokio::task::spawn_blocking(move || -> Result<i64, String> {
             let c = pool.get().map_err(|e| e.to_string())?;
-            c.query_row(
-                "SELECT balance_nano FROM accounts WHERE id = ?1",
-                [account_id],
-                |r| r.get(0),
-            )
-            .map_err(|e| e.to_string())
+            c.query_row(sql, [id], |r| r.get(0))
+                .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+#[async_trait::async_trait]
+impl tollgate_filters::billing::BalanceSource for SqliteBalances {
+    async fn account_balance(&self, account_id: i64) -> Result<i64, String> {
+        self.read(
+            "SELECT balance_nano FROM accounts WHERE id = ?1",
+            account_id,
+        )
+        .await
+    }
 
     async fn key_spent(&self, key_id: i64) -> Result<i64, String> {
-        let pool = self.0.clone();
-        tokio::task::spawn_blocking(move || -> Result<i64, String> {
-            let c = pool.get().map_err(|e| e.to_string())?;
-            c.query_row(
-                "SELECT spent_nano FROM api_keys WHERE id = ?1",
-                [key_id],
-                |r| r.get(0),
-            )
-            .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        self.read("SELECT spent_nano FROM api_keys WHERE id = ?1", key_id)
+            .await
     }
 }
 

@@ -182,6 +182,25 @@ pub fn wait_exit(
     (None, start.elapsed())
 }
 
+/// `POST` a JSON body to the gateway with a bearer key.
+pub async fn post(
+    gw: &Gateway,
+    key: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> ::reqwest::Response {
+    ::reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+        .post(gw.url(path))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("gateway answers")
+}
+
 /// One GET over a fresh std TcpStream, returning the status code; enough for a probe.
 pub fn probe(port: u16, path: &str, token: &str) -> Option<u16> {
     use std::io::{Read, Write};
