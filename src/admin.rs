@@ -203,6 +203,38 @@ impl Admin {
         presented.as_bytes().ct_eq(self.token.as_bytes()).into()
     }
 
+    /// Guards a token-less (loopback-only) admin listener against browsers: a page the
+    /// operator opens may POST to 127.0.0.1 (plain forms send no JSON content type) or
+    /// rebind a hostile name to it (its `Host` is not a loopback address).
+    fn browser_safe(&self, session: &ServerSession) -> bool {
+        let h = &session.req_header().headers;
+        let host = h
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let host = host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        });
+        let loopback_host =
+            matches!(host, "localhost" | "127.0.0.1" | "[::1]") || host.starts_with("127.");
+        if !self.token.is_empty() {
+            return true;
+        }
+        let method = &session.req_header().method;
+        let json_body = h
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let needs_json = matches!(*method, Method::POST | Method::PATCH)
+            && h.get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v != "0");
+        loopback_host && (!needs_json || json_body)
+    }
+
     fn ready(&self) -> Result<(), String> {
         if self.in_flight.is_draining() {
             return Err("draining".into());
@@ -304,7 +336,7 @@ impl Admin {
                 let usd = usd_field(&v, "usd")?.ok_or_else(|| bad("`usd` is required"))?;
                 let name = name.to_string();
                 let a = self.store(move |p| accounts::topup(p, &name, usd)).await?;
-                self.wallets.credited(a.id, usd);
+                self.wallets.set_balance(a.id, a.balance_nano);
                 Ok((
                     StatusCode::OK,
                     account_json(&a, self.wallets.account_available(a.id)),
@@ -432,7 +464,7 @@ impl Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        if !self.authorized(session) {
+        if !self.authorized(session) || !self.browser_safe(session) {
             return json_response(
                 StatusCode::UNAUTHORIZED,
                 &json!({"error": {"message": "A valid admin token is required.", "type": "invalid_request_error", "param": null, "code": "invalid_admin_token"}}),

@@ -364,6 +364,7 @@ fn bench_ledger(cfg: &Config, rows: usize, n_accounts: usize) -> CliResult {
                 estimated: false,
             },
             cost_nano: 147_000,
+            budget_key: None,
             latency_ms: 800,
             ttft_ms: Some(200),
             stream: true,

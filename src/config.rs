@@ -87,6 +87,9 @@ pub struct ServerConfig {
     /// Idle upstream connections kept for reuse (Pingora's `upstream_keepalive_pool_size`).
     #[serde(default = "d_pool")]
     pub upstream_keepalive_pool_size: usize,
+    /// A client that accepts no response bytes for this long is treated as gone.
+    #[serde(default = "d_client_write")]
+    pub client_write_timeout_ms: u64,
     /// `tracing` filter directive, e.g. `info` or `tollgate=debug`.
     #[serde(default = "d_log")]
     pub log_level: String,
@@ -103,6 +106,9 @@ fn d_grace() -> u64 {
 }
 fn d_pool() -> usize {
     128
+}
+fn d_client_write() -> u64 {
+    30_000
 }
 fn d_log() -> String {
     "info".into()
@@ -505,12 +511,26 @@ pub fn interpolate(
             };
             let valid =
                 !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            match (valid, env(name).filter(|v| !v.is_empty()), default) {
+            // Shell semantics: `${X}` takes X even when empty; `${X:-d}` uses d when X is empty.
+            let value = env(name).map(|v| v.strip_suffix('\n').map(str::to_owned).unwrap_or(v));
+            let value = match default {
+                Some(_) => value.filter(|v| !v.is_empty()),
+                None => value,
+            };
+            match (valid, value, default) {
                 (false, _, _) => errors.push(ConfigError {
                     path: "(interpolation)".into(),
                     line: Some(n + 1),
                     message: format!("`${{{expr}}}` is not a valid variable reference"),
                 }),
+                // Spliced into YAML text: these would end a quoted string or the line.
+                (true, Some(v), _) if v.chars().any(|c| c == '"' || c == '\\' || c.is_control()) => {
+                    errors.push(ConfigError {
+                        path: "(interpolation)".into(),
+                        line: Some(n + 1),
+                        message: format!("environment variable `{name}` contains a quote, backslash or control character"),
+                    })
+                }
                 (true, Some(v), _) => out.push_str(&v),
                 (true, None, Some(d)) => out.push_str(d),
                 (true, None, None) => errors.push(ConfigError {
@@ -788,8 +808,17 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
-        if self.accounting.max_batch == 0 {
-            err("accounting.max_batch".into(), "must be at least 1".into());
+        if !(1..=100_000).contains(&self.accounting.max_batch) {
+            err(
+                "accounting.max_batch".into(),
+                "must be between 1 and 100000".into(),
+            );
+        }
+        if s.client_write_timeout_ms == 0 {
+            err(
+                "server.client_write_timeout_ms".into(),
+                "must be greater than 0".into(),
+            );
         }
         if self.routing.max_attempts == 0 {
             err("routing.max_attempts".into(), "must be at least 1".into());
@@ -832,6 +861,16 @@ mod tests {
         let e = interpolate("x: 1\nb: ${MISSING}\n", |_| None).unwrap_err();
         assert_eq!(e[0].line, Some(2));
         assert!(e[0].message.contains("MISSING"));
+        let quoted = interpolate("k: \"${Q}\"\n", |_| Some("a\"b".into())).unwrap_err();
+        assert!(quoted[0].message.contains("`Q`") && !quoted[0].message.contains("a\"b"));
+        assert_eq!(
+            interpolate("k: ${E}|${E:-d}\n", |_| Some(String::new())).unwrap(),
+            "k: |d\n"
+        );
+        assert_eq!(
+            interpolate("k: ${N}\n", |_| Some("v\n".into())).unwrap(),
+            "k: v\n"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, TransactionBehavior};
-use tollgate_filters::billing::{LedgerRow, LedgerSink, Wallets};
+use tollgate_filters::billing::{Committed, LedgerRow, LedgerSink, Wallets};
 
 use crate::config::{AccountingConfig, DatabaseConfig};
 use crate::store::{self, StoreError};
@@ -27,8 +27,8 @@ enum Msg {
     Flush(SyncSender<()>),
 }
 
-/// Called after each commit with what moved: `(account, key, charged)` per applied row.
-type OnCommit = Arc<dyn Fn(&[(i64, i64, i64)]) + Send + Sync>;
+/// Called after each commit with what moved and the stored amounts read back.
+type OnCommit = Arc<dyn Fn(&Committed) + Send + Sync>;
 
 pub struct Ledger {
     tx: Mutex<Option<Sender<Msg>>>,
@@ -42,11 +42,7 @@ impl Ledger {
         cfg: &AccountingConfig,
         wallets: Arc<Wallets>,
     ) -> Result<Ledger, StoreError> {
-        let on_commit: OnCommit = Arc::new(move |applied| {
-            for &(account, key, charged) in applied {
-                wallets.flushed(account, Some(key), charged);
-            }
-        });
+        let on_commit: OnCommit = Arc::new(move |c| wallets.committed(c));
         Ledger::start_with(db, cfg, on_commit)
     }
 
@@ -161,8 +157,8 @@ fn commit_with_retry(conn: &mut Connection, batch: &mut Vec<LedgerRow>, on_commi
     let mut delay = Duration::from_millis(10);
     loop {
         match commit(conn, batch) {
-            Ok(applied) => {
-                on_commit(&applied);
+            Ok(committed) => {
+                on_commit(&committed);
                 batch.clear();
                 return;
             }
@@ -175,19 +171,19 @@ fn commit_with_retry(conn: &mut Connection, batch: &mut Vec<LedgerRow>, on_commi
     }
 }
 
-/// One transaction: the rows, then one balance and one spend update per account and key.
-fn commit(
-    conn: &mut Connection,
-    batch: &[LedgerRow],
-) -> Result<Vec<(i64, i64, i64)>, rusqlite::Error> {
+/// One transaction: the rows, then one balance and one spend update per account and key,
+/// each reading back the stored value it leaves.
+fn commit(conn: &mut Connection, batch: &[LedgerRow]) -> Result<Committed, rusqlite::Error> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut applied = Vec::with_capacity(batch.len());
+    let mut out = Committed::default();
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR IGNORE INTO usage_ledger (request_id, ts, key_id, account_id, model, upstream_model, channel, status,
                prompt_tokens, completion_tokens, cached_tokens, cost_nano, latency_ms, ttft_ms, stream, estimated)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )?;
+        let mut by_account: HashMap<i64, i64> = HashMap::new();
+        let mut by_key: HashMap<i64, i64> = HashMap::new();
         for r in batch {
             let n = insert.execute(params![
                 r.request_id,
@@ -207,31 +203,32 @@ fn commit(
                 r.stream,
                 r.usage.estimated,
             ])?;
+            // A duplicate request id changes nothing, money included.
             if n == 1 && r.cost_nano != 0 {
-                applied.push((r.account_id, r.key_id, r.cost_nano));
+                out.charges.push((r.account_id, r.budget_key, r.cost_nano));
+                *by_account.entry(r.account_id).or_default() += r.cost_nano;
+                *by_key.entry(r.key_id).or_default() += r.cost_nano;
             }
-        }
-        let mut by_account: HashMap<i64, i64> = HashMap::new();
-        let mut by_key: HashMap<i64, i64> = HashMap::new();
-        for &(a, k, c) in &applied {
-            *by_account.entry(a).or_default() += c;
-            *by_key.entry(k).or_default() += c;
         }
         let now = store::now_ms();
         let mut debit = tx.prepare_cached(
-            "UPDATE accounts SET balance_nano = MAX(balance_nano - ?1, 0), updated_at = ?2 WHERE id = ?3",
+            "UPDATE accounts SET balance_nano = MAX(balance_nano - ?1, 0), updated_at = ?2 WHERE id = ?3
+             RETURNING balance_nano",
         )?;
-        for (a, c) in by_account {
-            debit.execute(params![c, now, a])?;
+        for (account, charged) in by_account {
+            let balance: i64 = debit.query_row(params![charged, now, account], |r| r.get(0))?;
+            out.balances.push((account, balance));
         }
-        let mut spend =
-            tx.prepare_cached("UPDATE api_keys SET spent_nano = spent_nano + ?1 WHERE id = ?2")?;
-        for (k, c) in by_key {
-            spend.execute(params![c, k])?;
+        let mut spend = tx.prepare_cached(
+            "UPDATE api_keys SET spent_nano = spent_nano + ?1 WHERE id = ?2 RETURNING spent_nano",
+        )?;
+        for (key, charged) in by_key {
+            let spent: i64 = spend.query_row(params![charged, key], |r| r.get(0))?;
+            out.spends.push((key, spent));
         }
     }
     tx.commit()?;
-    Ok(applied)
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -256,6 +253,7 @@ mod tests {
                 estimated: false,
             },
             cost_nano: cost,
+            budget_key: None,
             latency_ms: 3,
             ttft_ms: Some(1),
             stream: false,
@@ -289,7 +287,7 @@ mod tests {
         let ledger = Ledger::start_with(
             &db,
             &AccountingConfig::default(),
-            Arc::new(move |ap| s2.lock().unwrap().extend_from_slice(ap)),
+            Arc::new(move |c: &Committed| s2.lock().unwrap().extend_from_slice(&c.charges)),
         )
         .unwrap();
         ledger.record(row("r1", a, k, 100));

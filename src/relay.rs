@@ -210,6 +210,9 @@ const DROP_REQUEST: &[&str] = &[
     "x-forwarded-for",
     "forwarded",
     "cookie",
+    // The channel's key decides the provider organization and project, not the caller.
+    "openai-organization",
+    "openai-project",
 ];
 
 /// Headers never copied from the provider to the client: hop-by-hop, framing (recomputed),
@@ -234,18 +237,21 @@ const DROP_RESPONSE: &[&str] = &[
 /// The relay: the channels and the pooled connector.
 pub struct Relay {
     connector: Connector,
-    drain: DrainLimits,
+    limits: ClientLimits,
     pub channels: Vec<UpstreamChannel>,
     max_concurrency: Vec<usize>,
     metrics: Arc<Metrics>,
 }
 
-/// How long, and how much, to keep reading a provider's answer after the client has gone,
-/// to learn the real usage.
+/// Bounds on the client side of a relayed response.
 #[derive(Debug, Clone, Copy)]
-pub struct DrainLimits {
-    pub timeout: Duration,
-    pub max_bytes: u64,
+pub struct ClientLimits {
+    /// After the client has gone, keep reading the provider this long for the real usage...
+    pub drain_timeout: Duration,
+    /// ... and at most this many bytes.
+    pub drain_max_bytes: u64,
+    /// A client that accepts no bytes for this long counts as gone.
+    pub write_timeout: Duration,
 }
 
 /// What the relay needs from the request, beyond the context.
@@ -260,7 +266,7 @@ impl Relay {
     pub fn new(
         channels: &[ChannelConfig],
         keepalive_pool_size: usize,
-        drain: DrainLimits,
+        limits: ClientLimits,
         metrics: Arc<Metrics>,
     ) -> Result<Relay, String> {
         let mut opts = ConnectorOptions::new(keepalive_pool_size);
@@ -271,7 +277,7 @@ impl Relay {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Relay {
             connector: Connector::new(Some(opts)),
-            drain,
+            limits,
             max_concurrency: channels
                 .iter()
                 .map(|c| c.max_concurrency as usize)
@@ -341,7 +347,8 @@ impl Relay {
                 .response_header()
                 .map(|h| h.status.as_u16())
                 .unwrap_or(502);
-            let retryable = status == 429 || status >= 500;
+            // 401/403: the channel's own key is refused; another channel may hold a good one.
+            let retryable = matches!(status, 401 | 403 | 429) || status >= 500;
             let outcome = if retryable {
                 status_label(status)
             } else {
@@ -366,8 +373,7 @@ impl Relay {
             if !(200..300).contains(&status) {
                 return self.relay_error(session, ctx, ch, ex, status).await;
             }
-            self.stream_response(session, ctx, ch, ex, inject).await;
-            return Ok(());
+            return self.stream_response(session, ctx, ch, ex, inject).await;
         }
         Err(last)
     }
@@ -443,11 +449,7 @@ impl Relay {
                         _permit: permit,
                     })
                 }
-                Err(e)
-                    if reused
-                        && stale_retries > 0
-                        && !matches!(e.etype(), pingora::ErrorType::ReadTimedout) =>
-                {
+                Err(e) if reused && stale_retries > 0 && is_stale_connection(&e) => {
                     stale_retries -= 1;
                     s.shutdown().await;
                 }
@@ -468,20 +470,24 @@ impl Relay {
         ch: &UpstreamChannel,
         mut ex: Exchange,
         injected_usage: bool,
-    ) {
+    ) -> Result<(), GatewayError> {
         let Some(up) = ex.session.response_header() else {
-            return;
+            return Err(GatewayError::UpstreamFailed("no response header"));
         };
         let mut scanner = if is_event_stream(up) {
             UsageScanner::sse(injected_usage)
         } else {
             UsageScanner::json()
         };
-        let mut resp = match client_response_header(up, ctx, session.as_downstream().is_http2()) {
-            Ok(r) => r,
-            Err(_) => return,
+        let Ok(mut resp) = client_response_header(up, ctx, session.as_downstream().is_http2())
+        else {
+            ex.session.shutdown().await;
+            return Err(GatewayError::UpstreamFailed("unusable response header"));
         };
         ctx.outcome.status = up.status.as_u16();
+        session
+            .as_downstream_mut()
+            .set_write_timeout(Some(self.limits.write_timeout));
         set_server_timing(&mut resp, ctx);
         if let Err(e) = session.write_response_header(Box::new(resp), false).await {
             tracing::info!(request_id = %ctx.request_id, error = %e, "client went away before the response header");
@@ -512,7 +518,7 @@ impl Relay {
                     let out = scanner.feed(chunk);
                     if ctx.outcome.client_gone {
                         drained += out.len() as u64;
-                        if drained > self.drain.max_bytes {
+                        if drained > self.limits.drain_max_bytes {
                             tracing::info!(request_id = %ctx.request_id, "stopped draining: byte limit");
                             upstream_broken = true;
                             break;
@@ -539,7 +545,7 @@ impl Relay {
                 }
             }
             if ctx.outcome.client_gone && drain_deadline.is_none() {
-                drain_deadline = Some(tokio::time::Instant::now() + self.drain.timeout);
+                drain_deadline = Some(tokio::time::Instant::now() + self.limits.drain_timeout);
             }
         }
         let rest = scanner.finish();
@@ -554,7 +560,7 @@ impl Relay {
             if upstream_broken && !ctx.outcome.client_gone {
                 ctx.outcome.error = Some(GatewayError::UpstreamFailed("truncated"));
             }
-            return;
+            return Ok(());
         }
         if !rest.is_empty()
             && session
@@ -569,6 +575,7 @@ impl Relay {
             ctx.outcome.client_gone = true;
         }
         self.release(ex, ch).await;
+        Ok(())
     }
 
     /// A non-2xx the gateway passes on (a 4xx, or the last channel's 429/5xx): its body is
@@ -641,6 +648,13 @@ impl Relay {
             ex.session.shutdown().await;
         }
     }
+}
+
+/// The ways an idle pooled connection the provider already closed fails: anything else
+/// (a timeout, a malformed answer) may mean the provider did the work, so it is not resent.
+fn is_stale_connection(e: &pingora::Error) -> bool {
+    use pingora::ErrorType::*;
+    matches!(e.etype(), ConnectionClosed | ReadError | WriteError)
 }
 
 async fn send_and_read_head(

@@ -18,9 +18,12 @@ use crate::config::{Config, Unpriced};
 use crate::ledger::Ledger;
 use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
-use crate::relay::{DrainLimits, Relay};
+use crate::relay::{ClientLimits, Relay};
 use crate::service::{Gateway, InFlight};
 use crate::store::{self, accounts::SqliteBalances, keys::SqliteKeys, Pool};
+
+/// Seconds Pingora waits beyond `server.grace_period_s` before it stops the runtimes.
+const SHUTDOWN_MARGIN_S: u64 = 10;
 
 /// The shared pieces the filters are built from.
 pub struct Parts {
@@ -134,14 +137,15 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         wallets,
         ledger: ledger.clone(),
     };
-    let drain = DrainLimits {
-        timeout: Duration::from_millis(cfg.accounting.drain_timeout_ms),
-        max_bytes: cfg.accounting.drain_max_bytes,
+    let limits = ClientLimits {
+        drain_timeout: Duration::from_millis(cfg.accounting.drain_timeout_ms),
+        drain_max_bytes: cfg.accounting.drain_max_bytes,
+        write_timeout: Duration::from_millis(cfg.server.client_write_timeout_ms),
     };
     let relay = Arc::new(Relay::new(
         &cfg.channels,
         cfg.server.upstream_keepalive_pool_size,
-        drain,
+        limits,
         metrics.clone(),
     )?);
     relay.refresh_dns();
@@ -151,7 +155,9 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
 
     let conf = ServerConf {
         threads: cfg.server.threads,
-        grace_period_seconds: Some(cfg.server.grace_period_s),
+        // tollgate's own drain (maintenance.rs) ends at grace_period_s and exits after the
+        // ledger's last commit; Pingora's clock gets a margin so it never cuts that short.
+        grace_period_seconds: Some(cfg.server.grace_period_s + SHUTDOWN_MARGIN_S),
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: cfg.server.upstream_keepalive_pool_size,
         ..ServerConf::default()

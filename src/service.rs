@@ -100,6 +100,14 @@ impl Gateway {
         if !path.starts_with("/v1/") {
             return Err(GatewayError::RouteNotFound(path));
         }
+        // The path goes upstream under the channel's key: no climbing out of `/v1/`.
+        let lowered = path.to_ascii_lowercase();
+        if path.contains("//")
+            || lowered.contains("%2e")
+            || path.split('/').any(|seg| seg == ".." || seg == ".")
+        {
+            return Err(GatewayError::invalid("The request path is not allowed."));
+        }
         let head = RequestHead {
             method: &method,
             path: &path,
@@ -295,6 +303,11 @@ impl ProxyHttp for Gateway {
         rc: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         if let Err(e) = self.handle(session, rc).await {
+            // Refused before its body was read: do not let pingora drain an unbounded body
+            // to keep the connection alive.
+            if !session.as_downstream_mut().is_body_done() {
+                session.as_downstream_mut().set_keepalive(None);
+            }
             let status = e.status();
             if rc.ctx.outcome.status == 0 {
                 write_json(session, &mut rc.ctx, status, e.body(), &e.headers()).await;

@@ -20,13 +20,15 @@ const JSON_TAIL: usize = 64 * 1024;
 /// A single SSE event larger than this is passed through unparsed.
 const MAX_EVENT: usize = 1024 * 1024;
 
+/// Chat/completions/embeddings name the counts `prompt_tokens`/`completion_tokens`; the
+/// Responses API names them `input_tokens`/`output_tokens`.
 #[derive(Deserialize)]
 struct UsageJson {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     completion_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens_details")]
     prompt_tokens_details: Option<PromptDetails>,
 }
 
@@ -58,6 +60,25 @@ struct Chunk<'a> {
     usage: Option<UsageJson>,
     #[serde(default)]
     error: Option<serde::de::IgnoredAny>,
+    /// Responses API: `response.completed` carries `response.usage`.
+    #[serde(default)]
+    response: Option<ResponseObject>,
+    /// Responses API: `response.output_text.delta` carries the text as a string.
+    #[serde(default)]
+    delta: Option<TextOrOther>,
+}
+
+#[derive(Deserialize)]
+struct ResponseObject {
+    #[serde(default)]
+    usage: Option<UsageJson>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TextOrOther {
+    Text(String),
+    Other(serde::de::IgnoredAny),
 }
 
 #[derive(Deserialize)]
@@ -125,6 +146,8 @@ impl UsageScanner {
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
         match &mut self.mode {
             Mode::Json { tail } => {
+                // Without usage, the whole body is the best measure of what was generated.
+                self.text_bytes += chunk.len() as u64;
                 tail.extend_from_slice(&chunk);
                 if tail.len() > 2 * JSON_TAIL {
                     let cut = tail.len() - JSON_TAIL;
@@ -244,6 +267,10 @@ fn self_scan(
         if chunk.error.is_some() {
             *error = true;
         }
+        if let Some(TextOrOther::Text(t)) = &chunk.delta {
+            *text += t.len() as u64;
+        }
+        let usage_here = chunk.usage.or(chunk.response.and_then(|r| r.usage));
         let choices = chunk.choices.unwrap_or_default();
         for c in &choices {
             if let Some(d) = &c.delta {
@@ -252,7 +279,7 @@ fn self_scan(
             }
             *text += c.text.as_deref().map_or(0, str::len) as u64;
         }
-        if let Some(u) = chunk.usage {
+        if let Some(u) = usage_here {
             *usage = Some(u.into());
             if strip && choices.is_empty() {
                 keep = false;
@@ -373,6 +400,24 @@ mod tests {
         let out = run(&mut s, &pieces);
         assert_eq!(out.len(), body.len());
         assert_eq!(s.usage.unwrap().prompt_tokens, 8);
+    }
+
+    #[test]
+    fn responses_api_usage_names_are_understood() {
+        let ev = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi!\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":12,\"output_tokens\":3,\"input_tokens_details\":{\"cached_tokens\":2}}}}\n\n";
+        let mut s = UsageScanner::sse(false);
+        run(&mut s, &[ev.as_bytes()]);
+        let u = s.usage.unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+            (12, 3, 2)
+        );
+        assert_eq!(s.text_bytes, 3);
+        let body =
+            r#"{"object":"response","output":[],"usage":{"input_tokens":7,"output_tokens":5}}"#;
+        let mut s = UsageScanner::json();
+        run(&mut s, &[body.as_bytes()]);
+        assert_eq!(s.usage.unwrap().completion_tokens, 5);
     }
 
     #[test]

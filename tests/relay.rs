@@ -565,3 +565,47 @@ async fn tls_upstream_works_over_rustls_with_the_channel_ca() {
     assert!(r.text().await.unwrap().contains("[DONE]"));
     assert_eq!(mock.requests()[0].header("authorization"), Some("Bearer k"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_that_climb_out_of_v1_and_org_headers_never_reach_the_provider() {
+    let (mock, gw) = single().await;
+    let key = gw.new_key("acme", &[]);
+    // (The client library already folds a literal `..`; the encoded and doubled forms pass it.)
+    for path in ["/v1/%2e%2e/x", "/v1/%2E%2E/%2e%2e/admin", "/v1//x"] {
+        let r = post(&gw, &key, path, &chat("m1")).await;
+        assert_eq!(r.status(), 400, "{path}");
+    }
+    assert!(mock.requests().is_empty());
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("openai-organization", "org-someone-else")
+        .json(&chat("m1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.requests()[0].header("openai-organization"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_whose_key_the_provider_refuses_fails_over() {
+    let refusing = MockServer::start_with(Behaviour {
+        status: Some(401),
+        ..Default::default()
+    })
+    .await;
+    let good = MockServer::start().await;
+    let channels = [
+        channel("bad-key", &refusing.base_url(), "k1", &["m1"], 20),
+        channel("good", &good.base_url(), "k2", &["m1"], 10),
+    ]
+    .concat();
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(&channels, ""))
+        .await
+        .unwrap();
+    let key = gw.new_key("acme", &[]);
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("m1")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!((refusing.requests().len(), good.requests().len()), (1, 1));
+}

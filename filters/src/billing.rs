@@ -87,9 +87,18 @@ impl PriceTable {
         self.groups.get(group).copied().unwrap_or(PPM as u64)
     }
 
-    /// `None` when the model has no price and unpriced models are free; `Err` when refused.
-    pub fn rate(&self, model: &str) -> Result<Option<&ModelRate>, GatewayError> {
-        match (self.models.get(model), self.unpriced) {
+    /// The price of `model`; a `model_map` alias without a price of its own is priced as the
+    /// upstream model it maps to. `None` when unpriced models are free; `Err` when refused.
+    pub fn rate(
+        &self,
+        model: &str,
+        upstream: Option<&str>,
+    ) -> Result<Option<&ModelRate>, GatewayError> {
+        let found = self
+            .models
+            .get(model)
+            .or_else(|| upstream.and_then(|m| self.models.get(m)));
+        match (found, self.unpriced) {
             (Some(r), _) => Ok(Some(r)),
             (None, UnpricedPolicy::Free) => Ok(None),
             (None, UnpricedPolicy::Reject) => Err(GatewayError::Unpriced(model.to_owned())),
@@ -336,26 +345,39 @@ impl Wallets {
         charged
     }
 
-    /// The ledger writer committed `charged` for this account and key.
-    pub fn flushed(&self, account_id: i64, key_id: Option<i64>, charged: i64) {
+    /// A ledger commit landed: its rows' charges leave `unflushed`, and the stored amounts
+    /// become the values read back inside that same transaction. Absolute values, not
+    /// deltas, so a refresh racing the commit can never count a charge twice.
+    pub fn committed(&self, c: &Committed) {
         let mut b = self.lock();
         b.generation += 1;
-        if let Some(a) = b.accounts.get_mut(&account_id) {
-            a.stored -= charged;
-            a.unflushed -= charged;
+        for &(account, budget_key, charged) in &c.charges {
+            if let Some(a) = b.accounts.get_mut(&account) {
+                a.unflushed -= charged;
+            }
+            if let Some(k) = budget_key.and_then(|k| b.keys.get_mut(&k)) {
+                k.unflushed -= charged;
+            }
         }
-        if let Some(k) = key_id.and_then(|k| b.keys.get_mut(&k)) {
-            k.stored += charged;
-            k.unflushed -= charged;
+        for &(account, balance) in &c.balances {
+            if let Some(a) = b.accounts.get_mut(&account) {
+                a.stored = balance;
+            }
+        }
+        for &(key, spent) in &c.spends {
+            if let Some(k) = b.keys.get_mut(&key) {
+                k.stored = spent;
+            }
         }
     }
 
-    /// A top-up committed by this process.
-    pub fn credited(&self, account_id: i64, amount: i64) {
+    /// The stored balance changed outside the ledger (a top-up by this process); `stored` is
+    /// the value read back from the store.
+    pub fn set_balance(&self, account_id: i64, stored: i64) {
         let mut b = self.lock();
         b.generation += 1;
         if let Some(a) = b.accounts.get_mut(&account_id) {
-            a.stored += amount;
+            a.stored = stored;
         }
     }
 
@@ -390,6 +412,17 @@ fn put(entry: std::collections::hash_map::Entry<'_, i64, Purse>, stored: i64, ov
     }
 }
 
+/// What one ledger commit did, for [`Wallets::committed`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Per applied row: account, the key if its budget purse booked the charge, charged.
+    pub charges: Vec<(i64, Option<i64>, i64)>,
+    /// Account → stored balance after the commit.
+    pub balances: Vec<(i64, i64)>,
+    /// Key → stored spend after the commit.
+    pub spends: Vec<(i64, i64)>,
+}
+
 /// One request's ledger row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerRow {
@@ -404,6 +437,8 @@ pub struct LedgerRow {
     pub usage: Usage,
     /// What was charged (nano-USD); the balance and key spend move by exactly this.
     pub cost_nano: i64,
+    /// The key whose budget purse booked this charge (the key had a budget when reserved).
+    pub budget_key: Option<i64>,
     pub latency_ms: u64,
     pub ttft_ms: Option<u64>,
     pub stream: bool,
@@ -466,7 +501,8 @@ impl Filter for Billing {
         let (Some(key), Some(facts)) = (&ctx.key, &ctx.facts) else {
             return Ok(());
         };
-        let Some(rate) = self.prices.rate(&facts.model)? else {
+        let upstream = ctx.route.first().and_then(|a| a.upstream_model.as_deref());
+        let Some(rate) = self.prices.rate(&facts.model, upstream)? else {
             return Ok(());
         };
         let worst = self.prices.worst_case(
@@ -487,7 +523,11 @@ impl Filter for Billing {
         };
         let out = &ctx.outcome;
         // Usage as reported; else, if a response was relayed, a bounded estimate.
-        let usage = match (ctx.usage, out.status) {
+        // A usage object with nothing in it (an endpoint whose counts we do not know) is no usage.
+        let reported = ctx
+            .usage
+            .filter(|u| u.prompt_tokens > 0 || u.completion_tokens > 0);
+        let usage = match (reported, out.status) {
             (Some(u), _) => u,
             (None, 200..=299) => Usage {
                 prompt_tokens: facts.prompt_tokens_estimate,
@@ -501,15 +541,18 @@ impl Filter for Billing {
             },
             (None, _) => Usage::default(),
         };
-        let cost = match self.prices.rate(&facts.model) {
+        let cost = match self
+            .prices
+            .rate(&facts.model, ctx.upstream_model.as_deref())
+        {
             Ok(Some(rate)) if usage != Usage::default() => {
                 self.prices.cost(rate, &key.group, &usage)
             }
             _ => 0,
         };
-        let charged = match ctx.reservation.take() {
-            Some(r) => self.wallets.settle(&r, cost),
-            None => 0,
+        let (charged, budget_key) = match ctx.reservation.take() {
+            Some(r) => (self.wallets.settle(&r, cost), r.key_id),
+            None => (0, None),
         };
         let upstream_model = ctx.upstream_model.clone();
         self.ledger.record(LedgerRow {
@@ -523,6 +566,7 @@ impl Filter for Billing {
             status: out.status,
             usage,
             cost_nano: charged,
+            budget_key,
             latency_ms: ctx.started.elapsed().as_millis() as u64,
             ttft_ms: out.first_byte.map(|d| d.as_millis() as u64),
             stream: facts.stream,
@@ -609,9 +653,13 @@ mod tests {
     #[test]
     fn unpriced_models_are_refused_or_free() {
         let mut t = table();
-        assert_eq!(t.rate("x").unwrap_err().code(), Some("model_not_priced"));
+        assert_eq!(
+            t.rate("x", None).unwrap_err().code(),
+            Some("model_not_priced")
+        );
+        assert_eq!(t.rate("alias", Some("m")).unwrap(), Some(&t.models["m"]));
         t.unpriced = UnpricedPolicy::Free;
-        assert_eq!(t.rate("x").unwrap(), None);
+        assert_eq!(t.rate("x", None).unwrap(), None);
     }
 
     struct Store {
@@ -674,7 +722,11 @@ mod tests {
         // What the ledger writer does: commit to the store, then tell the book.
         s.spent.store(100, Ordering::SeqCst);
         s.balance.store(9_900, Ordering::SeqCst);
-        w.flushed(1, Some(7), 100);
+        w.committed(&Committed {
+            charges: vec![(1, Some(7), 100)],
+            balances: vec![(1, 9_900)],
+            spends: vec![(7, 100)],
+        });
         assert!(w.reserve(1, Some((7, 150)), 60).await.is_err());
         assert!(w.reserve(1, Some((7, 150)), 50).await.is_ok());
     }
@@ -696,15 +748,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn flushed_moves_unflushed_into_stored_without_changing_available() {
+    async fn a_commit_moves_unflushed_into_stored_without_changing_available() {
         let (_s, w) = wallets(1000);
         let r = w.reserve(1, None, 300).await.unwrap();
         w.settle(&r, 200);
         assert_eq!(w.account_available(1), Some(800));
-        w.flushed(1, None, 200);
+        w.committed(&Committed {
+            charges: vec![(1, None, 200)],
+            balances: vec![(1, 800)],
+            spends: vec![],
+        });
         assert_eq!(w.account_available(1), Some(800));
-        w.credited(1, 50);
+        w.set_balance(1, 850);
         assert_eq!(w.account_available(1), Some(850));
+    }
+
+    #[tokio::test]
+    async fn a_refresh_racing_a_top_up_never_credits_twice() {
+        let (s, w) = wallets(0);
+        assert!(w.reserve(1, None, 100).await.is_err());
+        // The top-up lands in the store; a refused reservation re-reads it before the admin
+        // API reports the value it read back. Both are absolute: 500, not 1000.
+        s.balance.store(500, Ordering::SeqCst);
+        let r = w.reserve(1, None, 100).await.unwrap();
+        w.set_balance(1, 500);
+        assert_eq!(w.account_available(1), Some(400));
+        w.settle(&r, 0);
+        assert_eq!(w.account_available(1), Some(500));
     }
 
     #[test]

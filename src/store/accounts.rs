@@ -87,21 +87,21 @@ pub fn list(pool: &Pool) -> Result<Vec<Account>, StoreError> {
     Ok(rows)
 }
 
-/// Adds `delta_nano` (positive) to the balance; returns the new account.
+/// Adds `delta_nano` (positive) to the balance; returns the account as the update left it.
 pub fn topup(pool: &Pool, name: &str, delta_nano: i64) -> Result<Account, StoreError> {
     if delta_nano <= 0 {
         return Err(StoreError::Invalid("top-up must be positive".into()));
     }
-    let c = pool.get()?;
-    let n = c.execute(
-        "UPDATE accounts SET balance_nano = balance_nano + ?1, updated_at = ?2 WHERE name = ?3",
-        params![delta_nano, now_ms(), name],
-    )?;
-    if n == 0 {
-        return Err(StoreError::NotFound(format!("no account named `{name}`")));
-    }
-    drop(c);
-    get(pool, name)
+    pool.get()?
+        .query_row(
+            &format!(
+                "UPDATE accounts SET balance_nano = balance_nano + ?1, updated_at = ?2 WHERE name = ?3 RETURNING {COLS}"
+            ),
+            params![delta_nano, now_ms(), name],
+            row,
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no account named `{name}`")))
 }
 
 /// The [`tollgate_filters::billing::BalanceSource`] port over SQLite.
