@@ -570,10 +570,21 @@ async fn tls_upstream_works_over_rustls_with_the_channel_ca() {
 async fn paths_that_climb_out_of_v1_and_org_headers_never_reach_the_provider() {
     let (mock, gw) = single().await;
     let key = gw.new_key("acme", &[]);
-    // (The client library already folds a literal `..`; the encoded and doubled forms pass it.)
-    for path in ["/v1/%2e%2e/x", "/v1/%2E%2E/%2e%2e/admin", "/v1//x"] {
-        let r = post(&gw, &key, path, &chat("m1")).await;
-        assert_eq!(r.status(), 400, "{path}");
+    // Written raw: HTTP client libraries fold these before sending, attackers do not.
+    let body = chat("m1").to_string();
+    for path in [
+        "/v1/../admin",
+        "/v1/%2e%2e/x",
+        "/v1/chat/%2E%2E/%2e%2e/admin",
+        "/v1//x",
+    ] {
+        let (port, key, body) = (gw.port, key.clone(), body.clone());
+        let status = tokio::task::spawn_blocking(move || {
+            support::raw_status(port, "POST", path, &key, &body)
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, Some(400), "{path}");
     }
     assert!(mock.requests().is_empty());
     let r = client()

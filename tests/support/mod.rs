@@ -203,10 +203,19 @@ pub async fn post(
 
 /// One GET over a fresh std TcpStream, returning the status code; enough for a probe.
 pub fn probe(port: u16, path: &str, token: &str) -> Option<u16> {
+    raw_status(port, "GET", path, token, "")
+}
+
+/// One request written byte for byte (no client-side path normalisation), returning the
+/// status code.
+pub fn raw_status(port: u16, method: &str, path: &str, token: &str, body: &str) -> Option<u16> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     s.write_all(req.as_bytes()).ok()?;
     let mut buf = [0u8; 12];
     s.read_exact(&mut buf).ok()?;
