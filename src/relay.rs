@@ -621,6 +621,10 @@ impl Relay {
             .map_err(|_| GatewayError::Internal)?;
         resp.insert_header("x-request-id", &ctx.request_id)
             .map_err(|_| GatewayError::Internal)?;
+        for (k, v) in &ctx.response_headers {
+            resp.insert_header(*k, v)
+                .map_err(|_| GatewayError::Internal)?;
+        }
         set_server_timing(&mut resp, ctx);
         ctx.outcome.status = status;
         if session
@@ -720,6 +724,9 @@ fn client_response_header(
         resp.insert_header(HeaderName::from_static("x-upstream-request-id"), id.clone())?;
     }
     resp.insert_header("x-request-id", &ctx.request_id)?;
+    for (k, v) in &ctx.response_headers {
+        resp.insert_header(*k, v)?;
+    }
     match up.headers.get(header::CONTENT_LENGTH) {
         // A fixed-length body is passed on with its length; anything else is chunked on h1.
         Some(len) if !is_event_stream(up) => {

@@ -10,6 +10,7 @@ use pingora::services::listening::Service;
 use tollgate_filters::auth::{Auth, AuthConfig, KeyCache};
 use tollgate_filters::billing::{Billing, ModelRate, PriceTable, UnpricedPolicy, Wallets};
 use tollgate_filters::ip_guard::{IpGuard, IpGuardConfig};
+use tollgate_filters::limits::{LimitSet, Limits, LimitsConfig};
 use tollgate_filters::route::{ChannelPicker, ChannelRoute, Route, RouteConfig};
 use tollgate_filters::{Chain, Filter};
 
@@ -47,6 +48,8 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
             Arc::new(SqliteKeys(parts.pool.clone())),
             parts.keys.clone(),
         )),
+        // per key: requests/min and concurrency before the body, tokens/min after it
+        Arc::new(Limits::new(limits_config(cfg))),
         // model → ordered channel attempts; feeds channel health back in on_done
         Arc::new(Route::new(parts.picker.clone())),
         // worst case → reservation; on_done: real cost → settle → ledger row
@@ -108,6 +111,24 @@ pub fn price_table(cfg: &Config) -> PriceTable {
             Unpriced::Free => UnpricedPolicy::Free,
         },
         default_max_output: p.default_max_output,
+    }
+}
+
+pub fn limits_config(cfg: &Config) -> LimitsConfig {
+    let set = |l: &crate::config::LimitSet| LimitSet {
+        rpm: l.rpm,
+        tpm: l.tpm,
+        concurrency: l.concurrency,
+    };
+    LimitsConfig {
+        default: set(&cfg.limits.default),
+        groups: cfg
+            .limits
+            .groups
+            .iter()
+            .map(|(g, l)| (g.clone(), set(l)))
+            .collect(),
+        default_max_output: cfg.pricing.default_max_output,
     }
 }
 

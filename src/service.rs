@@ -265,9 +265,14 @@ async fn write_json(
     body: Bytes,
     extra: &[(&'static str, String)],
 ) {
-    let Ok(mut resp) = ResponseHeader::build(status, Some(4 + extra.len())) else {
+    let Ok(mut resp) =
+        ResponseHeader::build(status, Some(4 + extra.len() + ctx.response_headers.len()))
+    else {
         return;
     };
+    for (k, v) in &ctx.response_headers {
+        let _ = resp.insert_header(*k, v);
+    }
     ctx.outcome.status = status;
     let _ = resp.insert_header(header::CONTENT_TYPE, "application/json");
     let _ = resp.insert_header(header::CONTENT_LENGTH, body.len());

@@ -620,3 +620,48 @@ async fn a_channel_whose_key_the_provider_refuses_fails_over() {
     assert_eq!(r.status(), 200);
     assert_eq!((refusing.requests().len(), good.requests().len()), (1, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_limits_refuse_with_retry_after_and_ratelimit_headers() {
+    let (mock, gw) = single().await;
+    let key = gw.new_key("acme", &["--rpm", "2", "--tpm", "100000"]);
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("m1")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "2");
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "1");
+    assert_eq!(r.headers()["x-ratelimit-limit-tokens"], "100000");
+    assert!(r.headers().contains_key("x-ratelimit-reset-tokens"));
+    assert_eq!(
+        post(&gw, &key, "/v1/chat/completions", &chat("m1"))
+            .await
+            .status(),
+        200
+    );
+    let r = post(&gw, &key, "/v1/chat/completions", &chat("m1")).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+    let (_, v) = error_of(r).await;
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(mock.requests().len(), 2);
+
+    // One at a time: a second request while a slow stream runs is refused.
+    let one = gw.new_key("solo", &["--concurrency", "1"]);
+    let slow = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 5, "delay_ms": 100}});
+    let first = post(&gw, &one, "/v1/chat/completions", &slow).await;
+    assert_eq!(first.status(), 200);
+    let second = post(&gw, &one, "/v1/chat/completions", &chat("m1")).await;
+    assert_eq!(second.status(), 429);
+    first.text().await.unwrap();
+    let third = post(&gw, &one, "/v1/chat/completions", &chat("m1")).await;
+    assert_eq!(
+        third.status(),
+        200,
+        "the slot came back when the stream ended"
+    );
+}

@@ -8,6 +8,7 @@ use http::{HeaderMap, Method};
 
 use crate::auth::KeyRecord;
 use crate::billing::{Reservation, Usage};
+use crate::limits::LimitHold;
 use crate::route::Attempt;
 use crate::{GatewayError, RequestFacts};
 
@@ -61,6 +62,10 @@ pub struct Ctx {
     pub reservation: Option<Reservation>,
     /// Usage as the provider reported it.
     pub usage: Option<Usage>,
+    /// What `limits` holds for this request (a concurrency slot, counted tokens).
+    pub limit_hold: Option<LimitHold>,
+    /// Headers filters add to whatever response the client gets (`x-ratelimit-*`).
+    pub response_headers: Vec<(&'static str, String)>,
     pub outcome: Outcome,
 }
 
@@ -76,6 +81,8 @@ impl Ctx {
             upstream_model: None,
             reservation: None,
             usage: None,
+            limit_hold: None,
+            response_headers: Vec::new(),
             outcome: Outcome::default(),
         }
     }

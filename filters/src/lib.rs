@@ -6,9 +6,9 @@
 //! crate drives the chain through Pingora's phases:
 //!
 //! ```text
-//! on_request_head   ip_guard → auth(key, ip)                    (before the body is read)
-//! on_request_body   auth(model) → route → billing(reserve)      (after one JSON parse)
-//! on_done           billing(settle, ledger) → route(health)     (reverse order, in logging)
+//! on_request_head   ip_guard → auth(key, ip) → limits(rpm, concurrency)     (before the body)
+//! on_request_body   auth(model) → limits(tpm) → route → billing(reserve)   (after one parse)
+//! on_done           billing(settle, ledger) → route(health) → limits(free)  (reverse order)
 //! ```
 
 pub mod auth;
@@ -17,6 +17,7 @@ mod chain;
 mod ctx;
 mod error;
 pub mod ip_guard;
+pub mod limits;
 pub mod request;
 pub mod route;
 
