@@ -516,19 +516,25 @@ async fn admin_listener_requires_the_token_and_exports_metrics() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let text = client()
-        .get(gw.admin_url("/metrics"))
-        .bearer_auth("test-admin-token")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        text.contains(r#"tollgate_requests_total{route="chat",status="200"} 1"#),
-        "{text}"
-    );
+    // Metrics are recorded in the logging phase, just after the response; poll briefly.
+    let want = r#"tollgate_requests_total{route="chat",status="200"} 1"#;
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = client()
+            .get(gw.admin_url("/metrics"))
+            .bearer_auth("test-admin-token")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(text.contains(want), "{text}");
     assert!(text.contains("tollgate_request_duration_seconds_bucket"));
     let r = client()
         .get(gw.admin_url("/readyz"))
