@@ -334,10 +334,10 @@ impl Relay {
                         .upstream_attempts
                         .with_label_values(&[&ch.name, e.label()])
                         .inc();
-                    // A full channel is not unhealthy; everything else counts against it.
-                    ctx.outcome
-                        .channel_results
-                        .push((attempt.channel, !matches!(e, AttemptError::Busy)));
+                    // A full channel says nothing about its health.
+                    if !matches!(e, AttemptError::Busy) {
+                        ctx.outcome.channel_results.push((attempt.channel, true));
+                    }
                     last = e.to_gateway();
                     continue;
                 }

@@ -346,6 +346,22 @@ async fn load(url: String, key: String, total: usize, done: Done) {
         .await;
 }
 
+/// Starts [`load`] in the background and returns once `n` requests completed (or 20 s).
+async fn load_until(gw: &Gateway, key: String, n: usize) -> (tokio::task::JoinHandle<()>, Done) {
+    let done: Done = Default::default();
+    let runner = tokio::spawn(load(
+        gw.url("/v1/chat/completions"),
+        key,
+        100_000,
+        done.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.lock().unwrap().len() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (runner, done)
+}
+
 fn ledger_ids(gw: &Gateway) -> HashSet<String> {
     let c = db(gw);
     let mut st = c.prepare("SELECT request_id FROM usage_ledger").unwrap();
@@ -362,17 +378,7 @@ async fn sigterm_under_load_loses_no_row() {
     let (_mock, mut gw) =
         start("accounting: { flush_interval_ms: 200, max_batch: 100000 }\n").await;
     let key = account_with_key(&gw, "acme", "100", &[]);
-    let done: Done = Default::default();
-    let runner = tokio::spawn(load(
-        gw.url("/v1/chat/completions"),
-        key,
-        100_000,
-        done.clone(),
-    ));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while done.lock().unwrap().len() < 300 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (runner, done) = load_until(&gw, key, 300).await;
     let mut child = gw.sigterm();
     let (status, _) =
         tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(30)))
@@ -394,17 +400,7 @@ async fn sigterm_under_load_loses_no_row() {
 async fn sigkill_loses_at_most_the_open_flush_window() {
     let (_mock, mut gw) = start("accounting: { flush_interval_ms: 20, max_batch: 2000 }\n").await;
     let key = account_with_key(&gw, "acme", "100", &[]);
-    let done: Done = Default::default();
-    let runner = tokio::spawn(load(
-        gw.url("/v1/chat/completions"),
-        key,
-        100_000,
-        done.clone(),
-    ));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while done.lock().unwrap().len() < 500 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (runner, done) = load_until(&gw, key, 500).await;
     let mut child = gw.child.take().unwrap();
     let killed_at = Instant::now();
     child.kill().unwrap();
