@@ -344,7 +344,8 @@ fn bench_ledger(cfg: &Config, rows: usize, n_accounts: usize) -> CliResult {
     let wallets = Arc::new(Wallets::new(Arc::new(accounts::SqliteBalances(
         pool.clone(),
     ))));
-    let ledger = crate::ledger::Ledger::start(&db, &cfg.accounting, wallets)?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let ledger = crate::ledger::Ledger::start(&db, &cfg.accounting, wallets, metrics)?;
     let started = std::time::Instant::now();
     for i in 0..rows {
         let (account_id, key_id) = ids[i % ids.len()];

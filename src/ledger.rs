@@ -19,6 +19,7 @@ use rusqlite::{params, Connection, TransactionBehavior};
 use tollgate_filters::billing::{Committed, LedgerRow, LedgerSink, Wallets};
 
 use crate::config::{AccountingConfig, DatabaseConfig};
+use crate::metrics::Metrics;
 use crate::store::{self, StoreError};
 
 enum Msg {
@@ -33,6 +34,7 @@ type OnCommit = Arc<dyn Fn(&Committed) + Send + Sync>;
 pub struct Ledger {
     tx: Mutex<Option<Sender<Msg>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Ledger {
@@ -41,26 +43,32 @@ impl Ledger {
         db: &DatabaseConfig,
         cfg: &AccountingConfig,
         wallets: Arc<Wallets>,
+        metrics: Arc<Metrics>,
     ) -> Result<Ledger, StoreError> {
         let on_commit: OnCommit = Arc::new(move |c| wallets.committed(c));
-        Ledger::start_with(db, cfg, on_commit)
+        Ledger::start_with(db, cfg, on_commit, metrics)
     }
 
     fn start_with(
         db: &DatabaseConfig,
         cfg: &AccountingConfig,
         on_commit: OnCommit,
+        metrics: Arc<Metrics>,
     ) -> Result<Ledger, StoreError> {
         let conn = store::open_connection(db)?;
         let (tx, rx) = mpsc::channel();
-        let window = Duration::from_millis(cfg.flush_interval_ms);
-        let max_batch = cfg.max_batch;
+        let writer_cfg = WriterConfig {
+            window: Duration::from_millis(cfg.flush_interval_ms),
+            max_batch: cfg.max_batch,
+            metrics: metrics.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("tollgate-ledger".into())
-            .spawn(move || writer(conn, rx, window, max_batch, on_commit))?;
+            .spawn(move || writer(conn, rx, writer_cfg, on_commit))?;
         Ok(Ledger {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
+            metrics,
         })
     }
 
@@ -88,19 +96,26 @@ impl Ledger {
 
 impl LedgerSink for Ledger {
     fn record(&self, row: LedgerRow) {
+        self.metrics.ledger_queue.inc();
         if !self.send(Msg::Row(Box::new(row))) {
+            self.metrics.ledger_queue.dec();
             tracing::error!("ledger writer is closed; a usage row was not recorded");
         }
     }
 }
 
-fn writer(
-    mut conn: Connection,
-    rx: Receiver<Msg>,
+struct WriterConfig {
     window: Duration,
     max_batch: usize,
-    on_commit: OnCommit,
-) {
+    metrics: Arc<Metrics>,
+}
+
+fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit: OnCommit) {
+    let WriterConfig {
+        window,
+        max_batch,
+        metrics,
+    } = cfg;
     let mut batch: Vec<LedgerRow> = Vec::with_capacity(max_batch);
     let mut waiters: Vec<SyncSender<()>> = Vec::new();
     let mut open = true;
@@ -127,7 +142,7 @@ fn writer(
                 take(m, &mut batch, &mut waiters);
             }
         }
-        commit_with_retry(&mut conn, &mut batch, &on_commit);
+        commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics);
         for w in waiters.drain(..) {
             let _ = w.send(());
         }
@@ -136,7 +151,7 @@ fn writer(
     while let Ok(m) = rx.try_recv() {
         take(m, &mut batch, &mut waiters);
     }
-    commit_with_retry(&mut conn, &mut batch, &on_commit);
+    commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics);
     for w in waiters.drain(..) {
         let _ = w.send(());
     }
@@ -150,14 +165,25 @@ fn take(m: Msg, batch: &mut Vec<LedgerRow>, waiters: &mut Vec<SyncSender<()>>) {
     }
 }
 
-fn commit_with_retry(conn: &mut Connection, batch: &mut Vec<LedgerRow>, on_commit: &OnCommit) {
+fn commit_with_retry(
+    conn: &mut Connection,
+    batch: &mut Vec<LedgerRow>,
+    on_commit: &OnCommit,
+    metrics: &Metrics,
+) {
     if batch.is_empty() {
         return;
     }
     let mut delay = Duration::from_millis(10);
     loop {
+        let started = Instant::now();
         match commit(conn, batch) {
             Ok(committed) => {
+                metrics
+                    .ledger_commit
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.ledger_rows.inc_by(batch.len() as u64);
+                metrics.ledger_queue.sub(batch.len() as i64);
                 on_commit(&committed);
                 batch.clear();
                 return;
@@ -288,6 +314,7 @@ mod tests {
             &db,
             &AccountingConfig::default(),
             Arc::new(move |c: &Committed| s2.lock().unwrap().extend_from_slice(&c.charges)),
+            Arc::new(Metrics::new()),
         )
         .unwrap();
         ledger.record(row("r1", a, k, 100));
@@ -324,7 +351,8 @@ mod tests {
             max_batch: 1_000_000,
             ..Default::default()
         };
-        let ledger = Ledger::start_with(&db, &cfg, Arc::new(|_| {})).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let ledger = Ledger::start_with(&db, &cfg, Arc::new(|_| {}), metrics.clone()).unwrap();
         for i in 0..5000 {
             ledger.record(row(&format!("r{i}"), a, k, 1));
         }
@@ -335,5 +363,7 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 5000);
+        assert_eq!(metrics.ledger_rows.get(), 5000);
+        assert_eq!(metrics.ledger_queue.get(), 0);
     }
 }

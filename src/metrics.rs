@@ -1,7 +1,8 @@
 //! Prometheus metrics. One registry, created at start-up and handed to whoever records.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -15,6 +16,12 @@ pub struct Metrics {
     /// Upstream attempts by channel and outcome (`ok`, `connect_error`, `timeout`, `status_5xx`, ...).
     pub upstream_attempts: IntCounterVec,
     pub in_flight: IntGauge,
+    /// Ledger rows committed.
+    pub ledger_rows: IntCounter,
+    /// Ledger rows recorded but not yet committed.
+    pub ledger_queue: IntGauge,
+    /// Duration of one group commit.
+    pub ledger_commit: Histogram,
 }
 
 impl Metrics {
@@ -54,12 +61,32 @@ impl Metrics {
         .expect("valid metric");
         let in_flight = IntGauge::new("tollgate_in_flight_requests", "Requests being served")
             .expect("valid metric");
+        let ledger_rows = IntCounter::new("tollgate_ledger_rows_total", "Ledger rows committed")
+            .expect("valid metric");
+        let ledger_queue = IntGauge::new(
+            "tollgate_ledger_queue_rows",
+            "Ledger rows recorded but not yet committed",
+        )
+        .expect("valid metric");
+        let ledger_commit = Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_ledger_commit_seconds",
+                "Duration of one ledger group commit",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ]),
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(ttfb.clone()),
             Box::new(upstream_attempts.clone()),
             Box::new(in_flight.clone()),
+            Box::new(ledger_rows.clone()),
+            Box::new(ledger_queue.clone()),
+            Box::new(ledger_commit.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -70,6 +97,9 @@ impl Metrics {
             ttfb,
             upstream_attempts,
             in_flight,
+            ledger_rows,
+            ledger_queue,
+            ledger_commit,
         }
     }
 

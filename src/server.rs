@@ -149,6 +149,7 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         &cfg.database,
         &cfg.accounting,
         wallets.clone(),
+        metrics.clone(),
     )?);
     let parts = Parts {
         pool: pool.clone(),
