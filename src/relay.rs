@@ -806,8 +806,8 @@ pub fn scrub_error_body(raw: &[u8], status: u16, secret: &str) -> Bytes {
     let body = serde_json::json!({
         "error": {
             "message": redact(&message),
-            "type": kind,
-            "param": param,
+            "type": redact(&kind),
+            "param": param.map(|p| serde_json::Value::String(redact(p.as_str().unwrap_or_default()))),
             "code": code.map(|c| serde_json::Value::String(redact(c.as_str().unwrap_or_default()))),
         }
     });
