@@ -188,7 +188,7 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     server.bootstrap();
 
     let gateway = Gateway {
-        chain,
+        chain: Arc::new(chain),
         relay: relay.clone(),
         picker: parts.picker.clone(),
         max_body_bytes: cfg.server.max_body_bytes,

@@ -69,12 +69,23 @@ impl Drop for InFlightGuard {
 pub struct RequestCtx {
     pub ctx: Ctx,
     route: &'static str,
+    /// The chain, to give back what the request holds if it is dropped before `logging`.
+    chain: Arc<Chain>,
+    done: bool,
     _in_flight: InFlightGuard,
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        if !self.done {
+            self.chain.abandon(&mut self.ctx);
+        }
+    }
 }
 
 /// The gateway service.
 pub struct Gateway {
-    pub chain: Chain,
+    pub chain: Arc<Chain>,
     pub relay: Arc<Relay>,
     pub picker: Arc<ChannelPicker>,
     pub max_body_bytes: usize,
@@ -298,6 +309,8 @@ impl ProxyHttp for Gateway {
         RequestCtx {
             ctx: Ctx::new(new_request_id()),
             route: "unknown",
+            chain: self.chain.clone(),
+            done: false,
             _in_flight: self.in_flight.enter(),
         }
     }
@@ -341,6 +354,7 @@ impl ProxyHttp for Gateway {
         rc: &mut RequestCtx,
     ) {
         self.chain.done(&mut rc.ctx).await;
+        rc.done = true;
         let ctx = &rc.ctx;
         let elapsed = ctx.started.elapsed();
         let status = ctx.outcome.status;

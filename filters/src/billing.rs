@@ -320,7 +320,8 @@ impl Wallets {
     }
 
     /// Releases the reservation and charges `cost` instead, never more than the account
-    /// holds. Returns what was charged; the ledger writer must later call [`Self::flushed`].
+    /// holds. Returns what was charged; the ledger writer must later report the commit
+    /// ([`Self::committed`]).
     pub fn settle(&self, r: &Reservation, cost: i64) -> i64 {
         let mut b = self.lock();
         let Some(acct) = b.accounts.get_mut(&r.account_id) else {
@@ -515,6 +516,15 @@ impl Filter for Billing {
         let budget = key.budget_nano.map(|b| (key.id, b));
         ctx.reservation = Some(self.wallets.reserve(key.account_id, budget, worst).await?);
         Ok(())
+    }
+
+    fn on_abandon(&self, ctx: &mut Ctx) {
+        // Nothing is known about what the provider served; free the money rather than hold
+        // it until a restart.
+        if let Some(r) = ctx.reservation.take() {
+            tracing::error!(request_id = %ctx.request_id, "request abandoned; reservation released uncharged");
+            self.wallets.settle(&r, 0);
+        }
     }
 
     async fn on_done(&self, ctx: &mut Ctx) {
@@ -775,6 +785,24 @@ mod tests {
         assert_eq!(w.account_available(1), Some(400));
         w.settle(&r, 0);
         assert_eq!(w.account_available(1), Some(500));
+    }
+
+    struct NoLedger;
+    impl LedgerSink for NoLedger {
+        fn record(&self, _: LedgerRow) {}
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_request_gives_its_reservation_back() {
+        let (_s, w) = wallets(1000);
+        let w = Arc::new(w);
+        let billing = Billing::new(Arc::new(table()), w.clone(), Arc::new(NoLedger), vec![]);
+        let mut ctx = Ctx::new("r".into());
+        ctx.reservation = Some(w.reserve(1, None, 700).await.unwrap());
+        assert_eq!(w.account_available(1), Some(300));
+        billing.on_abandon(&mut ctx);
+        assert_eq!(w.account_available(1), Some(1000));
+        assert!(ctx.reservation.is_none());
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub trait Filter: Send + Sync {
 
     /// When the exchange is over, however it ended. Runs in reverse order; cannot fail.
     async fn on_done(&self, _ctx: &mut Ctx) {}
+
+    /// The request was dropped without `on_done` (its task panicked or was cancelled):
+    /// give back what it held. Synchronous, because it runs from `Drop`.
+    fn on_abandon(&self, _ctx: &mut Ctx) {}
 }
 
 /// The ordered filters. Built once at start-up; shared by every request.
@@ -70,6 +74,12 @@ impl Chain {
     pub async fn done(&self, ctx: &mut Ctx) {
         for f in self.filters.iter().rev() {
             f.on_done(ctx).await;
+        }
+    }
+
+    pub fn abandon(&self, ctx: &mut Ctx) {
+        for f in self.filters.iter().rev() {
+            f.on_abandon(ctx);
         }
     }
 }

@@ -266,6 +266,14 @@ impl Filter for Limits {
         Ok(())
     }
 
+    fn on_abandon(&self, ctx: &mut Ctx) {
+        if let Some(hold) = ctx.limit_hold.take().filter(|h| h.concurrency) {
+            if let Some(st) = self.lock().get_mut(&hold.key_id) {
+                st.in_flight = st.in_flight.saturating_sub(1);
+            }
+        }
+    }
+
     /// Frees the concurrency slot; returns tokens counted but not used.
     async fn on_done(&self, ctx: &mut Ctx) {
         let Some(hold) = ctx.limit_hold.take() else {
