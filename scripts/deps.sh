@@ -2,6 +2,11 @@
 # Sourced by scripts/run.sh, scripts/test.sh and .ci/run. Debian/Ubuntu.
 # shellcheck shell=bash
 
+# Oldest Rust that builds pingora 0.9.1 and this workspace.
+TOLLGATE_MIN_RUST=1.85.0
+# The OpenAI SDK version the compatibility test is written against.
+TOLLGATE_OPENAI_SDK=3.57.0
+
 tollgate_deps() {
     local mode=${1:-run} pkgs=() sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
@@ -10,28 +15,51 @@ tollgate_deps() {
     command -v curl >/dev/null || pkgs+=(curl ca-certificates)
     if [ "$mode" = test ]; then
         command -v python3 >/dev/null || pkgs+=(python3)
-        python3 -m venv --help >/dev/null 2>&1 || pkgs+=(python3-venv)
+        # `python3 -m venv` needs ensurepip, which Debian ships separately.
+        python3 -c 'import ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)
         command -v redis-server >/dev/null || pkgs+=(redis-server)
-        command -v wrk >/dev/null || pkgs+=(wrk)
     fi
     if [ ${#pkgs[@]} -gt 0 ]; then
         echo "installing: ${pkgs[*]}"
         $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${pkgs[@]}" >/dev/null
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
     fi
-    if ! command -v cargo >/dev/null; then
-        [ -f "$HOME/.cargo/env" ] || curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
-        # shellcheck disable=SC1091
-        . "$HOME/.cargo/env"
-    fi
+    tollgate_rust "$mode"
     if [ "$mode" = test ]; then
         # The official OpenAI SDK for the compatibility test, in a venv of its own.
         local venv=".venv-test"
-        if ! "$venv/bin/python" -c "import openai" >/dev/null 2>&1; then
+        if ! "$venv/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$TOLLGATE_OPENAI_SDK')" >/dev/null 2>&1; then
+            rm -rf "$venv"
             python3 -m venv "$venv"
-            "$venv/bin/pip" install -q --disable-pip-version-check openai
+            "$venv/bin/pip" install -q --disable-pip-version-check "openai==$TOLLGATE_OPENAI_SDK"
         fi
         PYTHON="$PWD/$venv/bin/python"
         export PYTHON
+    fi
+}
+
+# A recent enough Rust (a distro's old cargo cannot build pingora), plus rustfmt and clippy
+# for the test mode.
+tollgate_rust() {
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+    local have=""
+    command -v rustc >/dev/null && have=$(rustc --version | awk '{print $2}')
+    if [ -z "$have" ] || [ "$(printf '%s\n%s\n' "$TOLLGATE_MIN_RUST" "$have" | sort -V | head -n1)" != "$TOLLGATE_MIN_RUST" ]; then
+        if command -v rustup >/dev/null; then
+            rustup toolchain install stable --profile minimal && rustup default stable
+        else
+            curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+            . "$HOME/.cargo/env"
+        fi
+    fi
+    if [ "${1:-run}" = test ]; then
+        for c in rustfmt clippy; do
+            local probe=$c
+            [ "$c" = rustfmt ] && probe=fmt
+            if ! cargo "$probe" --version >/dev/null 2>&1; then
+                command -v rustup >/dev/null || { echo "cargo $probe is missing and rustup is not installed" >&2; return 1; }
+                rustup component add "$c"
+            fi
+        done
     fi
 }

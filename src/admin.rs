@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use tollgate_filters::auth::KeyCache;
 use tollgate_filters::billing::{PriceTable, Wallets};
 
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::service::InFlight;
@@ -32,6 +33,7 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub keys: Arc<KeyCache>,
     pub wallets: Arc<Wallets>,
+    pub ledger: Arc<Ledger>,
     pub prices: Arc<PriceTable>,
     pub in_flight: Arc<InFlight>,
     pub relay: Arc<Relay>,
@@ -62,6 +64,21 @@ impl From<StoreError> for Fail {
             }
         }
     }
+}
+
+/// `localhost` or a loopback IP literal, with an optional port. A name that merely starts
+/// with `127.` (`127.attacker.example`) is not one: DNS rebinding would point it here.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or(""),
+        // `name:port`; more than one colon is a bare IPv6 address.
+        None if host.matches(':').count() == 1 => host.split(':').next().unwrap_or(""),
+        None => host,
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response<Vec<u8>> {
@@ -207,32 +224,28 @@ impl Admin {
     /// operator opens may POST to 127.0.0.1 (plain forms send no JSON content type) or
     /// rebind a hostile name to it (its `Host` is not a loopback address).
     fn browser_safe(&self, session: &ServerSession) -> bool {
-        let h = &session.req_header().headers;
-        let host = h
-            .get(http::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let host = host.rsplit_once(':').map_or(host, |(name, port)| {
-            if port.chars().all(|c| c.is_ascii_digit()) {
-                name
-            } else {
-                host
-            }
-        });
-        let loopback_host =
-            matches!(host, "localhost" | "127.0.0.1" | "[::1]") || host.starts_with("127.");
         if !self.token.is_empty() {
             return true;
         }
+        let h = &session.req_header().headers;
+        let text = |name: http::header::HeaderName| h.get(name).and_then(|v| v.to_str().ok());
+        // Browsers always send Origin on cross-origin writes and Sec-Fetch-Site on modern
+        // engines; tools (curl, the CLI, SDKs) send neither.
+        if h.contains_key(http::header::ORIGIN)
+            || text(http::header::HeaderName::from_static("sec-fetch-site"))
+                .is_some_and(|v| v != "none")
+        {
+            return false;
+        }
+        if !text(http::header::HOST).is_some_and(is_loopback_host) {
+            return false;
+        }
         let method = &session.req_header().method;
-        let json_body = h
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
-        let needs_json = matches!(*method, Method::POST | Method::PATCH)
-            && h.get(http::header::CONTENT_LENGTH)
-                .is_some_and(|v| v != "0");
-        loopback_host && (!needs_json || json_body)
+        let has_body = h.contains_key(http::header::TRANSFER_ENCODING)
+            || text(http::header::CONTENT_LENGTH).is_some_and(|v| v != "0");
+        let json_body =
+            text(http::header::CONTENT_TYPE).is_some_and(|v| v.starts_with("application/json"));
+        !(matches!(*method, Method::POST | Method::PATCH) && has_body && !json_body)
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -335,8 +348,9 @@ impl Admin {
                 let v = self.body(session).await?;
                 let usd = usd_field(&v, "usd")?.ok_or_else(|| bad("`usd` is required"))?;
                 let name = name.to_string();
-                let a = self.store(move |p| accounts::topup(p, &name, usd)).await?;
-                self.wallets.set_balance(a.id, a.balance_nano);
+                // Through the ledger writer, so the book never sees balances out of order.
+                let ledger = self.ledger.clone();
+                let a = self.store(move |_| ledger.topup(&name, usd)).await?;
                 Ok((
                     StatusCode::OK,
                     account_json(&a, self.wallets.account_available(a.id)),
@@ -511,6 +525,36 @@ impl ServeHttp for Admin {
                 status,
                 &json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}}),
             ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn only_loopback_literals_and_localhost_pass() {
+        for ok in [
+            "localhost",
+            "localhost:8081",
+            "127.0.0.1",
+            "127.0.0.1:8081",
+            "[::1]:8081",
+            "[::1]",
+            "127.3.4.5:1",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "127.attacker.example",
+            "127.0.0.1.nip.io:8081",
+            "example.com",
+            "10.0.0.1:8081",
+            "[::2]:1",
+            "",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
         }
     }
 }

@@ -10,7 +10,7 @@
 //! process exits; on SIGKILL, at most the rows of the open flush window are lost.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,12 +20,15 @@ use tollgate_filters::billing::{Committed, LedgerRow, LedgerSink, Wallets};
 
 use crate::config::{AccountingConfig, DatabaseConfig};
 use crate::metrics::Metrics;
-use crate::store::{self, StoreError};
+use crate::store::{self, accounts, StoreError};
+
+/// Work run on the writer thread right after the rows queued before it are committed, so
+/// every change to stored balances happens in one order.
+type Job = Box<dyn FnOnce(&mut Connection, &OnCommit) + Send>;
 
 enum Msg {
     Row(Box<LedgerRow>),
-    /// Reply once everything sent before this is committed.
-    Flush(SyncSender<()>),
+    Job(Job),
 }
 
 /// Called after each commit with what moved and the stored amounts read back.
@@ -77,12 +80,41 @@ impl Ledger {
         guard.as_ref().is_some_and(|tx| tx.send(m).is_ok())
     }
 
+    /// Runs `job` on the writer thread after the rows queued before it; waits for its answer.
+    fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Connection, &OnCommit) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |conn, on_commit| {
+            let _ = tx.send(job(conn, on_commit));
+        });
+        if self.send(Msg::Job(job)) {
+            rx.recv().ok()
+        } else {
+            None
+        }
+    }
+
     /// Blocks until every row recorded before the call is committed.
     pub fn flush(&self) {
-        let (tx, rx) = mpsc::sync_channel(1);
-        if self.send(Msg::Flush(tx)) {
-            let _ = rx.recv();
-        }
+        let _ = self.run(|_, _| ());
+    }
+
+    /// Adds to an account's balance on the writer thread, in order with the ledger's own
+    /// commits, and tells the book the balance it read back. (A top-up written from another
+    /// thread could land between a commit and the book hearing of it, and be undone.)
+    pub fn topup(&self, account: &str, delta_nano: i64) -> Result<accounts::Account, StoreError> {
+        let account = account.to_string();
+        self.run(move |conn, on_commit| {
+            let a = accounts::topup_on(conn, &account, delta_nano)?;
+            on_commit(&Committed {
+                balances: vec![(a.id, a.balance_nano)],
+                ..Committed::default()
+            });
+            Ok(a)
+        })
+        .unwrap_or_else(|| Err(StoreError::Invalid("the ledger writer has stopped".into())))
     }
 
     /// Closes the channel and waits for the writer to commit everything queued.
@@ -117,7 +149,7 @@ fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit:
         metrics,
     } = cfg;
     let mut batch: Vec<LedgerRow> = Vec::with_capacity(max_batch);
-    let mut waiters: Vec<SyncSender<()>> = Vec::new();
+    let mut waiters: Vec<Job> = Vec::new();
     let mut open = true;
     while open {
         match rx.recv() {
@@ -136,15 +168,15 @@ fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit:
                 }
             }
         }
-        // A flush request commits what is queued right now, not just what was gathered.
+        // A job commits what is queued right now, not just what was gathered.
         if !waiters.is_empty() {
             while let Ok(m) = rx.try_recv() {
                 take(m, &mut batch, &mut waiters);
             }
         }
         commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics);
-        for w in waiters.drain(..) {
-            let _ = w.send(());
+        for job in waiters.drain(..) {
+            job(&mut conn, &on_commit);
         }
     }
     // Closed: commit whatever is left.
@@ -152,16 +184,16 @@ fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit:
         take(m, &mut batch, &mut waiters);
     }
     commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics);
-    for w in waiters.drain(..) {
-        let _ = w.send(());
+    for job in waiters.drain(..) {
+        job(&mut conn, &on_commit);
     }
     tracing::info!("ledger writer stopped");
 }
 
-fn take(m: Msg, batch: &mut Vec<LedgerRow>, waiters: &mut Vec<SyncSender<()>>) {
+fn take(m: Msg, batch: &mut Vec<LedgerRow>, jobs: &mut Vec<Job>) {
     match m {
         Msg::Row(r) => batch.push(*r),
-        Msg::Flush(w) => waiters.push(w),
+        Msg::Job(j) => jobs.push(j),
     }
 }
 
@@ -229,9 +261,13 @@ fn commit(conn: &mut Connection, batch: &[LedgerRow]) -> Result<Committed, rusql
                 r.stream,
                 r.usage.estimated,
             ])?;
-            // A duplicate request id changes nothing, money included.
-            if n == 1 && r.cost_nano != 0 {
-                out.charges.push((r.account_id, r.budget_key, r.cost_nano));
+            if r.cost_nano == 0 {
+                continue;
+            }
+            // The book's unflushed charge is released either way; a duplicate request id
+            // moves no money.
+            out.charges.push((r.account_id, r.budget_key, r.cost_nano));
+            if n == 1 {
                 *by_account.entry(r.account_id).or_default() += r.cost_nano;
                 *by_key.entry(r.key_id).or_default() += r.cost_nano;
             }
@@ -340,7 +376,9 @@ mod tests {
             })
             .unwrap();
         assert_eq!((n, bal, spent), (2, 1_000_000 - 150, 150));
-        assert_eq!(seen.lock().unwrap().iter().map(|x| x.2).sum::<i64>(), 150);
+        // The book hears of every charge, duplicates included, so its unflushed amounts drain;
+        // only the two first writes moved money.
+        assert_eq!(seen.lock().unwrap().iter().map(|x| x.2).sum::<i64>(), 300);
     }
 
     #[test]

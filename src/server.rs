@@ -209,6 +209,7 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         metrics,
         keys: parts.keys.clone(),
         wallets: parts.wallets.clone(),
+        ledger: parts.ledger.clone(),
         prices: parts.prices.clone(),
         in_flight: in_flight.clone(),
         relay: relay.clone(),

@@ -105,6 +105,13 @@ impl Gateway {
         let method = session.req_header().method.clone();
         rc.route = route_label(&path);
         rc.ctx.client_ip = client_ip(session);
+        // A request read from a kept-alive connection after SIGTERM: its count came after the
+        // drain looked (the count is taken before this check, the flag set before the drain
+        // looks, so one of the two always sees the other). Refuse it before it holds money.
+        if self.in_flight.is_draining() {
+            session.as_downstream_mut().set_keepalive(None);
+            return Err(GatewayError::ShuttingDown);
+        }
         if path == "/api/pricing" && method == http::Method::GET {
             return self.pricing_page(session, &mut rc.ctx).await;
         }

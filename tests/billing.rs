@@ -438,10 +438,8 @@ async fn sigkill_loses_at_most_the_open_flush_window() {
 async fn admin_api_accounts_keys_usage_and_public_pricing() {
     let (_mock, gw) = start("").await;
     let c = client();
-    let admin = |m: reqwest::Method, p: &str| {
-        c.request(m, gw.admin_url(p))
-            .bearer_auth("test-admin-token")
-    };
+    let admin =
+        |m: reqwest::Method, p: &str| c.request(m, gw.admin_url(p)).bearer_auth(&gw.admin_token);
     let r = admin(reqwest::Method::POST, "/admin/accounts")
         .json(&json!({"name": "team", "group": "vip", "balance_usd": 1.5}))
         .send()

@@ -243,15 +243,9 @@ async fn dead_first_channel_fails_over_and_5xx_is_retried_on_the_next_channel() 
     })
     .await;
     let good = MockServer::start().await;
-    let dead_port = support::free_port();
+    // Port 1 on loopback: nothing listens there, and no test can take it.
     let channels = [
-        channel(
-            "dead",
-            &format!("http://127.0.0.1:{dead_port}"),
-            "k1",
-            &["m1"],
-            30,
-        ),
+        channel("dead", "http://127.0.0.1:1", "k1", &["m1"], 30),
         channel("failing", &failing.base_url(), "k2", &["m1", "m5"], 20),
         channel("good", &good.base_url(), "k3", &["m1", "m5"], 10),
     ]
@@ -519,10 +513,11 @@ async fn admin_listener_requires_the_token_and_exports_metrics() {
     // Metrics are recorded in the logging phase, just after the response; poll briefly.
     let want = r#"tollgate_requests_total{route="chat",status="200"} 1"#;
     let mut text = String::new();
-    for _ in 0..50 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
         text = client()
             .get(gw.admin_url("/metrics"))
-            .bearer_auth("test-admin-token")
+            .bearer_auth(&gw.admin_token)
             .send()
             .await
             .unwrap()
@@ -538,7 +533,7 @@ async fn admin_listener_requires_the_token_and_exports_metrics() {
     assert!(text.contains("tollgate_request_duration_seconds_bucket"));
     let r = client()
         .get(gw.admin_url("/readyz"))
-        .bearer_auth("test-admin-token")
+        .bearer_auth(&gw.admin_token)
         .send()
         .await
         .unwrap();
@@ -658,15 +653,18 @@ async fn key_limits_refuse_with_retry_after_and_ratelimit_headers() {
 
     // One at a time: a second request while a slow stream runs is refused.
     let one = gw.new_key("solo", &["--concurrency", "1"]);
-    let slow = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 5, "delay_ms": 100}});
-    let first = post(&gw, &one, "/v1/chat/completions", &slow).await;
+    // The mock holds the stream after its first chunk until the gate opens.
+    let held = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 5, "gate": true}});
+    let first = post(&gw, &one, "/v1/chat/completions", &held).await;
     assert_eq!(first.status(), 200);
     let second = post(&gw, &one, "/v1/chat/completions", &chat("m1")).await;
     assert_eq!(second.status(), 429);
+    mock.open_gate();
     first.text().await.unwrap();
     // The slot is freed in the logging phase, just after the last byte; allow it a moment.
     let mut third = 0;
-    for _ in 0..50 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
         third = post(&gw, &one, "/v1/chat/completions", &chat("m1"))
             .await
             .status()

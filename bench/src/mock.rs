@@ -1074,8 +1074,15 @@ impl StreamJob {
         let mut sent = 0u32;
         loop {
             if self.truncate_after == Some(sent) {
-                // Give hyper a moment to flush what was already sent, so the
-                // client sees exactly `sent` chunks before the abort.
+                // Let hyper take every frame already sent (the channel drains), then
+                // give it a moment to write them, so the client sees exactly `sent`
+                // chunks before the abort. Bounded: a stuck client must not hang us.
+                for _ in 0..200 {
+                    if self.tx.capacity() == self.tx.max_capacity() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 tokio::time::sleep(Duration::from_millis(25)).await;
                 let _ = self.tx.send(Err(io::Error::other("mock truncate"))).await;
                 return Ok(());
@@ -1102,9 +1109,11 @@ impl StreamJob {
                 tokio::time::sleep(d).await;
             }
             let text = format!("tok{sent} ");
+            // Counted before it can reach anyone: a client holding chunk N must never read
+            // a count below N.
+            self.shared.chunks_sent.fetch_add(1, Ordering::SeqCst);
             self.send(self.chunk(false, Some(&text), None, self.usage_field(sent + 1)))
                 .await?;
-            self.shared.chunks_sent.fetch_add(1, Ordering::SeqCst);
             sent += 1;
             track(sent, last_cumulative);
         }

@@ -372,16 +372,6 @@ impl Wallets {
         }
     }
 
-    /// The stored balance changed outside the ledger (a top-up by this process); `stored` is
-    /// the value read back from the store.
-    pub fn set_balance(&self, account_id: i64, stored: i64) {
-        let mut b = self.lock();
-        b.generation += 1;
-        if let Some(a) = b.accounts.get_mut(&account_id) {
-            a.stored = stored;
-        }
-    }
-
     /// Forget a key's purse (its budget or spend was edited); it is re-read on next use.
     pub fn forget_key(&self, key_id: i64) {
         let mut b = self.lock();
@@ -769,7 +759,10 @@ mod tests {
             spends: vec![],
         });
         assert_eq!(w.account_available(1), Some(800));
-        w.set_balance(1, 850);
+        w.committed(&Committed {
+            balances: vec![(1, 850)],
+            ..Committed::default()
+        });
         assert_eq!(w.account_available(1), Some(850));
     }
 
@@ -781,7 +774,10 @@ mod tests {
         // API reports the value it read back. Both are absolute: 500, not 1000.
         s.balance.store(500, Ordering::SeqCst);
         let r = w.reserve(1, None, 100).await.unwrap();
-        w.set_balance(1, 500);
+        w.committed(&Committed {
+            balances: vec![(1, 500)],
+            ..Committed::default()
+        });
         assert_eq!(w.account_available(1), Some(400));
         w.settle(&r, 0);
         assert_eq!(w.account_available(1), Some(500));

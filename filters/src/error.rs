@@ -47,6 +47,8 @@ pub enum GatewayError {
         what: &'static str,
         retry_after: Duration,
     },
+    #[error("Request too large for this key's tokens per minute: limit {limit}, requested {requested}. Lower max_tokens or the prompt.")]
+    OverTokenLimit { limit: u32, requested: u64 },
     #[error("{0}")]
     InsufficientQuota(String),
     #[error("The upstream provider is rate limiting this gateway. Retry later.")]
@@ -96,7 +98,7 @@ impl GatewayError {
             MethodNotAllowed(_) => 405,
             RequestTooLarge { .. } => 413,
             InvalidRequest { .. } => 400,
-            RateLimited { .. } | InsufficientQuota(_) => 429,
+            RateLimited { .. } | InsufficientQuota(_) | OverTokenLimit { .. } => 429,
             UpstreamRateLimited { .. } => 429,
             UpstreamFailed(_) => 502,
             NoChannelAvailable | ShuttingDown => 503,
@@ -115,6 +117,8 @@ impl GatewayError {
             ModelNotAllowed(_) | IpNotAllowed | Unpriced(_) => "permission_error",
             ModelNotFound(_) | RouteNotFound(_) | MethodNotAllowed(_) => "invalid_request_error",
             RequestTooLarge { .. } | InvalidRequest { .. } => "invalid_request_error",
+            RateLimited { what, .. } if what.contains("tokens") => "tokens",
+            OverTokenLimit { .. } => "tokens",
             RateLimited { .. } | UpstreamRateLimited { .. } => "requests",
             InsufficientQuota(_) => "insufficient_quota",
             UpstreamFailed(_) | UpstreamTimeout | NoChannelAvailable | ShuttingDown => {
@@ -137,7 +141,9 @@ impl GatewayError {
             MethodNotAllowed(_) => "method_not_allowed",
             RequestTooLarge { .. } => "request_too_large",
             InvalidRequest { .. } => "invalid_request_error",
-            RateLimited { .. } | UpstreamRateLimited { .. } => "rate_limit_exceeded",
+            RateLimited { .. } | UpstreamRateLimited { .. } | OverTokenLimit { .. } => {
+                "rate_limit_exceeded"
+            }
             InsufficientQuota(_) => "insufficient_quota",
             UpstreamFailed(_) => "upstream_error",
             UpstreamTimeout => "upstream_timeout",
@@ -174,6 +180,7 @@ impl GatewayError {
         match self {
             InvalidApiKey | RevokedApiKey | ExpiredApiKey | MissingApiKey => Some(false),
             ModelNotAllowed(_) | IpNotAllowed | InsufficientQuota(_) | Unpriced(_) => Some(false),
+            OverTokenLimit { .. } => Some(false),
             RequestTooLarge { .. } | InvalidRequest { .. } | ModelNotFound(_) => Some(false),
             RateLimited { .. } | UpstreamRateLimited { .. } => Some(true),
             _ => None,

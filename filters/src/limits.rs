@@ -71,9 +71,8 @@ impl Gcra {
         let new_tat = start + cost;
         // Allowed while the debt stays within one window.
         if new_tat.saturating_sub(now) > WINDOW {
-            let wait = new_tat.saturating_sub(now) - WINDOW;
-            // A request larger than the whole bucket can never fit.
-            return Err(if cost > WINDOW { Duration::MAX } else { wait });
+            // (Callers refuse a request larger than the whole bucket before asking.)
+            return Err(new_tat.saturating_sub(now) - WINDOW);
         }
         self.tat = new_tat;
         Ok(())
@@ -256,6 +255,13 @@ impl Filter for Limits {
                 .max_output_tokens
                 .unwrap_or(self.cfg.default_max_output);
             let tokens = facts.prompt_tokens_estimate + cap.saturating_mul(facts.choices.max(1));
+            if tokens > u64::from(tpm) {
+                // Retrying can never help: say so, rather than name a wait.
+                return Err(GatewayError::OverTokenLimit {
+                    limit: tpm,
+                    requested: tokens,
+                });
+            }
             let taken = st.tokens.take(now, tokens, tpm);
             if taken.is_ok() {
                 hold.tokens = tokens;
@@ -287,8 +293,15 @@ impl Filter for Limits {
         if hold.concurrency {
             st.in_flight = st.in_flight.saturating_sub(1);
         }
-        if let (Some(tpm), Some(u)) = (hold.limits.tpm, ctx.usage) {
-            let used = u.prompt_tokens + u.completion_tokens;
+        if let Some(tpm) = hold.limits.tpm {
+            // Reported usage settles the count; a request nothing was served for (refused
+            // downstream of here, or failed upstream) gives all of it back. A 2xx without
+            // usage keeps the estimate.
+            let used = match (ctx.usage, ctx.outcome.status) {
+                (Some(u), _) => u.prompt_tokens + u.completion_tokens,
+                (None, 200..=299) => hold.tokens,
+                (None, _) => 0,
+            };
             st.tokens
                 .give_back(now, hold.tokens.saturating_sub(used), tpm);
         }
@@ -346,7 +359,6 @@ mod tests {
         let wait = g.take(now, 1, 60).unwrap_err();
         assert_eq!(wait, Duration::from_secs(1));
         assert!(g.take(now + Duration::from_secs(1), 1, 60).is_ok());
-        assert_eq!(g.take(now, 1000, 60).unwrap_err(), Duration::MAX);
     }
 
     #[tokio::test]
@@ -461,6 +473,54 @@ mod tests {
             l.on_request_body(&mut d).await.is_ok(),
             "unused tokens came back"
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_larger_than_the_bucket_is_told_not_to_retry() {
+        let l = limits(LimitSet {
+            tpm: Some(1000),
+            ..Default::default()
+        });
+        let mut c = ctx_for(KeyRecord::default());
+        head(&l, &mut c).await.unwrap();
+        c.facts = Some(crate::RequestFacts {
+            prompt_tokens_estimate: 10,
+            max_output_tokens: Some(5000),
+            choices: 1,
+            ..Default::default()
+        });
+        let e = l.on_request_body(&mut c).await.unwrap_err();
+        assert_eq!(
+            (e.status(), e.code(), e.kind()),
+            (429, Some("rate_limit_exceeded"), "tokens")
+        );
+        assert!(e
+            .headers()
+            .contains(&("x-should-retry", "false".to_string())));
+        assert!(e.retry_after().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_refused_or_failed_request_gives_all_its_tokens_back() {
+        let l = limits(LimitSet {
+            tpm: Some(1000),
+            ..Default::default()
+        });
+        let facts = crate::RequestFacts {
+            prompt_tokens_estimate: 100,
+            max_output_tokens: Some(800),
+            choices: 1,
+            ..Default::default()
+        };
+        // 900 tokens each against 1000 a minute: only possible if failures give them back.
+        for _ in 0..3 {
+            let mut c = ctx_for(KeyRecord::default());
+            head(&l, &mut c).await.unwrap();
+            c.facts = Some(facts.clone());
+            l.on_request_body(&mut c).await.unwrap();
+            c.outcome.status = 502;
+            l.on_done(&mut c).await;
+        }
     }
 
     #[test]

@@ -89,19 +89,26 @@ pub fn list(pool: &Pool) -> Result<Vec<Account>, StoreError> {
 
 /// Adds `delta_nano` (positive) to the balance; returns the account as the update left it.
 pub fn topup(pool: &Pool, name: &str, delta_nano: i64) -> Result<Account, StoreError> {
+    let c = pool.get()?;
+    topup_on(&c, name, delta_nano)
+}
+
+/// [`topup`] on a given connection (the ledger writer's, inside a running gateway).
+pub fn topup_on(
+    c: &rusqlite::Connection,
+    name: &str,
+    delta_nano: i64,
+) -> Result<Account, StoreError> {
     if delta_nano <= 0 {
         return Err(StoreError::Invalid("top-up must be positive".into()));
     }
-    pool.get()?
-        .query_row(
-            &format!(
-                "UPDATE accounts SET balance_nano = balance_nano + ?1, updated_at = ?2 WHERE name = ?3 RETURNING {COLS}"
-            ),
-            params![delta_nano, now_ms(), name],
-            row,
-        )
-        .optional()?
-        .ok_or_else(|| StoreError::NotFound(format!("no account named `{name}`")))
+    c.query_row(
+        &format!("UPDATE accounts SET balance_nano = balance_nano + ?1, updated_at = ?2 WHERE name = ?3 RETURNING {COLS}"),
+        params![delta_nano, now_ms(), name],
+        row,
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::NotFound(format!("no account named `{name}`")))
 }
 
 /// The [`tollgate_filters::billing::BalanceSource`] port over SQLite.

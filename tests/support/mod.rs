@@ -23,6 +23,8 @@ pub fn free_port() -> u16 {
 
 pub struct Gateway {
     pub dir: tempfile::TempDir,
+    /// Unique per gateway, so a probe can never be answered by another test's process.
+    pub admin_token: String,
     pub config: PathBuf,
     pub port: u16,
     pub admin_port: u16,
@@ -56,8 +58,9 @@ impl Gateway {
         let port = free_port();
         let admin_port = free_port();
         let db = dir.path().join("tollgate.db");
+        let admin_token = format!("test-admin-{port}-{admin_port}");
         let yaml = format!(
-            "server:\n  listen: \"127.0.0.1:{port}\"\n  admin_listen: \"127.0.0.1:{admin_port}\"\n  threads: 2\n  admin_token: test-admin-token\n  max_body_bytes: 2097152\n  grace_period_s: 10\n  log_level: info\ndatabase:\n  path: \"{}\"\nchannels:\n{channels_yaml}{extra_yaml}",
+            "server:\n  listen: \"127.0.0.1:{port}\"\n  admin_listen: \"127.0.0.1:{admin_port}\"\n  threads: 2\n  admin_token: {admin_token}\n  max_body_bytes: 2097152\n  grace_period_s: 10\n  log_level: info\ndatabase:\n  path: \"{}\"\nchannels:\n{channels_yaml}{extra_yaml}",
             db.display()
         );
         // Relay tests use unpriced models; billing tests bring their own price table.
@@ -70,6 +73,7 @@ impl Gateway {
         std::fs::write(&config, yaml).unwrap();
         Gateway {
             dir,
+            admin_token,
             config,
             port,
             admin_port,
@@ -94,7 +98,7 @@ impl Gateway {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if probe(self.admin_port, "/healthz", "test-admin-token") == Some(200) {
+            if probe(self.admin_port, "/healthz", &self.admin_token) == Some(200) {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
