@@ -531,7 +531,7 @@ impl Relay {
                     if ctx.outcome.first_byte.is_none() {
                         ctx.outcome.first_byte = Some(ctx.started.elapsed());
                     }
-                    ctx.outcome.bytes_to_client += out.len() as u64;
+
                     if let Err(e) = session.write_response_body(Some(out), false).await {
                         tracing::info!(request_id = %ctx.request_id, error = %e, "client went away mid-response; reading on for usage");
                         ctx.outcome.client_gone = true;
@@ -549,6 +549,10 @@ impl Relay {
             }
         }
         let rest = scanner.finish();
+        if scanner.saw_error {
+            // The provider gave up mid-stream: the access log says so, billing estimates.
+            ctx.outcome.error = Some(GatewayError::UpstreamFailed("error event mid-stream"));
+        }
         ctx.usage = scanner.usage;
         ctx.outcome.completion_text_bytes = scanner.text_bytes;
         if upstream_broken || ctx.outcome.client_gone {

@@ -119,9 +119,12 @@ impl Gateway {
             return Err(GatewayError::RouteNotFound(path));
         }
         // The path goes upstream under the channel's key: no climbing out of `/v1/`.
-        let lowered = path.to_ascii_lowercase();
+        let encoded_dot = path
+            .as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"%2e"));
         if path.contains("//")
-            || lowered.contains("%2e")
+            || encoded_dot
             || path.split('/').any(|seg| seg == ".." || seg == ".")
         {
             return Err(GatewayError::invalid("The request path is not allowed."));

@@ -155,14 +155,6 @@ impl KeyCache {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The `auth` filter.

@@ -39,7 +39,6 @@ pub struct Outcome {
     pub error: Option<GatewayError>,
     /// The client went away before the response was complete.
     pub client_gone: bool,
-    pub bytes_to_client: u64,
     /// Bytes of generated text seen in the response (for estimates when usage never comes).
     pub completion_text_bytes: u64,
 }

@@ -173,28 +173,31 @@ impl Limits {
 
     fn headers(&self, st: &KeyState, l: &LimitSet, now: Duration) -> Vec<(&'static str, String)> {
         let mut h = Vec::with_capacity(6);
-        if let Some(rpm) = l.rpm {
-            h.push(("x-ratelimit-limit-requests", rpm.to_string()));
-            h.push((
+        let mut bucket = |names: [&'static str; 3], g: &Gcra, per_minute: Option<u32>| {
+            if let Some(pm) = per_minute {
+                h.push((names[0], pm.to_string()));
+                h.push((names[1], g.remaining(now, pm).to_string()));
+                h.push((names[2], format_reset(g.reset(now))));
+            }
+        };
+        bucket(
+            [
+                "x-ratelimit-limit-requests",
                 "x-ratelimit-remaining-requests",
-                st.requests.remaining(now, rpm).to_string(),
-            ));
-            h.push((
                 "x-ratelimit-reset-requests",
-                format_reset(st.requests.reset(now)),
-            ));
-        }
-        if let Some(tpm) = l.tpm {
-            h.push(("x-ratelimit-limit-tokens", tpm.to_string()));
-            h.push((
+            ],
+            &st.requests,
+            l.rpm,
+        );
+        bucket(
+            [
+                "x-ratelimit-limit-tokens",
                 "x-ratelimit-remaining-tokens",
-                st.tokens.remaining(now, tpm).to_string(),
-            ));
-            h.push((
                 "x-ratelimit-reset-tokens",
-                format_reset(st.tokens.reset(now)),
-            ));
-        }
+            ],
+            &st.tokens,
+            l.tpm,
+        );
         h
     }
 }

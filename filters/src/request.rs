@@ -1,10 +1,13 @@
 //! The request facts every filter needs, read from the JSON body in one parse.
 //!
 //! The body is parsed once into its top-level fields with their values kept raw
-//! ([`serde_json::value::RawValue`]): `messages` or `input`, often most of the body, is
-//! validated but never turned into a tree. When the body must change on its way upstream
-//! (a mapped model name, an injected `stream_options`), [`RequestBody::rewrite`] copies the
-//! raw fields back out in their original order.
+//! ([`serde_json::value::RawValue`], borrowed from the body): `messages` or `input`, often
+//! most of the body, is validated but never turned into a tree or copied. Only each field's
+//! byte range is kept. When the body must change on its way upstream (a mapped model name,
+//! an injected `stream_options`), [`RequestBody::rewrite`] copies the fields back out in
+//! their original order.
+
+use std::ops::Range;
 
 use bytes::Bytes;
 use indexmap::IndexMap;
@@ -35,7 +38,8 @@ pub struct RequestFacts {
 #[derive(Debug)]
 pub struct RequestBody {
     pub raw: Bytes,
-    fields: IndexMap<String, Box<RawValue>>,
+    /// Top-level keys, in order, with the byte range of each raw value in `raw`.
+    fields: Vec<(String, Range<usize>)>,
 }
 
 #[derive(Deserialize)]
@@ -47,7 +51,7 @@ struct StreamOptions {
 impl RequestBody {
     /// Parses the body. Not JSON, or not a JSON object, is a 400.
     pub fn parse(raw: Bytes) -> Result<(RequestBody, RequestFacts), GatewayError> {
-        let top: IndexMap<String, Box<RawValue>> = serde_json::from_slice(&raw).map_err(|e| {
+        let top: IndexMap<String, &RawValue> = serde_json::from_slice(&raw).map_err(|e| {
             GatewayError::invalid(format!(
                 "We could not parse the JSON body of your request: {e}."
             ))
@@ -111,7 +115,16 @@ impl RequestBody {
             prompt_tokens_estimate: estimate_prompt_tokens(&raw),
             body_bytes: raw.len(),
         };
-        Ok((RequestBody { raw, fields: top }, facts))
+        // Borrowed raw values point into `raw`: their offsets are their ranges.
+        let base = raw.as_ptr() as usize;
+        let fields = top
+            .into_iter()
+            .map(|(k, v)| {
+                let start = v.get().as_ptr() as usize - base;
+                (k, start..start + v.get().len())
+            })
+            .collect();
+        Ok((RequestBody { raw, fields }, facts))
     }
 
     /// The body to send upstream with `model` replaced and, when asked, `stream_options.
@@ -127,7 +140,7 @@ impl RequestBody {
         let mut buf = Vec::with_capacity(self.raw.len() + 48);
         buf.push(b'{');
         let mut first = true;
-        let mut put = |buf: &mut Vec<u8>, key: &str, raw_value: &str| {
+        let mut put = |buf: &mut Vec<u8>, key: &str, raw_value: &[u8]| {
             if !first {
                 buf.push(b',');
             }
@@ -135,31 +148,31 @@ impl RequestBody {
             // Keys came from valid JSON; re-escaping them is cheap and exact.
             buf.extend_from_slice(&serde_json::to_vec(key).unwrap_or_default());
             buf.push(b':');
-            buf.extend_from_slice(raw_value.as_bytes());
+            buf.extend_from_slice(raw_value);
         };
         let mut saw_options = false;
-        for (k, v) in &self.fields {
+        for (k, range) in &self.fields {
             // Raw values keep every byte of `messages` as sent; only the touched fields change.
-            let raw_value = v.get();
+            let raw_value = &self.raw[range.clone()];
             match k.as_str() {
                 "model" if upstream_model.is_some() => {
                     let m = serde_json::to_string(upstream_model.unwrap_or_default())
                         .map_err(|_| GatewayError::Internal)?;
-                    put(&mut buf, k, &m);
+                    put(&mut buf, k, m.as_bytes());
                 }
                 "stream_options" if force_include_usage => {
                     saw_options = true;
                     let mut opts: Map<String, serde_json::Value> =
-                        serde_json::from_str(raw_value).unwrap_or_default();
+                        serde_json::from_slice(raw_value).unwrap_or_default();
                     opts.insert("include_usage".into(), serde_json::Value::Bool(true));
                     let s = serde_json::to_string(&opts).map_err(|_| GatewayError::Internal)?;
-                    put(&mut buf, k, &s);
+                    put(&mut buf, k, s.as_bytes());
                 }
                 _ => put(&mut buf, k, raw_value),
             }
         }
         if force_include_usage && !saw_options {
-            put(&mut buf, "stream_options", r#"{"include_usage":true}"#);
+            put(&mut buf, "stream_options", br#"{"include_usage":true}"#);
         }
         buf.push(b'}');
         Ok(Bytes::from(buf))

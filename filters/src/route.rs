@@ -98,10 +98,6 @@ impl ChannelPicker {
         self.by_model.contains_key(model)
     }
 
-    pub fn channel(&self, i: usize) -> &ChannelRoute {
-        &self.cfg.channels[i]
-    }
-
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }

@@ -87,9 +87,12 @@ const INFO_COLS: &str =
     "k.id, a.name, k.name, k.prefix, k.revoked_at IS NOT NULL, k.expires_at, k.budget_nano, \
      k.spent_nano, k.models, k.allow_ips, k.rpm, k.tpm, k.concurrency, k.created_at";
 
+/// A JSON list column (`models`, `allow_ips`); an unreadable value reads as empty.
+fn json_list(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Vec<String>> {
+    Ok(serde_json::from_str(&r.get::<_, String>(idx)?).unwrap_or_default())
+}
+
 fn info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
-    let models: String = r.get(8)?;
-    let ips: String = r.get(9)?;
     Ok(KeyInfo {
         id: r.get(0)?,
         account: r.get(1)?,
@@ -99,8 +102,8 @@ fn info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
         expires_at: r.get(5)?,
         budget_nano: r.get(6)?,
         spent_nano: r.get(7)?,
-        models: serde_json::from_str(&models).unwrap_or_default(),
-        allow_ips: serde_json::from_str(&ips).unwrap_or_default(),
+        models: json_list(r, 8)?,
+        allow_ips: json_list(r, 9)?,
         rpm: r.get(10)?,
         tpm: r.get(11)?,
         concurrency: r.get(12)?,
@@ -252,9 +255,6 @@ pub fn find_by_hash(pool: &Pool, hash: &KeyHash) -> Result<Option<KeyRecord>, St
     )?;
     let rec = st
         .query_row([&hash[..]], |r| {
-            let models: String = r.get(8)?;
-            let ips: String = r.get(9)?;
-            let ips: Vec<String> = serde_json::from_str(&ips).unwrap_or_default();
             Ok(KeyRecord {
                 id: r.get(0)?,
                 account_id: r.get(1)?,
@@ -265,8 +265,11 @@ pub fn find_by_hash(pool: &Pool, hash: &KeyHash) -> Result<Option<KeyRecord>, St
                 revoked: r.get(6)?,
                 // Stored in ms like every other timestamp; the filter works in seconds.
                 expires_at: r.get::<_, Option<i64>>(7)?.map(|ms| ms.div_euclid(1000)),
-                models: serde_json::from_str(&models).unwrap_or_default(),
-                allow_ips: ips.iter().filter_map(|s| s.parse().ok()).collect(),
+                models: json_list(r, 8)?,
+                allow_ips: json_list(r, 9)?
+                    .iter()
+                    .filter_map(|s| s.parse().ok())
+                    .collect(),
                 rpm: r.get(10)?,
                 tpm: r.get(11)?,
                 concurrency: r.get(12)?,
