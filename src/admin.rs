@@ -17,10 +17,10 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tollgate_filters::auth::KeyCache;
 use tollgate_filters::billing::{PriceTable, Wallets};
+use tollgate_filters::{error_json, Channels};
 
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::relay::Relay;
 use crate::service::InFlight;
 use crate::store::usage::{self, GroupBy, UsageFilter};
 use crate::store::{accounts, keys, money, Pool, StoreError};
@@ -36,7 +36,7 @@ pub struct Admin {
     pub ledger: Arc<Ledger>,
     pub prices: Arc<PriceTable>,
     pub in_flight: Arc<InFlight>,
-    pub relay: Arc<Relay>,
+    pub channels: Channels,
 }
 
 /// An admin failure: status, code, message.
@@ -82,7 +82,10 @@ fn is_loopback_host(host: &str) -> bool {
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response<Vec<u8>> {
-    let body = serde_json::to_vec(v).unwrap_or_default();
+    body_response(status, serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn body_response(status: StatusCode, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, "application/json")
@@ -479,9 +482,15 @@ impl Admin {
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         if !self.authorized(session) || !self.browser_safe(session) {
-            return json_response(
+            return body_response(
                 StatusCode::UNAUTHORIZED,
-                &json!({"error": {"message": "A valid admin token is required.", "type": "invalid_request_error", "param": null, "code": "invalid_admin_token"}}),
+                error_json(
+                    "A valid admin token is required.",
+                    "invalid_request_error",
+                    None,
+                    Some("invalid_admin_token"),
+                )
+                .to_vec(),
             );
         }
         let method = session.req_header().method.clone();
@@ -492,10 +501,9 @@ impl ServeHttp for Admin {
                 return match self.ready() {
                     Ok(()) => {
                         let channels: serde_json::Map<String, Value> = self
-                            .relay
-                            .channels_in_use()
-                            .into_iter()
-                            .map(|(n, used)| (n.to_string(), json!({"in_use": used})))
+                            .channels
+                            .iter()
+                            .map(|c| (c.name.clone(), json!({"in_use": c.in_use(), "available": c.health.is_available()})))
                             .collect();
                         json_response(
                             StatusCode::OK,
@@ -521,9 +529,9 @@ impl ServeHttp for Admin {
         }
         match self.route(session, &method, &path).await {
             Ok((status, v)) => json_response(status, &v),
-            Err(Fail(status, code, message)) => json_response(
+            Err(Fail(status, code, message)) => body_response(
                 status,
-                &json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}}),
+                error_json(&message, "invalid_request_error", None, Some(code)).to_vec(),
             ),
         }
     }

@@ -12,6 +12,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::connections::ConnectionLimits;
+pub use tollgate_filters::channel::{ChannelConfig, ChannelKind, UpstreamUrl};
+pub use tollgate_filters::limits::LimitSet;
+pub use tollgate_filters::route::RoutingConfig;
+
 /// One configuration problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -68,7 +73,7 @@ pub struct Config {
     #[serde(default)]
     pub auth: AuthSection,
     #[serde(default)]
-    pub routing: RoutingSection,
+    pub routing: RoutingConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +98,9 @@ pub struct ServerConfig {
     /// `tracing` filter directive, e.g. `info` or `tollgate=debug`.
     #[serde(default = "d_log")]
     pub log_level: String,
+    /// Deadlines and the cap on client connections.
+    #[serde(default)]
+    pub connections: ConnectionLimits,
 }
 
 fn d_threads() -> usize {
@@ -199,71 +207,6 @@ fn d_on_error() -> OnError {
     OnError::Allow
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ChannelKind {
-    Openai,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChannelConfig {
-    pub name: String,
-    #[serde(default = "d_kind")]
-    pub kind: ChannelKind,
-    pub base_url: String,
-    #[serde(default)]
-    pub api_key: String,
-    #[serde(default)]
-    pub models: Vec<String>,
-    #[serde(default)]
-    pub model_map: BTreeMap<String, String>,
-    #[serde(default)]
-    pub priority: i32,
-    #[serde(default = "d_weight")]
-    pub weight: u32,
-    #[serde(default = "d_max_conc")]
-    pub max_concurrency: u32,
-    #[serde(default = "d_connect")]
-    pub connect_timeout_ms: u64,
-    #[serde(default = "d_read")]
-    pub read_timeout_ms: u64,
-    #[serde(default = "d_idle")]
-    pub idle_timeout_s: u64,
-    /// Verify the upstream's TLS certificate (turn off only for self-signed test upstreams).
-    #[serde(default = "d_true")]
-    pub tls_verify: bool,
-    /// Ask for `stream_options.include_usage` on streams whose client did not, so usage is
-    /// exact; turn off for providers that reject the field.
-    #[serde(default = "d_true")]
-    pub inject_stream_usage: bool,
-    /// A PEM CA certificate to trust for this channel instead of the system roots.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-}
-
-fn d_kind() -> ChannelKind {
-    ChannelKind::Openai
-}
-fn d_weight() -> u32 {
-    1
-}
-fn d_max_conc() -> u32 {
-    256
-}
-fn d_connect() -> u64 {
-    3000
-}
-fn d_read() -> u64 {
-    300_000
-}
-fn d_idle() -> u64 {
-    90
-}
-fn d_true() -> bool {
-    true
-}
-
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelPrice {
@@ -315,14 +258,6 @@ impl Default for PricingConfig {
             default_max_output: 4096,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitSet {
-    pub rpm: Option<u32>,
-    pub tpm: Option<u32>,
-    pub concurrency: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -385,96 +320,6 @@ impl Default for AuthSection {
             cache_ttl_ms: 30_000,
             negative_cache_ttl_ms: 2_000,
             cache_capacity: 100_000,
-        }
-    }
-}
-
-/// `routing:` (an extension): retries and channel health.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RoutingSection {
-    pub max_attempts: usize,
-    pub failure_threshold: u32,
-    pub cooldown_s: u64,
-}
-
-impl Default for RoutingSection {
-    fn default() -> Self {
-        RoutingSection {
-            max_attempts: 3,
-            failure_threshold: 5,
-            cooldown_s: 30,
-        }
-    }
-}
-
-/// A channel's `base_url`, split for the connector. Holds no credentials.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    /// Path prefix without a trailing slash, e.g. `` or `/openai`.
-    pub base_path: String,
-}
-
-impl UpstreamUrl {
-    pub fn parse(s: &str) -> Result<UpstreamUrl, String> {
-        let uri: http::Uri = s.parse().map_err(|_| {
-            "is not a valid URL (expected http(s)://host[:port][/path])".to_string()
-        })?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err("must start with http:// or https://".into()),
-        };
-        let auth = uri.authority().ok_or("has no host")?;
-        if auth.as_str().contains('@') {
-            return Err("must not carry credentials; put the key in `api_key`".into());
-        }
-        let host = auth
-            .host()
-            .trim_matches(|c| c == '[' || c == ']')
-            .to_string();
-        if host.is_empty() {
-            return Err("has no host".into());
-        }
-        if uri.query().is_some() {
-            return Err("must not have a query string".into());
-        }
-        let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let base_path = uri.path().trim_end_matches('/').to_string();
-        Ok(UpstreamUrl {
-            tls,
-            host,
-            port,
-            base_path,
-        })
-    }
-
-    /// The upstream path for a client path: a base URL ending in `/v1` (as many
-    /// OpenAI-compatible providers document it) does not double the `/v1`.
-    pub fn upstream_path(&self, client_path: &str) -> String {
-        if self.base_path.ends_with("/v1") {
-            if let Some(rest) = client_path.strip_prefix("/v1") {
-                return format!("{}{}", self.base_path, rest);
-            }
-        }
-        format!("{}{}", self.base_path, client_path)
-    }
-
-    /// The `Host` header value.
-    pub fn host_header(&self) -> String {
-        let default_port = if self.tls { 443 } else { 80 };
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == default_port {
-            host
-        } else {
-            format!("{host}:{}", self.port)
         }
     }
 }
@@ -874,6 +719,30 @@ impl Config {
         }
         if self.routing.max_attempts == 0 {
             err("routing.max_attempts".into(), "must be at least 1".into());
+        }
+        if !(self.routing.failure_ratio > 0.0 && self.routing.failure_ratio <= 1.0) {
+            err(
+                "routing.failure_ratio".into(),
+                "must be above 0 and at most 1".into(),
+            );
+        }
+        if self.routing.window_s == 0 {
+            err("routing.window_s".into(), "must be at least 1".into());
+        }
+        let c = &self.server.connections;
+        for (field, v) in [
+            ("head_timeout_ms", c.head_timeout_ms),
+            ("body_timeout_ms", c.body_timeout_ms),
+            ("body_idle_timeout_ms", c.body_idle_timeout_ms),
+            ("keepalive_timeout_s", c.keepalive_timeout_s),
+            ("max_connections", c.max_connections as u64),
+        ] {
+            if v == 0 {
+                err(
+                    format!("server.connections.{field}"),
+                    "must be at least 1".into(),
+                );
+            }
         }
         if self.routing.failure_threshold == 0 {
             err(

@@ -6,12 +6,14 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod ledger;
 pub mod maintenance;
 pub mod metrics;
+pub mod observe;
 pub mod pricing_page;
 pub mod relay;
+pub mod respond;
 pub mod server;
 pub mod service;
 pub mod store;
-pub mod usage;

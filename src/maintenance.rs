@@ -17,9 +17,9 @@ use pingora::services::background::BackgroundService;
 use tollgate_filters::auth::KeyCache;
 
 use crate::ledger::Ledger;
-use crate::relay::Relay;
 use crate::service::InFlight;
 use crate::store::{self, Pool};
+use tollgate_filters::Channels;
 
 const DNS_REFRESH: Duration = Duration::from_secs(30);
 const KEY_POLL: Duration = Duration::from_millis(250);
@@ -27,7 +27,7 @@ const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 const RETENTION_BATCH: usize = 5000;
 
 pub struct Maintenance {
-    pub relay: Arc<Relay>,
+    pub channels: Channels,
     pub pool: Pool,
     pub keys: Arc<KeyCache>,
     pub in_flight: Arc<InFlight>,
@@ -48,8 +48,8 @@ impl BackgroundService for Maintenance {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = dns.tick() => {
-                    let relay = self.relay.clone();
-                    let _ = tokio::task::spawn_blocking(move || relay.refresh_dns()).await;
+                    let channels = self.channels.clone();
+                    let _ = tokio::task::spawn_blocking(move || refresh_dns(&channels)).await;
                 }
                 _ = retention.tick(), if self.retention_days > 0 => {
                     let pool = self.pool.clone();
@@ -91,5 +91,14 @@ impl BackgroundService for Maintenance {
         let _ = tokio::task::spawn_blocking(move || ledger.shutdown()).await;
         tracing::info!("shutdown complete");
         std::process::exit(0);
+    }
+}
+
+/// Resolves every channel's host; failures are logged and retried on the next refresh.
+pub fn refresh_dns(channels: &Channels) {
+    for ch in channels.iter() {
+        if let Err(e) = ch.resolve() {
+            tracing::warn!(channel = %ch.name, error = %e, "cannot resolve upstream host; will retry");
+        }
     }
 }

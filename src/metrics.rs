@@ -22,6 +22,16 @@ pub struct Metrics {
     pub ledger_queue: IntGauge,
     /// Duration of one group commit.
     pub ledger_commit: Histogram,
+    /// Connections closed before a full request head (probes, resets, slow clients).
+    pub abandoned_connections: IntCounter,
+    /// Request heads not read within `server.connections.head_timeout_ms`.
+    pub head_timeouts: IntCounter,
+    /// Request heads that could not be parsed (answered 400).
+    pub malformed_requests: IntCounter,
+    /// Connections refused at `server.connections.max_connections`.
+    pub connections_refused: IntCounter,
+    /// Client connections open now.
+    pub connections_open: IntGauge,
 }
 
 impl Metrics {
@@ -78,6 +88,26 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let abandoned_connections = counter(
+            "tollgate_connections_abandoned_total",
+            "Connections closed before a full request head",
+        );
+        let head_timeouts = counter(
+            "tollgate_request_head_timeouts_total",
+            "Request heads not read within the head deadline",
+        );
+        let malformed_requests = counter(
+            "tollgate_malformed_requests_total",
+            "Request heads that could not be parsed",
+        );
+        let connections_refused = counter(
+            "tollgate_connections_refused_total",
+            "Connections refused at max_connections",
+        );
+        let connections_open =
+            IntGauge::new("tollgate_connections_open", "Client connections open now")
+                .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -87,6 +117,11 @@ impl Metrics {
             Box::new(ledger_rows.clone()),
             Box::new(ledger_queue.clone()),
             Box::new(ledger_commit.clone()),
+            Box::new(abandoned_connections.clone()),
+            Box::new(head_timeouts.clone()),
+            Box::new(malformed_requests.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(connections_open.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -100,6 +135,11 @@ impl Metrics {
             ledger_rows,
             ledger_queue,
             ledger_commit,
+            abandoned_connections,
+            head_timeouts,
+            malformed_requests,
+            connections_refused,
+            connections_open,
         }
     }
 
@@ -114,17 +154,5 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
-    }
-}
-
-/// A low-cardinality route label: never the raw path.
-pub fn route_label(path: &str) -> &'static str {
-    match path {
-        "/v1/chat/completions" => "chat",
-        "/v1/completions" => "completions",
-        "/v1/embeddings" => "embeddings",
-        "/v1/models" => "models",
-        p if p.starts_with("/v1/") => "other_v1",
-        _ => "unknown",
     }
 }

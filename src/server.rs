@@ -3,24 +3,30 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use tollgate_filters::auth::{Auth, AuthConfig, KeyCache};
 use tollgate_filters::billing::{Billing, ModelRate, PriceTable, UnpricedPolicy, Wallets};
+use tollgate_filters::channel::build_channels;
 use tollgate_filters::ip_guard::{IpGuard, IpGuardConfig};
-use tollgate_filters::limits::{LimitSet, Limits, LimitsConfig};
-use tollgate_filters::route::{ChannelPicker, ChannelRoute, Route, RouteConfig};
-use tollgate_filters::{Chain, Filter};
+use tollgate_filters::limits::{Limits, LimitsConfig};
+use tollgate_filters::route::{ChannelPicker, Route};
+use tollgate_filters::usage::UsageFilter;
+use tollgate_filters::{Chain, Channels, Filter};
 
 use crate::admin::Admin;
 use crate::config::{Config, Unpriced};
+use crate::connections::Capped;
 use crate::ledger::Ledger;
-use crate::maintenance::Maintenance;
+use crate::maintenance::{refresh_dns, Maintenance};
 use crate::metrics::Metrics;
+use crate::observe::Observe;
+use crate::pricing_page::PricingPage;
 use crate::relay::{ClientLimits, Relay};
-use crate::service::{Gateway, InFlight};
+use crate::service::{Gateway, InFlight, Pipeline};
 use crate::store::{self, accounts::SqliteBalances, keys::SqliteKeys, Pool};
 
 /// Seconds Pingora waits beyond `server.grace_period_s` before it stops the runtimes.
@@ -30,15 +36,20 @@ const SHUTDOWN_MARGIN_S: u64 = 10;
 pub struct Parts {
     pub pool: Pool,
     pub keys: Arc<KeyCache>,
+    pub channels: Channels,
     pub picker: Arc<ChannelPicker>,
     pub prices: Arc<PriceTable>,
     pub wallets: Arc<Wallets>,
     pub ledger: Arc<Ledger>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// **The filter chain, in request order.** This is the one place it is assembled.
+/// Response phases (attempt end, response head, chunks, done) run it in reverse.
 pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
     let filters: Vec<Arc<dyn Filter>> = vec![
+        // metrics and the access log; first, so its on_done sees the final state
+        Arc::new(Observe::new(parts.metrics.clone(), parts.channels.clone())),
         // pre-auth flood guard: one sketch update per request
         Arc::new(IpGuard::new(IpGuardConfig {
             rps: cfg.limits.ip.rps,
@@ -48,38 +59,22 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
             Arc::new(SqliteKeys(parts.pool.clone())),
             parts.keys.clone(),
         )),
-        // per key: requests/min and concurrency before the body, tokens/min after it
+        // per key: requests/min and concurrency before the body, tokens/min after it;
+        // on_done: gives back what the settlement says was not used
         Arc::new(Limits::new(limits_config(cfg))),
-        // model → ordered channel attempts; feeds channel health back in on_done
+        // model → ordered channel attempts; per attempt: channel slot and health
         Arc::new(Route::new(parts.picker.clone())),
-        // worst case → reservation; on_done: real cost → settle → ledger row
+        // worst case → reservation; on_done: the settlement's cost → ledger row
         Arc::new(Billing::new(
             parts.prices.clone(),
             parts.wallets.clone(),
             parts.ledger.clone(),
-            cfg.channels.iter().map(|c| c.name.clone()).collect(),
+            parts.channels.clone(),
         )),
+        // nearest the provider: asks for stream usage, reads it from every chunk
+        Arc::new(UsageFilter),
     ];
     Chain::new(filters)
-}
-
-pub fn route_config(cfg: &Config) -> RouteConfig {
-    RouteConfig {
-        channels: cfg
-            .channels
-            .iter()
-            .map(|c| ChannelRoute {
-                name: c.name.clone(),
-                models: c.models.clone(),
-                model_map: c.model_map.clone().into_iter().collect(),
-                priority: c.priority,
-                weight: c.weight,
-            })
-            .collect(),
-        max_attempts: cfg.routing.max_attempts,
-        failure_threshold: cfg.routing.failure_threshold,
-        cooldown: Duration::from_secs(cfg.routing.cooldown_s),
-    }
 }
 
 pub fn price_table(cfg: &Config) -> PriceTable {
@@ -115,19 +110,9 @@ pub fn price_table(cfg: &Config) -> PriceTable {
 }
 
 pub fn limits_config(cfg: &Config) -> LimitsConfig {
-    let set = |l: &crate::config::LimitSet| LimitSet {
-        rpm: l.rpm,
-        tpm: l.tpm,
-        concurrency: l.concurrency,
-    };
     LimitsConfig {
-        default: set(&cfg.limits.default),
-        groups: cfg
-            .limits
-            .groups
-            .iter()
-            .map(|(g, l)| (g.clone(), set(l)))
-            .collect(),
+        default: cfg.limits.default,
+        groups: cfg.limits.groups.clone().into_iter().collect(),
         default_max_output: cfg.pricing.default_max_output,
     }
 }
@@ -151,29 +136,30 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         wallets.clone(),
         metrics.clone(),
     )?);
+    let channels = build_channels(&cfg.channels, cfg.routing.health())?;
+    refresh_dns(&channels);
     let parts = Parts {
         pool: pool.clone(),
         keys: Arc::new(KeyCache::new(auth_config(&cfg))),
-        picker: Arc::new(ChannelPicker::new(route_config(&cfg))),
+        picker: Arc::new(ChannelPicker::new(
+            channels.clone(),
+            cfg.routing.max_attempts,
+        )),
+        channels: channels.clone(),
         prices: Arc::new(price_table(&cfg)),
         wallets,
         ledger: ledger.clone(),
+        metrics: metrics.clone(),
     };
     let limits = ClientLimits {
         drain_timeout: Duration::from_millis(cfg.accounting.drain_timeout_ms),
         drain_max_bytes: cfg.accounting.drain_max_bytes,
         write_timeout: Duration::from_millis(cfg.server.client_write_timeout_ms),
     };
-    let relay = Arc::new(Relay::new(
-        &cfg.channels,
-        cfg.server.upstream_keepalive_pool_size,
-        limits,
-        metrics.clone(),
-    )?);
-    relay.refresh_dns();
+    let relay = Arc::new(Relay::new(cfg.server.upstream_keepalive_pool_size, limits));
     let in_flight = Arc::new(InFlight::default());
     let chain = build_chain(&cfg, &parts);
-    tracing::info!(filters = ?chain.names(), channels = cfg.channels.len(), "filter chain built");
+    tracing::info!(filters = ?chain.names(), channels = channels.len(), "filter chain built");
 
     let conf = ServerConf {
         threads: cfg.server.threads,
@@ -187,20 +173,26 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let gateway = Gateway {
-        chain: Arc::new(chain),
-        relay: relay.clone(),
+    let pipeline = Pipeline {
+        chain,
+        channels: channels.clone(),
         picker: parts.picker.clone(),
         max_body_bytes: cfg.server.max_body_bytes,
+        connections: cfg.server.connections,
+        pricing: cfg.pricing.expose.then(|| PricingPage::new(&parts.prices)),
+    };
+    let gateway = Gateway {
+        pipeline: ArcSwap::from_pointee(pipeline),
+        relay,
         metrics: metrics.clone(),
         in_flight: in_flight.clone(),
-        pricing: cfg
-            .pricing
-            .expose
-            .then(|| Arc::new(crate::pricing_page::PricingPage::new(&parts.prices))),
     };
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
+    let app = Capped::new(
+        gateway,
+        cfg.server.connections.max_connections,
+        metrics.clone(),
+    );
+    let mut proxy = Service::new("tollgate".to_string(), app);
     proxy.add_tcp(&cfg.server.listen);
 
     let admin_app = Admin {
@@ -212,7 +204,7 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         ledger: parts.ledger.clone(),
         prices: parts.prices.clone(),
         in_flight: in_flight.clone(),
-        relay: relay.clone(),
+        channels: channels.clone(),
     };
     let mut admin = Service::new("tollgate-admin".to_string(), admin_app);
     admin.add_tcp(&cfg.server.admin_listen);
@@ -221,7 +213,7 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let maintenance = background_service(
         "tollgate-maintenance",
         Maintenance {
-            relay,
+            channels,
             pool,
             keys: parts.keys,
             in_flight,

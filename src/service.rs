@@ -1,26 +1,31 @@
-//! The Pingora adapter: one small function per phase.
+//! The HTTP service: tollgate is its own Pingora [`HttpServerApp`].
 //!
-//! Every request is answered from `request_filter`: the chain runs, the body is read and
-//! parsed once, and the relay forwards it itself (see `relay.rs` for why). Returning
-//! `Ok(true)` tells Pingora the response is sent, and `logging` still runs.
+//! Every request is answered by tollgate itself (the relay forwards; see `relay/`), so it
+//! owns the whole exchange on a connection: the deadline on reading a request head, the
+//! rendering of a head that cannot be parsed (OpenAI JSON, not an empty 400), the body
+//! deadline, keep-alive and pipelining. Per request it takes one snapshot of the
+//! [`Pipeline`] (config, chain, channel table), so a reload is one swap.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header;
-use pingora::http::ResponseHeader;
-use pingora::proxy::{ProxyHttp, Session};
-use pingora::upstreams::peer::HttpPeer;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
 use tollgate_filters::route::ChannelPicker;
-use tollgate_filters::{Chain, Ctx, GatewayError, RequestBody, RequestHead};
+use tollgate_filters::{Chain, Channels, Ctx, Endpoint, GatewayError, RequestBody, RequestHead};
 
-use crate::metrics::{route_label, Metrics};
+use crate::connections::ConnectionLimits;
+use crate::metrics::Metrics;
 use crate::pricing_page::PricingPage;
 use crate::relay::{Outbound, Relay};
+use crate::respond::{write_error, write_json, write_malformed};
 
 /// Counts requests in flight so shutdown can wait for them, and says when draining began.
 #[derive(Default)]
@@ -30,11 +35,6 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        InFlightGuard(self.clone())
-    }
-
     pub fn count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
     }
@@ -57,42 +57,57 @@ impl InFlight {
     }
 }
 
-pub struct InFlightGuard(Arc<InFlight>);
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::SeqCst);
-    }
+/// What one request runs with: taken once per request from the [`Gateway`]'s `ArcSwap`.
+pub struct Pipeline {
+    pub chain: Chain,
+    pub channels: Channels,
+    pub picker: Arc<ChannelPicker>,
+    pub max_body_bytes: usize,
+    pub connections: ConnectionLimits,
+    /// `GET /api/pricing`, when `pricing.expose` is on.
+    pub pricing: Option<PricingPage>,
 }
 
-/// The per-request context Pingora carries: the filters' [`Ctx`] plus the adapter's own.
-pub struct RequestCtx {
-    pub ctx: Ctx,
-    route: &'static str,
-    /// The chain, to give back what the request holds if it is dropped before `logging`.
-    chain: Arc<Chain>,
+/// One request's state: the filters' [`Ctx`] and the pipeline it runs on. Dropped without
+/// `done` (a panic, a cancelled task), it gives back what the filters hold.
+struct RequestCtx {
+    ctx: Ctx,
+    pipeline: Arc<Pipeline>,
     done: bool,
-    _in_flight: InFlightGuard,
+    in_flight: Arc<InFlight>,
+    metrics: Arc<Metrics>,
+}
+
+impl RequestCtx {
+    fn new(pipeline: Arc<Pipeline>, in_flight: Arc<InFlight>, metrics: Arc<Metrics>) -> Self {
+        in_flight.count.fetch_add(1, Ordering::SeqCst);
+        metrics.in_flight.inc();
+        RequestCtx {
+            ctx: Ctx::new(new_request_id()),
+            pipeline,
+            done: false,
+            in_flight,
+            metrics,
+        }
+    }
 }
 
 impl Drop for RequestCtx {
     fn drop(&mut self) {
         if !self.done {
-            self.chain.abandon(&mut self.ctx);
+            self.pipeline.chain.abandon(&mut self.ctx);
         }
+        self.metrics.in_flight.dec();
+        self.in_flight.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// The gateway service.
 pub struct Gateway {
-    pub chain: Arc<Chain>,
+    pub pipeline: ArcSwap<Pipeline>,
     pub relay: Arc<Relay>,
-    pub picker: Arc<ChannelPicker>,
-    pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
     pub in_flight: Arc<InFlight>,
-    /// `GET /api/pricing`, when `pricing.expose` is on.
-    pub pricing: Option<Arc<PricingPage>>,
 }
 
 fn new_request_id() -> String {
@@ -100,23 +115,37 @@ fn new_request_id() -> String {
 }
 
 impl Gateway {
-    async fn handle(&self, session: &mut Session, rc: &mut RequestCtx) -> Result<(), GatewayError> {
-        let path = session.req_header().uri.path().to_owned();
-        let method = session.req_header().method.clone();
-        rc.route = route_label(&path);
-        rc.ctx.client_ip = client_ip(session);
+    async fn handle(
+        &self,
+        session: &mut ServerSession,
+        p: &Pipeline,
+        ctx: &mut Ctx,
+    ) -> Result<(), GatewayError> {
+        let req = session.req_header();
+        let path = req.uri.path().to_owned();
+        let method = req.method.clone();
+        ctx.endpoint = Endpoint::of(&path);
+        ctx.client_ip = client_ip(session);
         // A request read from a kept-alive connection after SIGTERM: its count came after the
         // drain looked (the count is taken before this check, the flag set before the drain
         // looks, so one of the two always sees the other). Refuse it before it holds money.
         if self.in_flight.is_draining() {
-            session.as_downstream_mut().set_keepalive(None);
+            session.set_keepalive(None);
             return Err(GatewayError::ShuttingDown);
         }
+        if req.version == http::Version::HTTP_11
+            && !req.headers.contains_key(header::HOST)
+            && req.uri.authority().is_none()
+        {
+            return Err(GatewayError::invalid(
+                "An HTTP/1.1 request must carry a Host header.",
+            ));
+        }
         if path == "/api/pricing" && method == http::Method::GET {
-            return self.pricing_page(session, &mut rc.ctx).await;
+            return self.pricing_page(session, p, ctx).await;
         }
         if !path.starts_with("/v1/") {
-            return Err(GatewayError::RouteNotFound(path));
+            return Err(GatewayError::RouteNotFound(truncate(&path, 128)));
         }
         // The path goes upstream under the channel's key: no climbing out of `/v1/`.
         let encoded_dot = path
@@ -133,41 +162,38 @@ impl Gateway {
             method: &method,
             path: &path,
             headers: &session.req_header().headers,
-            client_ip: rc.ctx.client_ip,
+            client_ip: ctx.client_ip,
         };
-        self.chain.request_head(&mut rc.ctx, &head).await?;
+        p.chain.request_head(ctx, &head).await?;
 
-        if method == http::Method::GET {
-            if path == "/v1/models" {
-                return self.list_models(session, &mut rc.ctx, None).await;
-            }
-            if let Some(id) = path.strip_prefix("/v1/models/") {
-                return self.list_models(session, &mut rc.ctx, Some(id)).await;
-            }
+        if method == http::Method::GET && ctx.endpoint == Endpoint::Models {
+            let one = path.strip_prefix("/v1/models/");
+            return self.list_models(session, p, ctx, one).await;
         }
         if method != http::Method::POST {
             return Err(GatewayError::MethodNotAllowed(method.to_string()));
         }
-        let raw = self.read_body(session).await?;
+        let raw = self.read_body(session, p).await?;
         let (body, facts) = RequestBody::parse(raw)?;
-        // A stream whose client did not ask for usage: billing still needs it.
-        let wants_usage_injection = facts.stream
-            && !facts.include_usage
-            && matches!(path.as_str(), "/v1/chat/completions" | "/v1/completions");
-        rc.ctx.facts = Some(facts);
-        self.chain.request_body(&mut rc.ctx).await?;
+        ctx.facts = Some(facts);
+        p.chain.request_body(ctx).await?;
         let out = Outbound {
-            body: &body,
+            chain: &p.chain,
+            channels: &p.channels,
+            body: Some(&body),
             path: &path,
-            wants_usage_injection,
         };
-        self.relay.forward(session, &mut rc.ctx, out).await
+        self.relay.forward(session, ctx, out).await
     }
 
     /// Reads the whole body, refusing past `max_body_bytes` (by `Content-Length` up front when
-    /// the client sends one, else as the bytes arrive).
-    async fn read_body(&self, session: &mut Session) -> Result<Bytes, GatewayError> {
-        let limit = self.max_body_bytes;
+    /// the client sends one, else as the bytes arrive), within the body deadlines.
+    async fn read_body(
+        &self,
+        session: &mut ServerSession,
+        p: &Pipeline,
+    ) -> Result<Bytes, GatewayError> {
+        let limit = p.max_body_bytes;
         let declared = session
             .req_header()
             .headers
@@ -175,8 +201,6 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         if declared.is_some_and(|n| n > limit) {
-            // The unread body makes the connection unusable for another request.
-            session.as_downstream_mut().set_keepalive(None);
             return Err(GatewayError::RequestTooLarge { limit });
         }
         let expects_continue = session
@@ -186,45 +210,54 @@ impl Gateway {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         if expects_continue {
             session
-                .as_downstream_mut()
                 .write_continue_response()
                 .await
                 .map_err(|_| GatewayError::invalid("The client closed the connection."))?;
         }
-        let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit));
-        loop {
-            match session.read_request_body().await {
-                Ok(Some(chunk)) => {
-                    if buf.len() + chunk.len() > limit {
-                        session.as_downstream_mut().set_keepalive(None);
-                        return Err(GatewayError::RequestTooLarge { limit });
+        let limits = p.connections;
+        session.set_read_timeout(Some(Duration::from_millis(limits.body_idle_timeout_ms)));
+        let read_all = async {
+            let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit));
+            loop {
+                match session.read_request_body().await {
+                    Ok(Some(chunk)) => {
+                        if buf.len() + chunk.len() > limit {
+                            return Err(GatewayError::RequestTooLarge { limit });
+                        }
+                        buf.extend_from_slice(&chunk);
                     }
-                    buf.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading the request body failed");
-                    return Err(GatewayError::invalid("The request body could not be read."));
+                    Ok(None) => return Ok(buf.freeze()),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading the request body failed");
+                        return Err(GatewayError::RequestTimeout);
+                    }
                 }
             }
-        }
-        Ok(buf.freeze())
+        };
+        tokio::time::timeout(Duration::from_millis(limits.body_timeout_ms), read_all)
+            .await
+            .unwrap_or(Err(GatewayError::RequestTimeout))
     }
 
-    async fn pricing_page(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
-        let page = self
+    async fn pricing_page(
+        &self,
+        session: &mut ServerSession,
+        p: &Pipeline,
+        ctx: &mut Ctx,
+    ) -> Result<(), GatewayError> {
+        let page = p
             .pricing
             .as_ref()
             .ok_or_else(|| GatewayError::RouteNotFound("/api/pricing".into()))?;
         let group = session.req_header().uri.query().and_then(|q| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("group="))
-                .map(str::to_owned)
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "group")
+                .map(|(_, v)| v.into_owned())
         });
         let body = page.page(group.as_deref()).ok_or_else(|| {
             GatewayError::invalid(format!(
                 "Unknown pricing group `{}`.",
-                group.unwrap_or_default()
+                truncate(&group.unwrap_or_default(), 64)
             ))
         })?;
         write_json(
@@ -241,7 +274,8 @@ impl Gateway {
     /// `GET /v1/models` (and `/v1/models/{id}`): the models this key may use.
     async fn list_models(
         &self,
-        session: &mut Session,
+        session: &mut ServerSession,
+        p: &Pipeline,
         ctx: &mut Ctx,
         one: Option<&str>,
     ) -> Result<(), GatewayError> {
@@ -249,13 +283,13 @@ impl Gateway {
         let model = |id: &str| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "tollgate"});
         let body = match one {
             Some(id) => {
-                if !self.picker.serves(id) || !key.allows_model(id) {
+                if !p.picker.serves(id) || !key.allows_model(id) {
                     return Err(GatewayError::ModelNotFound(id.to_owned()));
                 }
                 model(id)
             }
             None => {
-                let data: Vec<_> = self
+                let data: Vec<_> = p
                     .picker
                     .models()
                     .into_iter()
@@ -269,135 +303,115 @@ impl Gateway {
         write_json(session, ctx, 200, body, &[]).await;
         Ok(())
     }
+
+    /// One request on a session whose head has been read.
+    async fn serve(&self, session: &mut ServerSession, shutdown: &ShutdownWatch) {
+        let pipeline = self.pipeline.load_full();
+        let mut rc = RequestCtx::new(
+            pipeline.clone(),
+            self.in_flight.clone(),
+            self.metrics.clone(),
+        );
+        let limits = pipeline.connections;
+        session.set_keepalive(if *shutdown.borrow() {
+            None
+        } else {
+            Some(limits.keepalive_timeout_s)
+        });
+        // Pipelined requests are answered in order, one after another.
+        session.set_pipelining_enabled(true);
+        session.set_total_drain_timeout(Some(Duration::from_millis(limits.body_idle_timeout_ms)));
+        if let Err(e) = self.handle(session, &pipeline, &mut rc.ctx).await {
+            // An unread body makes the connection unusable; an unauthenticated caller gets
+            // no second request on it.
+            if !session.is_body_done() || e.status() == 401 {
+                session.set_keepalive(None);
+            }
+            if rc.ctx.outcome.status == 0 {
+                write_error(session, &mut rc.ctx, &e).await;
+                if !session.is_body_done() {
+                    linger(session).await;
+                }
+            }
+            rc.ctx.outcome.error = Some(e);
+        }
+        rc.ctx.settle();
+        pipeline.chain.done(&mut rc.ctx).await;
+        rc.done = true;
+    }
 }
 
-fn client_ip(session: &Session) -> Option<IpAddr> {
+#[async_trait]
+impl HttpServerApp for Gateway {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let head_timeout = Duration::from_millis(self.pipeline.load().connections.head_timeout_ms);
+        let mut stop = shutdown.clone();
+        let read = tokio::select! {
+            biased;
+            r = tokio::time::timeout(head_timeout, session.read_request()) => r,
+            _ = stop.wait_for(|v| *v) => return None,
+        };
+        match read {
+            Ok(Ok(true)) => {}
+            // Closed before a byte, or idle past the keep-alive timeout: nothing to say.
+            Ok(Ok(false)) => return None,
+            Ok(Err(e)) if *e.etype() == pingora::ErrorType::InvalidHTTPHeader => {
+                self.metrics.malformed_requests.inc();
+                write_malformed(&mut session, new_request_id()).await;
+                session.shutdown().await;
+                return None;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "connection closed before a full request head");
+                self.metrics.abandoned_connections.inc();
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!("request head deadline passed; closing");
+                self.metrics.head_timeouts.inc();
+                return None;
+            }
+        }
+        self.serve(&mut session, shutdown).await;
+        let settings = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(Some(stream)) => Some(ReusedHttpStream::from_reusable_stream(stream, settings)),
+            _ => None,
+        }
+    }
+}
+
+/// After answering a request whose body was not read (413, 401), read and discard a bounded
+/// amount of it before closing, so the client sees the answer rather than a reset.
+async fn linger(session: &mut ServerSession) {
+    const MAX: usize = 64 * 1024 * 1024;
+    let mut seen = 0;
+    let discard = async {
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            seen += chunk.len();
+            if seen > MAX {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), discard).await;
+}
+
+fn client_ip(session: &ServerSession) -> Option<IpAddr> {
     session
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
 }
 
-/// Writes a complete JSON response. Errors mean the client is gone; nothing more to do.
-async fn write_json(
-    session: &mut Session,
-    ctx: &mut Ctx,
-    status: u16,
-    body: Bytes,
-    extra: &[(&'static str, String)],
-) {
-    let Ok(mut resp) =
-        ResponseHeader::build(status, Some(4 + extra.len() + ctx.response_headers.len()))
-    else {
-        return;
-    };
-    for (k, v) in &ctx.response_headers {
-        let _ = resp.insert_header(*k, v);
-    }
-    ctx.outcome.status = status;
-    let _ = resp.insert_header(header::CONTENT_TYPE, "application/json");
-    let _ = resp.insert_header(header::CONTENT_LENGTH, body.len());
-    let _ = resp.insert_header("x-request-id", &ctx.request_id);
-    for (k, v) in extra {
-        let _ = resp.insert_header(*k, v);
-    }
-    if session
-        .write_response_header(Box::new(resp), false)
-        .await
-        .is_ok()
-    {
-        let _ = session.write_response_body(Some(body), true).await;
-    }
-}
-
-#[async_trait]
-impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
-
-    fn new_ctx(&self) -> RequestCtx {
-        self.metrics.in_flight.inc();
-        RequestCtx {
-            ctx: Ctx::new(new_request_id()),
-            route: "unknown",
-            chain: self.chain.clone(),
-            done: false,
-            _in_flight: self.in_flight.enter(),
-        }
-    }
-
-    async fn request_filter(
-        &self,
-        session: &mut Session,
-        rc: &mut RequestCtx,
-    ) -> pingora::Result<bool> {
-        if let Err(e) = self.handle(session, rc).await {
-            // Refused before its body was read: do not let pingora drain an unbounded body
-            // to keep the connection alive.
-            if !session.as_downstream_mut().is_body_done() {
-                session.as_downstream_mut().set_keepalive(None);
-            }
-            let status = e.status();
-            if rc.ctx.outcome.status == 0 {
-                write_json(session, &mut rc.ctx, status, e.body(), &e.headers()).await;
-            }
-            rc.ctx.outcome.error = Some(e);
-        }
-        Ok(true)
-    }
-
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _rc: &mut RequestCtx,
-    ) -> pingora::Result<Box<HttpPeer>> {
-        // Every request is answered in request_filter; reaching here is a bug.
-        Err(pingora::Error::explain(
-            pingora::ErrorType::InternalError,
-            "the relay forwards every request",
-        ))
-    }
-
-    async fn logging(
-        &self,
-        _session: &mut Session,
-        _e: Option<&pingora::Error>,
-        rc: &mut RequestCtx,
-    ) {
-        self.chain.done(&mut rc.ctx).await;
-        rc.done = true;
-        let ctx = &rc.ctx;
-        let elapsed = ctx.started.elapsed();
-        let status = ctx.outcome.status;
-        self.metrics.in_flight.dec();
-        self.metrics
-            .requests
-            .with_label_values(&[rc.route, &status.to_string()])
-            .inc();
-        self.metrics
-            .latency
-            .with_label_values(&[rc.route])
-            .observe(elapsed.as_secs_f64());
-        if let Some(t) = ctx.outcome.first_byte {
-            self.metrics
-                .ttfb
-                .with_label_values(&[rc.route])
-                .observe(t.as_secs_f64());
-        }
-        let channel = ctx
-            .outcome
-            .channel
-            .map(|i| self.relay.channels[i].name.as_str());
-        tracing::info!(
-            request_id = %ctx.request_id,
-            key = ctx.key.as_ref().map(|k| k.prefix.as_str()).unwrap_or("-"),
-            model = ctx.model().unwrap_or("-"),
-            channel = channel.unwrap_or("-"),
-            status,
-            attempts = ctx.outcome.attempts,
-            latency_ms = elapsed.as_millis() as u64,
-            client_gone = ctx.outcome.client_gone,
-            error = ctx.outcome.error.as_ref().and_then(|e| e.code()).unwrap_or("-"),
-            "request"
-        );
+/// At most `max` characters of `s`, for echoing client input in errors.
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_owned(),
     }
 }

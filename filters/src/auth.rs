@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
+use crate::chain::Phases;
 use crate::{Ctx, Filter, GatewayError, RequestHead};
 
 /// `auth:` settings.
@@ -211,6 +212,10 @@ fn unix_now() -> i64 {
 impl Filter for Auth {
     fn name(&self) -> &'static str {
         "auth"
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST_HEAD | Phases::REQUEST_BODY
     }
 
     async fn on_request_head(

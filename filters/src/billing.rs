@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
+use crate::chain::Phases;
+use crate::channel::Channels;
 use crate::{Ctx, Filter, GatewayError};
 
 pub const NANO_PER_USD: i64 = 1_000_000_000;
@@ -445,8 +447,8 @@ pub struct Billing {
     prices: Arc<PriceTable>,
     wallets: Arc<Wallets>,
     ledger: Arc<dyn LedgerSink>,
-    /// Channel names by index, for the ledger.
-    channels: Vec<String>,
+    /// The channel table, for the ledger's channel name.
+    channels: Channels,
 }
 
 impl Billing {
@@ -454,7 +456,7 @@ impl Billing {
         prices: Arc<PriceTable>,
         wallets: Arc<Wallets>,
         ledger: Arc<dyn LedgerSink>,
-        channels: Vec<String>,
+        channels: Channels,
     ) -> Self {
         Billing {
             prices,
@@ -488,21 +490,35 @@ impl Filter for Billing {
         "billing"
     }
 
+    fn phases(&self) -> Phases {
+        Phases::REQUEST_BODY | Phases::DONE | Phases::ABANDON
+    }
+
     async fn on_request_body(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
         let (Some(key), Some(facts)) = (&ctx.key, &ctx.facts) else {
             return Ok(());
         };
-        let upstream = ctx.route.first().and_then(|a| a.upstream_model.as_deref());
-        let Some(rate) = self.prices.rate(&facts.model, upstream)? else {
+        // Any planned channel may serve the request, and `model_map` may send each a
+        // different model: reserve for the dearest.
+        let mut worst = None;
+        let unplanned = ctx.plan.is_empty().then_some(None);
+        let planned = ctx.plan.iter().map(|a| a.upstream_model.as_deref());
+        for upstream in unplanned.into_iter().chain(planned) {
+            let Some(rate) = self.prices.rate(&facts.model, upstream)? else {
+                continue;
+            };
+            let cost = self.prices.worst_case(
+                rate,
+                &key.group,
+                facts.prompt_tokens_estimate,
+                facts.max_output_tokens,
+                facts.choices,
+            );
+            worst = worst.max(Some(cost));
+        }
+        let Some(worst) = worst else {
             return Ok(());
         };
-        let worst = self.prices.worst_case(
-            rate,
-            &key.group,
-            facts.prompt_tokens_estimate,
-            facts.max_output_tokens,
-            facts.choices,
-        );
         let budget = key.budget_nano.map(|b| (key.id, b));
         ctx.reservation = Some(self.wallets.reserve(key.account_id, budget, worst).await?);
         Ok(())
@@ -522,25 +538,7 @@ impl Filter for Billing {
             return;
         };
         let out = &ctx.outcome;
-        // Usage as reported; else, if a response was relayed, a bounded estimate.
-        // A usage object with nothing in it (an endpoint whose counts we do not know) is no usage.
-        let reported = ctx
-            .usage
-            .filter(|u| u.prompt_tokens > 0 || u.completion_tokens > 0);
-        let usage = match (reported, out.status) {
-            (Some(u), _) => u,
-            (None, 200..=299) => Usage {
-                prompt_tokens: facts.prompt_tokens_estimate,
-                completion_tokens: estimate_completion(
-                    out.completion_text_bytes,
-                    facts.max_output_tokens,
-                    facts.choices,
-                ),
-                cached_tokens: 0,
-                estimated: true,
-            },
-            (None, _) => Usage::default(),
-        };
+        let usage = ctx.settlement.usage;
         let cost = match self
             .prices
             .rate(&facts.model, ctx.upstream_model.as_deref())
@@ -562,7 +560,9 @@ impl Filter for Billing {
             account_id: key.account_id,
             model: facts.model.clone(),
             upstream_model,
-            channel: out.channel.and_then(|i| self.channels.get(i).cloned()),
+            channel: out
+                .channel
+                .and_then(|i| self.channels.get(i).map(|c| c.name.clone())),
             status: out.status,
             usage,
             cost_nano: charged,
@@ -792,7 +792,12 @@ mod tests {
     async fn an_abandoned_request_gives_its_reservation_back() {
         let (_s, w) = wallets(1000);
         let w = Arc::new(w);
-        let billing = Billing::new(Arc::new(table()), w.clone(), Arc::new(NoLedger), vec![]);
+        let billing = Billing::new(
+            Arc::new(table()),
+            w.clone(),
+            Arc::new(NoLedger),
+            Arc::from(Vec::<crate::channel::Channel>::new()),
+        );
         let mut ctx = Ctx::new("r".into());
         ctx.reservation = Some(w.reserve(1, None, 700).await.unwrap());
         assert_eq!(w.account_available(1), Some(300));

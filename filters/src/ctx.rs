@@ -1,15 +1,19 @@
 //! The per-request context carried through every phase.
+//!
+//! Fields are written by one party and read by others; each says who writes it. Filters
+//! keep state only they read in [`Ctx::ext`], keyed by type.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::KeyRecord;
-use crate::billing::{Reservation, Usage};
+use crate::billing::{estimate_completion, Reservation, Usage};
 use crate::limits::LimitHold;
-use crate::route::Attempt;
+use crate::route::PlannedAttempt;
 use crate::{GatewayError, RequestFacts};
 
 /// What a filter may look at before the body is read.
@@ -20,18 +24,112 @@ pub struct RequestHead<'a> {
     pub client_ip: Option<IpAddr>,
 }
 
-/// How the exchange ended, filled by the relay and read by `on_done` filters.
+/// Which API a request is for, from its path. Also the low-cardinality route label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+    Embeddings,
+    Responses,
+    Models,
+    OtherV1,
+    #[default]
+    Unknown,
+}
+
+impl Endpoint {
+    pub fn of(path: &str) -> Endpoint {
+        match path {
+            "/v1/chat/completions" => Endpoint::Chat,
+            "/v1/completions" => Endpoint::Completions,
+            "/v1/embeddings" => Endpoint::Embeddings,
+            "/v1/responses" => Endpoint::Responses,
+            p if p == "/v1/models" || p.starts_with("/v1/models/") => Endpoint::Models,
+            p if p.starts_with("/v1/") => Endpoint::OtherV1,
+            _ => Endpoint::Unknown,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Models => "models",
+            Endpoint::OtherV1 => "other_v1",
+            Endpoint::Unknown => "unknown",
+        }
+    }
+
+    /// Whether the endpoint streams generated text whose usage the provider reports only
+    /// when asked (`stream_options.include_usage`).
+    pub fn takes_stream_options(self) -> bool {
+        matches!(self, Endpoint::Chat | Endpoint::Completions)
+    }
+}
+
+/// Usage as the provider reported it, filled by the `usage` filter while the body passes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UsageReport {
+    /// The last usage reported (cumulative reports: the last wins).
+    pub usage: Option<Usage>,
+    /// Bytes of generated text seen (for an estimate when usage never comes).
+    pub text_bytes: u64,
+    /// The provider sent an error event mid-stream.
+    pub saw_error: bool,
+}
+
+/// Why a settlement had to estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EstimateReason {
+    /// The upstream broke off the response.
+    Cut,
+    /// The client left and draining for the usage hit its time or byte limit.
+    DrainLimit,
+    /// The response ended normally without usage.
+    NoUsage,
+}
+
+impl EstimateReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            EstimateReason::Cut => "cut",
+            EstimateReason::DrainLimit => "drain_limit",
+            EstimateReason::NoUsage => "no_usage",
+        }
+    }
+}
+
+/// What a request used, decided once when the exchange ends. Billing charges it and limits
+/// count it, so the two always agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settlement {
+    /// Reported usage, or an estimate (then `usage.estimated` is set and `estimated` says
+    /// why), or zero when nothing was served.
+    pub usage: Usage,
+    pub estimated: Option<EstimateReason>,
+    /// A 2xx response was relayed: the provider did work for this request.
+    pub served: bool,
+}
+
+impl Settlement {
+    pub fn tokens(&self) -> u64 {
+        self.usage
+            .prompt_tokens
+            .saturating_add(self.usage.completion_tokens)
+    }
+}
+
+/// How the exchange ended, filled by the relay.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
     /// The status sent to the client (0 if nothing was sent).
     pub status: u16,
-    /// The channel that served the response, as an index into the route table.
+    /// The channel that served the response (an index into the channel table).
     pub channel: Option<usize>,
     /// Upstream attempts made, including failed ones.
     pub attempts: u32,
-    /// Per attempt: channel index and whether it failed in a way that counts against its
-    /// health (connect error, timeout, 5xx, 429).
-    pub channel_results: Vec<(usize, bool)>,
     /// Time from the first upstream byte being requested to the response header.
     pub upstream_header_time: Option<Duration>,
     /// Time to the first body byte sent to the client.
@@ -39,33 +137,74 @@ pub struct Outcome {
     pub error: Option<GatewayError>,
     /// The client went away before the response was complete.
     pub client_gone: bool,
-    /// Bytes of generated text seen in the response (for estimates when usage never comes).
-    pub completion_text_bytes: u64,
+    /// The upstream broke off the response body.
+    pub upstream_cut: bool,
+    /// Draining for usage after the client left stopped at its time or byte limit.
+    pub drain_limited: bool,
 }
 
-/// One request's state. Created in `new_ctx`, dropped after `logging`.
+/// Headers filters add to whatever response the client gets. A filter sets its own names;
+/// setting a name again replaces that filter's earlier value, never another's header.
+#[derive(Debug, Clone, Default)]
+pub struct ResponseHeaders(Vec<(&'static str, String)>);
+
+impl ResponseHeaders {
+    pub fn set(&mut self, name: &'static str, value: String) {
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.0.iter().map(|(n, v)| (*n, v.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One request's state. Created when the request head arrives, dropped after `logging`.
 pub struct Ctx {
     /// tollgate's own id: returned as `x-request-id` and the ledger's key.
     pub request_id: String,
     pub started: Instant,
     pub client_ip: Option<IpAddr>,
-    /// The authenticated key, once `auth` has run.
+    /// Written by the service from the path.
+    pub endpoint: Endpoint,
+    /// Written by `auth`.
     pub key: Option<Arc<KeyRecord>>,
-    /// Parsed body facts, once the body is read.
+    /// Written by the service after the one body parse.
     pub facts: Option<RequestFacts>,
-    /// Upstream attempts in order, once `route` has run.
-    pub route: Vec<Attempt>,
-    /// The model name sent upstream, when `model_map` renamed it.
+    /// Written by `route`: the upstream attempts, in order.
+    pub plan: Vec<PlannedAttempt>,
+    /// Written by the relay when it commits to a channel: the model name sent upstream,
+    /// when `model_map` renamed it.
     pub upstream_model: Option<String>,
-    /// Money held for this request, once `billing` has run.
+    /// Written by `usage` from the request: ask the provider for stream usage the client
+    /// did not ask for. The relay applies it per channel (`inject_stream_usage`).
+    pub inject_stream_usage: bool,
+    /// Written by the relay: the committed attempt carried the injected `stream_options`.
+    pub stream_usage_injected: bool,
+    /// Written by `billing`.
     pub reservation: Option<Reservation>,
-    /// Usage as the provider reported it.
-    pub usage: Option<Usage>,
-    /// What `limits` holds for this request (a concurrency slot, counted tokens).
+    /// Written by `limits`.
     pub limit_hold: Option<LimitHold>,
-    /// Headers filters add to whatever response the client gets (`x-ratelimit-*`).
-    pub response_headers: Vec<(&'static str, String)>,
+    /// Written by `route` per attempt: the channel concurrency slot this request holds.
+    pub channel_slot: Option<OwnedSemaphorePermit>,
+    /// Written by `usage` while the response passes.
+    pub usage: UsageReport,
+    /// Written once, by [`Ctx::settle`], when the exchange is over.
+    pub settlement: Settlement,
+    pub response_headers: ResponseHeaders,
     pub outcome: Outcome,
+    /// State private to one filter, keyed by its type.
+    pub ext: http::Extensions,
 }
 
 impl Ctx {
@@ -74,20 +213,149 @@ impl Ctx {
             request_id,
             started: Instant::now(),
             client_ip: None,
+            endpoint: Endpoint::Unknown,
             key: None,
             facts: None,
-            route: Vec::new(),
+            plan: Vec::new(),
             upstream_model: None,
+            inject_stream_usage: false,
+            stream_usage_injected: false,
             reservation: None,
-            usage: None,
             limit_hold: None,
-            response_headers: Vec::new(),
+            channel_slot: None,
+            usage: UsageReport::default(),
+            settlement: Settlement::default(),
+            response_headers: ResponseHeaders::default(),
             outcome: Outcome::default(),
+            ext: http::Extensions::new(),
         }
     }
 
     /// The model the client asked for, if the body has been read.
     pub fn model(&self) -> Option<&str> {
         self.facts.as_ref().map(|f| f.model.as_str())
+    }
+
+    /// Decides what the request used, once, from what the provider reported and how the
+    /// exchange ended. A usage object with nothing in it (an endpoint whose counts are not
+    /// known) counts as no usage. A relayed 2xx without usage is estimated: the prompt
+    /// estimate plus text bytes / 4, never above the request's own output cap.
+    pub fn settle(&mut self) {
+        let served = (200..300).contains(&self.outcome.status);
+        let reported = self
+            .usage
+            .usage
+            .filter(|u| u.prompt_tokens > 0 || u.completion_tokens > 0);
+        self.settlement = match (reported, served, &self.facts) {
+            (Some(u), _, _) => Settlement {
+                usage: Usage {
+                    estimated: false,
+                    ..u
+                },
+                estimated: None,
+                served,
+            },
+            (None, true, Some(f)) => Settlement {
+                usage: Usage {
+                    prompt_tokens: f.prompt_tokens_estimate,
+                    completion_tokens: estimate_completion(
+                        self.usage.text_bytes,
+                        f.max_output_tokens,
+                        f.choices,
+                    ),
+                    cached_tokens: 0,
+                    estimated: true,
+                },
+                estimated: Some(if self.outcome.drain_limited {
+                    EstimateReason::DrainLimit
+                } else if self.outcome.upstream_cut {
+                    EstimateReason::Cut
+                } else {
+                    EstimateReason::NoUsage
+                }),
+                served,
+            },
+            _ => Settlement {
+                served,
+                ..Settlement::default()
+            },
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx_with(status: u16, usage: Option<Usage>, text_bytes: u64) -> Ctx {
+        let mut ctx = Ctx::new("r".into());
+        ctx.facts = Some(RequestFacts {
+            model: "m".into(),
+            prompt_tokens_estimate: 10,
+            max_output_tokens: Some(100),
+            choices: 1,
+            ..RequestFacts::default()
+        });
+        ctx.outcome.status = status;
+        ctx.usage.usage = usage;
+        ctx.usage.text_bytes = text_bytes;
+        ctx
+    }
+
+    #[test]
+    fn reported_usage_is_settled_as_is() {
+        let u = Usage {
+            prompt_tokens: 7,
+            completion_tokens: 3,
+            cached_tokens: 0,
+            estimated: false,
+        };
+        let mut ctx = ctx_with(200, Some(u), 0);
+        ctx.settle();
+        assert_eq!(ctx.settlement.usage, u);
+        assert_eq!(ctx.settlement.estimated, None);
+        assert!(ctx.settlement.served);
+        assert_eq!(ctx.settlement.tokens(), 10);
+    }
+
+    #[test]
+    fn a_served_response_without_usage_is_estimated_with_its_reason() {
+        let mut ctx = ctx_with(200, None, 41);
+        ctx.outcome.upstream_cut = true;
+        ctx.settle();
+        assert_eq!(ctx.settlement.usage.prompt_tokens, 10);
+        assert_eq!(ctx.settlement.usage.completion_tokens, 11);
+        assert!(ctx.settlement.usage.estimated);
+        assert_eq!(ctx.settlement.estimated, Some(EstimateReason::Cut));
+        // A zero usage object is no usage.
+        let mut ctx = ctx_with(200, Some(Usage::default()), 4);
+        ctx.settle();
+        assert_eq!(ctx.settlement.estimated, Some(EstimateReason::NoUsage));
+    }
+
+    #[test]
+    fn nothing_served_settles_to_zero() {
+        let mut ctx = ctx_with(502, None, 100);
+        ctx.settle();
+        assert_eq!(ctx.settlement, Settlement::default());
+    }
+
+    #[test]
+    fn response_headers_are_added_and_a_name_is_replaced_only_by_itself() {
+        let mut h = ResponseHeaders::default();
+        h.set("x-a", "1".into());
+        h.set("x-b", "2".into());
+        h.set("x-a", "3".into());
+        assert_eq!(h.iter().collect::<Vec<_>>(), [("x-a", "3"), ("x-b", "2")]);
+    }
+
+    #[test]
+    fn endpoints_and_labels() {
+        assert_eq!(Endpoint::of("/v1/chat/completions").label(), "chat");
+        assert_eq!(Endpoint::of("/v1/models/gpt").label(), "models");
+        assert_eq!(Endpoint::of("/v1/files/x").label(), "other_v1");
+        assert_eq!(Endpoint::of("/x").label(), "unknown");
+        assert!(Endpoint::Chat.takes_stream_options());
+        assert!(!Endpoint::Embeddings.takes_stream_options());
     }
 }

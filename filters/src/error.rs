@@ -37,6 +37,8 @@ pub enum GatewayError {
     MethodNotAllowed(String),
     #[error("The request body exceeds the limit of {limit} bytes.")]
     RequestTooLarge { limit: usize },
+    #[error("The request body was not received in time.")]
+    RequestTimeout,
     #[error("{message}")]
     InvalidRequest {
         message: String,
@@ -75,9 +77,24 @@ struct Envelope<'a> {
 struct Body<'a> {
     message: &'a str,
     #[serde(rename = "type")]
-    kind: &'static str,
-    param: Option<&'static str>,
-    code: Option<&'static str>,
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+/// OpenAI's error JSON, `{"error": {"message", "type", "param", "code"}}`: the one place it
+/// is serialized, for the gateway's own errors, rebuilt provider errors and the admin API.
+pub fn error_json(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Bytes {
+    let envelope = Envelope {
+        error: Body {
+            message,
+            kind,
+            param,
+            code,
+        },
+    };
+    // Serializing plain strings into a Vec cannot fail.
+    Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default())
 }
 
 impl GatewayError {
@@ -97,6 +114,7 @@ impl GatewayError {
             ModelNotFound(_) | RouteNotFound(_) => 404,
             MethodNotAllowed(_) => 405,
             RequestTooLarge { .. } => 413,
+            RequestTimeout => 408,
             InvalidRequest { .. } => 400,
             RateLimited { .. } | InsufficientQuota(_) | OverTokenLimit { .. } => 429,
             UpstreamRateLimited { .. } => 429,
@@ -116,7 +134,9 @@ impl GatewayError {
             }
             ModelNotAllowed(_) | IpNotAllowed | Unpriced(_) => "permission_error",
             ModelNotFound(_) | RouteNotFound(_) | MethodNotAllowed(_) => "invalid_request_error",
-            RequestTooLarge { .. } | InvalidRequest { .. } => "invalid_request_error",
+            RequestTooLarge { .. } | InvalidRequest { .. } | RequestTimeout => {
+                "invalid_request_error"
+            }
             RateLimited { what, .. } if what.contains("tokens") => "tokens",
             OverTokenLimit { .. } => "tokens",
             RateLimited { .. } | UpstreamRateLimited { .. } => "requests",
@@ -140,6 +160,7 @@ impl GatewayError {
             RouteNotFound(_) => "unknown_url",
             MethodNotAllowed(_) => "method_not_allowed",
             RequestTooLarge { .. } => "request_too_large",
+            RequestTimeout => "request_timeout",
             InvalidRequest { .. } => "invalid_request_error",
             RateLimited { .. } | UpstreamRateLimited { .. } | OverTokenLimit { .. } => {
                 "rate_limit_exceeded"
@@ -189,17 +210,7 @@ impl GatewayError {
 
     /// The JSON body.
     pub fn body(&self) -> Bytes {
-        let message = self.to_string();
-        let envelope = Envelope {
-            error: Body {
-                message: &message,
-                kind: self.kind(),
-                param: self.param(),
-                code: self.code(),
-            },
-        };
-        // Serializing plain strings into a Vec cannot fail.
-        Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default())
+        error_json(&self.to_string(), self.kind(), self.param(), self.code())
     }
 
     /// Headers that go with the body (besides `content-type` and `content-length`).

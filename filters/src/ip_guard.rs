@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora_limits::rate::Rate;
 
+use crate::chain::Phases;
 use crate::{Ctx, Filter, GatewayError, RequestHead};
 
 /// `limits.ip:` settings.
@@ -53,6 +54,10 @@ impl IpGuard {
 impl Filter for IpGuard {
     fn name(&self) -> &'static str {
         "ip_guard"
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST_HEAD
     }
 
     async fn on_request_head(

@@ -1,27 +1,36 @@
 //! tollgate's filter chain.
 //!
 //! A request passes through an ordered list of [`Filter`]s. Each filter is one module with its
-//! config struct and its tests beside it, and gets its dependencies (stores, caches) through
-//! small traits ("ports") at construction, never from globals. The service in the `tollgate`
-//! crate drives the chain through Pingora's phases:
+//! config struct and its tests beside it, and gets its dependencies (stores, caches, the
+//! channel table) at construction, never from globals. The service in the `tollgate` crate
+//! drives the chain through the phases listed in [`chain`]:
 //!
 //! ```text
-//! on_request_head   ip_guard → auth(key, ip) → limits(rpm, concurrency)     (before the body)
-//! on_request_body   auth(model) → limits(tpm) → route → billing(reserve)   (after one parse)
-//! on_done           billing(settle, ledger) → route(health) → limits(free)  (reverse order)
+//! on_request_head   observe → ip_guard → auth(key, ip) → limits(rpm, concurrency)
+//! on_request_body   auth(model) → limits(tpm) → route(plan) → billing(reserve) → usage(inject?)
+//! on_attempt_start  route(channel slot, health probe)
+//! on_attempt_end    route(channel health)                                  (reverse order)
+//! on_response_head  usage(pick the scanner)                                (reverse order)
+//! on_chunk          usage(scan, strip the injected usage event)            (reverse order)
+//! on_done           billing(settle, ledger) → limits(free) → observe(metrics, access log)
 //! ```
 
 pub mod auth;
 pub mod billing;
-mod chain;
+pub mod chain;
+pub mod channel;
 mod ctx;
 mod error;
 pub mod ip_guard;
 pub mod limits;
 pub mod request;
 pub mod route;
+pub mod usage;
 
-pub use chain::{Chain, Filter};
-pub use ctx::{Ctx, Outcome, RequestHead};
-pub use error::GatewayError;
+pub use chain::{Attempt, AttemptOutcome, Chain, Filter, Phases};
+pub use channel::{Channel, Channels};
+pub use ctx::{
+    Ctx, Endpoint, EstimateReason, Outcome, RequestHead, ResponseHeaders, Settlement, UsageReport,
+};
+pub use error::{error_json, GatewayError};
 pub use request::{RequestBody, RequestFacts};

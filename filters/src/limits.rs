@@ -19,10 +19,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use crate::chain::Phases;
+use crate::ctx::ResponseHeaders;
 use crate::{Ctx, Filter, GatewayError, RequestHead};
 
-/// One set of limits; `None` means unlimited in that dimension.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// One set of limits (`limits.default`, a group, or a key's own); `None` means unlimited in
+/// that dimension.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LimitSet {
     pub rpm: Option<u32>,
     pub tpm: Option<u32>,
@@ -171,13 +175,13 @@ impl Limits {
         }
     }
 
-    fn headers(&self, st: &KeyState, l: &LimitSet, now: Duration) -> Vec<(&'static str, String)> {
-        let mut h = Vec::with_capacity(6);
+    /// Sets this filter's `x-ratelimit-*` headers for the limited dimensions.
+    fn headers(&self, h: &mut ResponseHeaders, st: &KeyState, l: &LimitSet, now: Duration) {
         let mut bucket = |names: [&'static str; 3], g: &Gcra, per_minute: Option<u32>| {
             if let Some(pm) = per_minute {
-                h.push((names[0], pm.to_string()));
-                h.push((names[1], g.remaining(now, pm).to_string()));
-                h.push((names[2], format_reset(g.reset(now))));
+                h.set(names[0], pm.to_string());
+                h.set(names[1], g.remaining(now, pm).to_string());
+                h.set(names[2], format_reset(g.reset(now)));
             }
         };
         bucket(
@@ -198,7 +202,6 @@ impl Limits {
             &st.tokens,
             l.tpm,
         );
-        h
     }
 }
 
@@ -206,6 +209,10 @@ impl Limits {
 impl Filter for Limits {
     fn name(&self) -> &'static str {
         "limits"
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST_HEAD | Phases::REQUEST_BODY | Phases::DONE | Phases::ABANDON
     }
 
     /// Requests/min and concurrency: known before the body, so refused before reading it.
@@ -228,7 +235,7 @@ impl Filter for Limits {
         }
         if let Some(rpm) = limits.rpm {
             let taken = st.requests.take(now, 1, rpm);
-            ctx.response_headers = self.headers(st, &limits, now);
+            self.headers(&mut ctx.response_headers, st, &limits, now);
             taken.map_err(|wait| Self::refused("requests per minute", wait))?;
         }
         let concurrency = limits.concurrency.is_some();
@@ -269,7 +276,7 @@ impl Filter for Limits {
             if taken.is_ok() {
                 hold.tokens = tokens;
             }
-            ctx.response_headers = self.headers(st, &limits, now);
+            self.headers(&mut ctx.response_headers, st, &limits, now);
             taken.map_err(|wait| Self::refused("tokens per minute", wait))?;
         }
         Ok(())
@@ -297,14 +304,9 @@ impl Filter for Limits {
             st.in_flight = st.in_flight.saturating_sub(1);
         }
         if let Some(tpm) = hold.limits.tpm {
-            // Reported usage settles the count; a request nothing was served for (refused
-            // downstream of here, or failed upstream) gives all of it back. A 2xx without
-            // usage keeps the estimate.
-            let used = match (ctx.usage, ctx.outcome.status) {
-                (Some(u), _) => u.prompt_tokens + u.completion_tokens,
-                (None, 200..=299) => hold.tokens,
-                (None, _) => 0,
-            };
+            // The settlement (the same one billing charges) settles the count: reported or
+            // estimated usage for a served request; nothing for one that was not.
+            let used = ctx.settlement.tokens();
             st.tokens
                 .give_back(now, hold.tokens.saturating_sub(used), tpm);
         }
@@ -406,7 +408,8 @@ mod tests {
         assert!(e.retry_after().unwrap() > Duration::from_secs(25));
         assert!(c
             .response_headers
-            .contains(&("x-ratelimit-remaining-requests", "0".into())));
+            .iter()
+            .any(|h| h == ("x-ratelimit-remaining-requests", "0")));
     }
 
     #[tokio::test]
@@ -459,11 +462,13 @@ mod tests {
             l.on_request_body(&mut c).await.is_err(),
             "1000 of 1000 counted"
         );
-        a.usage = Some(crate::billing::Usage {
+        a.usage.usage = Some(crate::billing::Usage {
             prompt_tokens: 90,
             completion_tokens: 10,
             ..Default::default()
         });
+        a.outcome.status = 200;
+        a.settle();
         l.on_done(&mut a).await;
         // 400 of a's 500 came back: a 300-token request fits, a 500-token one would not.
         let mut d = ctx_for(key);
@@ -522,6 +527,7 @@ mod tests {
             c.facts = Some(facts.clone());
             l.on_request_body(&mut c).await.unwrap();
             c.outcome.status = 502;
+            c.settle();
             l.on_done(&mut c).await;
         }
     }

@@ -1,72 +1,83 @@
 //! `route`: which channels may serve this model, and in what order to try them.
 //!
 //! Channels are tried highest `priority` first; within one priority the order is a weighted
-//! random shuffle, so traffic spreads by `weight`. A channel that failed
-//! `health.failure_threshold` times in a row sits out for `health.cooldown` (it is still tried
-//! last rather than never, so a model whose every channel is cooling down still gets an
-//! attempt). The relay walks the resulting [`Attempt`] list, bounded by `max_attempts`.
+//! random shuffle, so traffic spreads by `weight`. A channel whose health breaker is open
+//! (see [`crate::channel::Health`]) is tried last rather than never, so a model whose every
+//! channel is cooling down still gets an attempt. The relay walks the resulting
+//! [`PlannedAttempt`] list, bounded by `max_attempts`. Per attempt, this filter takes the
+//! channel's concurrency slot and reports the outcome to the channel's health at once, so a
+//! failing channel is judged while a long stream that failed over is still running.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rand::Rng;
+use serde::Deserialize;
 
+use crate::chain::{Attempt, AttemptOutcome, Phases};
+use crate::channel::{Channels, HealthConfig};
 use crate::{Ctx, Filter, GatewayError};
 
-/// The routing view of one channel (the relay holds the connection side).
-#[derive(Debug, Clone)]
-pub struct ChannelRoute {
-    pub name: String,
-    pub models: Vec<String>,
-    /// Client model name → upstream model name.
-    pub model_map: HashMap<String, String>,
-    pub priority: i32,
-    pub weight: u32,
-}
-
-/// `routing:` settings.
-#[derive(Debug, Clone)]
-pub struct RouteConfig {
-    pub channels: Vec<ChannelRoute>,
+/// `routing:` in the YAML: attempts per request and how channel health is judged.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
     /// Upper bound on upstream attempts per request, over all channels.
     pub max_attempts: usize,
+    pub window_s: u64,
+    pub min_requests: u32,
     pub failure_threshold: u32,
-    pub cooldown: Duration,
+    pub failure_ratio: f64,
+    pub cooldown_s: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        let h = HealthConfig::default();
+        RoutingConfig {
+            max_attempts: 3,
+            window_s: h.window_s,
+            min_requests: h.min_requests,
+            failure_threshold: h.failure_threshold,
+            failure_ratio: h.failure_ratio,
+            cooldown_s: h.cooldown_s,
+        }
+    }
+}
+
+impl RoutingConfig {
+    pub fn health(&self) -> HealthConfig {
+        HealthConfig {
+            window_s: self.window_s,
+            min_requests: self.min_requests,
+            failure_threshold: self.failure_threshold,
+            failure_ratio: self.failure_ratio,
+            cooldown_s: self.cooldown_s,
+        }
+    }
 }
 
 /// One planned upstream attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attempt {
+pub struct PlannedAttempt {
     /// Index into the channel table.
     pub channel: usize,
     /// The model name to send upstream, when `model_map` renames it.
     pub upstream_model: Option<String>,
 }
 
-/// Consecutive failures and the cool-down deadline of one channel.
-#[derive(Default)]
-struct Health {
-    failures: AtomicU32,
-    /// Nanoseconds since `epoch` until which the channel is cooling down.
-    cooling_until: AtomicU64,
-}
-
 /// Orders candidate channels for a model. Shared by every request.
 pub struct ChannelPicker {
-    cfg: RouteConfig,
+    channels: Channels,
+    max_attempts: usize,
     /// model → channel indices serving it, sorted by priority (highest first).
     by_model: HashMap<String, Vec<usize>>,
-    health: Vec<Health>,
-    epoch: Instant,
 }
 
 impl ChannelPicker {
-    pub fn new(cfg: RouteConfig) -> Self {
+    pub fn new(channels: Channels, max_attempts: usize) -> Self {
         let mut by_model: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, ch) in cfg.channels.iter().enumerate() {
+        for (i, ch) in channels.iter().enumerate() {
             let names = ch.models.iter().chain(ch.model_map.keys());
             for m in names {
                 let list = by_model.entry(m.clone()).or_default();
@@ -76,15 +87,17 @@ impl ChannelPicker {
             }
         }
         for list in by_model.values_mut() {
-            list.sort_by_key(|&i| std::cmp::Reverse(cfg.channels[i].priority));
+            list.sort_by_key(|&i| std::cmp::Reverse(channels[i].priority));
         }
-        let health = cfg.channels.iter().map(|_| Health::default()).collect();
         ChannelPicker {
-            cfg,
+            channels,
+            max_attempts,
             by_model,
-            health,
-            epoch: Instant::now(),
         }
+    }
+
+    pub fn channels(&self) -> &Channels {
+        &self.channels
     }
 
     /// Every model some channel serves, sorted.
@@ -98,39 +111,31 @@ impl ChannelPicker {
         self.by_model.contains_key(model)
     }
 
-    fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
-    }
-
-    fn cooling(&self, i: usize, now: u64) -> bool {
-        self.health[i].cooling_until.load(Ordering::Relaxed) > now
-    }
-
     /// The attempt order for `model`, or `None` if no channel serves it.
-    pub fn plan(&self, model: &str) -> Option<Vec<Attempt>> {
+    pub fn plan(&self, model: &str) -> Option<Vec<PlannedAttempt>> {
         let candidates = self.by_model.get(model)?;
-        let now = self.now_ns();
+        let chans = &self.channels;
         let mut rng = rand::rng();
         let mut ordered = Vec::with_capacity(candidates.len());
         let mut cooling = Vec::new();
         let mut start = 0;
         while start < candidates.len() {
-            let prio = self.cfg.channels[candidates[start]].priority;
+            let prio = chans[candidates[start]].priority;
             let end = candidates[start..]
                 .iter()
-                .position(|&i| self.cfg.channels[i].priority != prio)
+                .position(|&i| chans[i].priority != prio)
                 .map_or(candidates.len(), |n| start + n);
             // Weighted shuffle of one priority tier: repeatedly draw by remaining weight.
             let mut tier: Vec<usize> = candidates[start..end].to_vec();
             while !tier.is_empty() {
                 let total: u64 = tier
                     .iter()
-                    .map(|&i| u64::from(self.cfg.channels[i].weight.max(1)))
+                    .map(|&i| u64::from(chans[i].weight.max(1)))
                     .sum();
                 let mut pick = rng.random_range(0..total);
                 let mut at = 0;
                 for (n, &i) in tier.iter().enumerate() {
-                    let w = u64::from(self.cfg.channels[i].weight.max(1));
+                    let w = u64::from(chans[i].weight.max(1));
                     if pick < w {
                         at = n;
                         break;
@@ -138,55 +143,36 @@ impl ChannelPicker {
                     pick -= w;
                 }
                 let i = tier.swap_remove(at);
-                if self.cooling(i, now) {
-                    cooling.push(i);
-                } else {
+                if chans[i].health.is_available() {
                     ordered.push(i);
+                } else {
+                    cooling.push(i);
                 }
             }
             start = end;
         }
         ordered.extend(cooling);
-        ordered.truncate(self.cfg.max_attempts.max(1));
+        ordered.truncate(self.max_attempts.max(1));
         Some(
             ordered
                 .into_iter()
-                .map(|i| Attempt {
+                .map(|i| PlannedAttempt {
                     channel: i,
-                    upstream_model: self.cfg.channels[i].model_map.get(model).cloned(),
+                    upstream_model: chans[i].upstream_model(model).map(str::to_owned),
                 })
                 .collect(),
         )
     }
-
-    /// Records an attempt's result for the channel's health.
-    pub fn report(&self, channel: usize, failed: bool) {
-        let h = &self.health[channel];
-        if !failed {
-            h.failures.store(0, Ordering::Relaxed);
-            h.cooling_until.store(0, Ordering::Relaxed);
-            return;
-        }
-        let n = h.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= self.cfg.failure_threshold {
-            let until = self.now_ns() + self.cfg.cooldown.as_nanos() as u64;
-            h.cooling_until.store(until, Ordering::Relaxed);
-            tracing::warn!(channel = %self.cfg.channels[channel].name, failures = n, "channel cooling down");
-        }
-    }
-
-    pub fn is_healthy(&self, channel: usize) -> bool {
-        !self.cooling(channel, self.now_ns())
-    }
 }
 
-/// The `route` filter: plans the attempts, and feeds results back into channel health.
+/// The `route` filter: plans the attempts; per attempt, takes the channel's concurrency
+/// slot and reports the outcome to the channel's health.
 pub struct Route {
-    picker: Arc<ChannelPicker>,
+    picker: std::sync::Arc<ChannelPicker>,
 }
 
 impl Route {
-    pub fn new(picker: Arc<ChannelPicker>) -> Self {
+    pub fn new(picker: std::sync::Arc<ChannelPicker>) -> Self {
         Route { picker }
     }
 }
@@ -197,6 +183,10 @@ impl Filter for Route {
         "route"
     }
 
+    fn phases(&self) -> Phases {
+        Phases::REQUEST_BODY | Phases::ATTEMPT_START | Phases::ATTEMPT_END
+    }
+
     async fn on_request_body(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
         let model = ctx.model().unwrap_or_default();
         if model.is_empty() {
@@ -205,16 +195,36 @@ impl Filter for Route {
                 param: Some("model"),
             });
         }
-        ctx.route = self
+        ctx.plan = self
             .picker
             .plan(model)
             .ok_or_else(|| GatewayError::ModelNotFound(model.to_owned()))?;
         Ok(())
     }
 
-    async fn on_done(&self, ctx: &mut Ctx) {
-        for &(channel, failed) in &ctx.outcome.channel_results {
-            self.picker.report(channel, failed);
+    /// A channel at `max_concurrency` refuses the attempt; that says nothing about its
+    /// health. The slot of an earlier attempt is given back here.
+    async fn on_attempt_start(
+        &self,
+        ctx: &mut Ctx,
+        attempt: &Attempt<'_>,
+    ) -> Result<(), GatewayError> {
+        ctx.channel_slot = None;
+        let permit = attempt
+            .channel
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| GatewayError::NoChannelAvailable)?;
+        ctx.channel_slot = Some(permit);
+        attempt.channel.health.attempt_started();
+        Ok(())
+    }
+
+    fn on_attempt_end(&self, ctx: &mut Ctx, attempt: &Attempt<'_>, outcome: AttemptOutcome) {
+        let failed = outcome.is_channel_failure();
+        if attempt.channel.health.report(failed) {
+            tracing::warn!(request_id = %ctx.request_id, channel = %attempt.channel.name, "channel cooling down");
         }
     }
 }
@@ -222,24 +232,25 @@ impl Filter for Route {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::{build_channels, ChannelConfig};
 
-    fn ch(name: &str, prio: i32, weight: u32, models: &[&str]) -> ChannelRoute {
-        ChannelRoute {
-            name: name.into(),
-            models: models.iter().map(|s| s.to_string()).collect(),
-            model_map: HashMap::new(),
-            priority: prio,
-            weight,
-        }
+    fn ch(name: &str, prio: i32, weight: u32, models: &[&str]) -> ChannelConfig {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "base_url": "http://127.0.0.1:9", "models": models,
+            "priority": prio, "weight": weight,
+        }))
+        .unwrap()
     }
 
-    fn picker(channels: Vec<ChannelRoute>) -> ChannelPicker {
-        ChannelPicker::new(RouteConfig {
-            channels,
-            max_attempts: 3,
+    fn picker(channels: Vec<ChannelConfig>) -> ChannelPicker {
+        let health = HealthConfig {
+            min_requests: 2,
             failure_threshold: 2,
-            cooldown: Duration::from_secs(60),
-        })
+            failure_ratio: 0.5,
+            window_s: 60,
+            cooldown_s: 60,
+        };
+        ChannelPicker::new(build_channels(&channels, health).unwrap(), 3)
     }
 
     #[test]
@@ -273,15 +284,52 @@ mod tests {
         assert_eq!(p.models(), ["gpt-4", "gpt-4o"]);
     }
 
-    #[test]
-    fn failing_channel_cools_down_and_goes_last() {
-        let p = picker(vec![ch("a", 10, 1, &["m"]), ch("b", 1, 1, &["m"])]);
-        p.report(0, true);
-        assert!(p.is_healthy(0));
-        p.report(0, true);
-        assert!(!p.is_healthy(0));
+    #[tokio::test]
+    async fn a_failing_channel_cools_down_per_attempt_and_goes_last() {
+        let p = std::sync::Arc::new(picker(vec![ch("a", 10, 1, &["m"]), ch("b", 1, 1, &["m"])]));
+        let route = Route::new(p.clone());
+        let chans = p.channels().clone();
+        let mut ctx = Ctx::new("r".into());
+        for n in 1..=2 {
+            let at = Attempt {
+                channel: &chans[0],
+                number: n,
+            };
+            route.on_attempt_start(&mut ctx, &at).await.unwrap();
+            route.on_attempt_end(&mut ctx, &at, AttemptOutcome::Status(503));
+        }
         let plan = p.plan("m").unwrap();
         assert_eq!(plan.iter().map(|a| a.channel).collect::<Vec<_>>(), [1, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_full_channel_refuses_the_attempt_and_a_new_attempt_frees_the_old_slot() {
+        let mut c = ch("a", 1, 1, &["m"]);
+        c.max_concurrency = 1;
+        let p = std::sync::Arc::new(picker(vec![c, ch("b", 1, 1, &["m"])]));
+        let route = Route::new(p.clone());
+        let chans = p.channels().clone();
+        let (mut one, mut two) = (Ctx::new("1".into()), Ctx::new("2".into()));
+        let a = Attempt {
+            channel: &chans[0],
+            number: 1,
+        };
+        route.on_attempt_start(&mut one, &a).await.unwrap();
+        assert_eq!(chans[0].in_use(), 1);
+        let busy = route.on_attempt_start(&mut two, &a).await.unwrap_err();
+        assert_eq!(busy, GatewayError::NoChannelAvailable);
+        let b = Attempt {
+            channel: &chans[1],
+            number: 2,
+        };
+        route.on_attempt_start(&mut one, &b).await.unwrap();
+        assert_eq!(chans[0].in_use(), 0, "moving on gives the first slot back");
+        drop(one);
+        assert_eq!(
+            chans[1].in_use(),
+            0,
+            "the context's drop gives the slot back"
+        );
     }
 
     #[test]

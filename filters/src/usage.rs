@@ -1,4 +1,10 @@
-//! Reads the provider's reported usage from a response as it streams past.
+//! `usage`: reads the provider's reported usage from a response as it streams past, and
+//! decides when to ask for it.
+//!
+//! - **Injection**: a chat or completions stream whose client did not set
+//!   `stream_options.include_usage` would carry no usage, so the request asks for it
+//!   anyway ([`Ctx::inject_stream_usage`]; the relay applies it on channels with
+//!   `inject_stream_usage`), and the usage-only event is stripped from what the client sees.
 //!
 //! - **SSE**: network chunks do not align with events, so complete events are cut out of a
 //!   small pending buffer and parsed on the side. Chunks go to the client unchanged, except
@@ -12,9 +18,15 @@
 
 use std::borrow::Cow;
 
+use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use pingora_http::ResponseHeader;
 use serde::Deserialize;
-use tollgate_filters::billing::Usage;
+
+use crate::billing::Usage;
+use crate::chain::Phases;
+use crate::ctx::UsageReport;
+use crate::{Ctx, Filter, GatewayError};
 
 const JSON_TAIL: usize = 64 * 1024;
 /// A single SSE event larger than this is passed through unparsed.
@@ -97,6 +109,7 @@ struct Delta<'a> {
     reasoning_content: Option<Cow<'a, str>>,
 }
 
+#[derive(Clone)]
 enum Mode {
     Sse {
         strip_usage_event: bool,
@@ -108,14 +121,13 @@ enum Mode {
 }
 
 /// Watches one response body for usage and generated text.
+#[derive(Clone)]
 pub struct UsageScanner {
     mode: Mode,
-    /// The last usage reported.
-    pub usage: Option<Usage>,
-    /// Bytes of generated text seen (content, reasoning, completions text).
-    pub text_bytes: u64,
-    /// The provider sent an error event mid-stream.
-    pub saw_error: bool,
+    /// Usage, generated text bytes and mid-stream errors seen so far.
+    pub report: UsageReport,
+    /// The stream's terminating `data: [DONE]` went past.
+    pub saw_done: bool,
 }
 
 impl UsageScanner {
@@ -125,9 +137,8 @@ impl UsageScanner {
                 strip_usage_event,
                 pending: BytesMut::new(),
             },
-            usage: None,
-            text_bytes: 0,
-            saw_error: false,
+            report: UsageReport::default(),
+            saw_done: false,
         }
     }
 
@@ -136,9 +147,8 @@ impl UsageScanner {
             mode: Mode::Json {
                 tail: BytesMut::new(),
             },
-            usage: None,
-            text_bytes: 0,
-            saw_error: false,
+            report: UsageReport::default(),
+            saw_done: false,
         }
     }
 
@@ -147,7 +157,7 @@ impl UsageScanner {
         match &mut self.mode {
             Mode::Json { tail } => {
                 // Without usage, the whole body is the best measure of what was generated.
-                self.text_bytes += chunk.len() as u64;
+                self.report.text_bytes += chunk.len() as u64;
                 tail.extend_from_slice(&chunk);
                 if tail.len() > 2 * JSON_TAIL {
                     let cut = tail.len() - JSON_TAIL;
@@ -168,13 +178,7 @@ impl UsageScanner {
                 };
                 while let Some(end) = event_end(pending) {
                     let event = pending.split_to(end);
-                    let keep = self_scan(
-                        &event,
-                        &mut self.usage,
-                        &mut self.text_bytes,
-                        &mut self.saw_error,
-                        strip,
-                    );
+                    let keep = self_scan(&event, &mut self.report, &mut self.saw_done, strip);
                     if strip && keep {
                         out.extend_from_slice(&event);
                     }
@@ -199,7 +203,7 @@ impl UsageScanner {
     pub fn finish(&mut self) -> Bytes {
         match &mut self.mode {
             Mode::Json { tail } => {
-                self.usage = last_usage_object(tail).or(self.usage);
+                self.report.usage = last_usage_object(tail).or(self.report.usage);
                 Bytes::new()
             }
             Mode::Sse {
@@ -209,14 +213,9 @@ impl UsageScanner {
                 let rest = pending.split().freeze();
                 if !rest.is_empty() {
                     // A final event without its blank line.
-                    let keep = self_scan(
-                        &rest,
-                        &mut self.usage,
-                        &mut self.text_bytes,
-                        &mut self.saw_error,
-                        *strip_usage_event,
-                    );
-                    if *strip_usage_event && keep {
+                    let strip = *strip_usage_event;
+                    let keep = self_scan(&rest, &mut self.report, &mut self.saw_done, strip);
+                    if strip && keep {
                         return rest;
                     }
                 }
@@ -244,13 +243,7 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Scans one event; returns whether the client should see it.
-fn self_scan(
-    event: &[u8],
-    usage: &mut Option<Usage>,
-    text: &mut u64,
-    error: &mut bool,
-    strip: bool,
-) -> bool {
+fn self_scan(event: &[u8], seen: &mut UsageReport, done: &mut bool, strip: bool) -> bool {
     let mut keep = true;
     for line in event.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -258,15 +251,20 @@ fn self_scan(
             continue;
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
-        if data == b"[DONE]" || data.is_empty() {
+        if data == b"[DONE]" {
+            *done = true;
+            continue;
+        }
+        if data.is_empty() {
             continue;
         }
         let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
             continue;
         };
         if chunk.error.is_some() {
-            *error = true;
+            seen.saw_error = true;
         }
+        let text = &mut seen.text_bytes;
         if let Some(TextOrOther::Text(t)) = &chunk.delta {
             *text += t.len() as u64;
         }
@@ -280,7 +278,7 @@ fn self_scan(
             *text += c.text.as_deref().map_or(0, str::len) as u64;
         }
         if let Some(u) = usage_here {
-            *usage = Some(u.into());
+            seen.usage = Some(u.into());
             if strip && choices.is_empty() {
                 keep = false;
             }
@@ -312,6 +310,75 @@ fn trim_start(b: &[u8]) -> &[u8] {
     &b[n..]
 }
 
+/// The `usage` filter.
+pub struct UsageFilter;
+
+#[async_trait]
+impl Filter for UsageFilter {
+    fn name(&self) -> &'static str {
+        "usage"
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST_BODY | Phases::RESPONSE_HEAD | Phases::CHUNK
+    }
+
+    /// A stream whose client did not ask for usage: billing still needs it.
+    async fn on_request_body(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        if let Some(f) = &ctx.facts {
+            ctx.inject_stream_usage =
+                f.stream && !f.include_usage && ctx.endpoint.takes_stream_options();
+        }
+        Ok(())
+    }
+
+    fn on_response_head(&self, ctx: &mut Ctx, head: &mut ResponseHeader) {
+        let scanner = if is_event_stream(head) {
+            UsageScanner::sse(ctx.stream_usage_injected)
+        } else {
+            UsageScanner::json()
+        };
+        ctx.ext.insert(scanner);
+    }
+
+    fn on_chunk(&self, ctx: &mut Ctx, chunk: &mut Bytes, end: bool) {
+        let Some(scanner) = ctx.ext.get_mut::<UsageScanner>() else {
+            return;
+        };
+        if !end {
+            *chunk = scanner.feed(std::mem::take(chunk));
+            return;
+        }
+        let rest = scanner.finish();
+        let sse = matches!(scanner.mode, Mode::Sse { .. });
+        let (report, done) = (scanner.report, scanner.saw_done);
+        if !rest.is_empty() {
+            let mut joined = BytesMut::with_capacity(chunk.len() + rest.len());
+            joined.extend_from_slice(chunk);
+            joined.extend_from_slice(&rest);
+            *chunk = joined.freeze();
+        }
+        ctx.usage = report;
+        if report.saw_error {
+            // The provider gave up mid-stream: the access log says so, billing estimates.
+            ctx.outcome.error = Some(GatewayError::UpstreamFailed("error event mid-stream"));
+        }
+        if sse && !done && ctx.endpoint.takes_stream_options() {
+            // An OpenAI-format stream ends with `data: [DONE]`; without it the answer is
+            // truncated, however cleanly the connection closed.
+            ctx.outcome.upstream_cut = true;
+        }
+    }
+}
+
+/// Whether a response head announces server-sent events.
+pub fn is_event_stream(h: &ResponseHeader) -> bool {
+    h.headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,12 +405,12 @@ mod tests {
             let (a, b) = whole.as_bytes().split_at(split);
             let mut s = UsageScanner::sse(false);
             assert_eq!(run(&mut s, &[a, b]), whole.as_bytes());
-            let u = s.usage.unwrap();
+            let u = s.report.usage.unwrap();
             assert_eq!(
                 (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
                 (9, 2, 4)
             );
-            assert_eq!(s.text_bytes, 5);
+            assert_eq!(s.report.text_bytes, 5);
         }
     }
 
@@ -361,7 +428,7 @@ mod tests {
             let mut s = UsageScanner::sse(true);
             let out = String::from_utf8(run(&mut s, &[a, b])).unwrap();
             assert_eq!(out, format!("{ROLE}{C1}{DONE}"));
-            assert_eq!(s.usage.unwrap().completion_tokens, 2);
+            assert_eq!(s.report.usage.unwrap().completion_tokens, 2);
         }
     }
 
@@ -378,7 +445,7 @@ mod tests {
             body.as_bytes(),
             "usage on content chunks is not stripped"
         );
-        assert_eq!(s.usage.unwrap().completion_tokens, 3);
+        assert_eq!(s.report.usage.unwrap().completion_tokens, 3);
     }
 
     #[test]
@@ -386,9 +453,9 @@ mod tests {
         let body = "data: {\"choices\":[{\"text\":\"abc\"}]}\r\n\r\ndata: {\"error\":{\"message\":\"boom\"}}\r\n\r\n";
         let mut s = UsageScanner::sse(false);
         run(&mut s, &[body.as_bytes()]);
-        assert_eq!(s.text_bytes, 3);
-        assert!(s.saw_error);
-        assert!(s.usage.is_none());
+        assert_eq!(s.report.text_bytes, 3);
+        assert!(s.report.saw_error);
+        assert!(s.report.usage.is_none());
     }
 
     #[test]
@@ -399,7 +466,7 @@ mod tests {
         let pieces: Vec<&[u8]> = body.as_bytes().chunks(16 * 1024).collect();
         let out = run(&mut s, &pieces);
         assert_eq!(out.len(), body.len());
-        assert_eq!(s.usage.unwrap().prompt_tokens, 8);
+        assert_eq!(s.report.usage.unwrap().prompt_tokens, 8);
     }
 
     #[test]
@@ -407,17 +474,17 @@ mod tests {
         let ev = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi!\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":12,\"output_tokens\":3,\"input_tokens_details\":{\"cached_tokens\":2}}}}\n\n";
         let mut s = UsageScanner::sse(false);
         run(&mut s, &[ev.as_bytes()]);
-        let u = s.usage.unwrap();
+        let u = s.report.usage.unwrap();
         assert_eq!(
             (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
             (12, 3, 2)
         );
-        assert_eq!(s.text_bytes, 3);
+        assert_eq!(s.report.text_bytes, 3);
         let body =
             r#"{"object":"response","output":[],"usage":{"input_tokens":7,"output_tokens":5}}"#;
         let mut s = UsageScanner::json();
         run(&mut s, &[body.as_bytes()]);
-        assert_eq!(s.usage.unwrap().completion_tokens, 5);
+        assert_eq!(s.report.usage.unwrap().completion_tokens, 5);
     }
 
     #[test]
@@ -425,6 +492,6 @@ mod tests {
         let body = r#"{"choices":[{"message":{"content":"the \"usage\": {} key"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
         let mut s = UsageScanner::json();
         run(&mut s, &[body.as_bytes()]);
-        assert_eq!(s.usage.unwrap().completion_tokens, 4);
+        assert_eq!(s.report.usage.unwrap().completion_tokens, 4);
     }
 }

@@ -1,0 +1,108 @@
+//! One upstream attempt: take a pooled connection, send the head and the whole body, read
+//! the response head. A pooled connection the provider closed while idle is retried on
+//! another connection, but only when nothing of the request can have reached the provider.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use tollgate_filters::{AttemptOutcome, Channel};
+
+/// A response head received from an upstream, with the session to read its body.
+pub struct Exchange {
+    pub session: HttpSession,
+    pub peer: Arc<HttpPeer>,
+}
+
+impl Exchange {
+    pub fn status(&self) -> u16 {
+        self.session
+            .response_header()
+            .map(|h| h.status.as_u16())
+            .unwrap_or(502)
+    }
+}
+
+fn outcome_of(e: &pingora::Error) -> AttemptOutcome {
+    use pingora::ErrorType::*;
+    match e.etype() {
+        ConnectTimedout | ReadTimedout | WriteTimedout => AttemptOutcome::Timeout,
+        ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
+        | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert => AttemptOutcome::Connect,
+        _ => AttemptOutcome::Io,
+    }
+}
+
+/// Where a failed exchange stopped: a stale pooled connection may be retried only if the
+/// request never left (the head write failed) — a failure after the body was written may
+/// mean the provider is already doing the work, and a POST must not be sent twice.
+enum Failure {
+    BeforeSend(Box<pingora::Error>),
+    AfterSend(Box<pingora::Error>),
+}
+
+/// One attempt on one channel: connect (or reuse), send, read the response head.
+pub async fn exchange(
+    connector: &Connector,
+    ch: &Channel,
+    req: RequestHeader,
+    body: Bytes,
+) -> Result<Exchange, AttemptOutcome> {
+    let peer = ch.peer().ok_or(AttemptOutcome::Unresolved)?;
+    let mut stale_retries = 2;
+    loop {
+        let (mut s, reused) = connector
+            .get_http_session(peer.as_ref())
+            .await
+            .map_err(|e| outcome_of(&e))?;
+        s.set_read_timeout(Some(ch.read_timeout));
+        s.set_write_timeout(Some(ch.write_timeout()));
+        match send_and_read_head(&mut s, req.clone(), body.clone()).await {
+            Ok(()) => return Ok(Exchange { session: s, peer }),
+            Err(Failure::BeforeSend(e)) if reused && stale_retries > 0 && is_stale(&e) => {
+                stale_retries -= 1;
+                s.shutdown().await;
+            }
+            Err(Failure::BeforeSend(e) | Failure::AfterSend(e)) => {
+                s.shutdown().await;
+                return Err(outcome_of(&e));
+            }
+        }
+    }
+}
+
+/// The ways an idle pooled connection the provider already closed fails.
+fn is_stale(e: &pingora::Error) -> bool {
+    use pingora::ErrorType::*;
+    matches!(e.etype(), ConnectionClosed | ReadError | WriteError)
+}
+
+async fn send_and_read_head(
+    s: &mut HttpSession,
+    req: RequestHeader,
+    body: Bytes,
+) -> Result<(), Failure> {
+    // The head is one small write: if it fails on a reused connection, that connection was
+    // closed while idle and nothing reached the provider.
+    s.write_request_header(Box::new(req))
+        .await
+        .map_err(Failure::BeforeSend)?;
+    if !body.is_empty() {
+        s.write_request_body(body, true)
+            .await
+            .map_err(Failure::AfterSend)?;
+    }
+    s.finish_request_body().await.map_err(Failure::AfterSend)?;
+    // Informational (1xx) heads come before the real one; reading the body before the real
+    // head would panic inside pingora's client.
+    loop {
+        s.read_response_header().await.map_err(Failure::AfterSend)?;
+        match s.response_header().map(|h| h.status.as_u16()) {
+            Some(100..=199) => continue,
+            _ => return Ok(()),
+        }
+    }
+}

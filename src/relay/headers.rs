@@ -1,0 +1,191 @@
+//! What crosses the gateway in each direction, header by header.
+//!
+//! - **To the provider**: the client's headers minus hop-by-hop ones, the headers the
+//!   client's `Connection` names, gateway-owned ones (credentials, forwarding, ids), and
+//!   any whose name has an underscore; at most [`MAX_FORWARDED_HEADER_BYTES`] of them.
+//!   The channel's `Host` and key are set.
+//! - **To the client**: the provider's response headers pass by allow-list only
+//!   ([`FORWARD_RESPONSE`] and `openai-*`/`anthropic-*` except account details), and never
+//!   one whose value carries the channel key.
+
+use http::header::{self, HeaderName};
+use pingora::http::{RequestHeader, ResponseHeader};
+use tollgate_filters::{Channel, GatewayError};
+
+/// Bytes of client headers (names + values) forwarded at most; the rest are dropped.
+pub const MAX_FORWARDED_HEADER_BYTES: usize = 16 * 1024;
+
+/// Never copied from the client to the provider.
+const DROP_REQUEST: &[&str] = &[
+    "host",
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "accept-encoding",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "forwarded",
+    "via",
+    "cookie",
+    // The channel's key decides the provider organization and project, not the caller.
+    "openai-organization",
+    "openai-project",
+];
+
+/// Provider response headers passed on to the client.
+const FORWARD_RESPONSE: &[&str] = &[
+    "content-type",
+    "cache-control",
+    "content-language",
+    "date",
+    "etag",
+    "last-modified",
+    "vary",
+    "x-upstream-request-id",
+];
+
+/// Provider-specific families passed on, except account details.
+const FORWARD_PREFIXES: &[&str] = &["openai-", "anthropic-"];
+const NEVER_FORWARD: &[&str] = &["openai-organization", "openai-project"];
+
+/// The request head sent to the provider for one attempt.
+pub fn upstream_request(
+    client: &RequestHeader,
+    ch: &Channel,
+    path: &str,
+    body_len: usize,
+) -> Result<RequestHeader, GatewayError> {
+    let mut upath = ch.url.upstream_path(path);
+    if let Some(q) = client.uri.query() {
+        upath.push('?');
+        upath.push_str(q);
+    }
+    let mut req = RequestHeader::build(
+        client.method.clone(),
+        upath.as_bytes(),
+        Some(client.headers.len() + 3),
+    )
+    .map_err(|_| GatewayError::Internal)?;
+    let named_by_connection: Vec<&str> = client
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut budget = MAX_FORWARDED_HEADER_BYTES;
+    for (name, value) in client.headers.iter() {
+        let n = name.as_str();
+        if DROP_REQUEST.contains(&n)
+            || n.contains('_')
+            || named_by_connection
+                .iter()
+                .any(|c| c.eq_ignore_ascii_case(n))
+        {
+            continue;
+        }
+        let size = n.len() + value.len();
+        if size > budget {
+            continue;
+        }
+        budget -= size;
+        req.append_header(name.clone(), value.clone())
+            .map_err(|_| GatewayError::Internal)?;
+    }
+    req.insert_header(header::HOST, ch.host_header.clone())
+        .map_err(|_| GatewayError::Internal)?;
+    if let Some(auth) = &ch.auth_header {
+        req.insert_header(header::AUTHORIZATION, auth.clone())
+            .map_err(|_| GatewayError::Internal)?;
+    }
+    if body_len > 0 || client.method == http::Method::POST {
+        req.insert_header(header::CONTENT_LENGTH, body_len)
+            .map_err(|_| GatewayError::Internal)?;
+    }
+    Ok(req)
+}
+
+/// Whether a provider response header may reach the client.
+fn forwarded(name: &str) -> bool {
+    FORWARD_RESPONSE.contains(&name)
+        || (FORWARD_PREFIXES.iter().any(|p| name.starts_with(p)) && !NEVER_FORWARD.contains(&name))
+}
+
+/// The client-facing head for a provider's response: allowed headers only, none carrying
+/// the channel key; the provider's id as `x-upstream-request-id`; framing for the client.
+pub fn client_response(
+    up: &ResponseHeader,
+    ch: &Channel,
+    h2: bool,
+) -> pingora::Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(up.status, Some(up.headers.len() + 6))?;
+    for (name, value) in up.headers.iter() {
+        if !forwarded(name.as_str()) || carries_secret(value.as_bytes(), &ch.secret) {
+            continue;
+        }
+        resp.append_header(name.clone(), value.clone())?;
+    }
+    if let Some(id) = up.headers.get("x-request-id") {
+        if !carries_secret(id.as_bytes(), &ch.secret) {
+            resp.insert_header(HeaderName::from_static("x-upstream-request-id"), id.clone())?;
+        }
+    }
+    let event_stream = tollgate_filters::usage::is_event_stream(up);
+    match up.headers.get(header::CONTENT_LENGTH) {
+        // A fixed-length body is passed on with its length; anything else is chunked on h1.
+        Some(len) if !event_stream => {
+            resp.insert_header(header::CONTENT_LENGTH, len.clone())?;
+        }
+        _ if !h2 => {
+            resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+        }
+        _ => {}
+    }
+    Ok(resp)
+}
+
+/// Whether bytes contain the channel key (or its last 8 characters, for masked echoes).
+pub fn carries_secret(bytes: &[u8], secret: &str) -> bool {
+    if secret.len() < 8 {
+        return !secret.is_empty() && memchr::memmem::find(bytes, secret.as_bytes()).is_some();
+    }
+    let tail = &secret.as_bytes()[secret.len() - 8..];
+    memchr::memmem::find(bytes, tail).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_headers_pass_by_allow_list_and_never_with_the_key() {
+        assert!(forwarded("content-type"));
+        assert!(forwarded("openai-processing-ms"));
+        assert!(!forwarded("openai-organization"));
+        assert!(!forwarded("set-cookie"));
+        assert!(!forwarded("x-debug-upstream-auth"));
+        assert!(carries_secret(
+            b"Bearer sk-live-abcdefgh12345678",
+            "sk-live-abcdefgh12345678"
+        ));
+        assert!(carries_secret(
+            b"sk-...gh12345678",
+            "sk-live-abcdefgh12345678"
+        ));
+        assert!(!carries_secret(b"nothing here", "sk-live-abcdefgh12345678"));
+    }
+}

@@ -1,0 +1,153 @@
+//! The upstream exchange: tollgate forwards requests itself.
+//!
+//! Pingora 0.9.1 re-sends an early-read body only through its 64 KiB retry buffer, and LLM
+//! bodies are routinely larger. So the relay takes a pooled connection from Pingora's
+//! [`Connector`], writes the head and the whole body, reads the response head, and only
+//! then commits: a connect error, timeout, 401/403, 429 or 5xx moves on to the next planned
+//! channel while nothing has reached the client. Once committed, every body chunk passes the
+//! chain's `on_chunk` filters and is written to the client as it arrives. A finished
+//! connection goes back to the keep-alive pool.
+//!
+//! The relay does the exchange only; what is decided about it (slots, health, usage,
+//! metrics) is done by filters on the attempt and response phases.
+
+mod attempt;
+mod error_body;
+mod headers;
+mod stream;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
+use tollgate_filters::{Attempt, AttemptOutcome, Chain, Channels, Ctx, GatewayError, RequestBody};
+
+pub use error_body::{mentions_secret, scrub_error_body};
+pub use headers::MAX_FORWARDED_HEADER_BYTES;
+
+/// Bounds on the client side of a relayed response.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    /// After the client has gone, keep reading the provider this long for the real usage...
+    pub drain_timeout: Duration,
+    /// ... and at most this many bytes.
+    pub drain_max_bytes: u64,
+    /// A client that accepts no bytes for this long counts as gone.
+    pub write_timeout: Duration,
+}
+
+/// The relay: the pooled connector and the client-side bounds.
+pub struct Relay {
+    connector: Connector,
+    limits: ClientLimits,
+}
+
+/// One request as the relay sends it.
+pub struct Outbound<'a> {
+    pub chain: &'a Chain,
+    pub channels: &'a Channels,
+    /// The parsed body, for POSTs; `None` forwards a body-less request.
+    pub body: Option<&'a RequestBody>,
+    pub path: &'a str,
+}
+
+impl Relay {
+    pub fn new(keepalive_pool_size: usize, limits: ClientLimits) -> Relay {
+        let mut opts = ConnectorOptions::new(keepalive_pool_size);
+        opts.keepalive_pool_size = keepalive_pool_size;
+        Relay {
+            connector: Connector::new(Some(opts)),
+            limits,
+        }
+    }
+
+    /// Forwards the request along `ctx.plan`. `Err` only when nothing was sent to the client
+    /// (the caller renders the error); once a response is committed, problems end the
+    /// downstream response instead.
+    pub async fn forward(
+        &self,
+        session: &mut ServerSession,
+        ctx: &mut Ctx,
+        out: Outbound<'_>,
+    ) -> Result<(), GatewayError> {
+        let mut last = GatewayError::NoChannelAvailable;
+        let plan = std::mem::take(&mut ctx.plan);
+        let n = plan.len();
+        for (i, planned) in plan.iter().enumerate() {
+            let ch = &out.channels[planned.channel];
+            ctx.outcome.attempts += 1;
+            let attempt = Attempt {
+                channel: ch,
+                number: ctx.outcome.attempts,
+            };
+            if let Err(e) = out.chain.attempt_start(ctx, &attempt).await {
+                last = e;
+                continue;
+            }
+            let inject = ctx.inject_stream_usage && ch.inject_stream_usage;
+            let body = match out.body {
+                Some(b) => b.rewrite(planned.upstream_model.as_deref(), inject)?,
+                None => Bytes::new(),
+            };
+            let req = headers::upstream_request(session.req_header(), ch, out.path, body.len())?;
+            let started = Instant::now();
+            let ex = attempt::exchange(&self.connector, ch, req, body).await;
+            let outcome = match &ex {
+                Ok(ex) => AttemptOutcome::Status(ex.status()),
+                Err(o) => *o,
+            };
+            out.chain.attempt_end(ctx, &attempt, outcome);
+            let mut ex = match ex {
+                Ok(ex) => ex,
+                Err(o) => {
+                    tracing::warn!(request_id = %ctx.request_id, channel = %ch.name, outcome = o.label(), "upstream attempt failed");
+                    last = error_of(o, None);
+                    continue;
+                }
+            };
+            let status = ex.status();
+            // 401/403: the channel's own key is refused; another channel may hold a good one.
+            if outcome.is_channel_failure() && i + 1 < n {
+                tracing::warn!(request_id = %ctx.request_id, channel = %ch.name, status, "upstream refused; trying next channel");
+                last = error_of(outcome, ex.session.response_header());
+                ex.session.shutdown().await;
+                continue;
+            }
+            ctx.outcome.upstream_header_time = Some(started.elapsed());
+            ctx.outcome.channel = Some(ch.index);
+            ctx.upstream_model = planned.upstream_model.clone();
+            ctx.stream_usage_injected = inject;
+            if !(200..300).contains(&status) {
+                return self.relay_error(session, ctx, ch, ex, status).await;
+            }
+            return self.stream_response(session, ctx, out.chain, ch, ex).await;
+        }
+        Err(last)
+    }
+}
+
+/// The error a client sees when an attempt's failure is the last word.
+fn error_of(outcome: AttemptOutcome, head: Option<&ResponseHeader>) -> GatewayError {
+    match outcome {
+        AttemptOutcome::Status(429) => {
+            let retry_after = head
+                .and_then(|h| h.headers.get(http::header::RETRY_AFTER))
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            GatewayError::UpstreamRateLimited { retry_after }
+        }
+        AttemptOutcome::Status(401 | 403) => {
+            GatewayError::UpstreamFailed("provider authentication")
+        }
+        AttemptOutcome::Status(504) | AttemptOutcome::Timeout => GatewayError::UpstreamTimeout,
+        AttemptOutcome::Status(_) => GatewayError::UpstreamFailed("server error"),
+        AttemptOutcome::Unresolved | AttemptOutcome::Connect => {
+            GatewayError::UpstreamFailed("connect")
+        }
+        AttemptOutcome::Io => GatewayError::UpstreamFailed("connection"),
+    }
+}

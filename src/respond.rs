@@ -1,0 +1,83 @@
+//! The one place responses tollgate writes itself are rendered: its errors (OpenAI JSON
+//! with the retry headers), its JSON pages, and the decoration every response carries:
+//! `x-request-id`, the filters' headers and `Server-Timing`.
+
+use bytes::Bytes;
+use http::header;
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
+use tollgate_filters::{Ctx, GatewayError};
+
+/// Adds what every response carries: `x-request-id`, the filters' headers (`x-ratelimit-*`)
+/// and `Server-Timing: gateway;dur=…, upstream;dur=…` (milliseconds).
+pub fn decorate(resp: &mut ResponseHeader, ctx: &Ctx) {
+    let _ = resp.insert_header("x-request-id", &ctx.request_id);
+    for (k, v) in ctx.response_headers.iter() {
+        let _ = resp.insert_header(k, v);
+    }
+    let total = ctx.started.elapsed().as_secs_f64() * 1000.0;
+    let upstream = ctx
+        .outcome
+        .upstream_header_time
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let timing = format!(
+        "gateway;dur={:.3}, upstream;dur={:.3}",
+        (total - upstream).max(0.0),
+        upstream
+    );
+    let _ = resp.insert_header("server-timing", timing);
+}
+
+/// A complete JSON response head.
+pub fn json_head(
+    status: u16,
+    len: usize,
+    extra: &[(&'static str, String)],
+    ctx: &Ctx,
+) -> Option<ResponseHeader> {
+    let mut resp =
+        ResponseHeader::build(status, Some(5 + extra.len() + ctx.response_headers.len())).ok()?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")
+        .ok()?;
+    resp.insert_header(header::CONTENT_LENGTH, len).ok()?;
+    for (k, v) in extra {
+        resp.insert_header(*k, v).ok()?;
+    }
+    decorate(&mut resp, ctx);
+    Some(resp)
+}
+
+/// Writes a complete JSON response and records its status. A write error means the client
+/// is gone; there is nothing more to do.
+pub async fn write_json(
+    session: &mut ServerSession,
+    ctx: &mut Ctx,
+    status: u16,
+    body: Bytes,
+    extra: &[(&'static str, String)],
+) {
+    let Some(resp) = json_head(status, body.len(), extra, ctx) else {
+        return;
+    };
+    ctx.outcome.status = status;
+    if session.write_response_header(Box::new(resp)).await.is_err()
+        || session.write_response_body(body, true).await.is_err()
+    {
+        ctx.outcome.client_gone = true;
+    }
+}
+
+/// Renders a gateway error: OpenAI's JSON shape, `retry-after`/`retry-after-ms`,
+/// `x-should-retry`.
+pub async fn write_error(session: &mut ServerSession, ctx: &mut Ctx, e: &GatewayError) {
+    write_json(session, ctx, e.status(), e.body(), &e.headers()).await;
+}
+
+/// The answer to a request whose head could not be parsed: the same shape as every other
+/// error, with a request id of its own, and the connection closed.
+pub async fn write_malformed(session: &mut ServerSession, request_id: String) {
+    let mut ctx = Ctx::new(request_id);
+    let e = GatewayError::invalid("The HTTP request could not be parsed.");
+    session.set_keepalive(None);
+    write_error(session, &mut ctx, &e).await;
+}
