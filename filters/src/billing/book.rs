@@ -3,13 +3,17 @@
 //! For each account and key [`Wallets`] knows the stored amount, what was settled but not yet
 //! written (`unflushed`), and what is reserved. Reserve and settle happen under one lock, so
 //! concurrent requests can never together spend more than the account holds. When a
-//! reservation does not fit, the book re-reads the store once (a top-up made elsewhere)
-//! before refusing.
+//! reservation does not fit, the book re-reads the store (a top-up made elsewhere) before
+//! refusing: at most once per account, and per key budget, per reload interval, one read
+//! shared by every request refused meanwhile.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::time::Instant;
 
 use crate::GatewayError;
 
@@ -32,10 +36,22 @@ struct Purse {
     reserved: i64,
 }
 
+/// Whose stored amount a read is for.
+#[derive(Debug, Clone, Copy)]
+enum Holder {
+    Account(i64),
+    Key(i64),
+}
+
+/// Serialises one holder's store reads; holds when it was last re-read for a refusal.
+type ReloadGate = Arc<tokio::sync::Mutex<Option<Instant>>>;
+
 #[derive(Default)]
 struct Book {
     accounts: HashMap<i64, Purse>,
     keys: HashMap<i64, Purse>,
+    account_gates: HashMap<i64, ReloadGate>,
+    key_gates: HashMap<i64, ReloadGate>,
     /// Bumped whenever stored amounts change under the book (a flush, a top-up), so that a
     /// refresh read before the change is not applied after it.
     generation: u64,
@@ -53,6 +69,28 @@ impl Book {
             .get(&id)
             .map(|p| budget - p.stored - p.unflushed - p.reserved)
     }
+
+    fn purse(&self, h: Holder) -> Option<&Purse> {
+        match h {
+            Holder::Account(id) => self.accounts.get(&id),
+            Holder::Key(id) => self.keys.get(&id),
+        }
+    }
+
+    fn entry(&mut self, h: Holder) -> Entry<'_, i64, Purse> {
+        match h {
+            Holder::Account(id) => self.accounts.entry(id),
+            Holder::Key(id) => self.keys.entry(id),
+        }
+    }
+
+    fn gate(&mut self, h: Holder) -> ReloadGate {
+        let gates = match h {
+            Holder::Account(id) => self.account_gates.entry(id),
+            Holder::Key(id) => self.key_gates.entry(id),
+        };
+        gates.or_default().clone()
+    }
 }
 
 /// Money held back for one request until it settles. Settle it exactly once.
@@ -64,17 +102,31 @@ pub struct Reservation {
     pub amount: i64,
 }
 
+/// How often a refused reservation may re-read one holder's stored amount, by default.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The in-process book of balances, budgets and reservations.
 pub struct Wallets {
     book: Mutex<Book>,
     source: Arc<dyn BalanceSource>,
+    /// At most one re-read of the store per holder per this interval.
+    reload_interval: Duration,
 }
 
 impl Wallets {
     pub fn new(source: Arc<dyn BalanceSource>) -> Self {
+        Self::with_reload_interval(source, DEFAULT_RELOAD_INTERVAL)
+    }
+
+    /// A book whose refused reservations re-read an account (or a key's spend) from the store
+    /// at most once per `reload_interval`: a top-up made outside the ledger writer is seen at
+    /// most that late, and an account at zero costs the store one read per interval, however
+    /// many requests it sends.
+    pub fn with_reload_interval(source: Arc<dyn BalanceSource>, reload_interval: Duration) -> Self {
         Wallets {
             book: Mutex::new(Book::default()),
             source,
+            reload_interval,
         }
     }
 
@@ -82,51 +134,44 @@ impl Wallets {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Loads what the book lacks, or (with `force`) re-reads stored amounts.
-    async fn load(
-        &self,
-        account_id: i64,
-        key_id: Option<i64>,
-        force: bool,
-    ) -> Result<(), GatewayError> {
-        let (gen, need_account, need_key) = {
+    /// Reads one holder's stored amount into the book: without `force`, only when the book
+    /// lacks it; with `force` (a refusal looking for a top-up), at most once per reload
+    /// interval. One read at a time per holder: concurrent callers wait for the read in
+    /// progress and use its result instead of querying again. Returns whether this call read.
+    async fn load(&self, holder: Holder, force: bool) -> Result<bool, GatewayError> {
+        let gate = self.lock().gate(holder);
+        let mut last_reload = gate.lock().await;
+        let gen = {
             let b = self.lock();
-            (
-                b.generation,
-                force || !b.accounts.contains_key(&account_id),
-                key_id.filter(|k| force || !b.keys.contains_key(k)),
-            )
+            let due = if force {
+                last_reload.is_none_or(|t| t.elapsed() >= self.reload_interval)
+            } else {
+                b.purse(holder).is_none()
+            };
+            if !due {
+                return Ok(false);
+            }
+            b.generation
         };
-        let fail = |e: String| {
+        if force {
+            // Counted from the attempt: a failed or abandoned read is not retried at once.
+            *last_reload = Some(Instant::now());
+        }
+        let read = match holder {
+            Holder::Account(id) => self.source.account_balance(id).await,
+            Holder::Key(id) => self.source.key_spent(id).await,
+        };
+        let stored = read.map_err(|e| {
             tracing::error!(error = %e, "cannot read balances");
             GatewayError::Internal
-        };
-        let balance = if need_account {
-            Some(
-                self.source
-                    .account_balance(account_id)
-                    .await
-                    .map_err(fail)?,
-            )
-        } else {
-            None
-        };
-        let spent = match need_key {
-            Some(k) => Some(self.source.key_spent(k).await.map_err(fail)?),
-            None => None,
-        };
+        })?;
         let mut b = self.lock();
         if force && b.generation != gen {
             // A flush or top-up moved the stored amounts while we read: keep the book's.
-            return Ok(());
+            return Ok(true);
         }
-        if let Some(v) = balance {
-            put(b.accounts.entry(account_id), v, force);
-        }
-        if let (Some(k), Some(v)) = (key_id, spent) {
-            put(b.keys.entry(k), v, force);
-        }
-        Ok(())
+        put(b.entry(holder), stored, force);
+        Ok(true)
     }
 
     fn try_reserve(
@@ -162,12 +207,22 @@ impl Wallets {
         amount: i64,
     ) -> Result<Reservation, GatewayError> {
         let key_id = key.map(|(k, _)| k);
-        self.load(account_id, key_id, false).await?;
+        let read_account = self.load(Holder::Account(account_id), false).await?;
+        let read_key = match key_id {
+            Some(k) => self.load(Holder::Key(k), false).await?,
+            None => false,
+        };
         if let Some(r) = self.try_reserve(account_id, key, amount) {
             return Ok(r);
         }
-        // Maybe a top-up landed in the store since the book last read it.
-        self.load(account_id, key_id, true).await?;
+        // Maybe a top-up landed in the store since the book last read it. What this call has
+        // just read is current; the rest is re-read at most once per interval.
+        if !read_account {
+            self.load(Holder::Account(account_id), true).await?;
+        }
+        if let Some(k) = key_id.filter(|_| !read_key) {
+            self.load(Holder::Key(k), true).await?;
+        }
         self.try_reserve(account_id, key, amount).ok_or_else(|| {
             let b = self.lock();
             let over_budget =
@@ -251,8 +306,7 @@ impl Wallets {
     }
 }
 
-fn put(entry: std::collections::hash_map::Entry<'_, i64, Purse>, stored: i64, overwrite: bool) {
-    use std::collections::hash_map::Entry;
+fn put(entry: Entry<'_, i64, Purse>, stored: i64, overwrite: bool) {
     match entry {
         Entry::Occupied(mut e) if overwrite => e.get_mut().stored = stored,
         Entry::Occupied(_) => {}
@@ -279,29 +333,60 @@ pub struct Committed {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
+    #[derive(Debug, Default)]
     pub(crate) struct Store {
         balance: AtomicI64,
         spent: AtomicI64,
+        account_reads: AtomicUsize,
+        key_reads: AtomicUsize,
     }
 
     #[async_trait]
     impl BalanceSource for Store {
         async fn account_balance(&self, _: i64) -> Result<i64, String> {
+            self.account_reads.fetch_add(1, Ordering::SeqCst);
+            // A query takes a while: let other requests run meanwhile.
+            tokio::task::yield_now().await;
             Ok(self.balance.load(Ordering::SeqCst))
         }
         async fn key_spent(&self, _: i64) -> Result<i64, String> {
+            self.key_reads.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
             Ok(self.spent.load(Ordering::SeqCst))
         }
     }
 
-    pub(crate) fn wallets(balance: i64) -> (Arc<Store>, Wallets) {
-        let s = Arc::new(Store {
+    fn store(balance: i64, spent: i64) -> Arc<Store> {
+        Arc::new(Store {
             balance: AtomicI64::new(balance),
-            spent: AtomicI64::new(0),
-        });
+            spent: AtomicI64::new(spent),
+            ..Store::default()
+        })
+    }
+
+    pub(crate) fn wallets(balance: i64) -> (Arc<Store>, Wallets) {
+        let s = store(balance, 0);
         (s.clone(), Wallets::new(s))
+    }
+
+    /// Sends `n` reservations at once; returns how many were refused for quota.
+    async fn refused_of(w: &Arc<Wallets>, n: usize, key: Option<(i64, i64)>) -> usize {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let w = w.clone();
+                tokio::spawn(async move { w.reserve(1, key, 100).await })
+            })
+            .collect();
+        let mut refused = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Err(e) if e.code() == Some("insufficient_quota") => refused += 1,
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        refused
     }
 
     #[tokio::test]
@@ -400,5 +485,55 @@ pub(crate) mod tests {
         assert_eq!(w.account_available(1), Some(400));
         w.settle(&r, 0);
         assert_eq!(w.account_available(1), Some(500));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refusals_for_a_broke_account_reload_the_store_at_most_once_per_interval() {
+        let s = store(0, 0);
+        let w = Arc::new(Wallets::with_reload_interval(
+            s.clone(),
+            Duration::from_secs(60),
+        ));
+        assert_eq!(refused_of(&w, 200, Some((7, 1_000))).await, 200);
+        // One read to load each purse, one re-read for a top-up: not one per refusal.
+        assert!(s.account_reads.load(Ordering::SeqCst) <= 2, "{s:?}");
+        assert!(s.key_reads.load(Ordering::SeqCst) <= 2, "{s:?}");
+        // Later refusals in the same interval read nothing.
+        let before = s.account_reads.load(Ordering::SeqCst) + s.key_reads.load(Ordering::SeqCst);
+        assert_eq!(refused_of(&w, 200, Some((7, 1_000))).await, 200);
+        let after = s.account_reads.load(Ordering::SeqCst) + s.key_reads.load(Ordering::SeqCst);
+        assert_eq!(after, before);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refusals_over_a_key_budget_reload_its_spend_at_most_once_per_interval() {
+        let s = store(1_000_000, 1_000);
+        let w = Arc::new(Wallets::with_reload_interval(
+            s.clone(),
+            Duration::from_secs(60),
+        ));
+        assert_eq!(refused_of(&w, 200, Some((7, 1_000))).await, 200);
+        assert!(s.account_reads.load(Ordering::SeqCst) <= 2, "{s:?}");
+        assert!(s.key_reads.load(Ordering::SeqCst) <= 2, "{s:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_top_up_made_elsewhere_is_seen_within_one_reload_interval() {
+        let s = store(0, 0);
+        let w = Wallets::with_reload_interval(s.clone(), Duration::from_secs(1));
+        assert!(w.reserve(1, None, 100).await.is_err()); // loads the account
+        assert!(w.reserve(1, None, 100).await.is_err()); // re-reads it
+        s.balance.store(500, Ordering::SeqCst);
+        // Within the interval the book's amount stands.
+        assert!(w.reserve(1, None, 100).await.is_err());
+        assert_eq!(s.account_reads.load(Ordering::SeqCst), 2);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(w.reserve(1, None, 100).await.is_ok());
+        // A top-up through the ledger writer reaches the book at once, interval or not.
+        w.committed(&Committed {
+            balances: vec![(1, 1_500)],
+            ..Committed::default()
+        });
+        assert_eq!(w.account_available(1), Some(1_400));
     }
 }

@@ -8,8 +8,8 @@
 //! account and key it knows the stored amount, what was settled but not yet written
 //! (`unflushed`), and what is reserved. Reserve and settle happen under one lock, so
 //! concurrent requests can never together spend more than the account holds. When a
-//! reservation does not fit, the book re-reads the store once (a top-up made elsewhere)
-//! before refusing.
+//! reservation does not fit, the book re-reads the store (a top-up made elsewhere) before
+//! refusing, at most once per account and per key budget per reload interval.
 
 mod book;
 mod price;
@@ -20,7 +20,7 @@ use async_trait::async_trait;
 
 use crate::{Ctx, Filter, GatewayError};
 
-pub use book::{BalanceSource, Committed, Reservation, Wallets};
+pub use book::{BalanceSource, Committed, Reservation, Wallets, DEFAULT_RELOAD_INTERVAL};
 pub use price::{usd_to_nano, ModelRate, PriceTable, UnpricedPolicy, Usage, NANO_PER_USD};
 
 /// One request's ledger row.
