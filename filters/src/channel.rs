@@ -540,4 +540,22 @@ mod tests {
         assert!(h.report(true));
         assert!(!h.is_available());
     }
+
+    #[test]
+    fn upstream_url_paths_and_host_header() {
+        let u = UpstreamUrl::parse("https://api.openai.com").unwrap();
+        assert_eq!(
+            (u.tls, u.port, u.host_header()),
+            (true, 443, "api.openai.com".into())
+        );
+        assert_eq!(
+            u.upstream_path("/v1/chat/completions"),
+            "/v1/chat/completions"
+        );
+        let u = UpstreamUrl::parse("http://127.0.0.1:9000/v1/").unwrap();
+        assert_eq!(u.upstream_path("/v1/embeddings"), "/v1/embeddings");
+        assert_eq!(u.host_header(), "127.0.0.1:9000");
+        let u = UpstreamUrl::parse("https://h.example/openai").unwrap();
+        assert_eq!(u.upstream_path("/v1/models"), "/openai/v1/models");
+    }
 }

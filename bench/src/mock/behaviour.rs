@@ -1,0 +1,160 @@
+//! What a request asks the mock to do, and what the mock records about it.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// How the mock answers. Server-wide via
+/// [`MockServer::start_with`](super::MockServer::start_with) /
+/// [`MockServer::set_default`](super::MockServer::set_default), per request via
+/// the `"x_mock"` JSON field.
+///
+/// Unknown fields are rejected (400) so a typo in a test fails loudly instead
+/// of silently testing the default path.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Behaviour {
+    /// Answer with this status and an OpenAI error body (429 adds `retry-after: 1`).
+    pub status: Option<u16>,
+    /// Message for `status` errors and `error_after` events (default "mock upstream error").
+    pub error_message: Option<String>,
+    /// Mimics providers that echo the caller's key in error messages, so the
+    /// gateway's redaction can be tested.
+    pub echo_auth_in_error: bool,
+    /// Drop the TCP connection without writing any response.
+    pub reset: bool,
+    /// Content chunks for streams (default 3); also completion_tokens for JSON.
+    pub chunks: Option<u32>,
+    /// Sleep before every content chunk (streams) or before the whole response.
+    pub delay_ms: Option<u64>,
+    /// Stream: after N content chunks, abort the connection mid-body.
+    pub truncate_after: Option<u32>,
+    /// Stream: after N content chunks, send an in-band error event and end the body.
+    pub error_after: Option<u32>,
+    /// Stream: hold everything after the first content chunk until
+    /// [`MockServer::open_gate`](super::MockServer::open_gate).
+    pub gate: bool,
+    /// "final" (default), "cumulative" or "none"; see [`UsageMode`].
+    pub usage: Option<String>,
+    /// Reported as `usage.prompt_tokens_details.cached_tokens`.
+    pub cached_tokens: Option<u64>,
+}
+
+impl Behaviour {
+    /// Field-by-field so a request can tweak one knob without restating the
+    /// server default: `Some` in `over` wins, bools are OR-ed.
+    pub fn overlay(&self, over: Behaviour) -> Behaviour {
+        Behaviour {
+            status: over.status.or(self.status),
+            error_message: over.error_message.or_else(|| self.error_message.clone()),
+            echo_auth_in_error: self.echo_auth_in_error || over.echo_auth_in_error,
+            reset: self.reset || over.reset,
+            chunks: over.chunks.or(self.chunks),
+            delay_ms: over.delay_ms.or(self.delay_ms),
+            truncate_after: over.truncate_after.or(self.truncate_after),
+            error_after: over.error_after.or(self.error_after),
+            gate: self.gate || over.gate,
+            usage: over.usage.or_else(|| self.usage.clone()),
+            cached_tokens: over.cached_tokens.or(self.cached_tokens),
+        }
+    }
+}
+
+/// How streamed responses report usage; providers differ and the gateway's
+/// billing has to cope with each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageMode {
+    /// OpenAI: a trailing `choices: []` usage chunk, only when the client asked
+    /// for `stream_options.include_usage`.
+    Final,
+    /// Some compatible providers: every chunk carries the running usage and
+    /// there is no separate usage chunk.
+    Cumulative,
+    /// Never report usage (streams or JSON), to exercise estimation paths.
+    None,
+}
+
+impl UsageMode {
+    pub(super) fn parse(s: Option<&str>) -> Result<UsageMode, String> {
+        match s {
+            None | Some("final") => Ok(UsageMode::Final),
+            Some("cumulative") => Ok(UsageMode::Cumulative),
+            Some("none") => Ok(UsageMode::None),
+            Some(other) => Err(format!(
+                "x_mock.usage must be \"final\", \"cumulative\" or \"none\", got {other:?}"
+            )),
+        }
+    }
+}
+
+/// A request as the upstream saw it, so tests can assert what the gateway
+/// forwarded (headers rewritten, keys swapped, body untouched...).
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    /// The raw query string, if any.
+    pub query: Option<String>,
+    /// Lower-case names, in arrival order, duplicates kept.
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl RecordedRequest {
+    /// First value of the header; `name` is matched case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+/// Usage the mock actually reported to its client; billing tests compare the
+/// gateway's ledger against these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedUsage {
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub stream: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_is_field_by_field() {
+        let base = Behaviour {
+            chunks: Some(2),
+            gate: true,
+            usage: Some("cumulative".into()),
+            ..Default::default()
+        };
+        let over = Behaviour {
+            delay_ms: Some(5),
+            usage: Some("none".into()),
+            ..Default::default()
+        };
+        let m = base.overlay(over);
+        assert_eq!(m.chunks, Some(2));
+        assert_eq!(m.delay_ms, Some(5));
+        assert!(m.gate);
+        assert_eq!(m.usage.as_deref(), Some("none"));
+    }
+
+    #[test]
+    fn unknown_x_mock_field_is_rejected() {
+        assert!(serde_json::from_str::<Behaviour>(r#"{"chunkz": 3}"#).is_err());
+        let b: Behaviour = serde_json::from_str(r#"{"chunks": 3, "gate": true}"#).unwrap();
+        assert_eq!(b.chunks, Some(3));
+        assert!(b.gate);
+    }
+}

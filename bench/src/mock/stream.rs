@@ -1,0 +1,211 @@
+//! A streamed (SSE) completion: the task that feeds one response body, chunk by
+//! chunk, with the misbehaviours a request asked for (delays, the gate,
+//! truncation, in-band errors) and the usage reporting of its [`UsageMode`].
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::wire::{error_json, ChatDeltaChoice, Chunk, Delta, Item, TextChoice, Usage};
+use super::{ServedUsage, Shared, UsageMode};
+
+/// The receiver (hyper's body) is gone: the client disconnected.
+struct Gone;
+
+pub(super) struct StreamJob {
+    pub(super) shared: Arc<Shared>,
+    pub(super) tx: mpsc::Sender<Item>,
+    pub(super) chat: bool,
+    pub(super) id: String,
+    pub(super) created: u64,
+    pub(super) model: String,
+    pub(super) chunks: u32,
+    pub(super) delay: Option<Duration>,
+    pub(super) truncate_after: Option<u32>,
+    pub(super) error_after: Option<u32>,
+    pub(super) error_message: String,
+    pub(super) gate: bool,
+    pub(super) mode: UsageMode,
+    pub(super) include_usage: bool,
+    pub(super) prompt_tokens: u64,
+    pub(super) cached: u64,
+}
+
+impl StreamJob {
+    pub(super) async fn run(self) {
+        let mut last_cumulative = None;
+        let _ = self.emit(&mut last_cumulative).await;
+        // A cumulative stream has reported usage in-band with every chunk, so
+        // whatever it last sent counts, even if the stream then broke.
+        if let Some(u) = last_cumulative {
+            self.served(u);
+        }
+    }
+
+    fn served(&self, u: Usage) {
+        self.shared.record_served(ServedUsage {
+            model: self.model.clone(),
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cached_tokens: u.prompt_tokens_details.cached_tokens,
+            stream: true,
+        });
+    }
+
+    /// The `usage` field every regular chunk carries after `completion`
+    /// content chunks.
+    fn usage_field(&self, completion: u32) -> Option<Option<Usage>> {
+        match self.mode {
+            UsageMode::Final if self.include_usage => Some(None),
+            UsageMode::Cumulative => Some(Some(Usage::new(
+                self.prompt_tokens,
+                completion,
+                self.cached,
+            ))),
+            _ => None,
+        }
+    }
+
+    async fn send(&self, bytes: Vec<u8>) -> Result<(), Gone> {
+        self.tx.send(Ok(Bytes::from(bytes))).await.map_err(|_| Gone)
+    }
+
+    fn event<T: Serialize>(v: &T) -> Vec<u8> {
+        let mut out = b"data: ".to_vec();
+        serde_json::to_writer(&mut out, v).expect("serialising chunk");
+        out.extend_from_slice(b"\n\n");
+        out
+    }
+
+    /// A regular chunk with a single choice; `text: None` with a finish
+    /// reason is the closing chunk (empty delta / empty text).
+    fn chunk(
+        &self,
+        role: bool,
+        text: Option<&str>,
+        finish: Option<&'static str>,
+        usage: Option<Option<Usage>>,
+    ) -> Vec<u8> {
+        if self.chat {
+            Self::event(&Chunk {
+                id: &self.id,
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: &self.model,
+                choices: &[ChatDeltaChoice {
+                    index: 0,
+                    delta: Delta {
+                        role: role.then_some("assistant"),
+                        content: if role { Some("") } else { text },
+                    },
+                    logprobs: (),
+                    finish_reason: finish,
+                }],
+                usage,
+            })
+        } else {
+            Self::event(&Chunk {
+                id: &self.id,
+                object: "text_completion",
+                created: self.created,
+                model: &self.model,
+                choices: &[TextChoice {
+                    text: text.unwrap_or(""),
+                    index: 0,
+                    logprobs: (),
+                    finish_reason: finish,
+                }],
+                usage,
+            })
+        }
+    }
+
+    fn usage_chunk(&self, u: Usage) -> Vec<u8> {
+        Self::event(&Chunk::<'_, ChatDeltaChoice> {
+            id: &self.id,
+            object: if self.chat {
+                "chat.completion.chunk"
+            } else {
+                "text_completion"
+            },
+            created: self.created,
+            model: &self.model,
+            choices: &[],
+            usage: Some(Some(u)),
+        })
+    }
+
+    async fn emit(&self, last_cumulative: &mut Option<Usage>) -> Result<(), Gone> {
+        let cumulative = self.mode == UsageMode::Cumulative;
+        let track = |sent: u32, last: &mut Option<Usage>| {
+            if cumulative {
+                *last = Some(Usage::new(self.prompt_tokens, sent, self.cached));
+            }
+        };
+        if self.chat {
+            self.send(self.chunk(true, None, None, self.usage_field(0)))
+                .await?;
+            track(0, last_cumulative);
+        }
+        let mut sent = 0u32;
+        loop {
+            if self.truncate_after == Some(sent) {
+                // Let hyper take every frame already sent (the channel drains), then
+                // give it a moment to write them, so the client sees exactly `sent`
+                // chunks before the abort. Bounded: a stuck client must not hang us.
+                for _ in 0..200 {
+                    if self.tx.capacity() == self.tx.max_capacity() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                let _ = self.tx.send(Err(io::Error::other("mock truncate"))).await;
+                return Ok(());
+            }
+            if self.error_after == Some(sent) {
+                let err = error_json(&self.error_message, "server_error", None);
+                let mut ev = b"data: ".to_vec();
+                ev.extend_from_slice(&err);
+                ev.extend_from_slice(b"\n\n");
+                // Ends the body cleanly (terminating chunk) but without [DONE].
+                return self.send(ev).await;
+            }
+            if sent == self.chunks {
+                break;
+            }
+            if self.gate && sent == 1 {
+                let mut gate = self.shared.gate.subscribe();
+                tokio::select! {
+                    _ = async { let _ = gate.wait_for(|open| *open).await; } => {}
+                    _ = self.tx.closed() => return Err(Gone),
+                }
+            }
+            if let Some(d) = self.delay {
+                tokio::time::sleep(d).await;
+            }
+            let text = format!("tok{sent} ");
+            // Counted before it can reach anyone: a client holding chunk N must never read
+            // a count below N.
+            self.shared.chunks_sent.fetch_add(1, Ordering::SeqCst);
+            self.send(self.chunk(false, Some(&text), None, self.usage_field(sent + 1)))
+                .await?;
+            sent += 1;
+            track(sent, last_cumulative);
+        }
+        self.send(self.chunk(false, None, Some("stop"), self.usage_field(sent)))
+            .await?;
+        track(sent, last_cumulative);
+        if self.mode == UsageMode::Final && self.include_usage {
+            let u = Usage::new(self.prompt_tokens, sent, self.cached);
+            self.send(self.usage_chunk(u)).await?;
+            self.served(u);
+        }
+        self.send(b"data: [DONE]\n\n".to_vec()).await
+    }
+}

@@ -1,0 +1,220 @@
+//! `billing`: price the request, reserve its worst case, settle the real cost, record it.
+//!
+//! Money is an `i64` of nano-USD everywhere. Prices are configured in USD per 1M tokens and
+//! converted once, at start-up, to integer nano-USD per 1M tokens; group multipliers to
+//! integer parts-per-million. A cost is then one integer expression, rounded once.
+//!
+//! Reservations are held in [`Wallets`], an in-process book in front of the store: for each
+//! account and key it knows the stored amount, what was settled but not yet written
+//! (`unflushed`), and what is reserved. Reserve and settle happen under one lock, so
+//! concurrent requests can never together spend more than the account holds. When a
+//! reservation does not fit, the book re-reads the store (a top-up made elsewhere) before
+//! refusing, at most once per account and per key budget per reload interval.
+
+mod book;
+mod price;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::chain::Phases;
+use crate::channel::Channels;
+use crate::{Ctx, Filter, GatewayError};
+
+pub use book::{BalanceSource, Committed, Reservation, Wallets, DEFAULT_RELOAD_INTERVAL};
+pub use price::{usd_to_nano, ModelRate, PriceTable, UnpricedPolicy, Usage, NANO_PER_USD};
+
+/// One request's ledger row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub request_id: String,
+    pub ts_ms: i64,
+    pub key_id: i64,
+    pub account_id: i64,
+    pub model: String,
+    pub upstream_model: Option<String>,
+    pub channel: Option<String>,
+    pub status: u16,
+    pub usage: Usage,
+    /// What was charged (nano-USD); the balance and key spend move by exactly this.
+    pub cost_nano: i64,
+    /// The key whose budget purse booked this charge (the key had a budget when reserved).
+    pub budget_key: Option<i64>,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    pub stream: bool,
+}
+
+/// Where settled rows go: the server's group-committing writer. Must not block.
+pub trait LedgerSink: Send + Sync {
+    fn record(&self, row: LedgerRow);
+}
+
+/// The `billing` filter.
+pub struct Billing {
+    prices: Arc<PriceTable>,
+    wallets: Arc<Wallets>,
+    ledger: Arc<dyn LedgerSink>,
+    /// The channel table, for the ledger's channel name.
+    channels: Channels,
+}
+
+impl Billing {
+    pub fn new(
+        prices: Arc<PriceTable>,
+        wallets: Arc<Wallets>,
+        ledger: Arc<dyn LedgerSink>,
+        channels: Channels,
+    ) -> Self {
+        Billing {
+            prices,
+            wallets,
+            ledger,
+            channels,
+        }
+    }
+}
+
+/// Completion tokens for a response whose usage never came: text bytes / 4, rounded up,
+/// never above the request's own cap.
+pub fn estimate_completion(text_bytes: u64, cap: Option<u64>, n: u64) -> u64 {
+    let est = text_bytes.div_ceil(4);
+    match cap {
+        Some(c) => est.min(c.saturating_mul(n.max(1))),
+        None => est,
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl Filter for Billing {
+    fn name(&self) -> &'static str {
+        "billing"
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST_BODY | Phases::DONE | Phases::ABANDON
+    }
+
+    async fn on_request_body(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        let (Some(key), Some(facts)) = (&ctx.key, &ctx.facts) else {
+            return Ok(());
+        };
+        // Any planned channel may serve the request, and `model_map` may send each a
+        // different model: reserve for the dearest.
+        let mut worst = None;
+        let unplanned = ctx.plan.is_empty().then_some(None);
+        let planned = ctx.plan.iter().map(|a| a.upstream_model.as_deref());
+        for upstream in unplanned.into_iter().chain(planned) {
+            let Some(rate) = self.prices.rate(&facts.model, upstream)? else {
+                continue;
+            };
+            let cost = self.prices.worst_case(
+                rate,
+                &key.group,
+                facts.prompt_tokens_estimate,
+                facts.max_output_tokens,
+                facts.choices,
+            );
+            worst = worst.max(Some(cost));
+        }
+        let Some(worst) = worst else {
+            return Ok(());
+        };
+        let budget = key.budget_nano.map(|b| (key.id, b));
+        ctx.reservation = Some(self.wallets.reserve(key.account_id, budget, worst).await?);
+        Ok(())
+    }
+
+    fn on_abandon(&self, ctx: &mut Ctx) {
+        // Nothing is known about what the provider served; free the money rather than hold
+        // it until a restart.
+        if let Some(r) = ctx.reservation.take() {
+            tracing::error!(request_id = %ctx.request_id, "request abandoned; reservation released uncharged");
+            self.wallets.settle(&r, 0);
+        }
+    }
+
+    async fn on_done(&self, ctx: &mut Ctx) {
+        let (Some(key), Some(facts)) = (&ctx.key, &ctx.facts) else {
+            return;
+        };
+        let out = &ctx.outcome;
+        let usage = ctx.settlement.usage;
+        let cost = match self
+            .prices
+            .rate(&facts.model, ctx.upstream_model.as_deref())
+        {
+            Ok(Some(rate)) if usage != Usage::default() => {
+                self.prices.cost(rate, &key.group, &usage)
+            }
+            _ => 0,
+        };
+        let (charged, budget_key) = match ctx.reservation.take() {
+            Some(r) => (self.wallets.settle(&r, cost), r.key_id),
+            None => (0, None),
+        };
+        let upstream_model = ctx.upstream_model.clone();
+        self.ledger.record(LedgerRow {
+            request_id: ctx.request_id.clone(),
+            ts_ms: unix_ms(),
+            key_id: key.id,
+            account_id: key.account_id,
+            model: facts.model.clone(),
+            upstream_model,
+            channel: out
+                .channel
+                .and_then(|i| self.channels.get(i).map(|c| c.name.clone())),
+            status: out.status,
+            usage,
+            cost_nano: charged,
+            budget_key,
+            latency_ms: ctx.started.elapsed().as_millis() as u64,
+            ttft_ms: out.first_byte.map(|d| d.as_millis() as u64),
+            stream: facts.stream,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::book::tests::wallets;
+    use super::price::tests::table;
+    use super::*;
+
+    struct NoLedger;
+    impl LedgerSink for NoLedger {
+        fn record(&self, _: LedgerRow) {}
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_request_gives_its_reservation_back() {
+        let (_s, w) = wallets(1000);
+        let w = Arc::new(w);
+        let billing = Billing::new(
+            Arc::new(table()),
+            w.clone(),
+            Arc::new(NoLedger),
+            Arc::from(Vec::<crate::channel::Channel>::new()),
+        );
+        let mut ctx = Ctx::new("r".into());
+        ctx.reservation = Some(w.reserve(1, None, 700).await.unwrap());
+        assert_eq!(w.account_available(1), Some(300));
+        billing.on_abandon(&mut ctx);
+        assert_eq!(w.account_available(1), Some(1000));
+        assert!(ctx.reservation.is_none());
+    }
+
+    #[test]
+    fn completion_estimate_is_bounded_by_the_cap() {
+        assert_eq!(estimate_completion(10, None, 1), 3);
+        assert_eq!(estimate_completion(10_000, Some(100), 2), 200);
+    }
+}

@@ -1,0 +1,231 @@
+//! Prices: configured USD rates as integer nano-USD, and the cost of a request's usage.
+//!
+//! Money is an `i64` of nano-USD everywhere. Prices are configured in USD per 1M tokens and
+//! converted once, at start-up, to integer nano-USD per 1M tokens; group multipliers to
+//! integer parts-per-million. A cost is then one integer expression, rounded once.
+
+use std::collections::HashMap;
+
+use crate::GatewayError;
+
+pub const NANO_PER_USD: i64 = 1_000_000_000;
+const PPM: i128 = 1_000_000;
+const TOKENS_PER_PRICE_UNIT: i128 = 1_000_000;
+
+/// What one model costs, in integer nano-USD.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelRate {
+    /// nano-USD per 1M prompt tokens.
+    pub input: i64,
+    /// nano-USD per 1M completion tokens (reasoning tokens are part of these).
+    pub output: i64,
+    /// nano-USD per 1M cached prompt tokens.
+    pub cached_input: i64,
+    /// nano-USD per request.
+    pub per_request: i64,
+    /// Output cap assumed for the worst case when the request sets none.
+    pub default_max_output: Option<u64>,
+}
+
+/// USD (as configured) → nano-USD. Exact for prices with up to 9 decimals.
+pub fn usd_to_nano(usd: f64) -> i64 {
+    (usd * NANO_PER_USD as f64).round() as i64
+}
+
+impl ModelRate {
+    pub fn from_usd(input: f64, output: f64, cached_input: Option<f64>, per_request: f64) -> Self {
+        ModelRate {
+            input: usd_to_nano(input),
+            output: usd_to_nano(output),
+            cached_input: usd_to_nano(cached_input.unwrap_or(input)),
+            per_request: usd_to_nano(per_request),
+            default_max_output: None,
+        }
+    }
+}
+
+/// What to do with a model that has no price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnpricedPolicy {
+    Reject,
+    Free,
+}
+
+/// Token counts as the provider reports them (`prompt_tokens` includes `cached_tokens`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    /// Not reported by the provider: estimated by the gateway.
+    pub estimated: bool,
+}
+
+/// `pricing:` after validation.
+#[derive(Debug, Clone)]
+pub struct PriceTable {
+    pub models: HashMap<String, ModelRate>,
+    /// Group → multiplier in parts per million.
+    pub groups: HashMap<String, u64>,
+    pub unpriced: UnpricedPolicy,
+    /// Output cap assumed when neither the request nor the model sets one.
+    pub default_max_output: u64,
+}
+
+impl PriceTable {
+    pub fn multiplier_ppm(&self, group: &str) -> u64 {
+        self.groups.get(group).copied().unwrap_or(PPM as u64)
+    }
+
+    /// The price of `model`; a `model_map` alias without a price of its own is priced as the
+    /// upstream model it maps to. `None` when unpriced models are free; `Err` when refused.
+    pub fn rate(
+        &self,
+        model: &str,
+        upstream: Option<&str>,
+    ) -> Result<Option<&ModelRate>, GatewayError> {
+        let found = self
+            .models
+            .get(model)
+            .or_else(|| upstream.and_then(|m| self.models.get(m)));
+        match (found, self.unpriced) {
+            (Some(r), _) => Ok(Some(r)),
+            (None, UnpricedPolicy::Free) => Ok(None),
+            (None, UnpricedPolicy::Reject) => Err(GatewayError::Unpriced(model.to_owned())),
+        }
+    }
+
+    /// The exact cost of `usage`, rounded half up to the nano-USD.
+    pub fn cost(&self, rate: &ModelRate, group: &str, usage: &Usage) -> i64 {
+        self.cost_rounded(rate, group, usage, false)
+    }
+
+    fn cost_rounded(&self, rate: &ModelRate, group: &str, u: &Usage, ceil: bool) -> i64 {
+        let cached = u.cached_tokens.min(u.prompt_tokens) as i128;
+        let uncached = u.prompt_tokens as i128 - cached;
+        // nano-USD × tokens / 1M: divided out once, at the end, with the multiplier.
+        let tokens = uncached * rate.input as i128
+            + cached * rate.cached_input as i128
+            + u.completion_tokens as i128 * rate.output as i128
+            + rate.per_request as i128 * TOKENS_PER_PRICE_UNIT;
+        let scaled = tokens * self.multiplier_ppm(group) as i128;
+        let denom = TOKENS_PER_PRICE_UNIT * PPM;
+        let q = if ceil {
+            (scaled + denom - 1) / denom
+        } else {
+            (scaled + denom / 2) / denom
+        };
+        q.min(i64::MAX as i128) as i64
+    }
+
+    /// The most this request can cost: the prompt estimate in full at the input price, plus
+    /// `n ×` the output cap. Rounded up.
+    pub fn worst_case(
+        &self,
+        rate: &ModelRate,
+        group: &str,
+        prompt_estimate: u64,
+        max_output: Option<u64>,
+        n: u64,
+    ) -> i64 {
+        let cap = max_output
+            .or(rate.default_max_output)
+            .unwrap_or(self.default_max_output);
+        let u = Usage {
+            prompt_tokens: prompt_estimate,
+            completion_tokens: cap.saturating_mul(n.max(1)),
+            cached_tokens: 0,
+            estimated: true,
+        };
+        self.cost_rounded(rate, group, &u, true)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Two priced models and two groups, rejecting unpriced models.
+    pub(crate) fn table() -> PriceTable {
+        let mut models = HashMap::new();
+        models.insert(
+            "m".to_string(),
+            ModelRate::from_usd(0.15, 0.60, Some(0.075), 0.0),
+        );
+        models.insert(
+            "fee".to_string(),
+            ModelRate::from_usd(1.0, 2.0, None, 0.001),
+        );
+        PriceTable {
+            models,
+            groups: HashMap::from([("default".into(), 1_000_000), ("vip".into(), 500_000)]),
+            unpriced: UnpricedPolicy::Reject,
+            default_max_output: 4096,
+        }
+    }
+
+    #[test]
+    fn cost_is_exact_integer_nano_usd() {
+        let t = table();
+        let m = &t.models["m"];
+        assert_eq!(m.input, 150_000_000);
+        let u = Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 100,
+            cached_tokens: 400,
+            estimated: false,
+        };
+        // 600 × 150 + 400 × 75 + 100 × 600 nano-USD = 90_000 + 30_000 + 60_000
+        assert_eq!(t.cost(m, "default", &u), 180_000);
+        assert_eq!(t.cost(m, "vip", &u), 90_000);
+        assert_eq!(t.cost(m, "unknown-group", &u), 180_000);
+        let fee = &t.models["fee"];
+        let one = Usage {
+            prompt_tokens: 1,
+            ..Default::default()
+        };
+        assert_eq!(t.cost(fee, "default", &one), 1_000 + 1_000_000);
+    }
+
+    #[test]
+    fn sub_nano_costs_round_half_up_and_worst_case_rounds_up() {
+        let mut t = table();
+        t.models
+            .insert("tiny".into(), ModelRate::from_usd(0.0005, 0.0, None, 0.0)); // 0.5 nano/token
+        let r = t.models["tiny"].clone();
+        let one = Usage {
+            prompt_tokens: 1,
+            ..Default::default()
+        };
+        assert_eq!(t.cost(&r, "default", &one), 1);
+        let three = Usage {
+            prompt_tokens: 3,
+            ..Default::default()
+        };
+        assert_eq!(t.cost(&r, "default", &three), 2);
+        assert_eq!(t.worst_case(&r, "default", 3, Some(0), 1), 2);
+    }
+
+    #[test]
+    fn worst_case_uses_n_times_the_cap_or_the_default() {
+        let t = table();
+        let m = &t.models["m"];
+        assert_eq!(
+            t.worst_case(m, "default", 100, Some(10), 2),
+            100 * 150 + 20 * 600
+        );
+        assert_eq!(t.worst_case(m, "default", 0, None, 1), 4096 * 600);
+    }
+
+    #[test]
+    fn unpriced_models_are_refused_or_free() {
+        let mut t = table();
+        assert_eq!(
+            t.rate("x", None).unwrap_err().code(),
+            Some("model_not_priced")
+        );
+        assert_eq!(t.rate("alias", Some("m")).unwrap(), Some(&t.models["m"]));
+        t.unpriced = UnpricedPolicy::Free;
+        assert_eq!(t.rate("x", None).unwrap(), None);
+    }
+}

@@ -1,0 +1,169 @@
+//! Configuration: YAML text → `${ENV}` interpolation → typed structs → validation.
+//!
+//! Parsing rejects unknown fields and names the field path and line of the first structural
+//! error; [`Config::validate`] then checks meaning and reports *every* problem it finds, each
+//! with its path. Nothing downstream reads YAML or looks a setting up by string: each filter
+//! and service gets its own typed section at construction.
+
+mod interpolate;
+mod locate;
+mod types;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use interpolate::interpolate;
+pub use locate::line_of;
+pub use types::{
+    AccountingConfig, AuthSection, DatabaseConfig, IpLimit, JournalMode, LimitsConfig, ModelPrice,
+    OnError, PricingConfig, RedisConfig, ServerConfig, Synchronous, TempStore, Unpriced,
+};
+
+// One definition of each type, shared with the filters that use it.
+pub use crate::connections::ConnectionLimits;
+pub use tollgate_filters::channel::{ChannelConfig, ChannelKind, UpstreamUrl};
+pub use tollgate_filters::limits::LimitSet;
+pub use tollgate_filters::route::RoutingConfig;
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted field path, e.g. `channels[1].base_url`.
+    pub path: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{} (line {}): {}", self.path, line, self.message),
+            None => write!(f, "{}: {}", self.path, self.message),
+        }
+    }
+}
+
+/// All the problems found in one file.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}: {} error(s)", self.file.display(), self.errors.len())?;
+        for e in &self.errors {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+    #[serde(default)]
+    pub channels: Vec<ChannelConfig>,
+    #[serde(default)]
+    pub pricing: PricingConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub accounting: AccountingConfig,
+    #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+}
+impl Config {
+    /// Reads, interpolates, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let fail = |errors| ConfigErrors {
+            file: path.to_path_buf(),
+            errors,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            fail(vec![ConfigError {
+                path: "(file)".into(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Config::from_yaml(&text, |k| std::env::var(k).ok()).map_err(fail)
+    }
+
+    pub fn from_yaml(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<ConfigError>> {
+        let text = interpolate(text, env)?;
+        let de = serde_norway::Deserializer::from_str(&text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .location()
+                .map(|l| l.line())
+                .or_else(|| line_of(&text, &path));
+            // serde_norway appends "at line N column M"; the line is reported separately.
+            let msg = inner.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            vec![ConfigError {
+                path: if path == "." { "(root)".into() } else { path },
+                line,
+                message: msg,
+            }]
+        })?;
+        let mut errors = cfg.validate();
+        for e in &mut errors {
+            e.line = e.line.or_else(|| line_of(&text, &e.path));
+        }
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "server:\n  listen: 127.0.0.1:8080\n  admin_listen: 127.0.0.1:8081\n";
+
+    pub(super) fn parse(s: &str) -> Result<Config, Vec<ConfigError>> {
+        Config::from_yaml(s, |k| (k == "SET").then(|| "value".to_string()))
+    }
+
+    #[test]
+    fn the_shipped_default_config_is_valid() {
+        let text = include_str!("../../conf/tollgate.yaml");
+        let cfg = Config::from_yaml(text, |_| None).unwrap();
+        assert_eq!(cfg.database.journal_mode, JournalMode::Wal);
+        assert!(cfg.redis.is_none());
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_path_and_line() {
+        let e = parse(&format!(
+            "{MIN}channels:\n  - name: a\n    base_url: http://x\n    modles: [m]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].path, "channels[0].modles");
+        assert!(e[0].message.contains("modles"), "{}", e[0].message);
+        assert_eq!(e[0].line, Some(7));
+    }
+}

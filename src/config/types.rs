@@ -1,0 +1,256 @@
+//! The configuration's sections as typed structs, with their serde defaults.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{ConnectionLimits, LimitSet};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub admin_listen: String,
+    #[serde(default = "d_threads")]
+    pub threads: usize,
+    #[serde(default)]
+    pub admin_token: String,
+    #[serde(default = "d_max_body")]
+    pub max_body_bytes: usize,
+    #[serde(default = "d_grace")]
+    pub grace_period_s: u64,
+    /// Idle upstream connections kept for reuse (Pingora's `upstream_keepalive_pool_size`).
+    #[serde(default = "d_pool")]
+    pub upstream_keepalive_pool_size: usize,
+    /// A client that accepts no response bytes for this long is treated as gone.
+    #[serde(default = "d_client_write")]
+    pub client_write_timeout_ms: u64,
+    /// `tracing` filter directive, e.g. `info` or `tollgate=debug`.
+    #[serde(default = "d_log")]
+    pub log_level: String,
+    /// Deadlines and the cap on client connections.
+    #[serde(default)]
+    pub connections: ConnectionLimits,
+}
+
+fn d_threads() -> usize {
+    2
+}
+fn d_max_body() -> usize {
+    32 * 1024 * 1024
+}
+fn d_grace() -> u64 {
+    30
+}
+fn d_pool() -> usize {
+    128
+}
+fn d_client_write() -> u64 {
+    30_000
+}
+fn d_log() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalMode {
+    Wal,
+    Delete,
+    Truncate,
+    Persist,
+    Memory,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Off,
+    Normal,
+    Full,
+    Extra,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TempStore {
+    Default,
+    File,
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub path: PathBuf,
+    pub journal_mode: JournalMode,
+    pub synchronous: Synchronous,
+    pub cache_size_kib: i64,
+    pub mmap_size_bytes: u64,
+    pub temp_store: TempStore,
+    pub busy_timeout_ms: u64,
+    pub pool_size: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            path: PathBuf::from("data/tollgate.db"),
+            journal_mode: JournalMode::Wal,
+            synchronous: Synchronous::Normal,
+            cache_size_kib: 65536,
+            mmap_size_bytes: 268_435_456,
+            temp_store: TempStore::Memory,
+            busy_timeout_ms: 5000,
+            pool_size: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: String,
+    #[serde(default = "d_redis_pool")]
+    pub pool_size: u32,
+    #[serde(default = "d_redis_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "d_on_error")]
+    pub on_error: OnError,
+}
+
+fn d_redis_pool() -> u32 {
+    16
+}
+fn d_redis_timeout() -> u64 {
+    50
+}
+fn d_on_error() -> OnError {
+    OnError::Allow
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    /// USD per 1M prompt tokens.
+    #[serde(default)]
+    pub input: f64,
+    /// USD per 1M completion tokens.
+    #[serde(default)]
+    pub output: f64,
+    /// USD per 1M cached prompt tokens; defaults to `input`.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    /// Fixed USD per request, on top of tokens.
+    #[serde(default)]
+    pub per_request: f64,
+    /// Output cap assumed when a request sets no `max_tokens`.
+    #[serde(default)]
+    pub default_max_output: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Unpriced {
+    #[default]
+    Reject,
+    Free,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingConfig {
+    pub models: BTreeMap<String, ModelPrice>,
+    pub groups: BTreeMap<String, f64>,
+    pub unpriced: Unpriced,
+    /// Serve the price table at `GET /api/pricing` on the main listener.
+    pub expose: bool,
+    /// Output cap assumed for the worst-case reservation when neither the request
+    /// (`max_tokens`) nor the model (`default_max_output`) sets one.
+    pub default_max_output: u64,
+}
+
+impl Default for PricingConfig {
+    fn default() -> Self {
+        PricingConfig {
+            models: BTreeMap::new(),
+            groups: BTreeMap::from([("default".to_string(), 1.0)]),
+            unpriced: Unpriced::Reject,
+            expose: false,
+            default_max_output: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpLimit {
+    #[serde(default)]
+    pub rps: u32,
+}
+
+impl Default for IpLimit {
+    fn default() -> Self {
+        IpLimit { rps: 200 }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub default: LimitSet,
+    pub groups: BTreeMap<String, LimitSet>,
+    pub ip: IpLimit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountingConfig {
+    pub flush_interval_ms: u64,
+    pub max_batch: usize,
+    pub retention_days: u32,
+    /// After a client disconnects mid-response, keep reading the provider this long for usage.
+    pub drain_timeout_ms: u64,
+    /// ... and at most this many bytes.
+    pub drain_max_bytes: u64,
+}
+
+impl Default for AccountingConfig {
+    fn default() -> Self {
+        AccountingConfig {
+            flush_interval_ms: 20,
+            max_batch: 2000,
+            retention_days: 90,
+            drain_timeout_ms: 60_000,
+            drain_max_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// `auth:` (an extension): the key cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    pub cache_ttl_ms: u64,
+    pub negative_cache_ttl_ms: u64,
+    pub cache_capacity: usize,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            cache_ttl_ms: 30_000,
+            negative_cache_ttl_ms: 2_000,
+            cache_capacity: 100_000,
+        }
+    }
+}
