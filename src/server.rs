@@ -141,9 +141,10 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let parts = Parts {
         pool: pool.clone(),
         keys: Arc::new(KeyCache::new(auth_config(&cfg))),
-        picker: Arc::new(ChannelPicker::new(
+        picker: Arc::new(ChannelPicker::with_paths(
             channels.clone(),
             cfg.routing.max_attempts,
+            &cfg.routes,
         )),
         channels: channels.clone(),
         prices: Arc::new(price_table(&cfg)),

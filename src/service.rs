@@ -125,6 +125,7 @@ impl Gateway {
         let path = req.uri.path().to_owned();
         let method = req.method.clone();
         ctx.endpoint = Endpoint::of(&path);
+        ctx.path.clone_from(&path);
         ctx.client_ip = client_ip(session);
         // A request read from a kept-alive connection after SIGTERM: its count came after the
         // drain looked (the count is taken before this check, the flag set before the drain
@@ -140,6 +141,14 @@ impl Gateway {
             return Err(GatewayError::invalid(
                 "An HTTP/1.1 request must carry a Host header.",
             ));
+        }
+        // `Transfer_Encoding` and friends: some servers read `_` as `-`, so such a name could
+        // smuggle framing or identity past the checks below. No client needs one.
+        if let Some(name) = req.headers.keys().find(|n| n.as_str().contains('_')) {
+            return Err(GatewayError::invalid(format!(
+                "Header names with underscores are not accepted (`{}`).",
+                truncate(name.as_str(), 64)
+            )));
         }
         if path == "/api/pricing" && method == http::Method::GET {
             return self.pricing_page(session, p, ctx).await;
@@ -170,17 +179,30 @@ impl Gateway {
             let one = path.strip_prefix("/v1/models/");
             return self.list_models(session, p, ctx, one).await;
         }
-        if method != http::Method::POST {
-            return Err(GatewayError::MethodNotAllowed(method.to_string()));
-        }
-        let raw = self.read_body(session, p).await?;
-        let (body, facts) = RequestBody::parse(raw)?;
-        ctx.facts = Some(facts);
+        let body = match method {
+            http::Method::POST => {
+                let raw = self.read_body(session, p).await?;
+                let (body, facts) = RequestBody::parse(raw)?;
+                ctx.facts = Some(facts);
+                Some(body)
+            }
+            // Body-less calls (`GET /v1/files/{id}`, `DELETE /v1/files/{id}`,
+            // `GET /v1/batches`): forwarded by path, authenticated and logged.
+            http::Method::GET | http::Method::DELETE => {
+                if !session.is_body_empty() {
+                    return Err(GatewayError::invalid(format!(
+                        "A {method} request takes no body."
+                    )));
+                }
+                None
+            }
+            _ => return Err(GatewayError::MethodNotAllowed(method.to_string())),
+        };
         p.chain.request_body(ctx).await?;
         let out = Outbound {
             chain: &p.chain,
             channels: &p.channels,
-            body: Some(&body),
+            body: body.as_ref(),
             path: &path,
         };
         self.relay.forward(session, ctx, out).await

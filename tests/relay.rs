@@ -676,3 +676,35 @@ async fn key_limits_refuse_with_retry_after_and_ratelimit_headers() {
     }
     assert_eq!(third, 200, "the slot came back when the stream ended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_less_v1_requests_are_forwarded_by_path_with_the_channel_key() {
+    let (mock, gw) = single().await;
+    let key = gw.new_key("acme", &[]);
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/files/file-abc"),
+        (reqwest::Method::DELETE, "/v1/files/file-abc"),
+        (reqwest::Method::GET, "/v1/batches"),
+    ] {
+        let r = client()
+            .request(method.clone(), gw.url(path))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{method} {path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["path"], path);
+        let seen = mock.requests().last().unwrap().clone();
+        assert_eq!((seen.method.as_str(), seen.path.as_str()), (method.as_str(), path));
+        assert_eq!(
+            seen.header("authorization"),
+            Some(format!("Bearer {PROVIDER_KEY}").as_str())
+        );
+    }
+    // Still authenticated: no key, no forwarding.
+    let before = mock.requests().len();
+    let r = client().get(gw.url("/v1/files/x")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(mock.requests().len(), before);
+}

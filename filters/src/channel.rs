@@ -416,6 +416,10 @@ impl Channel {
         peer.options.verify_cert = self.tls_verify;
         peer.options.verify_hostname = self.tls_verify;
         peer.options.ca = self.ca.clone();
+        // Pingora's pool key leaves the trusted CA out: each channel pools its own
+        // connections, so two channels on one address never share a connection verified
+        // against the other's CA.
+        peer.group_key = self.index as u64 + 1;
         self.peer.store(Some(Arc::new(peer)));
         Ok(addr)
     }
@@ -539,6 +543,22 @@ mod tests {
         h.attempt_started();
         assert!(h.report(true));
         assert!(!h.is_available());
+    }
+
+    #[test]
+    fn channels_on_one_address_never_share_pooled_connections() {
+        let cfg = |name: &str| -> ChannelConfig {
+            serde_json::from_value(serde_json::json!({
+                "name": name, "base_url": "https://127.0.0.1:9443", "models": ["m"]
+            }))
+            .unwrap()
+        };
+        let chans = build_channels(&[cfg("a"), cfg("b")], HealthConfig::default()).unwrap();
+        chans[0].resolve().unwrap();
+        chans[1].resolve().unwrap();
+        let (a, b) = (chans[0].peer().unwrap(), chans[1].peer().unwrap());
+        assert_eq!(a.address(), b.address());
+        assert_ne!(a.reuse_hash(), b.reuse_hash());
     }
 
     #[test]

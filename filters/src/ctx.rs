@@ -175,7 +175,8 @@ pub struct Ctx {
     pub request_id: String,
     pub started: Instant,
     pub client_ip: Option<IpAddr>,
-    /// Written by the service from the path.
+    /// Written by the service: the request path, and the endpoint it names.
+    pub path: String,
     pub endpoint: Endpoint,
     /// Written by `auth`.
     pub key: Option<Arc<KeyRecord>>,
@@ -213,6 +214,7 @@ impl Ctx {
             request_id,
             started: Instant::now(),
             client_ip: None,
+            path: String::new(),
             endpoint: Endpoint::Unknown,
             key: None,
             facts: None,

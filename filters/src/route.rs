@@ -57,6 +57,16 @@ impl RoutingConfig {
     }
 }
 
+/// `routes:` in the YAML: which channel serves body-less requests (`GET /v1/files/{id}`,
+/// `DELETE /v1/files/{id}`, `GET /v1/batches`) under a path prefix. Without a matching
+/// entry they go to the first channel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathRoute {
+    pub prefix: String,
+    pub channel: String,
+}
+
 /// One planned upstream attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedAttempt {
@@ -72,10 +82,26 @@ pub struct ChannelPicker {
     max_attempts: usize,
     /// model → channel indices serving it, sorted by priority (highest first).
     by_model: HashMap<String, Vec<usize>>,
+    /// Path prefix → channel index, longest prefix first.
+    by_path: Vec<(String, usize)>,
 }
 
 impl ChannelPicker {
     pub fn new(channels: Channels, max_attempts: usize) -> Self {
+        Self::with_paths(channels, max_attempts, &[])
+    }
+
+    /// With `routes:` for body-less requests; an entry naming no channel is ignored (the
+    /// config validation refuses it before this point).
+    pub fn with_paths(channels: Channels, max_attempts: usize, paths: &[PathRoute]) -> Self {
+        let mut by_path: Vec<(String, usize)> = paths
+            .iter()
+            .filter_map(|r| {
+                let i = channels.iter().position(|c| c.name == r.channel)?;
+                Some((r.prefix.clone(), i))
+            })
+            .collect();
+        by_path.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         let mut by_model: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, ch) in channels.iter().enumerate() {
             let names = ch.models.iter().chain(ch.model_map.keys());
@@ -93,6 +119,7 @@ impl ChannelPicker {
             channels,
             max_attempts,
             by_model,
+            by_path,
         }
     }
 
@@ -109,6 +136,21 @@ impl ChannelPicker {
 
     pub fn serves(&self, model: &str) -> bool {
         self.by_model.contains_key(model)
+    }
+
+    /// The one attempt for a body-less request on `path`: the `routes:` entry with the
+    /// longest matching prefix, else the first channel.
+    pub fn plan_path(&self, path: &str) -> Option<Vec<PlannedAttempt>> {
+        let channel = self
+            .by_path
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map(|&(_, i)| i)
+            .or((!self.channels.is_empty()).then_some(0))?;
+        Some(vec![PlannedAttempt {
+            channel,
+            upstream_model: None,
+        }])
     }
 
     /// The attempt order for `model`, or `None` if no channel serves it.
@@ -188,6 +230,14 @@ impl Filter for Route {
     }
 
     async fn on_request_body(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        if ctx.facts.is_none() {
+            // A body-less request (GET/DELETE under /v1/): routed by its path.
+            ctx.plan = self
+                .picker
+                .plan_path(&ctx.path)
+                .ok_or(GatewayError::NoChannelAvailable)?;
+            return Ok(());
+        }
         let model = ctx.model().unwrap_or_default();
         if model.is_empty() {
             return Err(GatewayError::InvalidRequest {
@@ -330,6 +380,29 @@ mod tests {
             0,
             "the context's drop gives the slot back"
         );
+    }
+
+    #[test]
+    fn body_less_requests_route_by_the_longest_prefix_else_the_first_channel() {
+        let chans = vec![ch("a", 1, 1, &["m"]), ch("b", 1, 1, &["m"])];
+        let routes = [
+            PathRoute {
+                prefix: "/v1/files".into(),
+                channel: "b".into(),
+            },
+            PathRoute {
+                prefix: "/v1/files/special".into(),
+                channel: "a".into(),
+            },
+        ];
+        let p = ChannelPicker::with_paths(
+            build_channels(&chans, HealthConfig::default()).unwrap(),
+            3,
+            &routes,
+        );
+        assert_eq!(p.plan_path("/v1/files/f-1").unwrap()[0].channel, 1);
+        assert_eq!(p.plan_path("/v1/files/special/x").unwrap()[0].channel, 0);
+        assert_eq!(p.plan_path("/v1/batches").unwrap()[0].channel, 0);
     }
 
     #[test]

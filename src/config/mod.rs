@@ -26,7 +26,7 @@ pub use types::{
 pub use crate::connections::ConnectionLimits;
 pub use tollgate_filters::channel::{ChannelConfig, ChannelKind, UpstreamUrl};
 pub use tollgate_filters::limits::LimitSet;
-pub use tollgate_filters::route::RoutingConfig;
+pub use tollgate_filters::route::{PathRoute, RoutingConfig};
 
 /// One configuration problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +85,9 @@ pub struct Config {
     pub auth: AuthSection,
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// Which channel serves body-less requests under a path prefix.
+    #[serde(default)]
+    pub routes: Vec<PathRoute>,
 }
 impl Config {
     /// Reads, interpolates, parses and validates a file.

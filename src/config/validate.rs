@@ -161,6 +161,17 @@ impl Config {
                 "must be greater than 0".into(),
             );
         }
+        for (i, r) in self.routes.iter().enumerate() {
+            if !r.prefix.starts_with("/v1/") {
+                err(format!("routes[{i}].prefix"), "must start with /v1/".into());
+            }
+            if !self.channels.iter().any(|c| c.name == r.channel) {
+                err(
+                    format!("routes[{i}].channel"),
+                    format!("names no channel (`{}`)", r.channel),
+                );
+            }
+        }
         if self.routing.max_attempts == 0 {
             err("routing.max_attempts".into(), "must be at least 1".into());
         }

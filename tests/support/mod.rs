@@ -12,6 +12,12 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports, reason = "not every test file uses both")]
 pub use tollgate_bench::mock::{Behaviour, MockServer};
 
+/// The binary under test: this build's, or `TOLLGATE_BIN` (to show a test fails against
+/// an older build).
+pub fn tollgate_bin() -> String {
+    std::env::var("TOLLGATE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_string())
+}
+
 /// A free loopback port (bound, then released for the gateway to take).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -83,7 +89,7 @@ impl Gateway {
 
     pub fn launch(mut self) -> Gateway {
         let log = std::fs::File::create(self.dir.path().join("gateway.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let child = Command::new(tollgate_bin())
             .args(["serve", "--config"])
             .arg(&self.config)
             .stdout(log.try_clone().unwrap())
@@ -123,7 +129,7 @@ impl Gateway {
 
     /// Runs a CLI command against this gateway's config.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        Command::new(tollgate_bin())
             .args(args)
             .arg("--config")
             .arg(&self.config)
