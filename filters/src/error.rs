@@ -23,13 +23,13 @@ pub enum GatewayError {
     RevokedApiKey,
     #[error("This API key has expired.")]
     ExpiredApiKey,
-    #[error("This API key may not use the model `{0}`.")]
+    #[error("This API key may not use the model `{}`.", echo_name(.0))]
     ModelNotAllowed(String),
-    #[error("The model `{0}` has no price configured on this gateway.")]
+    #[error("The model `{}` has no price configured on this gateway.", echo_name(.0))]
     Unpriced(String),
     #[error("Requests from this address are not allowed for this API key.")]
     IpNotAllowed,
-    #[error("The model `{0}` does not exist or is not served by this gateway.")]
+    #[error("The model `{}` does not exist or is not served by this gateway.", echo_name(.0))]
     ModelNotFound(String),
     #[error("Unknown route {0}.")]
     RouteNotFound(String),
@@ -63,6 +63,18 @@ pub enum GatewayError {
     ShuttingDown,
     #[error("Internal gateway error.")]
     Internal,
+}
+
+/// Most characters of a client-supplied name (a model) echoed back in an error message.
+pub const MAX_ECHOED_NAME_CHARS: usize = 64;
+
+/// `name`, cut to [`MAX_ECHOED_NAME_CHARS`] characters (on a char boundary) with `…` after
+/// it when cut: an error never reflects an unbounded client string back.
+pub fn echo_name(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.char_indices().nth(MAX_ECHOED_NAME_CHARS) {
+        None => std::borrow::Cow::Borrowed(name),
+        Some((cut, _)) => std::borrow::Cow::Owned(format!("{}…", &name[..cut])),
+    }
 }
 
 /// The JSON body, exactly `{"error": {"message", "type", "param", "code"}}`.
@@ -291,6 +303,26 @@ mod tests {
         assert!(h.contains(&("retry-after", "2".to_string())));
         assert!(h.contains(&("retry-after-ms", "1200".to_string())));
         assert!(h.contains(&("x-should-retry", "true".to_string())));
+    }
+
+    #[test]
+    fn model_errors_never_echo_more_than_64_chars_of_the_name() {
+        let long = "é".repeat(10_000);
+        for e in [
+            GatewayError::ModelNotFound(long.clone()),
+            GatewayError::ModelNotAllowed(long.clone()),
+            GatewayError::Unpriced(long.clone()),
+        ] {
+            let v = json(&e);
+            let msg = v["error"]["message"].as_str().unwrap();
+            let shown = format!("{}…", "é".repeat(MAX_ECHOED_NAME_CHARS));
+            assert!(msg.contains(&shown), "{msg}");
+            assert!(msg.chars().count() < MAX_ECHOED_NAME_CHARS + 80, "{msg}");
+        }
+        // Short names are shown whole.
+        assert!(GatewayError::ModelNotFound("gpt-4o".into())
+            .to_string()
+            .contains("`gpt-4o`"));
     }
 
     #[test]

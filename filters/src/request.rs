@@ -17,6 +17,13 @@ use serde_json::Map;
 
 use crate::GatewayError;
 
+/// Longest `model` accepted, in bytes. Real model ids are far shorter (OpenAI's and
+/// Anthropic's are under 64); the cap keeps a client-chosen string out of the ledger, the
+/// access log and error messages at any size.
+pub const MAX_MODEL_BYTES: usize = 256;
+/// Longest `user` (the end-user id OpenAI's API takes) accepted, in bytes.
+pub const MAX_USER_BYTES: usize = 256;
+
 /// What the gateway knows about a request once its body is read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
@@ -65,6 +72,24 @@ impl RequestBody {
                 }
             })?,
         };
+        if model.len() > MAX_MODEL_BYTES {
+            return Err(GatewayError::InvalidRequest {
+                message: format!("`model` is longer than {MAX_MODEL_BYTES} bytes."),
+                param: Some("model"),
+            });
+        }
+        if let Some(v) = top.get("user") {
+            // Only a string is checked here; any other type is the provider's to refuse.
+            // Escapes only lengthen the raw text, so a short raw value is a short string.
+            let long = v.get().len() > MAX_USER_BYTES + 2
+                && serde_json::from_str::<String>(v.get()).is_ok_and(|u| u.len() > MAX_USER_BYTES);
+            if long {
+                return Err(GatewayError::InvalidRequest {
+                    message: format!("`user` is longer than {MAX_USER_BYTES} bytes."),
+                    param: Some("user"),
+                });
+            }
+        }
         let flag = |name: &'static str| -> Result<bool, GatewayError> {
             match top.get(name) {
                 None => Ok(false),
@@ -218,6 +243,31 @@ mod tests {
         assert!(f.stream && f.include_usage);
         assert_eq!(f.max_output_tokens, Some(50));
         assert_eq!(f.choices, 2);
+    }
+
+    #[test]
+    fn model_and_user_longer_than_256_bytes_are_400_with_param() {
+        let at_cap = "m".repeat(MAX_MODEL_BYTES);
+        let (_, f) = parse(&format!(r#"{{"model":"{at_cap}","user":"{at_cap}"}}"#)).unwrap();
+        assert_eq!(f.model, at_cap);
+        let long = "m".repeat(MAX_MODEL_BYTES + 1);
+        let e = parse(&format!(r#"{{"model":"{long}"}}"#)).unwrap_err();
+        assert_eq!((e.status(), e.code()), (400, Some("invalid_request_error")));
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["param"], "model");
+        assert!(!v["error"]["message"].as_str().unwrap().contains(&long));
+        let e = parse(&format!(r#"{{"model":"m","user":"{long}"}}"#)).unwrap_err();
+        assert_eq!(e.status(), 400);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["param"], "user");
+        // A megabyte of model name never reaches the facts (the ledger, the log).
+        let huge = "x".repeat(1 << 20);
+        assert_eq!(
+            parse(&format!(r#"{{"model":"{huge}"}}"#))
+                .unwrap_err()
+                .status(),
+            400
+        );
     }
 
     #[test]
