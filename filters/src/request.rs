@@ -7,10 +7,13 @@
 //! an injected `stream_options`), [`RequestBody::rewrite`] copies the fields back out in
 //! their original order.
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use bytes::Bytes;
 use indexmap::IndexMap;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Map;
@@ -49,6 +52,39 @@ pub struct RequestBody {
     fields: Vec<(String, Range<usize>)>,
 }
 
+/// The body's top-level fields, in order, values kept raw. A key that appears twice is an
+/// error: the gateway would price and allow-list one value while the provider's parser
+/// might act on the other.
+struct TopLevel<'a>(IndexMap<String, &'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Fields<'a> {
+            type Value = TopLevel<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut out = IndexMap::with_capacity(map.size_hint().unwrap_or(8));
+                // Keys are compared decoded: `"mod\u0065l"` is `model` to every parser.
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.contains_key(&key) {
+                        return Err(de::Error::custom(format_args!(
+                            "the key `{}` appears more than once",
+                            crate::error::echo_name(&key)
+                        )));
+                    }
+                    let value: &'a RawValue = map.next_value()?;
+                    out.insert(key, value);
+                }
+                Ok(TopLevel(out))
+            }
+        }
+        d.deserialize_map(Fields(PhantomData))
+    }
+}
+
 #[derive(Deserialize)]
 struct StreamOptions {
     #[serde(default)]
@@ -58,7 +94,7 @@ struct StreamOptions {
 impl RequestBody {
     /// Parses the body. Not JSON, or not a JSON object, is a 400.
     pub fn parse(raw: Bytes) -> Result<(RequestBody, RequestFacts), GatewayError> {
-        let top: IndexMap<String, &RawValue> = serde_json::from_slice(&raw).map_err(|e| {
+        let TopLevel(top) = serde_json::from_slice(&raw).map_err(|e| {
             GatewayError::invalid(format!(
                 "We could not parse the JSON body of your request: {e}."
             ))
@@ -267,6 +303,23 @@ mod tests {
                 .unwrap_err()
                 .status(),
             400
+        );
+    }
+
+    #[test]
+    fn duplicate_top_level_keys_are_400() {
+        for body in [
+            r#"{"model":"gpt-4o-mini","messages":[],"model":"gpt-4o"}"#,
+            r#"{"model":"gpt-4o-mini","mod\u0065l":"gpt-4o"}"#,
+            r#"{"model":"m","max_tokens":1,"max_tokens":100000}"#,
+        ] {
+            let e = parse(body).unwrap_err();
+            assert_eq!(e.status(), 400, "{body}");
+            assert!(e.to_string().contains("more than once"), "{e}");
+        }
+        // The same key inside different objects is fine.
+        assert!(
+            parse(r#"{"model":"m","stream_options":{"model":1},"metadata":{"model":2}}"#).is_ok()
         );
     }
 
