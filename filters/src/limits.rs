@@ -257,7 +257,10 @@ impl Filter for Limits {
             let cap = facts
                 .max_output_tokens
                 .unwrap_or(self.cfg.default_max_output);
-            let tokens = facts.prompt_tokens_estimate + cap.saturating_mul(facts.choices.max(1));
+            // Saturating: a sum that wrapped would admit anything.
+            let tokens = facts
+                .prompt_tokens_estimate
+                .saturating_add(cap.saturating_mul(facts.choices.max(1)));
             if tokens > u64::from(tpm) {
                 // Retrying can never help: say so, rather than name a wait.
                 return Err(GatewayError::OverTokenLimit {
@@ -301,7 +304,7 @@ impl Filter for Limits {
             // downstream of here, or failed upstream) gives all of it back. A 2xx without
             // usage keeps the estimate.
             let used = match (ctx.usage, ctx.outcome.status) {
-                (Some(u), _) => u.prompt_tokens + u.completion_tokens,
+                (Some(u), _) => u.prompt_tokens.saturating_add(u.completion_tokens),
                 (None, 200..=299) => hold.tokens,
                 (None, _) => 0,
             };
@@ -501,6 +504,53 @@ mod tests {
             .headers()
             .contains(&("x-should-retry", "false".to_string())));
         assert!(e.retry_after().is_none());
+    }
+
+    #[tokio::test]
+    async fn token_count_saturates_instead_of_wrapping_under_the_limit() {
+        // prompt + u64::MAX would wrap to a few tokens and be admitted by a 50-token bucket.
+        let l = limits(LimitSet {
+            tpm: Some(50),
+            ..Default::default()
+        });
+        for (cap, n) in [
+            (Some(u64::MAX), 1),
+            (None, u64::MAX / 2),
+            (Some(2), u64::MAX),
+        ] {
+            let mut c = ctx_for(KeyRecord::default());
+            head(&l, &mut c).await.unwrap();
+            c.facts = Some(crate::RequestFacts {
+                prompt_tokens_estimate: 10,
+                max_output_tokens: cap,
+                choices: n,
+                ..Default::default()
+            });
+            let e = l.on_request_body(&mut c).await.unwrap_err();
+            assert_eq!(
+                e,
+                GatewayError::OverTokenLimit {
+                    limit: 50,
+                    requested: u64::MAX
+                }
+            );
+        }
+        // Reported usage that would overflow when summed settles as the most, not a wrap.
+        let mut c = ctx_for(KeyRecord::default());
+        head(&l, &mut c).await.unwrap();
+        c.facts = Some(crate::RequestFacts {
+            prompt_tokens_estimate: 10,
+            max_output_tokens: Some(10),
+            choices: 1,
+            ..Default::default()
+        });
+        l.on_request_body(&mut c).await.unwrap();
+        c.usage = Some(crate::billing::Usage {
+            prompt_tokens: u64::MAX,
+            completion_tokens: u64::MAX,
+            ..Default::default()
+        });
+        l.on_done(&mut c).await;
     }
 
     #[tokio::test]

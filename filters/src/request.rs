@@ -26,6 +26,11 @@ use crate::GatewayError;
 pub const MAX_MODEL_BYTES: usize = 256;
 /// Longest `user` (the end-user id OpenAI's API takes) accepted, in bytes.
 pub const MAX_USER_BYTES: usize = 256;
+/// Largest `max_tokens`, `max_completion_tokens` or `max_output_tokens` accepted (2^20): above
+/// every model's real output limit, and small enough that token sums cannot overflow.
+pub const MAX_OUTPUT_TOKENS: u64 = 1_048_576;
+/// Largest `n` (choices per request) accepted: OpenAI's own limit.
+pub const MAX_CHOICES: u64 = 128;
 
 /// What the gateway knows about a request once its body is read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,9 +40,11 @@ pub struct RequestFacts {
     pub stream: bool,
     /// `stream_options.include_usage`, as the client sent it.
     pub include_usage: bool,
-    /// `max_completion_tokens`, else `max_tokens`.
+    /// `max_completion_tokens`, else `max_tokens`, else `max_output_tokens` (Responses API);
+    /// never above [`MAX_OUTPUT_TOKENS`].
     pub max_output_tokens: Option<u64>,
-    /// `n`: the number of choices; the worst-case output is `n × cap`.
+    /// `n`: the number of choices, never above [`MAX_CHOICES`]; the worst-case output is
+    /// `n × cap`.
     pub choices: u64,
     /// Estimated prompt tokens: text bytes / 4, with inline base64 payloads left out.
     pub prompt_tokens_estimate: u64,
@@ -162,11 +169,19 @@ impl RequestBody {
             }
             _ => false,
         };
-        let max_output_tokens = match count("max_completion_tokens")? {
-            Some(n) => Some(n),
-            None => count("max_tokens")?,
+        let capped = |name: &'static str, max: u64| -> Result<Option<u64>, GatewayError> {
+            match count(name)? {
+                Some(v) if v > max => Err(GatewayError::InvalidRequest {
+                    message: format!("`{name}` must be at most {max}."),
+                    param: Some(name),
+                }),
+                v => Ok(v),
+            }
         };
-        let choices = count("n")?.unwrap_or(1).max(1);
+        let max_output_tokens = capped("max_completion_tokens", MAX_OUTPUT_TOKENS)?
+            .or(capped("max_tokens", MAX_OUTPUT_TOKENS)?)
+            .or(capped("max_output_tokens", MAX_OUTPUT_TOKENS)?);
+        let choices = capped("n", MAX_CHOICES)?.unwrap_or(1).max(1);
         let facts = RequestFacts {
             model,
             stream,
@@ -321,6 +336,46 @@ mod tests {
         assert!(
             parse(r#"{"model":"m","stream_options":{"model":1},"metadata":{"model":2}}"#).is_ok()
         );
+    }
+
+    #[test]
+    fn output_caps_and_n_above_their_maximum_are_400_with_param() {
+        for (body, param) in [
+            (
+                r#"{"model":"m","max_tokens":18446744073709551615}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"m","max_completion_tokens":1048577}"#,
+                "max_completion_tokens",
+            ),
+            (
+                r#"{"model":"m","max_output_tokens":1048577}"#,
+                "max_output_tokens",
+            ),
+            (r#"{"model":"m","n":9223372036854775807}"#, "n"),
+            (r#"{"model":"m","n":129}"#, "n"),
+            // A huge value is refused even where another field would win.
+            (
+                r#"{"model":"m","max_completion_tokens":5,"max_tokens":1048577}"#,
+                "max_tokens",
+            ),
+        ] {
+            let e = parse(body).unwrap_err();
+            let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+            assert_eq!(
+                (e.status(), v["error"]["param"].as_str()),
+                (400, Some(param)),
+                "{body}"
+            );
+        }
+        let (_, f) = parse(r#"{"model":"m","max_tokens":1048576,"n":128}"#).unwrap();
+        assert_eq!(
+            (f.max_output_tokens, f.choices),
+            (Some(MAX_OUTPUT_TOKENS), MAX_CHOICES)
+        );
+        let (_, f) = parse(r#"{"model":"m","max_output_tokens":300}"#).unwrap();
+        assert_eq!(f.max_output_tokens, Some(300));
     }
 
     #[test]
