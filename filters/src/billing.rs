@@ -501,7 +501,7 @@ impl Filter for Billing {
             rate,
             &key.group,
             facts.prompt_tokens_estimate,
-            facts.max_output_tokens,
+            facts.output_cap(),
             facts.choices,
         );
         let budget = key.budget_nano.map(|b| (key.id, b));
@@ -534,7 +534,7 @@ impl Filter for Billing {
                 prompt_tokens: facts.prompt_tokens_estimate,
                 completion_tokens: estimate_completion(
                     out.completion_text_bytes,
-                    facts.max_output_tokens,
+                    facts.output_cap(),
                     facts.choices,
                 ),
                 cached_tokens: 0,
@@ -821,6 +821,28 @@ mod tests {
         billing.on_abandon(&mut ctx);
         assert_eq!(w.account_available(1), Some(1000));
         assert!(ctx.reservation.is_none());
+    }
+
+    #[tokio::test]
+    async fn embeddings_reserve_their_input_only() {
+        let (_s, w) = wallets(1_000_000_000);
+        let w = Arc::new(w);
+        let t = Arc::new(table());
+        let billing = Billing::new(t.clone(), w.clone(), Arc::new(NoLedger), vec![]);
+        let body = bytes::Bytes::from_static(br#"{"model":"m","input":"some text to embed"}"#);
+        let (_, facts) = crate::RequestBody::parse_for_path("/v1/embeddings", body).unwrap();
+        let prompt = facts.prompt_tokens_estimate;
+        let mut ctx = Ctx::new("r".into());
+        ctx.key = Some(Arc::new(crate::auth::KeyRecord {
+            account_id: 1,
+            group: "default".into(),
+            ..Default::default()
+        }));
+        ctx.facts = Some(facts);
+        billing.on_request_body(&mut ctx).await.unwrap();
+        // The prompt at the input price, and no 4096-token output on top.
+        let input_only = t.worst_case(&t.models["m"], "default", prompt, Some(0), 1);
+        assert_eq!(ctx.reservation.as_ref().unwrap().amount, input_only);
     }
 
     #[test]

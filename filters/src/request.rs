@@ -32,8 +32,23 @@ pub const MAX_OUTPUT_TOKENS: u64 = 1_048_576;
 /// Largest `n` (choices per request) accepted: OpenAI's own limit.
 pub const MAX_CHOICES: u64 = 128;
 
+/// The routes whose answer is generated text (or audio) billed as output tokens. Every other
+/// route (`/v1/embeddings`, `/v1/moderations`, `/v1/messages/count_tokens`, ...) is charged
+/// its input only: no output cap is counted against tokens/min or reserved.
+pub const GENERATING_ROUTES: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+];
+
+/// Whether a request to `path` produces output tokens.
+pub fn generates_output(path: &str) -> bool {
+    GENERATING_ROUTES.contains(&path)
+}
+
 /// What the gateway knows about a request once its body is read.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestFacts {
     /// The model the client asked for.
     pub model: String,
@@ -49,6 +64,37 @@ pub struct RequestFacts {
     /// Estimated prompt tokens: text bytes / 4, with inline base64 payloads left out.
     pub prompt_tokens_estimate: u64,
     pub body_bytes: usize,
+    /// The route produces output tokens (see [`GENERATING_ROUTES`]). When false, the output
+    /// cap counts as 0 for tokens/min and the worst-case reservation.
+    pub generates_output: bool,
+}
+
+impl Default for RequestFacts {
+    /// Assumes a generating route: the cautious choice (an output cap is counted).
+    fn default() -> Self {
+        RequestFacts {
+            model: String::new(),
+            stream: false,
+            include_usage: false,
+            max_output_tokens: None,
+            choices: 0,
+            prompt_tokens_estimate: 0,
+            body_bytes: 0,
+            generates_output: true,
+        }
+    }
+}
+
+impl RequestFacts {
+    /// The output cap to count: the request's own, `None` for "use the configured default",
+    /// and `Some(0)` on a route that produces no output (embeddings, moderations, ...).
+    pub fn output_cap(&self) -> Option<u64> {
+        if self.generates_output {
+            self.max_output_tokens
+        } else {
+            Some(0)
+        }
+    }
 }
 
 /// A parsed request body: the original bytes plus its top-level fields.
@@ -99,7 +145,19 @@ struct StreamOptions {
 }
 
 impl RequestBody {
-    /// Parses the body. Not JSON, or not a JSON object, is a 400.
+    /// Parses the body of a request to `path` (the URI path, e.g. `/v1/embeddings`), which
+    /// decides [`RequestFacts::generates_output`]. Not JSON, or not a JSON object, is a 400.
+    pub fn parse_for_path(
+        path: &str,
+        raw: Bytes,
+    ) -> Result<(RequestBody, RequestFacts), GatewayError> {
+        let (body, mut facts) = Self::parse(raw)?;
+        facts.generates_output = generates_output(path);
+        Ok((body, facts))
+    }
+
+    /// Parses the body as for a generating route (an output cap is counted). Prefer
+    /// [`RequestBody::parse_for_path`], which knows embeddings produce no output.
     pub fn parse(raw: Bytes) -> Result<(RequestBody, RequestFacts), GatewayError> {
         let TopLevel(top) = serde_json::from_slice(&raw).map_err(|e| {
             GatewayError::invalid(format!(
@@ -190,6 +248,7 @@ impl RequestBody {
             choices,
             prompt_tokens_estimate: estimate_prompt_tokens(&raw),
             body_bytes: raw.len(),
+            generates_output: true,
         };
         // Borrowed raw values point into `raw`: their offsets are their ranges.
         let base = raw.as_ptr() as usize;
@@ -376,6 +435,25 @@ mod tests {
         );
         let (_, f) = parse(r#"{"model":"m","max_output_tokens":300}"#).unwrap();
         assert_eq!(f.max_output_tokens, Some(300));
+    }
+
+    #[test]
+    fn only_generating_routes_have_an_output_cap() {
+        let body = || Bytes::from_static(br#"{"model":"m","input":"hi","max_tokens":50}"#);
+        for path in GENERATING_ROUTES {
+            let (_, f) = RequestBody::parse_for_path(path, body()).unwrap();
+            assert!(f.generates_output, "{path}");
+            assert_eq!(f.output_cap(), Some(50));
+        }
+        for path in [
+            "/v1/embeddings",
+            "/v1/moderations",
+            "/v1/messages/count_tokens",
+        ] {
+            let (_, f) = RequestBody::parse_for_path(path, body()).unwrap();
+            assert!(!f.generates_output, "{path}");
+            assert_eq!(f.output_cap(), Some(0), "{path}");
+        }
     }
 
     #[test]
