@@ -325,16 +325,24 @@ pub struct LimitSet {
     pub concurrency: Option<u32>,
 }
 
+/// `limits.ip`: the pre-auth guard. It counts failed authentications (401s) per address.
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct IpLimit {
-    #[serde(default)]
-    pub rps: u32,
+    /// Failed authentications one address may make per minute before its requests are
+    /// refused (429) until the minute ends; 0 turns the guard off.
+    pub failed_auth_per_min: u32,
+    /// Deprecated and ignored: the guard no longer counts every request. Still accepted so
+    /// that existing files load.
+    pub rps: Option<u32>,
 }
 
 impl Default for IpLimit {
     fn default() -> Self {
-        IpLimit { rps: 200 }
+        IpLimit {
+            failed_auth_per_min: 120,
+            rps: None,
+        }
     }
 }
 
