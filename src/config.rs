@@ -364,6 +364,9 @@ pub struct AccountingConfig {
     pub drain_timeout_ms: u64,
     /// ... and at most this many bytes.
     pub drain_max_bytes: u64,
+    /// Ledger rows queued but not committed past which new requests get 503
+    /// (`ledger_backlogged`) and /readyz fails. Rows of admitted requests are never dropped.
+    pub max_queue_rows: usize,
 }
 
 impl Default for AccountingConfig {
@@ -374,6 +377,7 @@ impl Default for AccountingConfig {
             retention_days: 90,
             drain_timeout_ms: 60_000,
             drain_max_bytes: 16 * 1024 * 1024,
+            max_queue_rows: 100_000,
         }
     }
 }
@@ -872,6 +876,12 @@ impl Config {
             err(
                 "accounting.max_batch".into(),
                 "must be between 1 and 100000".into(),
+            );
+        }
+        if self.accounting.max_queue_rows == 0 {
+            err(
+                "accounting.max_queue_rows".into(),
+                "must be at least 1".into(),
             );
         }
         if s.client_write_timeout_ms == 0 {

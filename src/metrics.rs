@@ -22,6 +22,11 @@ pub struct Metrics {
     pub ledger_queue: IntGauge,
     /// Duration of one group commit.
     pub ledger_commit: Histogram,
+    /// Requests refused (503 `ledger_backlogged`) because the ledger queue was over its bound.
+    pub ledger_refused: IntCounter,
+    /// Rows of refused requests (nothing served, no money moved) not queued while the
+    /// ledger was over its bound.
+    pub ledger_skipped: IntCounter,
 }
 
 impl Metrics {
@@ -78,6 +83,16 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let ledger_refused = IntCounter::new(
+            "tollgate_ledger_refused_total",
+            "Requests refused because the ledger queue was over accounting.max_queue_rows",
+        )
+        .expect("valid metric");
+        let ledger_skipped = IntCounter::new(
+            "tollgate_ledger_skipped_rows_total",
+            "Rows of requests that reached no provider and moved no money, not queued while the ledger was over its bound",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -87,6 +102,8 @@ impl Metrics {
             Box::new(ledger_rows.clone()),
             Box::new(ledger_queue.clone()),
             Box::new(ledger_commit.clone()),
+            Box::new(ledger_refused.clone()),
+            Box::new(ledger_skipped.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -100,6 +117,8 @@ impl Metrics {
             ledger_rows,
             ledger_queue,
             ledger_commit,
+            ledger_refused,
+            ledger_skipped,
         }
     }
 

@@ -61,6 +61,8 @@ pub enum GatewayError {
     NoChannelAvailable,
     #[error("The gateway is shutting down.")]
     ShuttingDown,
+    #[error("The gateway's usage ledger is behind; retry shortly.")]
+    LedgerBacklogged,
     #[error("Internal gateway error.")]
     Internal,
 }
@@ -113,7 +115,7 @@ impl GatewayError {
             RateLimited { .. } | InsufficientQuota(_) | OverTokenLimit { .. } => 429,
             UpstreamRateLimited { .. } => 429,
             UpstreamFailed(_) => 502,
-            NoChannelAvailable | ShuttingDown => 503,
+            NoChannelAvailable | ShuttingDown | LedgerBacklogged => 503,
             UpstreamTimeout => 504,
             Internal => 500,
         }
@@ -136,6 +138,7 @@ impl GatewayError {
             UpstreamFailed(_) | UpstreamTimeout | NoChannelAvailable | ShuttingDown => {
                 "upstream_error"
             }
+            LedgerBacklogged => "server_error",
             Internal => "server_error",
         }
     }
@@ -161,6 +164,7 @@ impl GatewayError {
             UpstreamTimeout => "upstream_timeout",
             NoChannelAvailable => "no_channel_available",
             ShuttingDown => "shutting_down",
+            LedgerBacklogged => "ledger_backlogged",
             Internal => "internal_error",
         })
     }
@@ -180,7 +184,9 @@ impl GatewayError {
         match self {
             GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
             GatewayError::UpstreamRateLimited { retry_after } => *retry_after,
-            GatewayError::NoChannelAvailable => Some(Duration::from_secs(1)),
+            GatewayError::NoChannelAvailable | GatewayError::LedgerBacklogged => {
+                Some(Duration::from_secs(1))
+            }
             _ => None,
         }
     }
@@ -194,7 +200,7 @@ impl GatewayError {
             ModelNotAllowed(_) | IpNotAllowed | InsufficientQuota(_) | Unpriced(_) => Some(false),
             OverTokenLimit { .. } => Some(false),
             RequestTooLarge { .. } | InvalidRequest { .. } | ModelNotFound(_) => Some(false),
-            RateLimited { .. } | UpstreamRateLimited { .. } => Some(true),
+            RateLimited { .. } | UpstreamRateLimited { .. } | LedgerBacklogged => Some(true),
             _ => None,
         }
     }
@@ -286,6 +292,7 @@ mod tests {
                 "no_channel_available",
             ),
             (GatewayError::UpstreamTimeout, 504, "upstream_timeout"),
+            (GatewayError::LedgerBacklogged, 503, "ledger_backlogged"),
         ];
         for (e, status, code) in cases {
             assert_eq!(e.status(), status, "{e:?}");
