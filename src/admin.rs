@@ -54,6 +54,7 @@ impl From<StoreError> for Fail {
             StoreError::NotFound(m) => Fail(StatusCode::NOT_FOUND, "not_found", m),
             StoreError::Conflict(m) => Fail(StatusCode::CONFLICT, "conflict", m),
             StoreError::Invalid(m) => bad(m),
+            StoreError::Unavailable(m) => Fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             other => {
                 tracing::error!(error = %other, "admin store error");
                 Fail(
@@ -254,6 +255,12 @@ impl Admin {
     fn ready(&self) -> Result<(), String> {
         if self.in_flight.is_draining() {
             return Err("draining".into());
+        }
+        if self.ledger.backlogged() {
+            return Err(format!(
+                "ledger backlogged: {} rows not committed",
+                self.ledger.queued_rows()
+            ));
         }
         let conn = self.pool.get().map_err(|e| format!("database: {e}"))?;
         conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))

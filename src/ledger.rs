@@ -8,8 +8,15 @@
 //! same request twice changes nothing. A failed commit keeps the batch and retries: rows
 //! are never dropped. On SIGTERM the channel is closed and the writer drains it before the
 //! process exits; on SIGKILL, at most the rows of the open flush window are lost.
+//!
+//! The queue is bounded by `accounting.max_queue_rows` (uncommitted rows): past it,
+//! [`LedgerSink::has_room`] says no, so new requests are refused (503 `ledger_backlogged`)
+//! and /readyz fails, while rows of requests already admitted are still queued. A stuck
+//! writer (a full disk, a locked database) so costs bounded memory, not an unbounded queue.
+//! Top-ups wait for the writer at most [`JOB_TIMEOUT`], and one that timed out never lands.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -34,10 +41,22 @@ enum Msg {
 /// Called after each commit with what moved and the stored amounts read back.
 type OnCommit = Arc<dyn Fn(&Committed) + Send + Sync>;
 
+/// How long a top-up waits for the writer before answering with an error.
+pub const JOB_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A job's state, so that one whose caller stopped waiting never runs.
+const PENDING: u8 = 0;
+const RUNNING: u8 = 1;
+const CANCELLED: u8 = 2;
+
 pub struct Ledger {
     tx: Mutex<Option<Sender<Msg>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
+    /// Rows recorded and not yet committed.
+    queued: Arc<AtomicUsize>,
+    max_queue_rows: usize,
+    job_timeout: Duration,
 }
 
 impl Ledger {
@@ -60,10 +79,12 @@ impl Ledger {
     ) -> Result<Ledger, StoreError> {
         let conn = store::open_connection(db)?;
         let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let writer_cfg = WriterConfig {
             window: Duration::from_millis(cfg.flush_interval_ms),
             max_batch: cfg.max_batch,
             metrics: metrics.clone(),
+            queued: queued.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("tollgate-ledger".into())
@@ -72,6 +93,9 @@ impl Ledger {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             metrics,
+            queued,
+            max_queue_rows: cfg.max_queue_rows.max(1),
+            job_timeout: JOB_TIMEOUT,
         })
     }
 
@@ -96,9 +120,55 @@ impl Ledger {
         }
     }
 
+    /// Like [`Self::run`], but gives up after `job_timeout`; a job given up on never runs.
+    /// `Err(true)` on time-out, `Err(false)` when the writer has stopped.
+    fn run_within<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Connection, &OnCommit) -> T + Send + 'static,
+    ) -> Result<T, bool> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let state = Arc::new(AtomicU8::new(PENDING));
+        let job_state = state.clone();
+        let job: Job = Box::new(move |conn, on_commit| {
+            if job_state
+                .compare_exchange(PENDING, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                let _ = tx.send(job(conn, on_commit));
+            }
+        });
+        if !self.send(Msg::Job(job)) {
+            return Err(false);
+        }
+        match rx.recv_timeout(self.job_timeout) {
+            Ok(v) => Ok(v),
+            Err(RecvTimeoutError::Disconnected) => Err(false),
+            Err(RecvTimeoutError::Timeout) => {
+                if state
+                    .compare_exchange(PENDING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    return Err(true);
+                }
+                // It started just now: its answer is on the way.
+                rx.recv().map_err(|_| false)
+            }
+        }
+    }
+
     /// Blocks until every row recorded before the call is committed.
     pub fn flush(&self) {
         let _ = self.run(|_, _| ());
+    }
+
+    /// Rows recorded and not yet committed.
+    pub fn queued_rows(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// The queue is over `accounting.max_queue_rows` (for /readyz; counts nothing).
+    pub fn backlogged(&self) -> bool {
+        self.queued_rows() >= self.max_queue_rows
     }
 
     /// Adds to an account's balance on the writer thread, in order with the ledger's own
@@ -106,7 +176,7 @@ impl Ledger {
     /// thread could land between a commit and the book hearing of it, and be undone.)
     pub fn topup(&self, account: &str, delta_nano: i64) -> Result<accounts::Account, StoreError> {
         let account = account.to_string();
-        self.run(move |conn, on_commit| {
+        self.run_within(move |conn, on_commit| {
             let a = accounts::topup_on(conn, &account, delta_nano)?;
             on_commit(&Committed {
                 balances: vec![(a.id, a.balance_nano)],
@@ -114,7 +184,13 @@ impl Ledger {
             });
             Ok(a)
         })
-        .unwrap_or_else(|| Err(StoreError::Invalid("the ledger writer has stopped".into())))
+        .unwrap_or_else(|timed_out| {
+            Err(StoreError::Unavailable(if timed_out {
+                "the ledger writer is not committing (is the disk full?); the top-up was not applied, retry later".into()
+            } else {
+                "the ledger writer has stopped".into()
+            }))
+        })
     }
 
     /// Closes the channel and waits for the writer to commit everything queued.
@@ -128,11 +204,27 @@ impl Ledger {
 
 impl LedgerSink for Ledger {
     fn record(&self, row: LedgerRow) {
+        // Past the bound, a refused request's row (it reached no provider and moved no
+        // money) is not queued: otherwise a flood of refusals would grow the queue anyway.
+        if self.backlogged() && row.cost_nano == 0 && row.channel.is_none() {
+            self.metrics.ledger_skipped.inc();
+            return;
+        }
         self.metrics.ledger_queue.inc();
+        self.queued.fetch_add(1, Ordering::SeqCst);
         if !self.send(Msg::Row(Box::new(row))) {
             self.metrics.ledger_queue.dec();
+            self.queued.fetch_sub(1, Ordering::SeqCst);
             tracing::error!("ledger writer is closed; a usage row was not recorded");
         }
+    }
+
+    fn has_room(&self) -> bool {
+        if self.backlogged() {
+            self.metrics.ledger_refused.inc();
+            return false;
+        }
+        true
     }
 }
 
@@ -140,6 +232,7 @@ struct WriterConfig {
     window: Duration,
     max_batch: usize,
     metrics: Arc<Metrics>,
+    queued: Arc<AtomicUsize>,
 }
 
 fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit: OnCommit) {
@@ -147,6 +240,7 @@ fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit:
         window,
         max_batch,
         metrics,
+        queued,
     } = cfg;
     let mut batch: Vec<LedgerRow> = Vec::with_capacity(max_batch);
     let mut waiters: Vec<Job> = Vec::new();
@@ -174,7 +268,7 @@ fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit:
                 take(m, &mut batch, &mut waiters);
             }
         }
-        commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics);
+        commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics, &queued);
         for job in waiters.drain(..) {
             job(&mut conn, &on_commit);
         }
@@ -183,7 +277,7 @@ fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit:
     while let Ok(m) = rx.try_recv() {
         take(m, &mut batch, &mut waiters);
     }
-    commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics);
+    commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics, &queued);
     for job in waiters.drain(..) {
         job(&mut conn, &on_commit);
     }
@@ -202,6 +296,7 @@ fn commit_with_retry(
     batch: &mut Vec<LedgerRow>,
     on_commit: &OnCommit,
     metrics: &Metrics,
+    queued: &AtomicUsize,
 ) {
     if batch.is_empty() {
         return;
@@ -216,6 +311,7 @@ fn commit_with_retry(
                     .observe(started.elapsed().as_secs_f64());
                 metrics.ledger_rows.inc_by(batch.len() as u64);
                 metrics.ledger_queue.sub(batch.len() as i64);
+                queued.fetch_sub(batch.len(), Ordering::SeqCst);
                 on_commit(&committed);
                 batch.clear();
                 return;
@@ -379,6 +475,61 @@ mod tests {
         // The book hears of every charge, duplicates included, so its unflushed amounts drain;
         // only the two first writes moved money.
         assert_eq!(seen.lock().unwrap().iter().map(|x| x.2).sum::<i64>(), 300);
+    }
+
+    #[test]
+    fn a_stuck_writer_bounds_the_queue_refuses_new_work_and_loses_no_row() {
+        let (_d, pool, mut db, a, k) = setup();
+        db.busy_timeout_ms = 10;
+        let cfg = AccountingConfig {
+            flush_interval_ms: 1,
+            max_queue_rows: 10,
+            ..Default::default()
+        };
+        // Another connection holds the write lock: every commit fails, as on a full disk.
+        let blocker = store::open_connection(&db).unwrap();
+        blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let mut ledger = Ledger::start_with(&db, &cfg, Arc::new(|_| {}), metrics.clone()).unwrap();
+        ledger.job_timeout = Duration::from_millis(300);
+        assert!(ledger.has_room());
+        // Admitted requests finish: their rows are queued even past the bound.
+        for i in 0..15 {
+            ledger.record(row(&format!("r{i}"), a, k, 1));
+        }
+        assert!(!ledger.has_room(), "new requests are refused");
+        assert!(ledger.backlogged(), "/readyz fails");
+        assert_eq!(metrics.ledger_refused.get(), 1);
+        // A refused request's row (nothing served, no money) is not queued past the bound.
+        ledger.record(LedgerRow {
+            channel: None,
+            ..row("refused", a, k, 0)
+        });
+        assert_eq!(
+            (metrics.ledger_skipped.get(), ledger.queued_rows()),
+            (1, 15)
+        );
+        // A top-up answers with an error instead of waiting forever, and never lands later.
+        let asked = Instant::now();
+        assert!(ledger.topup("acme", 5).is_err());
+        assert!(asked.elapsed() < Duration::from_secs(3));
+        // The database is writable again: everything queued commits.
+        blocker.execute_batch("ROLLBACK").unwrap();
+        ledger.flush();
+        assert!(ledger.has_room());
+        ledger.shutdown();
+        let c = pool.get().unwrap();
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))
+            .unwrap();
+        let bal: i64 = c
+            .query_row(
+                "SELECT balance_nano FROM accounts WHERE id = ?1",
+                [a],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!((n, bal), (15, 1_000_000 - 15));
     }
 
     #[test]

@@ -32,6 +32,11 @@ pub struct Metrics {
     pub connections_refused: IntCounter,
     /// Client connections open now.
     pub connections_open: IntGauge,
+    /// Requests refused (503 `ledger_backlogged`) because the ledger queue was over its bound.
+    pub ledger_refused: IntCounter,
+    /// Rows of refused requests (nothing served, no money moved) not queued while the
+    /// ledger was over its bound.
+    pub ledger_skipped: IntCounter,
 }
 
 impl Metrics {
@@ -108,6 +113,16 @@ impl Metrics {
         let connections_open =
             IntGauge::new("tollgate_connections_open", "Client connections open now")
                 .expect("valid metric");
+        let ledger_refused = IntCounter::new(
+            "tollgate_ledger_refused_total",
+            "Requests refused because the ledger queue was over accounting.max_queue_rows",
+        )
+        .expect("valid metric");
+        let ledger_skipped = IntCounter::new(
+            "tollgate_ledger_skipped_rows_total",
+            "Rows of requests that reached no provider and moved no money, not queued while the ledger was over its bound",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -122,6 +137,8 @@ impl Metrics {
             Box::new(malformed_requests.clone()),
             Box::new(connections_refused.clone()),
             Box::new(connections_open.clone()),
+            Box::new(ledger_refused.clone()),
+            Box::new(ledger_skipped.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -140,6 +157,8 @@ impl Metrics {
             malformed_requests,
             connections_refused,
             connections_open,
+            ledger_refused,
+            ledger_skipped,
         }
     }
 

@@ -47,12 +47,15 @@ pub struct Parts {
 /// **The filter chain, in request order.** This is the one place it is assembled.
 /// Response phases (attempt end, response head, chunks, done) run it in reverse.
 pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
+    if cfg.limits.ip.rps.is_some() {
+        tracing::warn!("limits.ip.rps is deprecated and ignored; the guard counts failed authentications (limits.ip.failed_auth_per_min)");
+    }
     let filters: Vec<Arc<dyn Filter>> = vec![
         // metrics and the access log; first, so its on_done sees the final state
         Arc::new(Observe::new(parts.metrics.clone(), parts.channels.clone())),
-        // pre-auth flood guard: one sketch update per request
+        // pre-auth guard: refuses an address after too many failed authentications
         Arc::new(IpGuard::new(IpGuardConfig {
-            rps: cfg.limits.ip.rps,
+            failed_auth_per_min: cfg.limits.ip.failed_auth_per_min,
         })),
         // key → account; status, expiry, IP allow-list; then the model allow-list
         Arc::new(Auth::new(

@@ -182,7 +182,7 @@ impl Gateway {
         let body = match method {
             http::Method::POST => {
                 let raw = self.read_body(session, p).await?;
-                let (body, facts) = RequestBody::parse(raw)?;
+                let (body, facts) = RequestBody::parse_for_path(&path, raw)?;
                 ctx.facts = Some(facts);
                 Some(body)
             }

@@ -2,13 +2,15 @@
 //!
 //! The key comes from `Authorization: Bearer …` (OpenAI SDKs) or `x-api-key` (Anthropic-style
 //! clients). Only its SHA-256 is ever looked up, cached or logged. Lookups go through
-//! [`KeyCache`], an in-process TTL cache in front of the [`KeyLookup`] port (SQLite in the
-//! server), so a hot key costs one hash and one map probe. A revoke empties the cache at once
+//! [`KeyCache`], a bounded in-process cache (moka: TinyLFU admission, LRU eviction, per-entry
+//! expiry) in front of the [`KeyLookup`] port (SQLite in the server), so a hot key costs one
+//! hash and one cache probe. Concurrent misses for one key share a single store query. A
+//! flood of unknown keys cannot push out keys in use: a new entry is admitted only when it
+//! has been seen more often than the entry it would evict. A revoke empties the cache at once
 //! on the node that made it; other nodes see it within the TTL.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -25,7 +27,8 @@ pub struct AuthConfig {
     pub cache_ttl: Duration,
     /// How long an unknown key stays cached as unknown (keeps floods of bad keys off SQLite).
     pub negative_ttl: Duration,
-    /// Most entries kept; past this, expired entries are swept, then the cache starts over.
+    /// Most entries kept; past this, the least useful entry is evicted (or the newcomer is
+    /// not admitted).
     pub cache_capacity: usize,
 }
 
@@ -100,61 +103,63 @@ pub trait KeyLookup: Send + Sync {
     async fn find_key(&self, hash: KeyHash) -> Result<Option<KeyRecord>, String>;
 }
 
-struct CacheEntry {
-    record: Option<Arc<KeyRecord>>,
-    until: Instant,
+/// A cached answer: the key, or `None` for "no such key".
+type Cached = Option<Arc<KeyRecord>>;
+
+/// Found keys live `cache_ttl`; unknown ones the shorter `negative_ttl`.
+struct KeyExpiry {
+    positive: Duration,
+    negative: Duration,
 }
 
-/// The TTL cache in front of [`KeyLookup`]. Shared with the admin API, which empties it on
-/// every key change.
+impl moka::Expiry<KeyHash, Cached> for KeyExpiry {
+    fn expire_after_create(&self, _: &KeyHash, value: &Cached, _: Instant) -> Option<Duration> {
+        Some(if value.is_some() {
+            self.positive
+        } else {
+            self.negative
+        })
+    }
+}
+
+/// The bounded cache in front of [`KeyLookup`]. Shared with the admin API, which empties it
+/// on every key change.
 pub struct KeyCache {
-    entries: Mutex<HashMap<KeyHash, CacheEntry>>,
-    cfg: AuthConfig,
+    entries: moka::future::Cache<KeyHash, Cached>,
 }
 
 impl KeyCache {
     pub fn new(cfg: AuthConfig) -> Self {
         KeyCache {
-            entries: Mutex::new(HashMap::new()),
-            cfg,
+            entries: moka::future::Cache::builder()
+                .max_capacity(cfg.cache_capacity as u64)
+                .expire_after(KeyExpiry {
+                    positive: cfg.cache_ttl,
+                    negative: cfg.negative_ttl,
+                })
+                .build(),
         }
     }
 
-    fn get(&self, hash: &KeyHash, now: Instant) -> Option<Option<Arc<KeyRecord>>> {
-        let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(hash)
-            .filter(|e| e.until > now)
-            .map(|e| e.record.clone())
-    }
-
-    fn put(&self, hash: KeyHash, record: Option<Arc<KeyRecord>>, now: Instant) {
-        let ttl = if record.is_some() {
-            self.cfg.cache_ttl
-        } else {
-            self.cfg.negative_ttl
-        };
-        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= self.cfg.cache_capacity {
-            map.retain(|_, e| e.until > now);
-            if map.len() >= self.cfg.cache_capacity {
-                map.clear();
-            }
-        }
-        map.insert(
-            hash,
-            CacheEntry {
-                record,
-                until: now + ttl,
-            },
-        );
+    /// The cached answer for `hash`, else `load`'s (cached when it succeeds). Concurrent
+    /// callers for one missing key wait for a single `load`.
+    async fn get_or_load<F>(&self, hash: KeyHash, load: F) -> Result<Cached, Arc<String>>
+    where
+        F: std::future::Future<Output = Result<Cached, String>>,
+    {
+        self.entries.try_get_with(hash, load).await
     }
 
     /// Forget everything: the next request for any key reads the store again.
     pub fn invalidate_all(&self) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.entries.invalidate_all();
+    }
+
+    /// Entries held, once pending evictions have run (tests).
+    #[cfg(test)]
+    async fn settled_len(&self) -> u64 {
+        self.entries.run_pending_tasks().await;
+        self.entries.entry_count()
     }
 }
 
@@ -169,18 +174,17 @@ impl Auth {
         Auth { store, cache }
     }
 
-    async fn lookup(&self, hash: KeyHash) -> Result<Option<Arc<KeyRecord>>, GatewayError> {
-        let now = Instant::now();
-        if let Some(hit) = self.cache.get(&hash, now) {
-            return Ok(hit);
-        }
-        let found = self.store.find_key(hash).await.map_err(|e| {
-            tracing::error!(error = %e, "key lookup failed");
-            GatewayError::Internal
-        })?;
-        let found = found.map(Arc::new);
-        self.cache.put(hash, found.clone(), now);
-        Ok(found)
+    async fn lookup(&self, hash: KeyHash) -> Result<Cached, GatewayError> {
+        let store = &self.store;
+        self.cache
+            .get_or_load(hash, async move {
+                Ok(store.find_key(hash).await?.map(Arc::new))
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "key lookup failed");
+                GatewayError::Internal
+            })
     }
 }
 
@@ -255,6 +259,7 @@ impl Filter for Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     struct MapStore(HashMap<KeyHash, KeyRecord>, AtomicUsize);
@@ -370,6 +375,101 @@ mod tests {
         );
         ctx.facts.as_mut().unwrap().model = "gpt-4o-mini".into();
         assert!(auth.on_request_body(&mut ctx).await.is_ok());
+    }
+
+    /// Counts lookups per key; each takes a while, so concurrent misses overlap.
+    struct SlowStore {
+        good: KeyHash,
+        delay: Duration,
+        calls: std::sync::Mutex<HashMap<KeyHash, usize>>,
+    }
+
+    #[async_trait]
+    impl KeyLookup for SlowStore {
+        async fn find_key(&self, hash: KeyHash) -> Result<Option<KeyRecord>, String> {
+            *self.calls.lock().unwrap().entry(hash).or_default() += 1;
+            tokio::time::sleep(self.delay).await;
+            Ok((hash == self.good).then(KeyRecord::default))
+        }
+    }
+
+    fn slow(cfg: AuthConfig, delay_ms: u64) -> (Arc<Auth>, Arc<SlowStore>) {
+        let store = Arc::new(SlowStore {
+            good: hash_secret("sk-tg-good"),
+            delay: Duration::from_millis(delay_ms),
+            calls: Default::default(),
+        });
+        let auth = Auth::new(store.clone(), Arc::new(KeyCache::new(cfg)));
+        (Arc::new(auth), store)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_for_one_key_query_the_store_once() {
+        let (auth, store) = slow(AuthConfig::default(), 20);
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let auth = auth.clone();
+                let secret = if i % 2 == 0 {
+                    "sk-tg-good"
+                } else {
+                    "sk-tg-bad"
+                };
+                tokio::spawn(async move { auth.lookup(hash_secret(secret)).await })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap().unwrap().is_some(), i % 2 == 0);
+        }
+        let calls = store.calls.lock().unwrap();
+        assert_eq!(calls[&hash_secret("sk-tg-good")], 1);
+        assert_eq!(calls[&hash_secret("sk-tg-bad")], 1);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_unknown_keys_does_not_evict_a_key_in_use() {
+        let capacity = 200;
+        let (auth, store) = slow(
+            AuthConfig {
+                cache_capacity: capacity,
+                ..AuthConfig::default()
+            },
+            0,
+        );
+        let good = hash_secret("sk-tg-good");
+        // Five times capacity unknown keys, while the good key's client keeps working.
+        for i in 0..5 * capacity {
+            if i % 10 == 0 {
+                assert!(auth.lookup(good).await.unwrap().is_some());
+            }
+            let bad = hash_secret(&format!("sk-tg-bad-{i}"));
+            assert!(auth.lookup(bad).await.unwrap().is_none());
+        }
+        assert!(auth.cache.settled_len().await <= capacity as u64);
+        assert!(auth.lookup(good).await.unwrap().is_some());
+        assert_eq!(
+            store.calls.lock().unwrap()[&good],
+            1,
+            "the good key stayed cached"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_keys_expire_after_the_negative_ttl_and_known_ones_stay() {
+        let (auth, store) = slow(
+            AuthConfig {
+                negative_ttl: Duration::from_millis(50),
+                ..AuthConfig::default()
+            },
+            0,
+        );
+        let (good, bad) = (hash_secret("sk-tg-good"), hash_secret("sk-tg-bad"));
+        for _ in 0..2 {
+            auth.lookup(good).await.unwrap();
+            auth.lookup(bad).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(120)).await;
+        }
+        let calls = store.calls.lock().unwrap();
+        assert_eq!((calls[&good], calls[&bad]), (1, 2));
     }
 
     #[test]

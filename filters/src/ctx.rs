@@ -262,7 +262,7 @@ impl Ctx {
                     prompt_tokens: f.prompt_tokens_estimate,
                     completion_tokens: estimate_completion(
                         self.usage.text_bytes,
-                        f.max_output_tokens,
+                        f.output_cap(),
                         f.choices,
                     ),
                     cached_tokens: 0,

@@ -23,13 +23,13 @@ pub enum GatewayError {
     RevokedApiKey,
     #[error("This API key has expired.")]
     ExpiredApiKey,
-    #[error("This API key may not use the model `{0}`.")]
+    #[error("This API key may not use the model `{}`.", echo_name(.0))]
     ModelNotAllowed(String),
-    #[error("The model `{0}` has no price configured on this gateway.")]
+    #[error("The model `{}` has no price configured on this gateway.", echo_name(.0))]
     Unpriced(String),
     #[error("Requests from this address are not allowed for this API key.")]
     IpNotAllowed,
-    #[error("The model `{0}` does not exist or is not served by this gateway.")]
+    #[error("The model `{}` does not exist or is not served by this gateway.", echo_name(.0))]
     ModelNotFound(String),
     #[error("Unknown route {0}.")]
     RouteNotFound(String),
@@ -63,8 +63,22 @@ pub enum GatewayError {
     NoChannelAvailable,
     #[error("The gateway is shutting down.")]
     ShuttingDown,
+    #[error("The gateway's usage ledger is behind; retry shortly.")]
+    LedgerBacklogged,
     #[error("Internal gateway error.")]
     Internal,
+}
+
+/// Most characters of a client-supplied name (a model) echoed back in an error message.
+pub const MAX_ECHOED_NAME_CHARS: usize = 64;
+
+/// `name`, cut to [`MAX_ECHOED_NAME_CHARS`] characters (on a char boundary) with `…` after
+/// it when cut: an error never reflects an unbounded client string back.
+pub fn echo_name(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.char_indices().nth(MAX_ECHOED_NAME_CHARS) {
+        None => std::borrow::Cow::Borrowed(name),
+        Some((cut, _)) => std::borrow::Cow::Owned(format!("{}…", &name[..cut])),
+    }
 }
 
 /// The JSON body, exactly `{"error": {"message", "type", "param", "code"}}`.
@@ -119,7 +133,7 @@ impl GatewayError {
             RateLimited { .. } | InsufficientQuota(_) | OverTokenLimit { .. } => 429,
             UpstreamRateLimited { .. } => 429,
             UpstreamFailed(_) => 502,
-            NoChannelAvailable | ShuttingDown => 503,
+            NoChannelAvailable | ShuttingDown | LedgerBacklogged => 503,
             UpstreamTimeout => 504,
             Internal => 500,
         }
@@ -144,6 +158,7 @@ impl GatewayError {
             UpstreamFailed(_) | UpstreamTimeout | NoChannelAvailable | ShuttingDown => {
                 "upstream_error"
             }
+            LedgerBacklogged => "server_error",
             Internal => "server_error",
         }
     }
@@ -170,6 +185,7 @@ impl GatewayError {
             UpstreamTimeout => "upstream_timeout",
             NoChannelAvailable => "no_channel_available",
             ShuttingDown => "shutting_down",
+            LedgerBacklogged => "ledger_backlogged",
             Internal => "internal_error",
         })
     }
@@ -189,7 +205,9 @@ impl GatewayError {
         match self {
             GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
             GatewayError::UpstreamRateLimited { retry_after } => *retry_after,
-            GatewayError::NoChannelAvailable => Some(Duration::from_secs(1)),
+            GatewayError::NoChannelAvailable | GatewayError::LedgerBacklogged => {
+                Some(Duration::from_secs(1))
+            }
             _ => None,
         }
     }
@@ -203,7 +221,7 @@ impl GatewayError {
             ModelNotAllowed(_) | IpNotAllowed | InsufficientQuota(_) | Unpriced(_) => Some(false),
             OverTokenLimit { .. } => Some(false),
             RequestTooLarge { .. } | InvalidRequest { .. } | ModelNotFound(_) => Some(false),
-            RateLimited { .. } | UpstreamRateLimited { .. } => Some(true),
+            RateLimited { .. } | UpstreamRateLimited { .. } | LedgerBacklogged => Some(true),
             _ => None,
         }
     }
@@ -285,6 +303,7 @@ mod tests {
                 "no_channel_available",
             ),
             (GatewayError::UpstreamTimeout, 504, "upstream_timeout"),
+            (GatewayError::LedgerBacklogged, 503, "ledger_backlogged"),
         ];
         for (e, status, code) in cases {
             assert_eq!(e.status(), status, "{e:?}");
@@ -302,6 +321,26 @@ mod tests {
         assert!(h.contains(&("retry-after", "2".to_string())));
         assert!(h.contains(&("retry-after-ms", "1200".to_string())));
         assert!(h.contains(&("x-should-retry", "true".to_string())));
+    }
+
+    #[test]
+    fn model_errors_never_echo_more_than_64_chars_of_the_name() {
+        let long = "é".repeat(10_000);
+        for e in [
+            GatewayError::ModelNotFound(long.clone()),
+            GatewayError::ModelNotAllowed(long.clone()),
+            GatewayError::Unpriced(long.clone()),
+        ] {
+            let v = json(&e);
+            let msg = v["error"]["message"].as_str().unwrap();
+            let shown = format!("{}…", "é".repeat(MAX_ECHOED_NAME_CHARS));
+            assert!(msg.contains(&shown), "{msg}");
+            assert!(msg.chars().count() < MAX_ECHOED_NAME_CHARS + 80, "{msg}");
+        }
+        // Short names are shown whole.
+        assert!(GatewayError::ModelNotFound("gpt-4o".into())
+            .to_string()
+            .contains("`gpt-4o`"));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! steady rate.
 //!
 //! Tokens are counted up front as the prompt estimate plus the output cap (`n ×
-//! max_tokens`, or `default_max_output`), like OpenAI's own estimate; when the response
+//! max_tokens`, or `default_max_output`; none on routes that generate no output, such as
+//! embeddings), like OpenAI's own estimate; when the response
 //! reports its real usage the difference goes back into the bucket.
 //!
 //! Every answer carries OpenAI's `x-ratelimit-*` headers for the dimensions that are limited.
@@ -261,10 +262,12 @@ impl Filter for Limits {
         let mut map = self.lock();
         let st = map.entry(hold.key_id).or_default();
         if let Some(tpm) = limits.tpm {
-            let cap = facts
-                .max_output_tokens
-                .unwrap_or(self.cfg.default_max_output);
-            let tokens = facts.prompt_tokens_estimate + cap.saturating_mul(facts.choices.max(1));
+            // Embeddings and other non-generating routes count no output.
+            let cap = facts.output_cap().unwrap_or(self.cfg.default_max_output);
+            // Saturating: a sum that wrapped would admit anything.
+            let tokens = facts
+                .prompt_tokens_estimate
+                .saturating_add(cap.saturating_mul(facts.choices.max(1)));
             if tokens > u64::from(tpm) {
                 // Retrying can never help: say so, rather than name a wait.
                 return Err(GatewayError::OverTokenLimit {
@@ -321,6 +324,7 @@ impl Filter for Limits {
 mod tests {
     use super::*;
     use crate::auth::KeyRecord;
+    use bytes::Bytes;
     use std::sync::Arc;
 
     fn limits(default: LimitSet) -> Limits {
@@ -506,6 +510,83 @@ mod tests {
             .headers()
             .contains(&("x-should-retry", "false".to_string())));
         assert!(e.retry_after().is_none());
+    }
+
+    #[tokio::test]
+    async fn token_count_saturates_instead_of_wrapping_under_the_limit() {
+        // prompt + u64::MAX would wrap to a few tokens and be admitted by a 50-token bucket.
+        let l = limits(LimitSet {
+            tpm: Some(50),
+            ..Default::default()
+        });
+        for (cap, n) in [
+            (Some(u64::MAX), 1),
+            (None, u64::MAX / 2),
+            (Some(2), u64::MAX),
+        ] {
+            let mut c = ctx_for(KeyRecord::default());
+            head(&l, &mut c).await.unwrap();
+            c.facts = Some(crate::RequestFacts {
+                prompt_tokens_estimate: 10,
+                max_output_tokens: cap,
+                choices: n,
+                ..Default::default()
+            });
+            let e = l.on_request_body(&mut c).await.unwrap_err();
+            assert_eq!(
+                e,
+                GatewayError::OverTokenLimit {
+                    limit: 50,
+                    requested: u64::MAX
+                }
+            );
+        }
+        // Reported usage that would overflow when summed settles as the most, not a wrap.
+        let mut c = ctx_for(KeyRecord::default());
+        head(&l, &mut c).await.unwrap();
+        c.facts = Some(crate::RequestFacts {
+            prompt_tokens_estimate: 10,
+            max_output_tokens: Some(10),
+            choices: 1,
+            ..Default::default()
+        });
+        l.on_request_body(&mut c).await.unwrap();
+        c.usage.usage = Some(crate::billing::Usage {
+            prompt_tokens: u64::MAX,
+            completion_tokens: u64::MAX,
+            ..Default::default()
+        });
+        c.outcome.status = 200;
+        c.settle();
+        assert_eq!(c.settlement.tokens(), u64::MAX);
+        l.on_done(&mut c).await;
+    }
+
+    #[tokio::test]
+    async fn embeddings_are_not_counted_a_phantom_output_cap() {
+        // default_max_output is 100 here: a 50-token bucket fits a 10-token embedding, not a
+        // chat completion with the default cap.
+        let l = limits(LimitSet {
+            tpm: Some(50),
+            ..Default::default()
+        });
+        let body = || Bytes::from(format!(r#"{{"model":"m","input":"{}"}}"#, "a".repeat(20)));
+        let (_, facts) = crate::RequestBody::parse_for_path("/v1/embeddings", body()).unwrap();
+        assert!(facts.prompt_tokens_estimate < 50);
+        let mut c = ctx_for(KeyRecord::default());
+        head(&l, &mut c).await.unwrap();
+        c.facts = Some(facts.clone());
+        l.on_request_body(&mut c).await.unwrap();
+        assert_eq!(
+            c.limit_hold.as_ref().unwrap().tokens,
+            facts.prompt_tokens_estimate
+        );
+        l.on_done(&mut c).await;
+        let (_, chat) = crate::RequestBody::parse_for_path("/v1/chat/completions", body()).unwrap();
+        let mut c = ctx_for(KeyRecord::default());
+        head(&l, &mut c).await.unwrap();
+        c.facts = Some(chat);
+        assert!(l.on_request_body(&mut c).await.is_err());
     }
 
     #[tokio::test]

@@ -7,31 +7,94 @@
 //! an injected `stream_options`), [`RequestBody::rewrite`] copies the fields back out in
 //! their original order.
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use bytes::Bytes;
 use indexmap::IndexMap;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Map;
 
 use crate::GatewayError;
 
+/// Longest `model` accepted, in bytes. Real model ids are far shorter (OpenAI's and
+/// Anthropic's are under 64); the cap keeps a client-chosen string out of the ledger, the
+/// access log and error messages at any size.
+pub const MAX_MODEL_BYTES: usize = 256;
+/// Longest `user` (the end-user id OpenAI's API takes) accepted, in bytes.
+pub const MAX_USER_BYTES: usize = 256;
+/// Largest `max_tokens`, `max_completion_tokens` or `max_output_tokens` accepted (2^20): above
+/// every model's real output limit, and small enough that token sums cannot overflow.
+pub const MAX_OUTPUT_TOKENS: u64 = 1_048_576;
+/// Largest `n` (choices per request) accepted: OpenAI's own limit.
+pub const MAX_CHOICES: u64 = 128;
+
+/// The routes whose answer is generated text (or audio) billed as output tokens. Every other
+/// route (`/v1/embeddings`, `/v1/moderations`, `/v1/messages/count_tokens`, ...) is charged
+/// its input only: no output cap is counted against tokens/min or reserved.
+pub const GENERATING_ROUTES: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+];
+
+/// Whether a request to `path` produces output tokens.
+pub fn generates_output(path: &str) -> bool {
+    GENERATING_ROUTES.contains(&path)
+}
+
 /// What the gateway knows about a request once its body is read.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestFacts {
     /// The model the client asked for.
     pub model: String,
     pub stream: bool,
     /// `stream_options.include_usage`, as the client sent it.
     pub include_usage: bool,
-    /// `max_completion_tokens`, else `max_tokens`.
+    /// `max_completion_tokens`, else `max_tokens`, else `max_output_tokens` (Responses API);
+    /// never above [`MAX_OUTPUT_TOKENS`].
     pub max_output_tokens: Option<u64>,
-    /// `n`: the number of choices; the worst-case output is `n × cap`.
+    /// `n`: the number of choices, never above [`MAX_CHOICES`]; the worst-case output is
+    /// `n × cap`.
     pub choices: u64,
     /// Estimated prompt tokens: text bytes / 4, with inline base64 payloads left out.
     pub prompt_tokens_estimate: u64,
     pub body_bytes: usize,
+    /// The route produces output tokens (see [`GENERATING_ROUTES`]). When false, the output
+    /// cap counts as 0 for tokens/min and the worst-case reservation.
+    pub generates_output: bool,
+}
+
+impl Default for RequestFacts {
+    /// Assumes a generating route: the cautious choice (an output cap is counted).
+    fn default() -> Self {
+        RequestFacts {
+            model: String::new(),
+            stream: false,
+            include_usage: false,
+            max_output_tokens: None,
+            choices: 0,
+            prompt_tokens_estimate: 0,
+            body_bytes: 0,
+            generates_output: true,
+        }
+    }
+}
+
+impl RequestFacts {
+    /// The output cap to count: the request's own, `None` for "use the configured default",
+    /// and `Some(0)` on a route that produces no output (embeddings, moderations, ...).
+    pub fn output_cap(&self) -> Option<u64> {
+        if self.generates_output {
+            self.max_output_tokens
+        } else {
+            Some(0)
+        }
+    }
 }
 
 /// A parsed request body: the original bytes plus its top-level fields.
@@ -42,6 +105,39 @@ pub struct RequestBody {
     fields: Vec<(String, Range<usize>)>,
 }
 
+/// The body's top-level fields, in order, values kept raw. A key that appears twice is an
+/// error: the gateway would price and allow-list one value while the provider's parser
+/// might act on the other.
+struct TopLevel<'a>(IndexMap<String, &'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Fields<'a> {
+            type Value = TopLevel<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut out = IndexMap::with_capacity(map.size_hint().unwrap_or(8));
+                // Keys are compared decoded: `"mod\u0065l"` is `model` to every parser.
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.contains_key(&key) {
+                        return Err(de::Error::custom(format_args!(
+                            "the key `{}` appears more than once",
+                            crate::error::echo_name(&key)
+                        )));
+                    }
+                    let value: &'a RawValue = map.next_value()?;
+                    out.insert(key, value);
+                }
+                Ok(TopLevel(out))
+            }
+        }
+        d.deserialize_map(Fields(PhantomData))
+    }
+}
+
 #[derive(Deserialize)]
 struct StreamOptions {
     #[serde(default)]
@@ -49,9 +145,21 @@ struct StreamOptions {
 }
 
 impl RequestBody {
-    /// Parses the body. Not JSON, or not a JSON object, is a 400.
+    /// Parses the body of a request to `path` (the URI path, e.g. `/v1/embeddings`), which
+    /// decides [`RequestFacts::generates_output`]. Not JSON, or not a JSON object, is a 400.
+    pub fn parse_for_path(
+        path: &str,
+        raw: Bytes,
+    ) -> Result<(RequestBody, RequestFacts), GatewayError> {
+        let (body, mut facts) = Self::parse(raw)?;
+        facts.generates_output = generates_output(path);
+        Ok((body, facts))
+    }
+
+    /// Parses the body as for a generating route (an output cap is counted). Prefer
+    /// [`RequestBody::parse_for_path`], which knows embeddings produce no output.
     pub fn parse(raw: Bytes) -> Result<(RequestBody, RequestFacts), GatewayError> {
-        let top: IndexMap<String, &RawValue> = serde_json::from_slice(&raw).map_err(|e| {
+        let TopLevel(top) = serde_json::from_slice(&raw).map_err(|e| {
             GatewayError::invalid(format!(
                 "We could not parse the JSON body of your request: {e}."
             ))
@@ -65,6 +173,24 @@ impl RequestBody {
                 }
             })?,
         };
+        if model.len() > MAX_MODEL_BYTES {
+            return Err(GatewayError::InvalidRequest {
+                message: format!("`model` is longer than {MAX_MODEL_BYTES} bytes."),
+                param: Some("model"),
+            });
+        }
+        if let Some(v) = top.get("user") {
+            // Only a string is checked here; any other type is the provider's to refuse.
+            // Escapes only lengthen the raw text, so a short raw value is a short string.
+            let long = v.get().len() > MAX_USER_BYTES + 2
+                && serde_json::from_str::<String>(v.get()).is_ok_and(|u| u.len() > MAX_USER_BYTES);
+            if long {
+                return Err(GatewayError::InvalidRequest {
+                    message: format!("`user` is longer than {MAX_USER_BYTES} bytes."),
+                    param: Some("user"),
+                });
+            }
+        }
         let flag = |name: &'static str| -> Result<bool, GatewayError> {
             match top.get(name) {
                 None => Ok(false),
@@ -101,11 +227,19 @@ impl RequestBody {
             }
             _ => false,
         };
-        let max_output_tokens = match count("max_completion_tokens")? {
-            Some(n) => Some(n),
-            None => count("max_tokens")?,
+        let capped = |name: &'static str, max: u64| -> Result<Option<u64>, GatewayError> {
+            match count(name)? {
+                Some(v) if v > max => Err(GatewayError::InvalidRequest {
+                    message: format!("`{name}` must be at most {max}."),
+                    param: Some(name),
+                }),
+                v => Ok(v),
+            }
         };
-        let choices = count("n")?.unwrap_or(1).max(1);
+        let max_output_tokens = capped("max_completion_tokens", MAX_OUTPUT_TOKENS)?
+            .or(capped("max_tokens", MAX_OUTPUT_TOKENS)?)
+            .or(capped("max_output_tokens", MAX_OUTPUT_TOKENS)?);
+        let choices = capped("n", MAX_CHOICES)?.unwrap_or(1).max(1);
         let facts = RequestFacts {
             model,
             stream,
@@ -114,6 +248,7 @@ impl RequestBody {
             choices,
             prompt_tokens_estimate: estimate_prompt_tokens(&raw),
             body_bytes: raw.len(),
+            generates_output: true,
         };
         // Borrowed raw values point into `raw`: their offsets are their ranges.
         let base = raw.as_ptr() as usize;
@@ -218,6 +353,107 @@ mod tests {
         assert!(f.stream && f.include_usage);
         assert_eq!(f.max_output_tokens, Some(50));
         assert_eq!(f.choices, 2);
+    }
+
+    #[test]
+    fn model_and_user_longer_than_256_bytes_are_400_with_param() {
+        let at_cap = "m".repeat(MAX_MODEL_BYTES);
+        let (_, f) = parse(&format!(r#"{{"model":"{at_cap}","user":"{at_cap}"}}"#)).unwrap();
+        assert_eq!(f.model, at_cap);
+        let long = "m".repeat(MAX_MODEL_BYTES + 1);
+        let e = parse(&format!(r#"{{"model":"{long}"}}"#)).unwrap_err();
+        assert_eq!((e.status(), e.code()), (400, Some("invalid_request_error")));
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["param"], "model");
+        assert!(!v["error"]["message"].as_str().unwrap().contains(&long));
+        let e = parse(&format!(r#"{{"model":"m","user":"{long}"}}"#)).unwrap_err();
+        assert_eq!(e.status(), 400);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["param"], "user");
+        // A megabyte of model name never reaches the facts (the ledger, the log).
+        let huge = "x".repeat(1 << 20);
+        assert_eq!(
+            parse(&format!(r#"{{"model":"{huge}"}}"#))
+                .unwrap_err()
+                .status(),
+            400
+        );
+    }
+
+    #[test]
+    fn duplicate_top_level_keys_are_400() {
+        for body in [
+            r#"{"model":"gpt-4o-mini","messages":[],"model":"gpt-4o"}"#,
+            r#"{"model":"gpt-4o-mini","mod\u0065l":"gpt-4o"}"#,
+            r#"{"model":"m","max_tokens":1,"max_tokens":100000}"#,
+        ] {
+            let e = parse(body).unwrap_err();
+            assert_eq!(e.status(), 400, "{body}");
+            assert!(e.to_string().contains("more than once"), "{e}");
+        }
+        // The same key inside different objects is fine.
+        assert!(
+            parse(r#"{"model":"m","stream_options":{"model":1},"metadata":{"model":2}}"#).is_ok()
+        );
+    }
+
+    #[test]
+    fn output_caps_and_n_above_their_maximum_are_400_with_param() {
+        for (body, param) in [
+            (
+                r#"{"model":"m","max_tokens":18446744073709551615}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"m","max_completion_tokens":1048577}"#,
+                "max_completion_tokens",
+            ),
+            (
+                r#"{"model":"m","max_output_tokens":1048577}"#,
+                "max_output_tokens",
+            ),
+            (r#"{"model":"m","n":9223372036854775807}"#, "n"),
+            (r#"{"model":"m","n":129}"#, "n"),
+            // A huge value is refused even where another field would win.
+            (
+                r#"{"model":"m","max_completion_tokens":5,"max_tokens":1048577}"#,
+                "max_tokens",
+            ),
+        ] {
+            let e = parse(body).unwrap_err();
+            let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+            assert_eq!(
+                (e.status(), v["error"]["param"].as_str()),
+                (400, Some(param)),
+                "{body}"
+            );
+        }
+        let (_, f) = parse(r#"{"model":"m","max_tokens":1048576,"n":128}"#).unwrap();
+        assert_eq!(
+            (f.max_output_tokens, f.choices),
+            (Some(MAX_OUTPUT_TOKENS), MAX_CHOICES)
+        );
+        let (_, f) = parse(r#"{"model":"m","max_output_tokens":300}"#).unwrap();
+        assert_eq!(f.max_output_tokens, Some(300));
+    }
+
+    #[test]
+    fn only_generating_routes_have_an_output_cap() {
+        let body = || Bytes::from_static(br#"{"model":"m","input":"hi","max_tokens":50}"#);
+        for path in GENERATING_ROUTES {
+            let (_, f) = RequestBody::parse_for_path(path, body()).unwrap();
+            assert!(f.generates_output, "{path}");
+            assert_eq!(f.output_cap(), Some(50));
+        }
+        for path in [
+            "/v1/embeddings",
+            "/v1/moderations",
+            "/v1/messages/count_tokens",
+        ] {
+            let (_, f) = RequestBody::parse_for_path(path, body()).unwrap();
+            assert!(!f.generates_output, "{path}");
+            assert_eq!(f.output_cap(), Some(0), "{path}");
+        }
     }
 
     #[test]

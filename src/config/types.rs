@@ -191,16 +191,24 @@ impl Default for PricingConfig {
     }
 }
 
+/// `limits.ip`: the pre-auth guard. It counts failed authentications (401s) per address.
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct IpLimit {
-    #[serde(default)]
-    pub rps: u32,
+    /// Failed authentications one address may make per minute before its requests are
+    /// refused (429) until the minute ends; 0 turns the guard off.
+    pub failed_auth_per_min: u32,
+    /// Deprecated and ignored: the guard no longer counts every request. Still accepted so
+    /// that existing files load.
+    pub rps: Option<u32>,
 }
 
 impl Default for IpLimit {
     fn default() -> Self {
-        IpLimit { rps: 200 }
+        IpLimit {
+            failed_auth_per_min: 120,
+            rps: None,
+        }
     }
 }
 
@@ -222,6 +230,9 @@ pub struct AccountingConfig {
     pub drain_timeout_ms: u64,
     /// ... and at most this many bytes.
     pub drain_max_bytes: u64,
+    /// Ledger rows queued but not committed past which new requests get 503
+    /// (`ledger_backlogged`) and /readyz fails. Rows of admitted requests are never dropped.
+    pub max_queue_rows: usize,
 }
 
 impl Default for AccountingConfig {
@@ -232,6 +243,7 @@ impl Default for AccountingConfig {
             retention_days: 90,
             drain_timeout_ms: 60_000,
             drain_max_bytes: 16 * 1024 * 1024,
+            max_queue_rows: 100_000,
         }
     }
 }

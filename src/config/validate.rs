@@ -155,6 +155,12 @@ impl Config {
                 "must be between 1 and 100000".into(),
             );
         }
+        if self.accounting.max_queue_rows == 0 {
+            err(
+                "accounting.max_queue_rows".into(),
+                "must be at least 1".into(),
+            );
+        }
         if s.client_write_timeout_ms == 0 {
             err(
                 "server.client_write_timeout_ms".into(),

@@ -29,6 +29,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// Try again later (the ledger writer is not committing).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

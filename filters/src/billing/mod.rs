@@ -48,7 +48,15 @@ pub struct LedgerRow {
 
 /// Where settled rows go: the server's group-committing writer. Must not block.
 pub trait LedgerSink: Send + Sync {
+    /// Queues a row. Rows of admitted requests are always accepted, even past the bound.
     fn record(&self, row: LedgerRow);
+
+    /// Whether a new request may be admitted: false while the queue of uncommitted rows is
+    /// over its bound. Called once per admission decision (a `false` is counted as a
+    /// refusal).
+    fn has_room(&self) -> bool {
+        true
+    }
 }
 
 /// The `billing` filter.
@@ -107,6 +115,11 @@ impl Filter for Billing {
         let (Some(key), Some(facts)) = (&ctx.key, &ctx.facts) else {
             return Ok(());
         };
+        // A writer that cannot commit (a full disk): admit nothing new, hold no money, so
+        // the queue stops growing; what is already admitted is still recorded.
+        if !self.ledger.has_room() {
+            return Err(GatewayError::LedgerBacklogged);
+        }
         // Any planned channel may serve the request, and `model_map` may send each a
         // different model: reserve for the dearest.
         let mut worst = None;
@@ -120,7 +133,7 @@ impl Filter for Billing {
                 rate,
                 &key.group,
                 facts.prompt_tokens_estimate,
-                facts.max_output_tokens,
+                facts.output_cap(),
                 facts.choices,
             );
             worst = worst.max(Some(cost));
@@ -216,5 +229,63 @@ mod tests {
     fn completion_estimate_is_bounded_by_the_cap() {
         assert_eq!(estimate_completion(10, None, 1), 3);
         assert_eq!(estimate_completion(10_000, Some(100), 2), 200);
+    }
+
+    #[tokio::test]
+    async fn embeddings_reserve_their_input_only() {
+        let (_s, w) = wallets(1_000_000_000);
+        let w = Arc::new(w);
+        let t = Arc::new(table());
+        let billing = Billing::new(t.clone(), w.clone(), Arc::new(NoLedger), no_channels());
+        let body = bytes::Bytes::from_static(br#"{"model":"m","input":"some text to embed"}"#);
+        let (_, facts) = crate::RequestBody::parse_for_path("/v1/embeddings", body).unwrap();
+        let prompt = facts.prompt_tokens_estimate;
+        let mut ctx = Ctx::new("r".into());
+        ctx.key = Some(Arc::new(crate::auth::KeyRecord {
+            account_id: 1,
+            group: "default".into(),
+            ..Default::default()
+        }));
+        ctx.facts = Some(facts);
+        billing.on_request_body(&mut ctx).await.unwrap();
+        // The prompt at the input price, and no 4096-token output on top.
+        let input_only = t.worst_case(&t.models["m"], "default", prompt, Some(0), 1);
+        assert_eq!(ctx.reservation.as_ref().unwrap().amount, input_only);
+    }
+
+    struct FullLedger;
+    impl LedgerSink for FullLedger {
+        fn record(&self, _: LedgerRow) {}
+        fn has_room(&self) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backlogged_ledger_refuses_new_requests_with_503_before_reserving() {
+        let (_s, w) = wallets(1_000_000_000);
+        let w = Arc::new(w);
+        let billing = Billing::new(Arc::new(table()), w.clone(), Arc::new(FullLedger), no_channels());
+        let mut ctx = Ctx::new("r".into());
+        ctx.key = Some(Arc::new(crate::auth::KeyRecord {
+            account_id: 1,
+            ..Default::default()
+        }));
+        ctx.facts = Some(crate::RequestFacts {
+            model: "m".into(),
+            ..Default::default()
+        });
+        let e = billing.on_request_body(&mut ctx).await.unwrap_err();
+        assert_eq!(e, GatewayError::LedgerBacklogged);
+        assert_eq!((e.status(), e.code()), (503, Some("ledger_backlogged")));
+        assert!(e
+            .headers()
+            .contains(&("x-should-retry", "true".to_string())));
+        assert!(e.headers().contains(&("retry-after", "1".to_string())));
+        assert!(ctx.reservation.is_none());
+    }
+
+    fn no_channels() -> crate::channel::Channels {
+        Arc::from(Vec::<crate::channel::Channel>::new())
     }
 }

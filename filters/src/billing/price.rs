@@ -104,18 +104,19 @@ impl PriceTable {
         let cached = u.cached_tokens.min(u.prompt_tokens) as i128;
         let uncached = u.prompt_tokens as i128 - cached;
         // nano-USD × tokens / 1M: divided out once, at the end, with the multiplier.
-        let tokens = uncached * rate.input as i128
-            + cached * rate.cached_input as i128
-            + u.completion_tokens as i128 * rate.output as i128
-            + rate.per_request as i128 * TOKENS_PER_PRICE_UNIT;
-        let scaled = tokens * self.multiplier_ppm(group) as i128;
+        // Saturating throughout: absurd token counts or prices cost the most, never wrap.
+        let tokens = (uncached.saturating_mul(rate.input as i128))
+            .saturating_add(cached.saturating_mul(rate.cached_input as i128))
+            .saturating_add((u.completion_tokens as i128).saturating_mul(rate.output as i128))
+            .saturating_add((rate.per_request as i128).saturating_mul(TOKENS_PER_PRICE_UNIT));
+        let scaled = tokens.saturating_mul(self.multiplier_ppm(group) as i128);
         let denom = TOKENS_PER_PRICE_UNIT * PPM;
         let q = if ceil {
-            (scaled + denom - 1) / denom
+            scaled.saturating_add(denom - 1) / denom
         } else {
-            (scaled + denom / 2) / denom
+            scaled.saturating_add(denom / 2) / denom
         };
-        q.min(i64::MAX as i128) as i64
+        q.clamp(i64::MIN as i128, i64::MAX as i128) as i64
     }
 
     /// The most this request can cost: the prompt estimate in full at the input price, plus
@@ -215,6 +216,27 @@ pub(crate) mod tests {
             100 * 150 + 20 * 600
         );
         assert_eq!(t.worst_case(m, "default", 0, None, 1), 4096 * 600);
+    }
+
+    #[test]
+    fn worst_case_saturates_instead_of_overflowing() {
+        let mut t = table();
+        // A pricey model with an absurd cap × n: the most money there is, not a wrap.
+        t.models
+            .insert("pricey".into(), ModelRate::from_usd(1e9, 1e9, None, 1e9));
+        t.groups.insert("x10".into(), 10_000_000);
+        let r = t.models["pricey"].clone();
+        assert_eq!(
+            t.worst_case(&r, "x10", u64::MAX, Some(u64::MAX), u64::MAX),
+            i64::MAX
+        );
+        let huge = Usage {
+            prompt_tokens: u64::MAX,
+            completion_tokens: u64::MAX,
+            cached_tokens: 0,
+            estimated: false,
+        };
+        assert_eq!(t.cost(&r, "x10", &huge), i64::MAX);
     }
 
     #[test]
