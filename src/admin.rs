@@ -67,6 +67,20 @@ impl From<StoreError> for Fail {
     }
 }
 
+/// One query through the pool, run off the async workers: waiting for a connection from an
+/// exhausted pool (or a slow disk) must not stall the runtime serving other admin requests.
+async fn database_ready(pool: &Pool) -> Result<(), String> {
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let conn = pool.get().map_err(|e| format!("database: {e}"))?;
+        conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| format!("database: {e}"))?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| format!("database: {e}"))?
+}
+
 /// `localhost` or a loopback IP literal, with an optional port. A name that merely starts
 /// with `127.` (`127.attacker.example`) is not one: DNS rebinding would point it here.
 fn is_loopback_host(host: &str) -> bool {
@@ -252,7 +266,7 @@ impl Admin {
         !(matches!(*method, Method::POST | Method::PATCH) && has_body && !json_body)
     }
 
-    fn ready(&self) -> Result<(), String> {
+    async fn ready(&self) -> Result<(), String> {
         if self.in_flight.is_draining() {
             return Err("draining".into());
         }
@@ -262,10 +276,7 @@ impl Admin {
                 self.ledger.queued_rows()
             ));
         }
-        let conn = self.pool.get().map_err(|e| format!("database: {e}"))?;
-        conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
-            .map_err(|e| format!("database: {e}"))?;
-        Ok(())
+        database_ready(&self.pool).await
     }
 
     async fn body(&self, session: &mut ServerSession) -> Result<Value, Fail> {
@@ -505,7 +516,7 @@ impl ServeHttp for Admin {
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => return json_response(StatusCode::OK, &json!({"status": "ok"})),
             ("GET", "/readyz") => {
-                return match self.ready() {
+                return match self.ready().await {
                     Ok(()) => {
                         let channels: serde_json::Map<String, Value> = self
                             .channels
@@ -547,6 +558,41 @@ impl ServeHttp for Admin {
 #[cfg(test)]
 mod tests {
     use super::is_loopback_host;
+
+    /// The pool is exhausted, so readiness waits ~1 s for a connection: meanwhile the same
+    /// single-threaded runtime must go on serving other work (another admin request).
+    #[tokio::test(flavor = "current_thread")]
+    async fn readiness_waiting_on_the_database_does_not_stall_the_runtime() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::config::DatabaseConfig {
+            path: dir.path().join("r.db"),
+            pool_size: 1,
+            busy_timeout_ms: 1000,
+            ..Default::default()
+        };
+        let pool = crate::store::open_and_migrate(&db).unwrap();
+        let held = pool.get().unwrap();
+        let ticks = Arc::new(AtomicU32::new(0));
+        let t = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                t.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(super::database_ready(&pool).await.is_err());
+        ticker.abort();
+        assert!(
+            ticks.load(Ordering::SeqCst) >= 20,
+            "the runtime was blocked: {} ticks",
+            ticks.load(Ordering::SeqCst)
+        );
+        drop(held);
+        assert!(super::database_ready(&pool).await.is_ok());
+    }
 
     #[test]
     fn only_loopback_literals_and_localhost_pass() {
