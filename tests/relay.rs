@@ -696,7 +696,10 @@ async fn body_less_v1_requests_are_forwarded_by_path_with_the_channel_key() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["path"], path);
         let seen = mock.requests().last().unwrap().clone();
-        assert_eq!((seen.method.as_str(), seen.path.as_str()), (method.as_str(), path));
+        assert_eq!(
+            (seen.method.as_str(), seen.path.as_str()),
+            (method.as_str(), path)
+        );
         assert_eq!(
             seen.header("authorization"),
             Some(format!("Bearer {PROVIDER_KEY}").as_str())

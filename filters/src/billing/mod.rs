@@ -265,7 +265,12 @@ mod tests {
     async fn a_backlogged_ledger_refuses_new_requests_with_503_before_reserving() {
         let (_s, w) = wallets(1_000_000_000);
         let w = Arc::new(w);
-        let billing = Billing::new(Arc::new(table()), w.clone(), Arc::new(FullLedger), no_channels());
+        let billing = Billing::new(
+            Arc::new(table()),
+            w.clone(),
+            Arc::new(FullLedger),
+            no_channels(),
+        );
         let mut ctx = Ctx::new("r".into());
         ctx.key = Some(Arc::new(crate::auth::KeyRecord {
             account_id: 1,
