@@ -437,6 +437,22 @@ mod tests {
         (dir, pool, db, a.id, k.id)
     }
 
+    /// Ledger rows, and the account's stored balance.
+    fn rows_and_balance(pool: &crate::store::Pool, account: i64) -> (i64, i64) {
+        let c = pool.get().unwrap();
+        let n = c
+            .query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))
+            .unwrap();
+        let bal = c
+            .query_row(
+                "SELECT balance_nano FROM accounts WHERE id = ?1",
+                [account],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (n, bal)
+    }
+
     #[test]
     fn rows_and_money_commit_together_and_duplicates_change_nothing() {
         let (_d, pool, db, a, k) = setup();
@@ -455,18 +471,10 @@ mod tests {
         ledger.flush();
         ledger.record(row("r2", a, k, 50));
         ledger.shutdown();
-        let c = pool.get().unwrap();
-        let n: i64 = c
-            .query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))
-            .unwrap();
-        let bal: i64 = c
-            .query_row(
-                "SELECT balance_nano FROM accounts WHERE id = ?1",
-                [a],
-                |r| r.get(0),
-            )
-            .unwrap();
-        let spent: i64 = c
+        let (n, bal) = rows_and_balance(&pool, a);
+        let spent: i64 = pool
+            .get()
+            .unwrap()
             .query_row("SELECT spent_nano FROM api_keys WHERE id = ?1", [k], |r| {
                 r.get(0)
             })
@@ -518,17 +526,7 @@ mod tests {
         ledger.flush();
         assert!(ledger.has_room());
         ledger.shutdown();
-        let c = pool.get().unwrap();
-        let n: i64 = c
-            .query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))
-            .unwrap();
-        let bal: i64 = c
-            .query_row(
-                "SELECT balance_nano FROM accounts WHERE id = ?1",
-                [a],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let (n, bal) = rows_and_balance(&pool, a);
         assert_eq!((n, bal), (15, 1_000_000 - 15));
     }
 

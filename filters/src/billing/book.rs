@@ -372,6 +372,19 @@ pub(crate) mod tests {
     }
 
     /// Sends `n` reservations at once; returns how many were refused for quota.
+    /// 200 concurrent refusals for key 7 (budget 1,000): one read to load each purse and
+    /// one re-read for a top-up at most, not one per refusal.
+    async fn burst_of_refusals(s: &Arc<Store>) -> Arc<Wallets> {
+        let w = Arc::new(Wallets::with_reload_interval(
+            s.clone(),
+            Duration::from_secs(60),
+        ));
+        assert_eq!(refused_of(&w, 200, Some((7, 1_000))).await, 200);
+        assert!(s.account_reads.load(Ordering::SeqCst) <= 2, "{s:?}");
+        assert!(s.key_reads.load(Ordering::SeqCst) <= 2, "{s:?}");
+        w
+    }
+
     async fn refused_of(w: &Arc<Wallets>, n: usize, key: Option<(i64, i64)>) -> usize {
         let tasks: Vec<_> = (0..n)
             .map(|_| {
@@ -490,14 +503,7 @@ pub(crate) mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refusals_for_a_broke_account_reload_the_store_at_most_once_per_interval() {
         let s = store(0, 0);
-        let w = Arc::new(Wallets::with_reload_interval(
-            s.clone(),
-            Duration::from_secs(60),
-        ));
-        assert_eq!(refused_of(&w, 200, Some((7, 1_000))).await, 200);
-        // One read to load each purse, one re-read for a top-up: not one per refusal.
-        assert!(s.account_reads.load(Ordering::SeqCst) <= 2, "{s:?}");
-        assert!(s.key_reads.load(Ordering::SeqCst) <= 2, "{s:?}");
+        let w = burst_of_refusals(&s).await;
         // Later refusals in the same interval read nothing.
         let before = s.account_reads.load(Ordering::SeqCst) + s.key_reads.load(Ordering::SeqCst);
         assert_eq!(refused_of(&w, 200, Some((7, 1_000))).await, 200);
@@ -508,13 +514,7 @@ pub(crate) mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refusals_over_a_key_budget_reload_its_spend_at_most_once_per_interval() {
         let s = store(1_000_000, 1_000);
-        let w = Arc::new(Wallets::with_reload_interval(
-            s.clone(),
-            Duration::from_secs(60),
-        ));
-        assert_eq!(refused_of(&w, 200, Some((7, 1_000))).await, 200);
-        assert!(s.account_reads.load(Ordering::SeqCst) <= 2, "{s:?}");
-        assert!(s.key_reads.load(Ordering::SeqCst) <= 2, "{s:?}");
+        burst_of_refusals(&s).await;
     }
 
     #[tokio::test(start_paused = true)]
