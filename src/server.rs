@@ -8,10 +8,10 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use tollgate_filters::auth::{Auth, AuthConfig, KeyCache};
+use tollgate_filters::auth::{Auth, KeyCache};
 use tollgate_filters::billing::{Billing, ModelRate, PriceTable, UnpricedPolicy, Wallets};
 use tollgate_filters::channel::build_channels;
-use tollgate_filters::ip_guard::{IpGuard, IpGuardConfig};
+use tollgate_filters::ip_guard::IpGuard;
 use tollgate_filters::limits::{Limits, LimitsConfig};
 use tollgate_filters::route::{ChannelPicker, Route};
 use tollgate_filters::usage::UsageFilter;
@@ -54,9 +54,7 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
         // metrics and the access log; first, so its on_done sees the final state
         Arc::new(Observe::new(parts.metrics.clone(), parts.channels.clone())),
         // pre-auth guard: refuses an address after too many failed authentications
-        Arc::new(IpGuard::new(IpGuardConfig {
-            failed_auth_per_min: cfg.limits.ip.failed_auth_per_min,
-        })),
+        Arc::new(IpGuard::new(cfg.limits.ip)),
         // key → account; status, expiry, IP allow-list; then the model allow-list
         Arc::new(Auth::new(
             Arc::new(SqliteKeys(parts.pool.clone())),
@@ -120,14 +118,6 @@ pub fn limits_config(cfg: &Config) -> LimitsConfig {
     }
 }
 
-pub fn auth_config(cfg: &Config) -> AuthConfig {
-    AuthConfig {
-        cache_ttl: Duration::from_millis(cfg.auth.cache_ttl_ms),
-        negative_ttl: Duration::from_millis(cfg.auth.negative_cache_ttl_ms),
-        cache_capacity: cfg.auth.cache_capacity,
-    }
-}
-
 /// Runs the gateway until SIGTERM (graceful) or SIGINT (immediate).
 pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let pool = store::open_and_migrate(&cfg.database)?;
@@ -143,7 +133,7 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     refresh_dns(&channels);
     let parts = Parts {
         pool: pool.clone(),
-        keys: Arc::new(KeyCache::new(auth_config(&cfg))),
+        keys: Arc::new(KeyCache::new(cfg.auth.clone())),
         picker: Arc::new(ChannelPicker::with_paths(
             channels.clone(),
             cfg.routing.max_attempts,

@@ -20,13 +20,14 @@ use sha2::{Digest, Sha256};
 use crate::chain::Phases;
 use crate::{Ctx, Filter, GatewayError, RequestHead};
 
-/// `auth:` settings.
-#[derive(Debug, Clone)]
+/// `auth:` in the YAML: the key cache.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// How long a found key stays cached.
-    pub cache_ttl: Duration,
+    pub cache_ttl_ms: u64,
     /// How long an unknown key stays cached as unknown (keeps floods of bad keys off SQLite).
-    pub negative_ttl: Duration,
+    pub negative_cache_ttl_ms: u64,
     /// Most entries kept; past this, the least useful entry is evicted (or the newcomer is
     /// not admitted).
     pub cache_capacity: usize,
@@ -35,8 +36,8 @@ pub struct AuthConfig {
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
-            cache_ttl: Duration::from_secs(30),
-            negative_ttl: Duration::from_secs(2),
+            cache_ttl_ms: 30_000,
+            negative_cache_ttl_ms: 2_000,
             cache_capacity: 100_000,
         }
     }
@@ -134,8 +135,8 @@ impl KeyCache {
             entries: moka::future::Cache::builder()
                 .max_capacity(cfg.cache_capacity as u64)
                 .expire_after(KeyExpiry {
-                    positive: cfg.cache_ttl,
-                    negative: cfg.negative_ttl,
+                    positive: Duration::from_millis(cfg.cache_ttl_ms),
+                    negative: Duration::from_millis(cfg.negative_cache_ttl_ms),
                 })
                 .build(),
         }
@@ -457,7 +458,7 @@ mod tests {
     async fn unknown_keys_expire_after_the_negative_ttl_and_known_ones_stay() {
         let (auth, store) = slow(
             AuthConfig {
-                negative_ttl: Duration::from_millis(50),
+                negative_cache_ttl_ms: 50,
                 ..AuthConfig::default()
             },
             0,

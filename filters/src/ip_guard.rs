@@ -20,12 +20,25 @@ use crate::{Ctx, Filter, GatewayError, RequestHead};
 /// The window failed authentications are counted in.
 const WINDOW: Duration = Duration::from_secs(60);
 
-/// `limits.ip:` settings.
-#[derive(Debug, Clone, Copy, Default)]
+/// `limits.ip:` in the YAML.
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct IpGuardConfig {
     /// Failed authentications allowed from one address per minute before its requests are
     /// refused until the minute ends; 0 turns the guard off.
     pub failed_auth_per_min: u32,
+    /// Deprecated and ignored: the guard no longer counts every request. Still accepted so
+    /// that existing files load.
+    pub rps: Option<u32>,
+}
+
+impl Default for IpGuardConfig {
+    fn default() -> Self {
+        IpGuardConfig {
+            failed_auth_per_min: 120,
+            rps: None,
+        }
+    }
 }
 
 pub struct IpGuard {
@@ -142,6 +155,7 @@ mod tests {
     fn guard() -> crate::Chain {
         crate::Chain::new(vec![std::sync::Arc::new(IpGuard::new(IpGuardConfig {
             failed_auth_per_min: 120,
+            rps: None,
         }))])
     }
 
@@ -176,6 +190,7 @@ mod tests {
         assert!(request(&g, "10.0.0.2", None).await);
         let direct = IpGuard::new(IpGuardConfig {
             failed_auth_per_min: 1,
+            rps: None,
         });
         direct.failed("10.0.0.1".parse().unwrap());
         let e = direct.admit("10.0.0.1".parse().unwrap()).unwrap_err();
@@ -186,6 +201,7 @@ mod tests {
     async fn zero_means_off() {
         let g = crate::Chain::new(vec![std::sync::Arc::new(IpGuard::new(IpGuardConfig {
             failed_auth_per_min: 0,
+            rps: None,
         }))]);
         for _ in 0..500 {
             assert!(request(&g, "10.0.0.1", Some(GatewayError::InvalidApiKey)).await);

@@ -18,13 +18,15 @@ use serde::Deserialize;
 pub use interpolate::interpolate;
 pub use locate::line_of;
 pub use types::{
-    AccountingConfig, AuthSection, DatabaseConfig, IpLimit, JournalMode, LimitsConfig, ModelPrice,
-    OnError, PricingConfig, RedisConfig, ServerConfig, Synchronous, TempStore, Unpriced,
+    AccountingConfig, DatabaseConfig, JournalMode, LimitsConfig, ModelPrice, OnError,
+    PricingConfig, RedisConfig, ServerConfig, Synchronous, TempStore, Unpriced,
 };
 
 // One definition of each type, shared with the filters that use it.
 pub use crate::connections::ConnectionLimits;
+pub use tollgate_filters::auth::AuthConfig;
 pub use tollgate_filters::channel::{ChannelConfig, ChannelKind, UpstreamUrl};
+pub use tollgate_filters::ip_guard::IpGuardConfig as IpLimit;
 pub use tollgate_filters::limits::LimitSet;
 pub use tollgate_filters::route::{PathRoute, RoutingConfig};
 
@@ -82,7 +84,7 @@ pub struct Config {
     #[serde(default)]
     pub accounting: AccountingConfig,
     #[serde(default)]
-    pub auth: AuthSection,
+    pub auth: AuthConfig,
     #[serde(default)]
     pub routing: RoutingConfig,
     /// Which channel serves body-less requests under a path prefix.

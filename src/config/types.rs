@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{ConnectionLimits, LimitSet};
+use super::{ConnectionLimits, IpLimit, LimitSet};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,27 +191,6 @@ impl Default for PricingConfig {
     }
 }
 
-/// `limits.ip`: the pre-auth guard. It counts failed authentications (401s) per address.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IpLimit {
-    /// Failed authentications one address may make per minute before its requests are
-    /// refused (429) until the minute ends; 0 turns the guard off.
-    pub failed_auth_per_min: u32,
-    /// Deprecated and ignored: the guard no longer counts every request. Still accepted so
-    /// that existing files load.
-    pub rps: Option<u32>,
-}
-
-impl Default for IpLimit {
-    fn default() -> Self {
-        IpLimit {
-            failed_auth_per_min: 120,
-            rps: None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -244,25 +223,6 @@ impl Default for AccountingConfig {
             drain_timeout_ms: 60_000,
             drain_max_bytes: 16 * 1024 * 1024,
             max_queue_rows: 100_000,
-        }
-    }
-}
-
-/// `auth:` (an extension): the key cache.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthSection {
-    pub cache_ttl_ms: u64,
-    pub negative_cache_ttl_ms: u64,
-    pub cache_capacity: usize,
-}
-
-impl Default for AuthSection {
-    fn default() -> Self {
-        AuthSection {
-            cache_ttl_ms: 30_000,
-            negative_cache_ttl_ms: 2_000,
-            cache_capacity: 100_000,
         }
     }
 }
