@@ -437,3 +437,40 @@ fn truncate(s: &str, max: usize) -> String {
         None => s.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline() -> Arc<Pipeline> {
+        let channels: Channels = Arc::from(Vec::new());
+        Arc::new(Pipeline {
+            chain: Chain::default(),
+            picker: Arc::new(ChannelPicker::new(channels.clone(), 1)),
+            channels,
+            max_body_bytes: 1024,
+            connections: ConnectionLimits::default(),
+            pricing: None,
+        })
+    }
+
+    #[test]
+    fn a_request_dropped_before_it_is_done_leaves_no_in_flight_count_behind() {
+        let metrics = Arc::new(Metrics::new());
+        let in_flight = Arc::new(InFlight::default());
+        let finished = RequestCtx::new(pipeline(), in_flight.clone(), metrics.clone());
+        let abandoned = RequestCtx::new(pipeline(), in_flight.clone(), metrics.clone());
+        assert_eq!((in_flight.count(), metrics.in_flight.get()), (2, 2));
+        let mut finished = finished;
+        finished.done = true;
+        drop(finished);
+        drop(abandoned);
+        assert_eq!((in_flight.count(), metrics.in_flight.get()), (0, 0));
+    }
+
+    #[test]
+    fn echoed_client_input_is_cut_on_a_character_boundary() {
+        assert_eq!(truncate("abc", 5), "abc");
+        assert_eq!(truncate("ééééé", 2), "éé…");
+    }
+}
