@@ -87,6 +87,16 @@ impl Gateway {
         }
     }
 
+    /// Like [`Gateway::start`], with `server_yaml` (lines indented by two spaces, e.g.
+    /// `"  connections: { head_timeout_ms: 3000 }\n"`) added to the `server:` section.
+    pub fn start_with_server(channels_yaml: &str, server_yaml: &str, extra_yaml: &str) -> Gateway {
+        let gw = Gateway::configure(channels_yaml, extra_yaml);
+        let yaml = std::fs::read_to_string(&gw.config).unwrap();
+        let yaml = yaml.replacen("server:\n", &format!("server:\n{server_yaml}"), 1);
+        std::fs::write(&gw.config, yaml).unwrap();
+        gw.launch()
+    }
+
     pub fn launch(mut self) -> Gateway {
         let log = std::fs::File::create(self.dir.path().join("gateway.log")).unwrap();
         let child = Command::new(tollgate_bin())

@@ -1,5 +1,7 @@
 //! What a request asks the mock to do, and what the mock records about it.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
@@ -38,6 +40,28 @@ pub struct Behaviour {
     pub usage: Option<String>,
     /// Reported as `usage.prompt_tokens_details.cached_tokens`.
     pub cached_tokens: Option<u64>,
+    /// Mimics a provider (or a debugging proxy in front of one) that echoes the
+    /// credential it received in *successful* (2xx, JSON or stream) response
+    /// headers: `x-debug-auth` and `openai-debug-auth` carry the received
+    /// `Authorization` (or `x-api-key`/`api-key`) value verbatim,
+    /// `openai-debug-key-tail` carries a masked form (`sk-...` + the key's last 8
+    /// characters), and `x-internal-thing: 1` is added beside them. For testing
+    /// that the gateway's response-header allow-list and key filter hold on 2xx.
+    pub echo_auth_in_header: bool,
+    /// Extra headers added to successful (2xx, JSON or stream) responses, name →
+    /// value, e.g. `{"openai-processing-ms": "7", "set-cookie": "a=b"}`. Invalid
+    /// names or values are skipped.
+    pub response_headers: Option<BTreeMap<String, String>>,
+    /// Stream: end the body cleanly (terminating chunk) after the finish chunk and
+    /// the usage chunk, but without the final `data: [DONE]` event, as a provider
+    /// cut off at an event boundary would.
+    pub omit_done: bool,
+    /// Read the whole request body, record the request, then abort the TCP
+    /// connection with a reset (RST, via `SO_LINGER 0`; plain HTTP only, a TLS
+    /// connection is just closed) without writing any response. Unlike `reset`
+    /// it ignores `delay_ms`. For testing that a POST whose body the provider
+    /// fully received is never resent.
+    pub reset_after_body: bool,
 }
 
 impl Behaviour {
@@ -56,6 +80,17 @@ impl Behaviour {
             gate: self.gate || over.gate,
             usage: over.usage.or_else(|| self.usage.clone()),
             cached_tokens: over.cached_tokens.or(self.cached_tokens),
+            echo_auth_in_header: self.echo_auth_in_header || over.echo_auth_in_header,
+            response_headers: match (&self.response_headers, over.response_headers) {
+                (Some(base), Some(over)) => {
+                    let mut all = base.clone();
+                    all.extend(over);
+                    Some(all)
+                }
+                (base, over) => over.or_else(|| base.clone()),
+            },
+            omit_done: self.omit_done || over.omit_done,
+            reset_after_body: self.reset_after_body || over.reset_after_body,
         }
     }
 }
@@ -99,6 +134,10 @@ pub struct RecordedRequest {
     /// Lower-case names, in arrival order, duplicates kept.
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// Which connection it arrived on: connections are numbered from 1 in
+    /// accept order, so two requests with the same number shared a kept-alive
+    /// connection.
+    pub conn: u64,
 }
 
 impl RecordedRequest {

@@ -6,7 +6,8 @@
 //! load benchmarks have a cheap baseline upstream. Each request can steer the
 //! mock through an `"x_mock"` object in its JSON body (or an `x-mock` header
 //! holding the same JSON, for requests without a body); the gateway forwards
-//! the body untouched, so tests can pick behaviour per request.
+//! the body untouched, so tests can pick behaviour per request. Every `x_mock`
+//! field is documented on [`Behaviour`].
 
 mod behaviour;
 mod stream;
@@ -16,8 +17,10 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -28,8 +31,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::rustls::crypto::ring;
@@ -54,6 +57,8 @@ struct Shared {
     chunks_sent: AtomicU64,
     gate: watch::Sender<bool>,
     next_id: AtomicU64,
+    /// Numbers connections in accept order, for [`RecordedRequest::conn`].
+    next_conn: AtomicU64,
 }
 
 impl Shared {
@@ -118,6 +123,7 @@ impl MockServer {
             chunks_sent: AtomicU64::new(0),
             gate: watch::Sender::new(false),
             next_id: AtomicU64::new(1),
+            next_conn: AtomicU64::new(1),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone(), acceptor));
         Ok(MockServer {
@@ -237,14 +243,22 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<Tls
                     // client cannot stall the accept loop.
                     conns.spawn(async move {
                         match tls {
-                            None => serve_connection(&builder, stream, shared).await,
+                            None => {
+                                let reset = Arc::new(AtomicBool::new(false));
+                                let io = ResetOnDrop {
+                                    io: stream,
+                                    reset: reset.clone(),
+                                };
+                                serve_connection(&builder, io, shared, reset).await
+                            }
                             Some(acceptor) => {
                                 let hs = tokio::time::timeout(
                                     TLS_HANDSHAKE_TIMEOUT,
                                     acceptor.accept(stream),
                                 );
                                 if let Ok(Ok(stream)) = hs.await {
-                                    serve_connection(&builder, stream, shared).await;
+                                    let reset = Arc::new(AtomicBool::new(false));
+                                    serve_connection(&builder, stream, shared, reset).await;
                                 }
                             }
                         }
@@ -259,12 +273,74 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<Tls
 }
 
 /// The one place connections are served, so plain and TLS behave the same.
-async fn serve_connection<S>(builder: &http1::Builder, io: S, shared: Arc<Shared>)
-where
+/// `reset` is set by a request that wants its connection aborted with a reset
+/// (`reset_after_body`); only [`ResetOnDrop`] acts on it.
+async fn serve_connection<S>(
+    builder: &http1::Builder,
+    io: S,
+    shared: Arc<Shared>,
+    reset: Arc<AtomicBool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| handle(shared.clone(), req));
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let svc = service_fn(move |req| handle(shared.clone(), req, conn, reset.clone()));
     let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+}
+
+/// A plain TCP connection that, when dropped with its flag set, closes with a
+/// reset (RST) instead of a FIN: `SO_LINGER` 0 is set just before the close.
+struct ResetOnDrop {
+    io: TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if self.reset.load(Ordering::SeqCst) {
+            let _ = self.io.set_zero_linger();
+        }
+    }
+}
+
+impl AsyncRead for ResetOnDrop {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ResetOnDrop {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 /// Returned from the service to make hyper drop the connection without
@@ -309,6 +385,8 @@ fn route(method: &Method, path: &str) -> Route {
 async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
+    conn: u64,
+    reset: Arc<AtomicBool>,
 ) -> Result<Response<MockBody>, ResetConnection> {
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
@@ -337,6 +415,7 @@ async fn handle(
                 })
                 .collect(),
             body: body.clone(),
+            conn,
         };
         shared.requests.lock().unwrap().push(rec);
     }
@@ -377,6 +456,11 @@ async fn handle(
     };
     let delay = b.delay_ms.map(Duration::from_millis);
 
+    if b.reset_after_body {
+        // The body has been read in full and the request recorded above.
+        reset.store(true, Ordering::SeqCst);
+        return Err(ResetConnection);
+    }
     if b.reset {
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
@@ -398,6 +482,7 @@ async fn handle(
         return Ok(error_response(status, &msg));
     }
 
+    let extra_headers = success_headers(&b, &auth);
     let route = route(&parts.method, path);
     let obj = json.as_ref().and_then(Value::as_object);
     if matches!(route, Route::Chat | Route::Completions | Route::Embeddings) && obj.is_none() {
@@ -445,6 +530,7 @@ async fn handle(
             include_usage,
             prompt_tokens,
             cached,
+            omit_done: b.omit_done,
         };
         tokio::spawn(job.run());
         let mut resp = Response::new(MockBody::Chan(rx));
@@ -455,6 +541,7 @@ async fn handle(
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         h.insert("x-request-id", request_id(n));
+        add_success_headers(h, &extra_headers);
         return Ok(resp);
     }
 
@@ -559,7 +646,36 @@ async fn handle(
     .expect("serialising mock response");
     let mut resp = json_response(StatusCode::OK, body);
     resp.headers_mut().insert("x-request-id", request_id(n));
+    add_success_headers(resp.headers_mut(), &extra_headers);
     Ok(resp)
+}
+
+/// The headers `echo_auth_in_header` and `response_headers` add to a 2xx.
+fn success_headers(b: &Behaviour, auth: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if b.echo_auth_in_header {
+        let key = auth.strip_prefix("Bearer ").unwrap_or(auth);
+        let tail = &key[key.len().saturating_sub(8)..];
+        out.push(("x-debug-auth".to_owned(), auth.to_owned()));
+        out.push(("openai-debug-auth".to_owned(), auth.to_owned()));
+        out.push(("openai-debug-key-tail".to_owned(), format!("sk-...{tail}")));
+        out.push(("x-internal-thing".to_owned(), "1".to_owned()));
+    }
+    if let Some(extra) = &b.response_headers {
+        out.extend(extra.iter().map(|(n, v)| (n.clone(), v.clone())));
+    }
+    out
+}
+
+fn add_success_headers(h: &mut http::HeaderMap, extra: &[(String, String)]) {
+    for (name, value) in extra {
+        if let (Ok(n), Ok(v)) = (
+            header::HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            h.append(n, v);
+        }
+    }
 }
 
 fn request_id(n: u64) -> HeaderValue {

@@ -34,6 +34,8 @@ pub(super) struct StreamJob {
     pub(super) include_usage: bool,
     pub(super) prompt_tokens: u64,
     pub(super) cached: u64,
+    /// End the body cleanly without the final `data: [DONE]`.
+    pub(super) omit_done: bool,
 }
 
 impl StreamJob {
@@ -205,6 +207,9 @@ impl StreamJob {
             let u = Usage::new(self.prompt_tokens, sent, self.cached);
             self.send(self.usage_chunk(u)).await?;
             self.served(u);
+        }
+        if self.omit_done {
+            return Ok(());
         }
         self.send(b"data: [DONE]\n\n".to_vec()).await
     }
