@@ -1,9 +1,10 @@
 //! The ledger writer: one thread, one SQLite connection, group commits.
 //!
-//! Rows arrive over a channel from the request path (never blocking it). The writer takes
-//! the first row, gathers more for up to `accounting.flush_interval_ms` or until
-//! `accounting.max_batch` rows, and commits them together with the balance and budget
-//! changes in one `BEGIN IMMEDIATE` transaction. Inserts are `INSERT OR IGNORE` on the
+//! Rows arrive over a channel from the request path (never blocking it, and never waking
+//! the writer: it sleeps through each window instead of waiting on the channel). The
+//! writer takes the first row, lets `accounting.flush_interval_ms` pass, then commits
+//! everything queued, in transactions of at most `accounting.max_batch` rows, together with
+//! the balance and budget changes, each in one `BEGIN IMMEDIATE` transaction. Inserts are `INSERT OR IGNORE` on the
 //! request id, and a row's money moves only when its insert took effect, so writing the
 //! same request twice changes nothing. A failed commit keeps the batch and retries: rows
 //! are never dropped. On SIGTERM the channel is closed and the writer drains it before the
@@ -16,12 +17,13 @@
 //! Top-ups wait for the writer at most [`JOB_TIMEOUT`], and one that timed out never lands.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use rusqlite::{params, Connection, TransactionBehavior};
 use tollgate_filters::billing::{Committed, LedgerRow, LedgerSink, Wallets};
 
@@ -50,8 +52,13 @@ const RUNNING: u8 = 1;
 const CANCELLED: u8 = 2;
 
 pub struct Ledger {
-    tx: Mutex<Option<Sender<Msg>>>,
+    /// The queue's sending side; loaded without a lock on the request path, emptied at
+    /// shutdown.
+    tx: ArcSwapOption<Sender<Msg>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The writer, to wake it early for a job or the shutdown (rows never wake it).
+    writer: std::thread::Thread,
+    nudge: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     /// Rows recorded and not yet committed.
     queued: Arc<AtomicUsize>,
@@ -80,17 +87,21 @@ impl Ledger {
         let conn = store::open_connection(db)?;
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
+        let nudge = Arc::new(AtomicBool::new(false));
         let writer_cfg = WriterConfig {
             window: Duration::from_millis(cfg.flush_interval_ms),
             max_batch: cfg.max_batch,
             metrics: metrics.clone(),
             queued: queued.clone(),
+            nudge: nudge.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("tollgate-ledger".into())
             .spawn(move || writer(conn, rx, writer_cfg, on_commit))?;
         Ok(Ledger {
-            tx: Mutex::new(Some(tx)),
+            tx: ArcSwapOption::from_pointee(tx),
+            writer: thread.thread().clone(),
+            nudge,
             thread: Mutex::new(Some(thread)),
             metrics,
             queued,
@@ -100,8 +111,18 @@ impl Ledger {
     }
 
     fn send(&self, m: Msg) -> bool {
-        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        guard.as_ref().is_some_and(|tx| tx.send(m).is_ok())
+        let wake = matches!(m, Msg::Job(_));
+        let sent = self.tx.load().as_ref().is_some_and(|tx| tx.send(m).is_ok());
+        if wake {
+            self.wake();
+        }
+        sent
+    }
+
+    /// Ends the writer's wait for its window now.
+    fn wake(&self) {
+        self.nudge.store(true, Ordering::SeqCst);
+        self.writer.unpark();
     }
 
     /// Runs `job` on the writer thread after the rows queued before it; waits for its answer.
@@ -195,7 +216,8 @@ impl Ledger {
 
     /// Closes the channel and waits for the writer to commit everything queued.
     pub fn shutdown(&self) {
-        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        self.tx.store(None);
+        self.wake();
         if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = t.join();
         }
@@ -233,6 +255,7 @@ struct WriterConfig {
     max_batch: usize,
     metrics: Arc<Metrics>,
     queued: Arc<AtomicUsize>,
+    nudge: Arc<AtomicBool>,
 }
 
 fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit: OnCommit) {
@@ -241,6 +264,7 @@ fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit:
         max_batch,
         metrics,
         queued,
+        nudge,
     } = cfg;
     let mut batch: Vec<LedgerRow> = Vec::with_capacity(max_batch);
     let mut waiters: Vec<Job> = Vec::new();
@@ -250,27 +274,41 @@ fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit:
             Ok(m) => take(m, &mut batch, &mut waiters),
             Err(_) => break,
         }
-        let deadline = Instant::now() + window;
-        while batch.len() < max_batch && waiters.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(m) => take(m, &mut batch, &mut waiters),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    open = false;
+        // Sleep through the window rather than wait on the channel: a sender never wakes a
+        // thread that is not parked on it, so under load the request path pays no wake-up
+        // per row, and the writer wakes once per window. A job (a top-up) or the shutdown
+        // ends the wait early.
+        if waiters.is_empty() {
+            let deadline = Instant::now() + window;
+            while !nudge.swap(false, Ordering::SeqCst) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
                     break;
                 }
+                std::thread::park_timeout(left);
             }
         }
-        // A job commits what is queued right now, not just what was gathered.
-        if !waiters.is_empty() {
-            while let Ok(m) = rx.try_recv() {
-                take(m, &mut batch, &mut waiters);
+        // Everything queued by now, in transactions of at most `max_batch` rows; a job
+        // commits what was queued before it, then runs.
+        loop {
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(m) => take(m, &mut batch, &mut waiters),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
             }
-        }
-        commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics, &queued);
-        for job in waiters.drain(..) {
-            job(&mut conn, &on_commit);
+            let full = batch.len() >= max_batch;
+            commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics, &queued);
+            for job in waiters.drain(..) {
+                job(&mut conn, &on_commit);
+            }
+            if !full || !open {
+                break;
+            }
         }
     }
     // Closed: commit whatever is left.
