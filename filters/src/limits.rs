@@ -63,6 +63,9 @@ struct Gcra {
 
 const WINDOW: Duration = Duration::from_secs(60);
 
+/// Lock shards for the per-key state.
+const SHARDS: usize = 64;
+
 impl Gcra {
     fn interval(per_minute: u32) -> Duration {
         WINDOW / per_minute.max(1)
@@ -121,7 +124,8 @@ pub struct LimitHold {
 /// The `limits` filter.
 pub struct Limits {
     cfg: LimitsConfig,
-    keys: Mutex<HashMap<i64, KeyState>>,
+    /// Per-key state, sharded by key id so that keys rarely share a lock.
+    shards: Box<[Mutex<HashMap<i64, KeyState>>]>,
     epoch: Instant,
 }
 
@@ -145,7 +149,7 @@ impl Limits {
     pub fn new(cfg: LimitsConfig) -> Self {
         Limits {
             cfg,
-            keys: Mutex::new(HashMap::new()),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             epoch: Instant::now(),
         }
     }
@@ -165,8 +169,12 @@ impl Limits {
         .or(self.cfg.default)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, KeyState>> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    /// The shard holding `key_id`'s state.
+    fn lock(&self, key_id: i64) -> std::sync::MutexGuard<'_, HashMap<i64, KeyState>> {
+        let shard = (key_id as u64 % SHARDS as u64) as usize;
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn refused(what: &'static str, wait: Duration) -> GatewayError {
@@ -227,7 +235,7 @@ impl Filter for Limits {
         };
         let limits = self.effective(key);
         let now = self.now();
-        let mut map = self.lock();
+        let mut map = self.lock(key.id);
         let st = map.entry(key.id).or_default();
         if let Some(max) = limits.concurrency {
             if st.in_flight >= max {
@@ -259,7 +267,7 @@ impl Filter for Limits {
         };
         let limits = hold.limits;
         let now = self.now();
-        let mut map = self.lock();
+        let mut map = self.lock(hold.key_id);
         let st = map.entry(hold.key_id).or_default();
         if let Some(tpm) = limits.tpm {
             // Embeddings and other non-generating routes count no output.
@@ -287,7 +295,7 @@ impl Filter for Limits {
 
     fn on_abandon(&self, ctx: &mut Ctx) {
         if let Some(hold) = ctx.limit_hold.take().filter(|h| h.concurrency) {
-            if let Some(st) = self.lock().get_mut(&hold.key_id) {
+            if let Some(st) = self.lock(hold.key_id).get_mut(&hold.key_id) {
                 st.in_flight = st.in_flight.saturating_sub(1);
             }
         }
@@ -299,7 +307,7 @@ impl Filter for Limits {
             return;
         };
         let now = self.now();
-        let mut map = self.lock();
+        let mut map = self.lock(hold.key_id);
         let Some(st) = map.get_mut(&hold.key_id) else {
             return;
         };
