@@ -116,7 +116,9 @@ enum Mode {
         pending: BytesMut,
     },
     Json {
-        tail: BytesMut,
+        /// The last chunks, held by reference (no copy) until they exceed `JSON_TAIL`.
+        tail: std::collections::VecDeque<Bytes>,
+        tail_len: usize,
     },
 }
 
@@ -145,7 +147,8 @@ impl UsageScanner {
     pub fn json() -> Self {
         UsageScanner {
             mode: Mode::Json {
-                tail: BytesMut::new(),
+                tail: std::collections::VecDeque::new(),
+                tail_len: 0,
             },
             report: UsageReport::default(),
             saw_done: false,
@@ -155,13 +158,13 @@ impl UsageScanner {
     /// Takes one network chunk; returns what to send to the client now (maybe empty).
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
         match &mut self.mode {
-            Mode::Json { tail } => {
+            Mode::Json { tail, tail_len } => {
                 // Without usage, the whole body is the best measure of what was generated.
                 self.report.text_bytes += chunk.len() as u64;
-                tail.extend_from_slice(&chunk);
-                if tail.len() > 2 * JSON_TAIL {
-                    let cut = tail.len() - JSON_TAIL;
-                    let _ = tail.split_to(cut);
+                *tail_len += chunk.len();
+                tail.push_back(chunk.clone());
+                while tail.len() > 1 && *tail_len - tail[0].len() >= JSON_TAIL {
+                    *tail_len -= tail.pop_front().map_or(0, |b| b.len());
                 }
                 chunk
             }
@@ -202,8 +205,17 @@ impl UsageScanner {
     /// The body ended: returns any bytes still held back, and settles JSON usage.
     pub fn finish(&mut self) -> Bytes {
         match &mut self.mode {
-            Mode::Json { tail } => {
-                self.report.usage = last_usage_object(tail).or(self.report.usage);
+            Mode::Json { tail, .. } => {
+                let found = match tail.len() {
+                    0 => None,
+                    // The common case, one chunk: parsed where it lies.
+                    1 => last_usage_object(&tail[0]),
+                    _ => last_usage_object(&tail.iter().fold(BytesMut::new(), |mut all, b| {
+                        all.extend_from_slice(b);
+                        all
+                    })),
+                };
+                self.report.usage = found.or(self.report.usage);
                 Bytes::new()
             }
             Mode::Sse {
