@@ -173,6 +173,40 @@ impl UsageScanner {
                 pending,
             } => {
                 let strip = *strip_usage_event;
+                if pending.is_empty() {
+                    // The common case: the chunk starts on an event boundary. Its complete
+                    // events are scanned where they lie; only a trailing partial event is
+                    // copied, and an unchanged chunk goes on as it came.
+                    let mut from = 0;
+                    let mut dropped: Vec<std::ops::Range<usize>> = Vec::new();
+                    while let Some(end) = event_end(&chunk[from..]) {
+                        let event = &chunk[from..from + end];
+                        if !self_scan(event, &mut self.report, &mut self.saw_done, strip) {
+                            dropped.push(from..from + end);
+                        }
+                        from += end;
+                    }
+                    if chunk.len() - from > MAX_EVENT {
+                        // Not SSE as we know it: stop buffering, pass everything on.
+                        from = chunk.len();
+                    } else {
+                        pending.extend_from_slice(&chunk[from..]);
+                    }
+                    if !strip {
+                        return chunk;
+                    }
+                    if dropped.is_empty() {
+                        return chunk.slice(..from);
+                    }
+                    let mut out = BytesMut::with_capacity(from);
+                    let mut at = 0;
+                    for r in dropped {
+                        out.extend_from_slice(&chunk[at..r.start]);
+                        at = r.end;
+                    }
+                    out.extend_from_slice(&chunk[at..from]);
+                    return out.freeze();
+                }
                 pending.extend_from_slice(&chunk);
                 let mut out = if strip {
                     BytesMut::with_capacity(chunk.len())
@@ -429,18 +463,31 @@ mod tests {
     #[test]
     fn injected_usage_event_is_removed_but_recorded() {
         let whole = format!("{ROLE}{C1}{USAGE}{DONE}");
-        for split in [
-            1,
-            30,
-            ROLE.len(),
-            ROLE.len() + C1.len() + 10,
-            whole.len() - 3,
-        ] {
+        for split in 1..whole.len() {
             let (a, b) = whole.as_bytes().split_at(split);
             let mut s = UsageScanner::sse(true);
             let out = String::from_utf8(run(&mut s, &[a, b])).unwrap();
             assert_eq!(out, format!("{ROLE}{C1}{DONE}"));
             assert_eq!(s.report.usage.unwrap().completion_tokens, 2);
+        }
+    }
+
+    #[test]
+    fn three_way_splits_give_the_same_bytes_and_usage_as_one_chunk() {
+        let whole = format!("{ROLE}{C1}{C1}{USAGE}{DONE}");
+        let b = whole.as_bytes();
+        for strip in [false, true] {
+            let mut one = UsageScanner::sse(strip);
+            let expect = run(&mut one, &[b]);
+            for i in (1..b.len()).step_by(7) {
+                for j in (i..b.len()).step_by(11) {
+                    let mut s = UsageScanner::sse(strip);
+                    assert_eq!(run(&mut s, &[&b[..i], &b[i..j], &b[j..]]), expect);
+                    assert_eq!(s.report.usage, one.report.usage);
+                    assert_eq!(s.report.text_bytes, one.report.text_bytes);
+                    assert!(s.saw_done);
+                }
+            }
         }
     }
 

@@ -75,6 +75,9 @@ impl Relay {
     ) -> Result<(), GatewayError> {
         let mut last = GatewayError::NoChannelAvailable;
         let plan = std::mem::take(&mut ctx.plan);
+        // The body as last rewritten, keyed by what the rewrite depends on: attempts that
+        // send the same model with the same injection reuse it instead of rewriting.
+        let mut rewritten: Option<((Option<&str>, bool), Bytes)> = None;
         let n = plan.len();
         for (i, planned) in plan.iter().enumerate() {
             let ch = &out.channels[planned.channel];
@@ -88,9 +91,15 @@ impl Relay {
                 continue;
             }
             let inject = ctx.inject_stream_usage && ch.inject_stream_usage;
-            let body = match out.body {
-                Some(b) => b.rewrite(planned.upstream_model.as_deref(), inject)?,
-                None => Bytes::new(),
+            let key = (planned.upstream_model.as_deref(), inject);
+            let body = match (out.body, &rewritten) {
+                (None, _) => Bytes::new(),
+                (Some(_), Some((k, b))) if *k == key => b.clone(),
+                (Some(b), _) => {
+                    let body = b.rewrite(key.0, key.1)?;
+                    rewritten = Some((key, body.clone()));
+                    body
+                }
             };
             let req = headers::upstream_request(session.req_header(), ch, out.path, body.len())?;
             let started = Instant::now();
