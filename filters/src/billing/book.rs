@@ -206,6 +206,10 @@ impl Wallets {
         key: Option<(i64, i64)>,
         amount: i64,
     ) -> Result<Reservation, GatewayError> {
+        // The common case, both purses known and the money there: one lock, no store.
+        if let Some(r) = self.try_reserve(account_id, key, amount) {
+            return Ok(r);
+        }
         let key_id = key.map(|(k, _)| k);
         let read_account = self.load(Holder::Account(account_id), false).await?;
         let read_key = match key_id {
