@@ -539,6 +539,17 @@ async fn run_phase(
     (total, back, start.elapsed())
 }
 
+/// This process's user+system CPU seconds (Linux; `None` elsewhere), to tell whether the
+/// generator itself was the bottleneck.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5) (utime, stime), in clock ticks (100 Hz on Linux).
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 fn pct(h: &Histogram<u64>) -> Value {
     if h.is_empty() {
         return Value::Null;
@@ -575,8 +586,10 @@ fn line(h: &Histogram<u64>) -> String {
     )
 }
 
-fn report(args: &Args, s: &Stats, elapsed: Duration) -> bool {
+fn report(args: &Args, s: &Stats, elapsed: Duration, cpu: Option<f64>) -> bool {
     let secs = elapsed.as_secs_f64().max(1e-9);
+    // Share of one core the generator used while measuring.
+    let cpu_pct = cpu.map(|c| (c / secs * 1000.0).round() / 10.0);
     let valid = s.failures() == 0 && s.ok > 0;
     let errors: BTreeMap<String, u64> = s
         .status
@@ -606,6 +619,7 @@ fn report(args: &Args, s: &Stats, elapsed: Duration) -> bool {
             "late_sends": s.send_lag.len(),
             "ttfb_us": pct(&s.ttfb),
             "chunk_gap_us": pct(&s.gap),
+            "loadgen_cpu_pct": cpu_pct,
             "events_per_request": if s.ok > 0 { s.events as f64 / s.total() as f64 } else { 0.0 },
         });
         println!("{out}");
@@ -647,6 +661,9 @@ fn report(args: &Args, s: &Stats, elapsed: Duration) -> bool {
         if args.stream {
             println!("  time to first byte: {}", line(&s.ttfb));
             println!("  chunk gap: {}", line(&s.gap));
+        }
+        if let Some(c) = cpu_pct {
+            println!("  loadgen CPU: {c}% of one core");
         }
         println!("  {}", if valid { "VALID" } else { "INVALID RUN" });
     }
@@ -693,6 +710,7 @@ fn main() -> ExitCode {
                 .await
                 .1
         };
+        let cpu0 = cpu_seconds();
         let (stats, _, elapsed) = run_phase(
             &plan,
             conns,
@@ -702,7 +720,8 @@ fn main() -> ExitCode {
             true,
         )
         .await;
-        if report(&args, &stats, elapsed) {
+        let cpu = cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
+        if report(&args, &stats, elapsed, cpu) {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(2)
