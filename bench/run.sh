@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# tollgate benchmark scenarios, all in one run, on loopback only: the same load against
+#   direct      the mock upstream (tollgate-mock),
+#   passthrough a bare Pingora proxy in front of it (tollgate-passthrough: the floor),
+#   tollgate    the gateway in front of it (auth, limits, billing, relay),
+# with tollgate's server.threads and the pass-through's --threads equal. Scenarios:
+#   (a) non-streaming, open loop at fixed rates: p50/p99/p99.9 and what tollgate adds over
+#       the pass-through (latency from each request's intended send time);
+#   (b) saturation, closed loop, at 1 and 2 proxy threads: req/s and the ratio to the pass-through;
+#   (c) streaming, 50 chunks: time to first byte and the per-chunk gap, and what tollgate adds.
+# Every answer must be a 2xx: a run with any non-2xx, transport error, timeout, truncated
+# stream or (open loop) slot it could not send in time is marked INVALID, and the script
+# then exits 1 after printing every table.
+#
+#   bench/run.sh                         build release binaries, run everything (~1.5 min)
+#   DURATION=30s bench/run.sh            longer runs
+#   SCENARIOS="a c" bench/run.sh         a subset
+#   Knobs (defaults): DURATION=5s WARMUP=1s RATES="1000 5000" CONNS=64 THREADS=2
+#     SAT_THREADS="1 2" SAT_CONNS=64 STREAM_RATE=50 STREAM_CONNS=64 CHUNKS=50 CHUNK_DELAY_MS=10
+#     LOADGEN_THREADS=1 SKIP_BUILD= CARGO_TARGET_DIR=target BIN=$CARGO_TARGET_DIR/release
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-5s}
+WARMUP=${WARMUP:-1s}
+RATES=${RATES:-1000 5000}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+SAT_THREADS=${SAT_THREADS:-1 2}
+SAT_CONNS=${SAT_CONNS:-64}
+STREAM_RATE=${STREAM_RATE:-50}
+STREAM_CONNS=${STREAM_CONNS:-64}
+CHUNKS=${CHUNKS:-50}
+CHUNK_DELAY_MS=${CHUNK_DELAY_MS:-10}
+LOADGEN_THREADS=${LOADGEN_THREADS:-1}
+SCENARIOS=${SCENARIOS:-a b c}
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+BIN=${BIN:-$TARGET_DIR/release}
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+  # One build of both packages, so Pingora is compiled once with one feature set.
+  cargo build --release -p tollgate -p tollgate-bench --bins
+fi
+for b in tollgate tollgate-mock tollgate-passthrough tollgate-loadgen; do
+  [ -x "$BIN/$b" ] || { echo "missing $BIN/$b (build first or unset SKIP_BUILD)"; exit 1; }
+done
+
+work=$(mktemp -d)
+MOCK_PID=; PT_PID=; TG_PID=
+stop() { # pid...: SIGINT is Pingora's fast shutdown (and the mock's ctrl-c); KILL after 5 s
+  local p
+  for p in "$@"; do [ -n "$p" ] && kill -INT "$p" 2>/dev/null || true; done
+  for p in "$@"; do
+    [ -n "$p" ] || continue
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+}
+cleanup() { stop "$TG_PID" "$PT_PID" "$MOCK_PID"; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { # url
+  for _ in $(seq 100); do
+    curl -s -o /dev/null "$1" && return 0
+    sleep 0.1
+  done
+  echo "no answer from $1"; exit 1
+}
+MOCK_PORT=$(free_port)
+"$BIN/tollgate-mock" --listen "127.0.0.1:$MOCK_PORT" >"$work/mock.log" 2>&1 & MOCK_PID=$!
+wait_http "http://127.0.0.1:$MOCK_PORT/v1/models"
+
+start_proxies() { # threads
+  local t=$1
+  stop "$TG_PID" "$PT_PID"
+  PT_PORT=$(free_port); GW_PORT=$(free_port); ADMIN_PORT=$(free_port)
+  "$BIN/tollgate-passthrough" --listen "127.0.0.1:$PT_PORT" --upstream "127.0.0.1:$MOCK_PORT" \
+    --threads "$t" >"$work/pt.log" 2>&1 & PT_PID=$!
+  rm -f "$work"/tollgate.db*
+  cat >"$work/tollgate.yaml" <<EOF
+server:
+  listen: "127.0.0.1:$GW_PORT"
+  admin_listen: "127.0.0.1:$ADMIN_PORT"
+  threads: $t
+  upstream_keepalive_pool_size: 128
+  log_level: warn
+database: { path: "$work/tollgate.db" }
+channels:
+  - { name: mock, base_url: "http://127.0.0.1:$MOCK_PORT", api_key: "sk-bench", models: [gpt-4o-mini], max_concurrency: 4096 }
+pricing:
+  models: { gpt-4o-mini: { input: 0.15, output: 0.60 } }
+limits:
+  default: { rpm: 100000000, tpm: 2000000000, concurrency: 4096 }
+  ip: { rps: 100000000 }
+EOF
+  "$BIN/tollgate" --config "$work/tollgate.yaml" accounts create bench --balance-usd 1000000 >/dev/null
+  KEY=$("$BIN/tollgate" --config "$work/tollgate.yaml" keys create --account bench | tail -n1)
+  "$BIN/tollgate" serve --config "$work/tollgate.yaml" >"$work/gw.log" 2>&1 & TG_PID=$!
+  wait_http "http://127.0.0.1:$ADMIN_PORT/readyz"
+  wait_http "http://127.0.0.1:$PT_PORT/v1/models"
+  curl -fsS -o /dev/null -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
+    -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' \
+    "http://127.0.0.1:$GW_PORT/v1/chat/completions" || { echo "tollgate smoke request failed"; cat "$work/gw.log"; exit 1; }
+}
+
+url_of() { # direct|passthrough|tollgate
+  case $1 in
+    direct) echo "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" ;;
+    passthrough) echo "http://127.0.0.1:$PT_PORT/v1/chat/completions" ;;
+    tollgate) echo "http://127.0.0.1:$GW_PORT/v1/chat/completions" ;;
+  esac
+}
+
+RESULTS=$work/results.jsonl
+: >"$RESULTS"
+CPU=$work/cpu.jsonl
+: >"$CPU"
+ticks() { awk '{print $14+$15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+load() { # label target loadgen-args...
+  local label=$1 target=$2 proxy=; shift 2
+  case $target in passthrough) proxy=$PT_PID ;; tollgate) proxy=$TG_PID ;; esac
+  echo "  $label ..." >&2
+  local m0 p0 t0 m1 p1 t1
+  m0=$(ticks "$MOCK_PID"); p0=$([ -n "$proxy" ] && ticks "$proxy" || echo 0); t0=$(date +%s.%N)
+  # Exit status 2 is an invalid run: it is kept (valid=false) and reported in the table.
+  TOLLGATE_KEY=$KEY "$BIN/tollgate-loadgen" "$(url_of "$target")" --json --label "$label" \
+    --threads "$LOADGEN_THREADS" --duration "$DURATION" --warmup "$WARMUP" "$@" >>"$RESULTS" || [ $? -eq 2 ]
+  m1=$(ticks "$MOCK_PID"); p1=$([ -n "$proxy" ] && ticks "$proxy" || echo 0); t1=$(date +%s.%N)
+  # CPU share of one core (warm-up included) of the mock and of the proxy under test.
+  awk -v l="$label" -v m="$((m1 - m0))" -v p="$((p1 - p0))" -v t0="$t0" -v t1="$t1" \
+    'BEGIN { printf "{\"label\":\"%s\",\"mock_cpu_pct\":%.0f,\"proxy_cpu_pct\":%.0f}\n", l, m/(t1-t0), p/(t1-t0) }' >>"$CPU"
+}
+
+table() { # scenario-letter
+  python3 - "$RESULTS" "$1" "$CPU" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+cpu = {c["label"]: c for c in (json.loads(l) for l in open(sys.argv[3]) if l.strip())}
+for r in rows:
+    r.update(cpu.get(r["label"], {}))
+sc = sys.argv[2]
+rows = [r for r in rows if r["label"].split(":")[0] == sc]
+def key(r):  # scenario:group:target
+    _, group, target = r["label"].split(":")
+    return group, target
+by = {key(r): r for r in rows}
+def q(r, h, p):
+    v = (r.get(h) or {}).get(p)
+    return v
+def us(v): return "-" if v is None else (f"{v/1000:.2f} ms" if v >= 10000 else f"{v} us")
+def delta(a, b):
+    return "-" if a is None or b is None else f"{a-b:+d} us"
+def cpus(r):
+    f = lambda v: "-" if v is None else f"{v:.0f}"
+    return f"{f(r.get('loadgen_cpu_pct'))} / {f(r.get('mock_cpu_pct'))} / {f(r.get('proxy_cpu_pct')) if key(r)[1] != 'direct' else '-'}"
+def valid(r):
+    if r["valid"]: return "ok"
+    return "INVALID " + ",".join(f"{k}={v}" for k, v in r["errors"].items())
+groups = []
+for r in rows:
+    g = key(r)[0]
+    if g not in groups: groups.append(g)
+out = []
+if sc == "a":
+    out.append("| rate (req/s) | target | achieved req/s | p50 | p99 | p99.9 | max | tollgate adds p50 | adds p99 | adds p99.9 | run |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for g in groups:
+        pt = by.get((g, "passthrough"))
+        for t in ("direct", "passthrough", "tollgate"):
+            r = by.get((g, t))
+            if not r: continue
+            adds = ["", "", ""]
+            if t == "tollgate" and pt:
+                adds = [delta(q(r, "latency_us", p), q(pt, "latency_us", p)) for p in ("p50", "p99", "p99_9")]
+            out.append(f"| {g} | {t} | {r['rps']:.0f} | " + " | ".join(us(q(r, "latency_us", p)) for p in ("p50", "p99", "p99_9", "max"))
+                       + f" | {' | '.join(adds)} | {valid(r)} |")
+elif sc == "b":
+    out.append("| proxy threads | target | req/s | p50 | p99 | vs pass-through | CPU% loadgen / mock / proxy | run |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for g in groups:
+        pt = by.get((g, "passthrough"))
+        for t in ("direct", "passthrough", "tollgate"):
+            r = by.get((g, t))
+            if not r: continue
+            ratio = f"{r['rps']/pt['rps']:.2f}x" if pt and pt["rps"] else "-"
+            out.append(f"| {g} | {t} | {r['rps']:.0f} | {us(q(r, 'latency_us', 'p50'))} | {us(q(r, 'latency_us', 'p99'))} | {ratio} | {cpus(r)} | {valid(r)} |")
+elif sc == "c":
+    out.append("| streams/s | target | ok streams | TTFB p50 | TTFB p99 | gap p50 | gap p99 | tollgate adds TTFB p50 | adds TTFB p99 | adds gap p50 | adds gap p99 | run |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for g in groups:
+        pt = by.get((g, "passthrough"))
+        for t in ("direct", "passthrough", "tollgate"):
+            r = by.get((g, t))
+            if not r: continue
+            adds = ["", "", "", ""]
+            if t == "tollgate" and pt:
+                adds = [delta(q(r, h, p), q(pt, h, p)) for h, p in
+                        (("ttfb_us", "p50"), ("ttfb_us", "p99"), ("chunk_gap_us", "p50"), ("chunk_gap_us", "p99"))]
+            out.append(f"| {g} | {t} | {r['ok']} | {us(q(r, 'ttfb_us', 'p50'))} | {us(q(r, 'ttfb_us', 'p99'))} | "
+                       f"{us(q(r, 'chunk_gap_us', 'p50'))} | {us(q(r, 'chunk_gap_us', 'p99'))} | {' | '.join(adds)} | {valid(r)} |")
+print("\n".join(out))
+PY
+}
+
+echo "# tollgate benchmark  $(date -u '+%Y-%m-%d %H:%M UTC')  nproc=$(nproc)  DURATION=$DURATION"
+if [[ " $SCENARIOS " == *" a "* || " $SCENARIOS " == *" c "* ]]; then
+  start_proxies "$THREADS"
+fi
+if [[ " $SCENARIOS " == *" a "* ]]; then
+  echo; echo "## (a) non-streaming, open loop, $CONNS connections, proxy threads $THREADS (latency from intended send)"
+  for rate in $RATES; do
+    for t in direct passthrough tollgate; do
+      load "a:$rate:$t" "$t" --rate "$rate" --connections "$CONNS"
+    done
+  done
+  table a
+fi
+if [[ " $SCENARIOS " == *" c "* ]]; then
+  echo; echo "## (c) streaming, $CHUNKS chunks ${CHUNK_DELAY_MS} ms apart, open loop at $STREAM_RATE streams/s, proxy threads $THREADS"
+  for t in direct passthrough tollgate; do
+    load "c:$STREAM_RATE:$t" "$t" --rate "$STREAM_RATE" --connections "$STREAM_CONNS" \
+      --stream --chunks "$CHUNKS" --chunk-delay-ms "$CHUNK_DELAY_MS"
+  done
+  table c
+fi
+if [[ " $SCENARIOS " == *" b "* ]]; then
+  echo; echo "## (b) saturation, closed loop, $SAT_CONNS connections, loadgen threads $LOADGEN_THREADS"
+  for th in $SAT_THREADS; do
+    start_proxies "$th"
+    for t in direct passthrough tollgate; do
+      load "b:$th:$t" "$t" --connections "$SAT_CONNS"
+    done
+  done
+  table b
+fi
+if grep -q '"valid":false' "$RESULTS"; then
+  echo; echo "INVALID: at least one run had a non-2xx answer or an error (see the run column)"; exit 1
+fi
