@@ -256,7 +256,7 @@ impl Gateway {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_millis(limits.body_timeout_ms), read_all)
+        pingora_timeout::timeout(Duration::from_millis(limits.body_timeout_ms), read_all)
             .await
             .unwrap_or(Err(GatewayError::RequestTimeout))
     }
@@ -374,7 +374,7 @@ impl HttpServerApp for Gateway {
         let mut stop = shutdown.clone();
         let read = tokio::select! {
             biased;
-            r = tokio::time::timeout(head_timeout, session.read_request()) => r,
+            r = pingora_timeout::timeout(head_timeout, session.read_request()) => r,
             _ = stop.wait_for(|v| *v) => return None,
         };
         match read {
