@@ -430,7 +430,10 @@ pub const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
 fn check_framing(req: &pingora::http::RequestHeader) -> Result<(), GatewayError> {
     let mut te = req.headers.get_all(header::TRANSFER_ENCODING).iter();
     if let Some(first) = te.next() {
-        let chunked = first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
+        let chunked = first
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked");
         if !chunked || te.next().is_some() {
             return Err(GatewayError::invalid(
                 "Only `Transfer-Encoding: chunked` is accepted.",

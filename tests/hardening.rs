@@ -551,10 +551,17 @@ async fn two_thousand_idle_connections_do_not_stop_a_normal_request_and_are_clos
                 TcpStream::connect(("127.0.0.1", gw.port)),
             )
         });
-        for (i, c) in futures_util::future::join_all(batch).await.into_iter().enumerate() {
+        for (i, c) in futures_util::future::join_all(batch)
+            .await
+            .into_iter()
+            .enumerate()
+        {
             match c {
                 Ok(Ok(s)) => idle.push(s),
-                other => panic!("idle connection {} did not connect: {other:?}", chunk * 200 + i),
+                other => panic!(
+                    "idle connection {} did not connect: {other:?}",
+                    chunk * 200 + i
+                ),
             }
         }
     }

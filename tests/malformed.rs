@@ -157,8 +157,14 @@ fn openai_error(r: &Resp) -> Result<(), String> {
     if !err["message"].is_string() || !err["type"].is_string() {
         return Err(format!("{} error fields of the wrong type: {v}", r.status));
     }
-    if !r.header("x-request-id").is_some_and(|id| id.starts_with("req_")) {
-        return Err(format!("{} without x-request-id: {:?}", r.status, r.headers));
+    if !r
+        .header("x-request-id")
+        .is_some_and(|id| id.starts_with("req_"))
+    {
+        return Err(format!(
+            "{} without x-request-id: {:?}",
+            r.status, r.headers
+        ));
     }
     Ok(())
 }
@@ -294,9 +300,10 @@ fn http_cases(key: &str) -> Vec<Case> {
     let b = body.as_bytes();
     let n = b.len();
     let chunked = format!("{n:x}\r\n{body}\r\n0\r\n\r\n");
-    let smuggled =
-        format!("GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\r\n")
-            .into_bytes();
+    let smuggled = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\r\n"
+    )
+    .into_bytes();
     let mut v: Vec<(&str, Vec<u8>, Expect)> = vec![
         // Framing.
         // Chunked framing wins (RFC 9112 §6.3) and the connection then closes: the request
@@ -616,7 +623,8 @@ fn http_cases(key: &str) -> Vec<Case> {
 
 fn json_cases(key: &str) -> Vec<Case> {
     let chat = |extra: &str| -> Vec<u8> {
-        let body = format!(r#"{{"model":"m1","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#);
+        let body =
+            format!(r#"{{"model":"m1","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#);
         post_chat(key, body.as_bytes())
     };
     let deep_arrays = format!(
@@ -655,48 +663,161 @@ fn json_cases(key: &str) -> Vec<Case> {
     };
     let mut v: Vec<(&str, Vec<u8>, Expect)> = vec![
         // Structure and size.
-        ("100k-deep nested arrays", post_chat(key, deep_arrays.as_bytes()), Expect::Status(400)),
-        ("100k-deep nested objects", post_chat(key, deep_objects.as_bytes()), Expect::Status(400)),
-        ("a 10 MB string", post_chat(key, ten_mb.as_bytes()), Expect::Status(413)),
         (
-            "a 10 MB string, chunked",
-            raw_post(key, "Transfer-Encoding: chunked\r\nConnection: close\r\n", format!("{:x}\r\n{ten_mb}\r\n0\r\n\r\n", ten_mb.len()).as_bytes()),
+            "100k-deep nested arrays",
+            post_chat(key, deep_arrays.as_bytes()),
+            Expect::Status(400),
+        ),
+        (
+            "100k-deep nested objects",
+            post_chat(key, deep_objects.as_bytes()),
+            Expect::Status(400),
+        ),
+        (
+            "a 10 MB string",
+            post_chat(key, ten_mb.as_bytes()),
             Expect::Status(413),
         ),
-        ("duplicate model keys", post_chat(key, br#"{"model":"m1","model":"m2","messages":[]}"#), Expect::Status(400)),
-        ("duplicate stream keys", chat(r#","stream":false,"stream":true"#), Expect::Status(400)),
-        ("duplicate keys spelled with an escape", post_chat(key, br#"{"model":"m1","mod\u0065l":"m2","messages":[]}"#), Expect::Status(400)),
-        ("duplicate max_tokens", chat(r#","max_tokens":1,"max_tokens":1000000000"#), Expect::Status(400)),
+        (
+            "a 10 MB string, chunked",
+            raw_post(
+                key,
+                "Transfer-Encoding: chunked\r\nConnection: close\r\n",
+                format!("{:x}\r\n{ten_mb}\r\n0\r\n\r\n", ten_mb.len()).as_bytes(),
+            ),
+            Expect::Status(413),
+        ),
+        (
+            "duplicate model keys",
+            post_chat(key, br#"{"model":"m1","model":"m2","messages":[]}"#),
+            Expect::Status(400),
+        ),
+        (
+            "duplicate stream keys",
+            chat(r#","stream":false,"stream":true"#),
+            Expect::Status(400),
+        ),
+        (
+            "duplicate keys spelled with an escape",
+            post_chat(key, br#"{"model":"m1","mod\u0065l":"m2","messages":[]}"#),
+            Expect::Status(400),
+        ),
+        (
+            "duplicate max_tokens",
+            chat(r#","max_tokens":1,"max_tokens":1000000000"#),
+            Expect::Status(400),
+        ),
         ("an empty body", post_chat(key, b""), Expect::Status(400)),
-        ("whitespace only", post_chat(key, b"  \r\n\t "), Expect::Status(400)),
+        (
+            "whitespace only",
+            post_chat(key, b"  \r\n\t "),
+            Expect::Status(400),
+        ),
         ("null", post_chat(key, b"null"), Expect::Status(400)),
-        ("a JSON array", post_chat(key, br#"[{"model":"m1"}]"#), Expect::Status(400)),
-        ("a JSON string", post_chat(key, br#""m1""#), Expect::Status(400)),
-        ("an empty object", post_chat(key, b"{}"), Expect::Status(400)),
-        ("truncated JSON", post_chat(key, br#"{"model":"m1","messages":[{"role":"#), Expect::Status(400)),
-        ("trailing garbage", post_chat(key, format!("{} x", chat_body()).as_bytes()), Expect::Status(400)),
-        ("two objects back to back", post_chat(key, format!("{0}{0}", chat_body()).as_bytes()), Expect::Status(400)),
-        ("a trailing comma", post_chat(key, br#"{"model":"m1","messages":[],}"#), Expect::Status(400)),
-        ("single quotes", post_chat(key, br#"{'model':'m1','messages':[]}"#), Expect::Status(400)),
-        ("comments", post_chat(key, br#"{"model":"m1", /* c */ "messages":[]}"#), Expect::Status(400)),
+        (
+            "a JSON array",
+            post_chat(key, br#"[{"model":"m1"}]"#),
+            Expect::Status(400),
+        ),
+        (
+            "a JSON string",
+            post_chat(key, br#""m1""#),
+            Expect::Status(400),
+        ),
+        (
+            "an empty object",
+            post_chat(key, b"{}"),
+            Expect::Status(400),
+        ),
+        (
+            "truncated JSON",
+            post_chat(key, br#"{"model":"m1","messages":[{"role":"#),
+            Expect::Status(400),
+        ),
+        (
+            "trailing garbage",
+            post_chat(key, format!("{} x", chat_body()).as_bytes()),
+            Expect::Status(400),
+        ),
+        (
+            "two objects back to back",
+            post_chat(key, format!("{0}{0}", chat_body()).as_bytes()),
+            Expect::Status(400),
+        ),
+        (
+            "a trailing comma",
+            post_chat(key, br#"{"model":"m1","messages":[],}"#),
+            Expect::Status(400),
+        ),
+        (
+            "single quotes",
+            post_chat(key, br#"{'model':'m1','messages':[]}"#),
+            Expect::Status(400),
+        ),
+        (
+            "comments",
+            post_chat(key, br#"{"model":"m1", /* c */ "messages":[]}"#),
+            Expect::Status(400),
+        ),
         ("NaN", chat(r#","temperature":NaN"#), Expect::Status(400)),
-        ("Infinity", chat(r#","temperature":Infinity"#), Expect::Status(400)),
-        ("a raw control character in a string", post_chat(key, b"{\"model\":\"m1\",\"messages\":[{\"role\":\"user\",\"content\":\"a\x01b\"}]}"), Expect::Status(400)),
+        (
+            "Infinity",
+            chat(r#","temperature":Infinity"#),
+            Expect::Status(400),
+        ),
+        (
+            "a raw control character in a string",
+            post_chat(
+                key,
+                b"{\"model\":\"m1\",\"messages\":[{\"role\":\"user\",\"content\":\"a\x01b\"}]}",
+            ),
+            Expect::Status(400),
+        ),
         // Encodings and content types.
-        ("invalid UTF-8 in a message", post_chat(key, &non_utf8), Expect::Status(400)),
-        ("overlong UTF-8 in the model", post_chat(key, &non_utf8_model), Expect::Status(400)),
-        ("a lone surrogate escape in the model", post_chat(key, br#"{"model":"\ud800","messages":[]}"#), Expect::Status(400)),
-        ("a UTF-8 byte-order mark", post_chat(key, &bom), Expect::Status(400)),
+        (
+            "invalid UTF-8 in a message",
+            post_chat(key, &non_utf8),
+            Expect::Status(400),
+        ),
+        (
+            "overlong UTF-8 in the model",
+            post_chat(key, &non_utf8_model),
+            Expect::Status(400),
+        ),
+        (
+            "a lone surrogate escape in the model",
+            post_chat(key, br#"{"model":"\ud800","messages":[]}"#),
+            Expect::Status(400),
+        ),
+        (
+            "a UTF-8 byte-order mark",
+            post_chat(key, &bom),
+            Expect::Status(400),
+        ),
         ("UTF-16 JSON", post_chat(key, &utf16), Expect::Status(400)),
-        ("a gzip body without Content-Encoding", post_chat(key, &gzip_of(chat_body().as_bytes())), Expect::Status(400)),
+        (
+            "a gzip body without Content-Encoding",
+            post_chat(key, &gzip_of(chat_body().as_bytes())),
+            Expect::Status(400),
+        ),
         (
             "a gzip body with Content-Encoding: gzip",
-            post_to(key, "/v1/chat/completions", &gzip_of(chat_body().as_bytes()), "Content-Encoding: gzip\r\n"),
+            post_to(
+                key,
+                "/v1/chat/completions",
+                &gzip_of(chat_body().as_bytes()),
+                "Content-Encoding: gzip\r\n",
+            ),
             Expect::Refused,
         ),
         (
             "a form-encoded body",
-            post_to(key, "/v1/chat/completions", b"model=m1&messages=hi", "Content-Type: application/x-www-form-urlencoded\r\n"),
+            post_to(
+                key,
+                "/v1/chat/completions",
+                b"model=m1&messages=hi",
+                "Content-Type: application/x-www-form-urlencoded\r\n",
+            ),
             Expect::Status(400),
         ),
         (
@@ -710,59 +831,215 @@ fn json_cases(key: &str) -> Vec<Case> {
         (
             "multipart to the chat route",
             {
-                let body = "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm1\r\n--b--\r\n";
+                let body =
+                    "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm1\r\n--b--\r\n";
                 format!("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).into_bytes()
             },
             Expect::Status(400),
         ),
         // Wrong types, one per field tollgate reads.
-        ("model: number", post_chat(key, br#"{"model":5,"messages":[]}"#), Expect::Status(400)),
-        ("model: array", post_chat(key, br#"{"model":["m1"],"messages":[]}"#), Expect::Status(400)),
-        ("model: object", post_chat(key, br#"{"model":{"id":"m1"},"messages":[]}"#), Expect::Status(400)),
-        ("model: true", post_chat(key, br#"{"model":true,"messages":[]}"#), Expect::Status(400)),
-        ("model: null", post_chat(key, br#"{"model":null,"messages":[]}"#), Expect::Status(400)),
-        ("model: missing", post_chat(key, br#"{"messages":[]}"#), Expect::Status(400)),
-        ("model: 300 bytes", post_chat(key, format!(r#"{{"model":"{}","messages":[]}}"#, "m".repeat(300)).as_bytes()), Expect::Status(400)),
-        ("model: unknown", post_chat(key, br#"{"model":"nope","messages":[]}"#), Expect::Status(404)),
-        ("model: with a NUL", post_chat(key, br#"{"model":"m1\u0000","messages":[]}"#), Expect::Status(404)),
-        ("stream: string", chat(r#","stream":"yes""#), Expect::Status(400)),
-        ("stream: number", chat(r#","stream":1"#), Expect::Status(400)),
-        ("stream: object", chat(r#","stream":{}"#), Expect::Status(400)),
-        ("stream_options: string", chat(r#","stream":true,"stream_options":"x""#), Expect::Status(400)),
-        ("stream_options: array", chat(r#","stream":true,"stream_options":[]"#), Expect::Status(400)),
-        ("stream_options.include_usage: string", chat(r#","stream":true,"stream_options":{"include_usage":"yes"}"#), Expect::Status(400)),
-        ("max_tokens: negative", chat(r#","max_tokens":-1"#), Expect::Status(400)),
-        ("max_tokens: fraction", chat(r#","max_tokens":1.5"#), Expect::Status(400)),
-        ("max_tokens: string", chat(r#","max_tokens":"10""#), Expect::Status(400)),
-        ("max_tokens: exponent", chat(r#","max_tokens":1e3"#), Expect::Status(400)),
-        ("max_completion_tokens: string", chat(r#","max_completion_tokens":"x""#), Expect::Status(400)),
-        ("max_completion_tokens: bool", chat(r#","max_completion_tokens":true"#), Expect::Status(400)),
-        ("max_output_tokens: array", chat(r#","max_output_tokens":[]"#), Expect::Status(400)),
-        ("max_output_tokens: object", chat(r#","max_output_tokens":{}"#), Expect::Status(400)),
+        (
+            "model: number",
+            post_chat(key, br#"{"model":5,"messages":[]}"#),
+            Expect::Status(400),
+        ),
+        (
+            "model: array",
+            post_chat(key, br#"{"model":["m1"],"messages":[]}"#),
+            Expect::Status(400),
+        ),
+        (
+            "model: object",
+            post_chat(key, br#"{"model":{"id":"m1"},"messages":[]}"#),
+            Expect::Status(400),
+        ),
+        (
+            "model: true",
+            post_chat(key, br#"{"model":true,"messages":[]}"#),
+            Expect::Status(400),
+        ),
+        (
+            "model: null",
+            post_chat(key, br#"{"model":null,"messages":[]}"#),
+            Expect::Status(400),
+        ),
+        (
+            "model: missing",
+            post_chat(key, br#"{"messages":[]}"#),
+            Expect::Status(400),
+        ),
+        (
+            "model: 300 bytes",
+            post_chat(
+                key,
+                format!(r#"{{"model":"{}","messages":[]}}"#, "m".repeat(300)).as_bytes(),
+            ),
+            Expect::Status(400),
+        ),
+        (
+            "model: unknown",
+            post_chat(key, br#"{"model":"nope","messages":[]}"#),
+            Expect::Status(404),
+        ),
+        (
+            "model: with a NUL",
+            post_chat(key, br#"{"model":"m1\u0000","messages":[]}"#),
+            Expect::Status(404),
+        ),
+        (
+            "stream: string",
+            chat(r#","stream":"yes""#),
+            Expect::Status(400),
+        ),
+        (
+            "stream: number",
+            chat(r#","stream":1"#),
+            Expect::Status(400),
+        ),
+        (
+            "stream: object",
+            chat(r#","stream":{}"#),
+            Expect::Status(400),
+        ),
+        (
+            "stream_options: string",
+            chat(r#","stream":true,"stream_options":"x""#),
+            Expect::Status(400),
+        ),
+        (
+            "stream_options: array",
+            chat(r#","stream":true,"stream_options":[]"#),
+            Expect::Status(400),
+        ),
+        (
+            "stream_options.include_usage: string",
+            chat(r#","stream":true,"stream_options":{"include_usage":"yes"}"#),
+            Expect::Status(400),
+        ),
+        (
+            "max_tokens: negative",
+            chat(r#","max_tokens":-1"#),
+            Expect::Status(400),
+        ),
+        (
+            "max_tokens: fraction",
+            chat(r#","max_tokens":1.5"#),
+            Expect::Status(400),
+        ),
+        (
+            "max_tokens: string",
+            chat(r#","max_tokens":"10""#),
+            Expect::Status(400),
+        ),
+        (
+            "max_tokens: exponent",
+            chat(r#","max_tokens":1e3"#),
+            Expect::Status(400),
+        ),
+        (
+            "max_completion_tokens: string",
+            chat(r#","max_completion_tokens":"x""#),
+            Expect::Status(400),
+        ),
+        (
+            "max_completion_tokens: bool",
+            chat(r#","max_completion_tokens":true"#),
+            Expect::Status(400),
+        ),
+        (
+            "max_output_tokens: array",
+            chat(r#","max_output_tokens":[]"#),
+            Expect::Status(400),
+        ),
+        (
+            "max_output_tokens: object",
+            chat(r#","max_output_tokens":{}"#),
+            Expect::Status(400),
+        ),
         ("n: string", chat(r#","n":"2""#), Expect::Status(400)),
         ("n: negative", chat(r#","n":-1"#), Expect::Status(400)),
         ("n: fraction", chat(r#","n":1.5"#), Expect::Status(400)),
         ("user: number", chat(r#","user":5"#), Expect::Status(400)),
-        ("user: object", chat(r#","user":{"id":"u"}"#), Expect::Status(400)),
-        ("user: 300 bytes", chat(&format!(r#","user":"{}""#, "u".repeat(300))), Expect::Status(400)),
-        ("messages: string", post_chat(key, br#"{"model":"m1","messages":"hi"}"#), Expect::Status(400)),
-        ("messages: number", post_chat(key, br#"{"model":"m1","messages":5}"#), Expect::Status(400)),
-        ("messages: object", post_chat(key, br#"{"model":"m1","messages":{"role":"user"}}"#), Expect::Status(400)),
+        (
+            "user: object",
+            chat(r#","user":{"id":"u"}"#),
+            Expect::Status(400),
+        ),
+        (
+            "user: 300 bytes",
+            chat(&format!(r#","user":"{}""#, "u".repeat(300))),
+            Expect::Status(400),
+        ),
+        (
+            "messages: string",
+            post_chat(key, br#"{"model":"m1","messages":"hi"}"#),
+            Expect::Status(400),
+        ),
+        (
+            "messages: number",
+            post_chat(key, br#"{"model":"m1","messages":5}"#),
+            Expect::Status(400),
+        ),
+        (
+            "messages: object",
+            post_chat(key, br#"{"model":"m1","messages":{"role":"user"}}"#),
+            Expect::Status(400),
+        ),
         ("input: number", embed("5"), Expect::Status(400)),
-        ("input: object", embed(r#"{"text":"a"}"#), Expect::Status(400)),
+        (
+            "input: object",
+            embed(r#"{"text":"a"}"#),
+            Expect::Status(400),
+        ),
         ("input: bool", embed("true"), Expect::Status(400)),
         // Absurd numbers.
         ("n: a million", chat(r#","n":1000000"#), Expect::Status(400)),
-        ("n: past u64", chat(r#","n":18446744073709551616"#), Expect::Status(400)),
+        (
+            "n: past u64",
+            chat(r#","n":18446744073709551616"#),
+            Expect::Status(400),
+        ),
         ("n: 1e308", chat(r#","n":1e308"#), Expect::Status(400)),
-        ("max_tokens: 2^21", chat(r#","max_tokens":2097152"#), Expect::Status(400)),
-        ("max_tokens: u64::MAX", chat(r#","max_tokens":18446744073709551615"#), Expect::Status(400)),
-        ("max_tokens: 10^30", chat(r#","max_tokens":1000000000000000000000000000000"#), Expect::Status(400)),
-        ("max_completion_tokens: u64::MAX", chat(r#","max_completion_tokens":18446744073709551615"#), Expect::Status(400)),
-        ("temperature: 1e308", chat(r#","temperature":1e308"#), Expect::Answered),
-        ("temperature: 1e400", chat(r#","temperature":1e400"#), Expect::Answered),
-        ("temperature: -1e308", chat(r#","temperature":-1e308"#), Expect::Answered),
-        ("temperature: a 10 KB number", chat(&format!(r#","temperature":1{}"#, "0".repeat(10_000))), Expect::Answered),
+        (
+            "max_tokens: 2^21",
+            chat(r#","max_tokens":2097152"#),
+            Expect::Status(400),
+        ),
+        (
+            "max_tokens: u64::MAX",
+            chat(r#","max_tokens":18446744073709551615"#),
+            Expect::Status(400),
+        ),
+        (
+            "max_tokens: 10^30",
+            chat(r#","max_tokens":1000000000000000000000000000000"#),
+            Expect::Status(400),
+        ),
+        (
+            "max_completion_tokens: u64::MAX",
+            chat(r#","max_completion_tokens":18446744073709551615"#),
+            Expect::Status(400),
+        ),
+        (
+            "temperature: 1e308",
+            chat(r#","temperature":1e308"#),
+            Expect::Answered,
+        ),
+        (
+            "temperature: 1e400",
+            chat(r#","temperature":1e400"#),
+            Expect::Answered,
+        ),
+        (
+            "temperature: -1e308",
+            chat(r#","temperature":-1e308"#),
+            Expect::Answered,
+        ),
+        (
+            "temperature: a 10 KB number",
+            chat(&format!(r#","temperature":1{}"#, "0".repeat(10_000))),
+            Expect::Answered,
+        ),
         ("a leading zero", chat(r#","n":01"#), Expect::Status(400)),
     ];
     v.drain(..)
@@ -777,7 +1054,10 @@ fn json_cases(key: &str) -> Vec<Case> {
 /// A normal request, on a fresh connection, is served.
 async fn still_serving(gw: &mut Gateway, key: &str, after: &str) {
     if let Some(Ok(Some(status))) = gw.child.as_mut().map(|c| c.try_wait()) {
-        panic!("gateway exited ({status}) after {after}; log:\n{}", gw.log());
+        panic!(
+            "gateway exited ({status}) after {after}; log:\n{}",
+            gw.log()
+        );
     }
     let case = Case {
         name: "control".into(),
@@ -798,10 +1078,9 @@ async fn every_malformed_request_gets_a_clean_answer_and_the_gateway_keeps_servi
     let mock = MockServer::start().await;
     let ch = channel("main", &mock.base_url(), PROVIDER_KEY, &["m1"], 0);
     let server = "  connections: { head_timeout_ms: 3000, body_timeout_ms: 3000, body_idle_timeout_ms: 1500 }\n";
-    let mut gw =
-        tokio::task::spawn_blocking(move || Gateway::start_with_server(&ch, server, ""))
-            .await
-            .unwrap();
+    let mut gw = tokio::task::spawn_blocking(move || Gateway::start_with_server(&ch, server, ""))
+        .await
+        .unwrap();
     let key = gw.new_key("acme", &[]);
     let mut cases = http_cases(&key);
     cases.extend(json_cases(&key));
@@ -821,7 +1100,12 @@ async fn every_malformed_request_gets_a_clean_answer_and_the_gateway_keeps_servi
                 }
             }
         }
-        still_serving(&mut gw, &key, &format!("the batch ending with {}", batch[batch.len() - 1].name)).await;
+        still_serving(
+            &mut gw,
+            &key,
+            &format!("the batch ending with {}", batch[batch.len() - 1].name),
+        )
+        .await;
     }
     let _ = std::io::stderr().write_all(report.as_bytes());
     assert!(

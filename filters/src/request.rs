@@ -508,8 +508,14 @@ mod tests {
             (r#"{"model":"m","input":5}"#, "input"),
             (r#"{"model":"m","input":{"text":"a"}}"#, "input"),
             (r#"{"model":"m","input":true}"#, "input"),
-            (r#"{"model":"m","stream":true,"stream_options":[]}"#, "stream_options"),
-            (r#"{"model":"m","stream":true,"stream_options":[true]}"#, "stream_options"),
+            (
+                r#"{"model":"m","stream":true,"stream_options":[]}"#,
+                "stream_options",
+            ),
+            (
+                r#"{"model":"m","stream":true,"stream_options":[true]}"#,
+                "stream_options",
+            ),
         ] {
             let e = parse(body).unwrap_err();
             assert_eq!(e.status(), 400, "{body}");
