@@ -172,7 +172,9 @@ impl Limits {
     /// The shard holding `key_id`'s state.
     fn lock(&self, key_id: i64) -> std::sync::MutexGuard<'_, HashMap<i64, KeyState>> {
         let shard = (key_id as u64 % SHARDS as u64) as usize;
-        self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn refused(what: &'static str, wait: Duration) -> GatewayError {
