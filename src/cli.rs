@@ -146,6 +146,22 @@ pub fn run(cli: Cli) -> CliResult {
     match cli.command {
         Command::CheckConfig => {
             let cfg = load(&cli.config)?;
+            // Where each channel really goes, resolved as the gateway will resolve it.
+            let (errors, warnings) = cfg.check_upstreams();
+            let text = std::fs::read_to_string(&cli.config).unwrap_or_default();
+            let located = |mut e: crate::config::ConfigError| {
+                e.line = crate::config::line_of(&text, &e.path);
+                e
+            };
+            for w in warnings {
+                eprintln!("warning: {}", located(w));
+            }
+            if !errors.is_empty() {
+                return Err(Box::new(crate::config::ConfigErrors {
+                    file: cli.config.clone(),
+                    errors: errors.into_iter().map(located).collect(),
+                }));
+            }
             println!(
                 "{}: ok ({} channel(s), {} priced model(s))",
                 cli.config.display(),

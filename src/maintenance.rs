@@ -98,7 +98,7 @@ impl BackgroundService for Maintenance {
 pub fn refresh_dns(channels: &Channels) {
     for ch in channels.iter() {
         if let Err(e) = ch.resolve() {
-            tracing::warn!(channel = %ch.name, error = %e, "cannot resolve upstream host; will retry");
+            tracing::warn!(channel = %ch.name, error = %e, "upstream host not resolved or refused (see security); will retry");
         }
     }
 }

@@ -10,7 +10,7 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use tollgate_filters::auth::{Auth, KeyCache};
 use tollgate_filters::billing::{Billing, ModelRate, PriceTable, UnpricedPolicy, Wallets};
-use tollgate_filters::channel::build_channels;
+use tollgate_filters::channel::build_channels_with;
 use tollgate_filters::ip_guard::IpGuard;
 use tollgate_filters::limits::{Limits, LimitsConfig};
 use tollgate_filters::route::{ChannelPicker, Route};
@@ -129,7 +129,11 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         wallets.clone(),
         metrics.clone(),
     )?);
-    let channels = build_channels(&cfg.channels, cfg.routing.health())?;
+    let channels = build_channels_with(
+        &cfg.channels,
+        cfg.routing.health(),
+        cfg.security.private_upstreams,
+    )?;
     refresh_dns(&channels);
     let parts = Parts {
         pool: pool.clone(),

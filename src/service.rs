@@ -142,6 +142,11 @@ impl Gateway {
                 "An HTTP/1.1 request must carry a Host header.",
             ));
         }
+        if let Err(e) = check_framing(req) {
+            // The body's end is ambiguous: nothing more is read from this connection.
+            session.set_keepalive(None);
+            return Err(e);
+        }
         // `Transfer_Encoding` and friends: some servers read `_` as `-`, so such a name could
         // smuggle framing or identity past the checks below. No client needs one.
         if let Some(name) = req.headers.keys().find(|n| n.as_str().contains('_')) {
@@ -175,6 +180,12 @@ impl Gateway {
         };
         p.chain.request_head(ctx, &head).await?;
 
+        let bodyless = matches!(method, http::Method::GET | http::Method::DELETE);
+        if bodyless && !session.is_body_empty() {
+            return Err(GatewayError::invalid(format!(
+                "A {method} request takes no body."
+            )));
+        }
         if method == http::Method::GET && ctx.endpoint == Endpoint::Models {
             let one = path.strip_prefix("/v1/models/");
             return self.list_models(session, p, ctx, one).await;
@@ -187,15 +198,9 @@ impl Gateway {
                 Some(body)
             }
             // Body-less calls (`GET /v1/files/{id}`, `DELETE /v1/files/{id}`,
-            // `GET /v1/batches`): forwarded by path, authenticated and logged.
-            http::Method::GET | http::Method::DELETE => {
-                if !session.is_body_empty() {
-                    return Err(GatewayError::invalid(format!(
-                        "A {method} request takes no body."
-                    )));
-                }
-                None
-            }
+            // `GET /v1/batches`): forwarded by path, authenticated and logged. A body was
+            // refused above.
+            http::Method::GET | http::Method::DELETE => None,
             _ => return Err(GatewayError::MethodNotAllowed(method.to_string())),
         };
         p.chain.request_body(ctx).await?;
@@ -251,7 +256,7 @@ impl Gateway {
                     Ok(None) => return Ok(buf.freeze()),
                     Err(e) => {
                         tracing::debug!(error = %e, "reading the request body failed");
-                        return Err(GatewayError::RequestTimeout);
+                        return Err(body_error(&e));
                     }
                 }
             }
@@ -335,7 +340,11 @@ impl Gateway {
             self.metrics.clone(),
         );
         let limits = pipeline.connections;
-        session.set_keepalive(if *shutdown.borrow() {
+        // Keep-alive stays off where Pingora turned it off on reading the head: HTTP/1.0
+        // without `Connection: keep-alive`, and a body framed by `Transfer-Encoding` with a
+        // `Content-Length` beside it (RFC 9112 §6.1: the connection must close after it, or
+        // bytes a front proxy framed differently would be read as a smuggled request).
+        session.set_keepalive(if *shutdown.borrow() || session.get_keepalive().is_none() {
             None
         } else {
             Some(limits.keepalive_timeout_s)
@@ -404,6 +413,58 @@ impl HttpServerApp for Gateway {
             Ok(Some(stream)) => Some(ReusedHttpStream::from_reusable_stream(stream, settings)),
             _ => None,
         }
+    }
+}
+
+/// Largest request head accepted (request line and headers, as parsed): four times what is
+/// forwarded upstream ([`crate::relay::MAX_FORWARDED_HEADER_BYTES`]), far above what an API
+/// client sends. Pingora itself reads heads of up to 1 MiB.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
+
+/// Refuses a head whose body framing is ambiguous or whose size is out of bounds:
+/// `Transfer-Encoding` other than one plain `chunked` (tollgate decodes no other coding, and
+/// a proxy in front might frame it differently) and a head over [`MAX_REQUEST_HEAD_BYTES`].
+/// (`Transfer-Encoding` beside `Content-Length` is framed by the former as RFC 9112 §6.3
+/// says: Pingora drops the `Content-Length` and turns keep-alive off, which
+/// [`Gateway::serve`] keeps off, so nothing after that body is read as another request.)
+fn check_framing(req: &pingora::http::RequestHeader) -> Result<(), GatewayError> {
+    let mut te = req.headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = te.next() {
+        let chunked = first
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked");
+        if !chunked || te.next().is_some() {
+            return Err(GatewayError::invalid(
+                "Only `Transfer-Encoding: chunked` is accepted.",
+            ));
+        }
+    }
+    let target = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + req.uri.authority().map_or(0, |a| a.as_str().len());
+    let head_bytes = target
+        + req
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head_bytes > MAX_REQUEST_HEAD_BYTES {
+        return Err(GatewayError::invalid(format!(
+            "The request head is larger than {} KiB.",
+            MAX_REQUEST_HEAD_BYTES / 1024
+        )));
+    }
+    Ok(())
+}
+
+/// What a failed body read means for the client: a deadline or a vanished client is a 408
+/// (nobody may be reading it); a body whose framing cannot be parsed (a bad chunk size, a
+/// body cut short of its `Content-Length`) is a 400.
+fn body_error(e: &pingora::Error) -> GatewayError {
+    use pingora::ErrorType::*;
+    match e.etype() {
+        ReadTimedout | ConnectionClosed | ReadError => GatewayError::RequestTimeout,
+        _ => GatewayError::invalid("The request body is not validly framed."),
     }
 }
 

@@ -531,6 +531,79 @@ async fn two_thousand_connections_dripping_a_byte_every_5s_are_all_closed_by_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_idle_connections_do_not_stop_a_normal_request_and_are_closed_by_the_head_deadline(
+) {
+    const IDLE: usize = 2000;
+    let nofile = raise_nofile_limit();
+    assert!(
+        nofile >= 2 * IDLE as u64 + 500,
+        "RLIMIT_NOFILE hard limit {nofile} is too low for {IDLE} connections"
+    );
+    let (mock, gw, limits, key) = drip_gateway(3000).await;
+    let head = Duration::from_millis(limits.head_timeout_ms);
+    // Connected and silent: not a byte is ever written on them.
+    let started = Instant::now();
+    let mut idle = Vec::with_capacity(IDLE);
+    for chunk in 0..IDLE / 200 {
+        let batch = (0..200).map(|_| {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                TcpStream::connect(("127.0.0.1", gw.port)),
+            )
+        });
+        for (i, c) in futures_util::future::join_all(batch)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            match c {
+                Ok(Ok(s)) => idle.push(s),
+                other => panic!(
+                    "idle connection {} did not connect: {other:?}",
+                    chunk * 200 + i
+                ),
+            }
+        }
+    }
+    let opened = started.elapsed();
+    // While all of them are open, a normal request on a new connection is served at once.
+    let fresh = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let r = fresh
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("m1"))
+        .send()
+        .await
+        .expect("a normal request is answered while 2,000 idle connections are open");
+    assert_eq!(r.status(), 200);
+    let took = t.elapsed();
+    assert!(
+        started.elapsed() < head,
+        "the idle connections were opened in {opened:?}; the request came too late to count"
+    );
+    assert_eq!(mock.requests().len(), 1);
+    // Each idle connection is closed by the head deadline (bounded wait).
+    let bound = started + head + Duration::from_secs(10);
+    let mut still_open = 0;
+    for mut s in idle {
+        let left = bound.saturating_duration_since(Instant::now());
+        let mut tmp = [0u8; 256];
+        match tokio::time::timeout(left, s.read(&mut tmp)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {}
+            Ok(Ok(n)) => panic!("an idle connection got {n} bytes: {:?}", &tmp[..n]),
+            Err(_) => still_open += 1,
+        }
+    }
+    assert_eq!(still_open, 0, "idle connections outlived the head deadline");
+    eprintln!("{IDLE} idle connections opened in {opened:?}; a normal request took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_head_deadline_is_total_not_per_read() {
     let (_mock, gw, limits, _key) = drip_gateway(2000).await;
     let head = Duration::from_millis(limits.head_timeout_ms);

@@ -6,7 +6,7 @@
 //! trusted CA), its concurrency slots and its [`Health`].
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +65,178 @@ pub struct ChannelConfig {
     /// A PEM CA certificate to trust for this channel instead of the system roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Let `base_url` resolve to a link-local or cloud-metadata address (169.254.0.0/16,
+    /// fe80::/10, fd00:ec2::254, `metadata.google.internal`, ...), refused by default.
+    #[serde(default)]
+    pub allow_link_local: bool,
+}
+
+/// `security.private_upstreams`: whether a channel may resolve to a loopback or private
+/// (RFC 1918, CGNAT, unique-local) address. Allowed by default (local and LAN models are
+/// common), with a `check-config` warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrivateUpstreams {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// The kind of network an upstream address is on, judged on the address itself (an
+/// IPv4-mapped, IPv4-compatible, NAT64 or 6to4 IPv6 address as the IPv4 address it carries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddrClass {
+    Public,
+    /// 127.0.0.0/8, ::1, and the unspecified 0.0.0.0/8 and :: (which reach this host).
+    Loopback,
+    /// 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7, fec0::/10.
+    Private,
+    /// 169.254.0.0/16 and fe80::/10.
+    LinkLocal,
+    /// A cloud instance-metadata endpoint: 169.254.169.254, 169.254.170.2,
+    /// 100.100.100.200, fd00:ec2::254.
+    Metadata,
+}
+
+/// Host names of cloud instance-metadata services, refused like their addresses.
+const METADATA_HOSTS: &[&str] = &[
+    "metadata.google.internal",
+    "metadata.goog",
+    "metadata",
+    "instance-data",
+    "instance-data.ec2.internal",
+];
+
+/// The class of `ip`; see [`AddrClass`].
+pub fn classify(ip: IpAddr) -> AddrClass {
+    let v4 = match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(v6) => match embedded_v4(&v6) {
+            Some(v4) => v4,
+            None => return classify_v6(&v6),
+        },
+    };
+    let o = v4.octets();
+    match o {
+        [169, 254, 169, 254] | [169, 254, 170, 2] | [100, 100, 100, 200] => AddrClass::Metadata,
+        [169, 254, ..] => AddrClass::LinkLocal,
+        [127, ..] | [0, ..] => AddrClass::Loopback,
+        [10, ..] | [192, 168, ..] => AddrClass::Private,
+        [172, b, ..] if (16..32).contains(&b) => AddrClass::Private,
+        [100, b, ..] if (64..128).contains(&b) => AddrClass::Private,
+        _ => AddrClass::Public,
+    }
+}
+
+/// The IPv4 address an IPv6 address stands for: mapped (`::ffff:a.b.c.d`), compatible
+/// (`::a.b.c.d`), NAT64 (`64:ff9b::a.b.c.d`) or 6to4 (`2002:AABB:CCDD::`).
+fn embedded_v4(v6: &Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    match s {
+        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(tail),
+        // `::` and `::1` are themselves, not 0.0.0.0 and 0.0.0.1.
+        [0, 0, 0, 0, 0, 0, 0, 0 | 1] => None,
+        [0, 0, 0, 0, 0, 0, _, _] | [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(tail),
+        [0x2002, a, b, ..] => Some(Ipv4Addr::new(
+            (a >> 8) as u8,
+            a as u8,
+            (b >> 8) as u8,
+            b as u8,
+        )),
+        _ => None,
+    }
+}
+
+fn classify_v6(v6: &Ipv6Addr) -> AddrClass {
+    let s = v6.segments();
+    if s == [0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254] {
+        AddrClass::Metadata
+    } else if v6.is_loopback() || v6.is_unspecified() {
+        AddrClass::Loopback
+    } else if s[0] & 0xffc0 == 0xfe80 {
+        AddrClass::LinkLocal
+    } else if s[0] & 0xfe00 == 0xfc00 || s[0] & 0xffc0 == 0xfec0 {
+        AddrClass::Private
+    } else {
+        AddrClass::Public
+    }
+}
+
+/// Which upstream addresses a channel may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UpstreamPolicy {
+    /// `channels[].allow_link_local`.
+    pub allow_link_local: bool,
+    /// `security.private_upstreams`.
+    pub private: PrivateUpstreams,
+}
+
+impl UpstreamPolicy {
+    /// Refuses a cloud-metadata host name (unless link-local is allowed).
+    pub fn check_name(&self, host: &str) -> Result<(), String> {
+        let name = host.trim_end_matches('.').to_ascii_lowercase();
+        if !self.allow_link_local && METADATA_HOSTS.contains(&name.as_str()) {
+            return Err(format!(
+                "names a cloud metadata service (`{name}`); set allow_link_local: true on the channel if that is meant"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses an address the policy does not allow; `Ok(Some(class))` for an allowed
+    /// loopback or private address (worth a warning), `Ok(None)` for a public one.
+    pub fn check_addr(&self, ip: IpAddr) -> Result<Option<AddrClass>, String> {
+        match classify(ip) {
+            AddrClass::Public => Ok(None),
+            c @ (AddrClass::LinkLocal | AddrClass::Metadata) if self.allow_link_local => {
+                Ok(Some(c))
+            }
+            AddrClass::LinkLocal => Err(format!(
+                "resolves to the link-local address {ip}; set allow_link_local: true on the channel if that is meant"
+            )),
+            AddrClass::Metadata => Err(format!(
+                "resolves to {ip}, a cloud metadata address; set allow_link_local: true on the channel if that is meant"
+            )),
+            c @ (AddrClass::Loopback | AddrClass::Private) => match self.private {
+                PrivateUpstreams::Allow => Ok(Some(c)),
+                PrivateUpstreams::Deny => Err(format!(
+                    "resolves to the {} address {ip}, and security.private_upstreams is deny",
+                    if c == AddrClass::Loopback { "loopback" } else { "private" }
+                )),
+            },
+        }
+    }
+
+    /// Checks a host and every address it resolved to. Returns the allowed loopback or
+    /// private addresses (for a warning), or why the host is refused.
+    pub fn check_resolved(
+        &self,
+        host: &str,
+        addrs: &[SocketAddr],
+    ) -> Result<Vec<(IpAddr, AddrClass)>, String> {
+        self.check_name(host)?;
+        let mut notable = Vec::new();
+        for a in addrs {
+            if let Some(c) = self.check_addr(a.ip())? {
+                notable.push((a.ip(), c));
+            }
+        }
+        Ok(notable)
+    }
+}
+
+/// Whether `host` is an IPv4 address in one of the spellings `inet_aton` accepts (decimal
+/// `2852039166`, octal `0251.0376.0251.0376`, hex `0xa9fea9fe`, short forms `169.254.43518`):
+/// the OS turns these into an address without asking DNS.
+pub fn is_numeric_host(host: &str) -> bool {
+    let parts: Vec<&str> = host.split('.').collect();
+    parts.len() <= 4
+        && parts.iter().all(|l| {
+            let hex = l.len() > 2 && l[..2].eq_ignore_ascii_case("0x");
+            (!l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+                || (hex && l[2..].bytes().all(|b| b.is_ascii_hexdigit()))
+        })
 }
 
 fn d_kind() -> ChannelKind {
@@ -148,8 +320,11 @@ impl UpstreamUrl {
         if host.is_empty() {
             return Err("has no host".into());
         }
-        if uri.query().is_some() {
+        if uri.query().is_some() || s.contains('?') {
             return Err("must not have a query string".into());
+        }
+        if s.contains('#') {
+            return Err("must not have a fragment".into());
         }
         let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let base_path = uri.path().trim_end_matches('/').to_string();
@@ -329,6 +504,8 @@ pub struct Channel {
     pub idle_timeout: Duration,
     tls_verify: bool,
     ca: Option<Arc<CaType>>,
+    /// Which addresses the host may resolve to.
+    pub policy: UpstreamPolicy,
     /// The resolved peer; refreshed off the request path ([`Channel::resolve`]).
     peer: ArcSwapOption<HttpPeer>,
     /// Requests in flight on this channel, bounded by `max_concurrency`.
@@ -339,11 +516,24 @@ pub struct Channel {
 /// The table every part of the gateway reads.
 pub type Channels = Arc<[Channel]>;
 
-/// Builds the table from the YAML entries.
+/// Builds the table from the YAML entries (private upstreams allowed).
 pub fn build_channels(cfgs: &[ChannelConfig], health: HealthConfig) -> Result<Channels, String> {
+    build_channels_with(cfgs, health, PrivateUpstreams::Allow)
+}
+
+/// Builds the table from the YAML entries under `security.private_upstreams`.
+pub fn build_channels_with(
+    cfgs: &[ChannelConfig],
+    health: HealthConfig,
+    private: PrivateUpstreams,
+) -> Result<Channels, String> {
     cfgs.iter()
         .enumerate()
-        .map(|(i, c)| Channel::new(i, c, health))
+        .map(|(i, c)| {
+            let mut ch = Channel::new(i, c, health)?;
+            ch.policy.private = private;
+            Ok(ch)
+        })
         .collect::<Result<Vec<_>, _>>()
         .map(Into::into)
 }
@@ -386,6 +576,10 @@ impl Channel {
                 .as_ref()
                 .map(|p| load_ca(&cfg.name, p))
                 .transpose()?,
+            policy: UpstreamPolicy {
+                allow_link_local: cfg.allow_link_local,
+                private: PrivateUpstreams::Allow,
+            },
             peer: ArcSwapOption::empty(),
             slots: Arc::new(Semaphore::new(cfg.max_concurrency as usize)),
             health: Health::new(health),
@@ -393,12 +587,18 @@ impl Channel {
     }
 
     /// Resolves the host (a blocking call: run it off the request path) and installs a peer.
+    ///
+    /// The host is resolved the way the OS resolves it (so `2852039166` and
+    /// `0251.0376.0251.0376` are 169.254.169.254), and every address it resolves to is
+    /// checked against the channel's [`UpstreamPolicy`]: if any is refused, no peer is
+    /// installed (a peer installed by an earlier refresh, whose addresses passed, stays).
     pub fn resolve(&self) -> Result<SocketAddr, String> {
-        let addr = (self.url.host.as_str(), self.url.port)
+        let addrs: Vec<SocketAddr> = (self.url.host.as_str(), self.url.port)
             .to_socket_addrs()
             .map_err(|e| e.to_string())?
-            .next()
-            .ok_or_else(|| "no address".to_string())?;
+            .collect();
+        self.policy.check_resolved(&self.url.host, &addrs)?;
+        let addr = *addrs.first().ok_or_else(|| "no address".to_string())?;
         let current = self.peer.load();
         if current
             .as_ref()
@@ -559,6 +759,133 @@ mod tests {
         let (a, b) = (chans[0].peer().unwrap(), chans[1].peer().unwrap());
         assert_eq!(a.address(), b.address());
         assert_ne!(a.reuse_hash(), b.reuse_hash());
+    }
+
+    #[test]
+    fn metadata_and_link_local_addresses_are_refused_in_every_spelling() {
+        let deny = UpstreamPolicy::default();
+        for ip in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "169.254.170.2",
+            "100.100.100.200",
+            "fe80::1",
+            "febf::1",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+            "::ffff:a9fe:a9fe",
+            "::169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(deny.check_addr(ip).is_err(), "{ip} allowed");
+            let allow = UpstreamPolicy {
+                allow_link_local: true,
+                ..deny
+            };
+            assert!(
+                allow.check_addr(ip).is_ok(),
+                "{ip} refused with allow_link_local"
+            );
+        }
+        for spelled in [
+            "2852039166",
+            "0251.0376.0251.0376",
+            "0xa9fea9fe",
+            "0xa9.0xfe.0xa9.0xfe",
+            "169.254.43518",
+        ] {
+            assert!(is_numeric_host(spelled), "{spelled}");
+            let addrs: Vec<SocketAddr> = (spelled, 80).to_socket_addrs().unwrap().collect();
+            assert!(
+                deny.check_resolved(spelled, &addrs).is_err(),
+                "{spelled} → {addrs:?} allowed"
+            );
+        }
+        for name in [
+            "metadata.google.internal",
+            "METADATA.google.internal.",
+            "metadata.goog",
+        ] {
+            assert!(deny.check_name(name).is_err(), "{name}");
+        }
+        assert!(!is_numeric_host("api.openai.com"));
+        assert!(!is_numeric_host("cafe.be"));
+    }
+
+    #[test]
+    fn loopback_and_private_addresses_are_allowed_unless_denied() {
+        let allow = UpstreamPolicy::default();
+        let deny = UpstreamPolicy {
+            private: PrivateUpstreams::Deny,
+            ..allow
+        };
+        for (ip, class) in [
+            ("127.0.0.1", AddrClass::Loopback),
+            ("0.0.0.0", AddrClass::Loopback),
+            ("::1", AddrClass::Loopback),
+            ("::ffff:127.0.0.1", AddrClass::Loopback),
+            ("10.1.2.3", AddrClass::Private),
+            ("172.31.0.1", AddrClass::Private),
+            ("192.168.1.1", AddrClass::Private),
+            ("100.64.0.1", AddrClass::Private),
+            ("fd12::1", AddrClass::Private),
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(allow.check_addr(ip), Ok(Some(class)), "{ip}");
+            assert!(deny.check_addr(ip).is_err(), "{ip}");
+        }
+        for ip in ["8.8.8.8", "172.32.0.1", "2606:4700::1111", "100.128.0.1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(deny.check_addr(ip), Ok(None), "{ip}");
+        }
+    }
+
+    #[test]
+    fn a_channel_resolving_to_a_refused_address_gets_no_peer() {
+        let cfg = |url: &str, allow: bool| -> ChannelConfig {
+            serde_json::from_value(serde_json::json!({
+                "name": "c", "base_url": url, "models": ["m"], "allow_link_local": allow
+            }))
+            .unwrap()
+        };
+        let ch = Channel::new(
+            0,
+            &cfg("http://2852039166/", false),
+            HealthConfig::default(),
+        )
+        .unwrap();
+        assert!(ch.resolve().unwrap_err().contains("169.254.169.254"));
+        assert!(ch.peer().is_none());
+        let ch =
+            Channel::new(0, &cfg("http://2852039166/", true), HealthConfig::default()).unwrap();
+        assert!(ch.resolve().is_ok());
+        let chans = build_channels_with(
+            &[cfg("http://127.0.0.1:9/", false)],
+            HealthConfig::default(),
+            PrivateUpstreams::Deny,
+        )
+        .unwrap();
+        assert!(chans[0]
+            .resolve()
+            .unwrap_err()
+            .contains("private_upstreams"));
+        assert!(chans[0].peer().is_none());
+    }
+
+    #[test]
+    fn base_urls_with_a_query_fragment_or_credentials_are_refused() {
+        for bad in [
+            "http://h/v1?x=1",
+            "http://h/v1?",
+            "http://h/v1#frag",
+            "http://h/#",
+            "http://user:pw@h/v1",
+            "http://user@h/v1",
+        ] {
+            assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -179,8 +179,24 @@ impl RequestBody {
                 param: Some("model"),
             });
         }
+        // The shape of the fields every route shares is checked here, before anything is
+        // reserved or sent: `user` a string, `messages` an array, `input` a string or an
+        // array (`null` stands for absent, as for the other fields).
+        let shaped = |name: &'static str, ok: &[u8], what: &str| -> Result<(), GatewayError> {
+            match top.get(name).map(|v| v.get().as_bytes()) {
+                Some(raw) if raw != b"null" && !ok.contains(&raw[0]) => {
+                    Err(GatewayError::InvalidRequest {
+                        message: format!("`{name}` must be {what}."),
+                        param: Some(name),
+                    })
+                }
+                _ => Ok(()),
+            }
+        };
+        shaped("user", b"\"", "a string")?;
+        shaped("messages", b"[", "an array")?;
+        shaped("input", b"\"[", "a string or an array")?;
         if let Some(v) = top.get("user") {
-            // Only a string is checked here; any other type is the provider's to refuse.
             // Escapes only lengthen the raw text, so a short raw value is a short string.
             let long = v.get().len() > MAX_USER_BYTES + 2
                 && serde_json::from_str::<String>(v.get()).is_ok_and(|u| u.len() > MAX_USER_BYTES);
@@ -217,6 +233,13 @@ impl RequestBody {
         };
         let stream = flag("stream")?;
         let include_usage = match top.get("stream_options") {
+            // serde reads a struct from an array too (`[]`, `[true]`): only an object is one.
+            Some(v) if v.get() != "null" && !v.get().starts_with('{') => {
+                return Err(GatewayError::InvalidRequest {
+                    message: "`stream_options` must be an object.".into(),
+                    param: Some("stream_options"),
+                });
+            }
             Some(v) if v.get() != "null" => {
                 serde_json::from_str::<StreamOptions>(v.get())
                     .map_err(|_| GatewayError::InvalidRequest {
@@ -473,6 +496,39 @@ mod tests {
                 .status(),
             400
         );
+    }
+
+    #[test]
+    fn fields_of_the_wrong_shape_are_400_with_param() {
+        for (body, param) in [
+            (r#"{"model":"m","user":5}"#, "user"),
+            (r#"{"model":"m","user":{"id":"u"}}"#, "user"),
+            (r#"{"model":"m","messages":"hi"}"#, "messages"),
+            (r#"{"model":"m","messages":{"role":"user"}}"#, "messages"),
+            (r#"{"model":"m","input":5}"#, "input"),
+            (r#"{"model":"m","input":{"text":"a"}}"#, "input"),
+            (r#"{"model":"m","input":true}"#, "input"),
+            (
+                r#"{"model":"m","stream":true,"stream_options":[]}"#,
+                "stream_options",
+            ),
+            (
+                r#"{"model":"m","stream":true,"stream_options":[true]}"#,
+                "stream_options",
+            ),
+        ] {
+            let e = parse(body).unwrap_err();
+            assert_eq!(e.status(), 400, "{body}");
+            let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+            assert_eq!(v["error"]["param"], param, "{body}");
+        }
+        for body in [
+            r#"{"model":"m","user":"u","messages":[],"input":"a"}"#,
+            r#"{"model":"m","user":null,"messages":null,"input":[[1,2]]}"#,
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+        ] {
+            assert!(parse(body).is_ok(), "{body}");
+        }
     }
 
     #[test]

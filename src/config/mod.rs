@@ -19,13 +19,15 @@ pub use interpolate::interpolate;
 pub use locate::line_of;
 pub use types::{
     AccountingConfig, DatabaseConfig, JournalMode, LimitsConfig, ModelPrice, OnError,
-    PricingConfig, RedisConfig, ServerConfig, Synchronous, TempStore, Unpriced,
+    PricingConfig, RedisConfig, SecurityConfig, ServerConfig, Synchronous, TempStore, Unpriced,
 };
 
 // One definition of each type, shared with the filters that use it.
 pub use crate::connections::ConnectionLimits;
 pub use tollgate_filters::auth::AuthConfig;
-pub use tollgate_filters::channel::{ChannelConfig, ChannelKind, UpstreamUrl};
+pub use tollgate_filters::channel::{
+    ChannelConfig, ChannelKind, PrivateUpstreams, UpstreamPolicy, UpstreamUrl,
+};
 pub use tollgate_filters::ip_guard::IpGuardConfig as IpLimit;
 pub use tollgate_filters::limits::LimitSet;
 pub use tollgate_filters::route::{PathRoute, RoutingConfig};
@@ -90,6 +92,8 @@ pub struct Config {
     /// Which channel serves body-less requests under a path prefix.
     #[serde(default)]
     pub routes: Vec<PathRoute>,
+    #[serde(default)]
+    pub security: SecurityConfig,
 }
 impl Config {
     /// Reads, interpolates, parses and validates a file.

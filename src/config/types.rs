@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{ConnectionLimits, IpLimit, LimitSet};
+use super::{ConnectionLimits, IpLimit, LimitSet, PrivateUpstreams};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,4 +225,13 @@ impl Default for AccountingConfig {
             max_queue_rows: 100_000,
         }
     }
+}
+
+/// `security:`: what tollgate refuses on the operator's behalf.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// `allow` (default, with a `check-config` warning) or `deny`: channels whose
+    /// `base_url` resolves to a loopback or private address.
+    pub private_upstreams: PrivateUpstreams,
 }

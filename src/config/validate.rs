@@ -1,8 +1,13 @@
 //! Semantic validation of a parsed [`Config`]: every problem, each with its field path.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
-use super::{Config, ConfigError, UpstreamUrl};
+use tollgate_filters::channel::{is_numeric_host, AddrClass};
+
+use super::{Config, ConfigError, UpstreamPolicy, UpstreamUrl};
+
+/// Shortest `server.admin_token` accepted when the admin listener is not on loopback.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
 
 impl Config {
     /// Every semantic problem, each with its field path.
@@ -40,11 +45,21 @@ impl Config {
                 "must be at least 1024".into(),
             );
         }
-        if s.admin_token.is_empty() && admin.is_some_and(|a| !a.ip().is_loopback()) {
-            err(
-                "server.admin_token".into(),
-                "is required when admin_listen is not a loopback address".into(),
-            );
+        if admin.is_some_and(|a| !a.ip().is_loopback()) {
+            if s.admin_token.is_empty() {
+                err(
+                    "server.admin_token".into(),
+                    "is required when admin_listen is not a loopback address".into(),
+                );
+            } else if s.admin_token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+                // The token itself is never echoed.
+                err(
+                    "server.admin_token".into(),
+                    format!(
+                        "must be at least {MIN_ADMIN_TOKEN_CHARS} characters when admin_listen is not a loopback address"
+                    ),
+                );
+            }
         }
         if s.log_level
             .parse::<tracing_subscriber::EnvFilter>()
@@ -84,9 +99,14 @@ impl Config {
                     format!("`{}` is used by another channel", c.name),
                 );
             }
-            if let Err(e) = UpstreamUrl::parse(&c.base_url) {
+            match UpstreamUrl::parse(&c.base_url) {
                 // The URL itself is not echoed: it may carry credentials.
-                err(p("base_url"), e);
+                Err(e) => err(p("base_url"), e),
+                Ok(url) => {
+                    if let Err(e) = self.policy_for(c).check_static(&url.host) {
+                        err(p("base_url"), e);
+                    }
+                }
             }
             if c.models.is_empty() && c.model_map.is_empty() {
                 err(p("models"), "list at least one model".into());
@@ -215,6 +235,90 @@ impl Config {
     }
 }
 
+/// What the configuration alone can tell about a host, without asking DNS.
+trait StaticCheck {
+    fn check_static(&self, host: &str) -> Result<(), String>;
+}
+
+impl StaticCheck for UpstreamPolicy {
+    /// Metadata names, IP literals, and IPv4 addresses in the spellings the OS reads
+    /// without DNS (`2852039166`, `0251.0376.0251.0376`): refused per the policy.
+    fn check_static(&self, host: &str) -> Result<(), String> {
+        self.check_name(host)?;
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            self.check_addr(ip)?;
+        } else if is_numeric_host(host) {
+            let addrs: Vec<SocketAddr> = (host, 80)
+                .to_socket_addrs()
+                .map(Iterator::collect)
+                .unwrap_or_default();
+            self.check_resolved(host, &addrs)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The upstream policy of one channel.
+    pub fn policy_for(&self, c: &super::ChannelConfig) -> UpstreamPolicy {
+        UpstreamPolicy {
+            allow_link_local: c.allow_link_local,
+            private: self.security.private_upstreams,
+        }
+    }
+
+    /// `check-config`'s look at where each channel really goes: every host is resolved as
+    /// the gateway will resolve it (this may ask DNS) and every address checked. Returns
+    /// the errors (a refused address) and the warnings (a loopback or private upstream, a
+    /// host that does not resolve now).
+    pub fn check_upstreams(&self) -> (Vec<ConfigError>, Vec<ConfigError>) {
+        let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+        let problem = |i: usize, message: String| ConfigError {
+            path: format!("channels[{i}].base_url"),
+            line: None,
+            message,
+        };
+        for (i, c) in self.channels.iter().enumerate() {
+            let Ok(url) = UpstreamUrl::parse(&c.base_url) else {
+                continue;
+            };
+            let addrs: Vec<SocketAddr> = match (url.host.as_str(), url.port).to_socket_addrs() {
+                Ok(a) => a.collect(),
+                Err(e) => {
+                    warnings.push(problem(
+                        i,
+                        format!(
+                            "`{}` does not resolve now ({e}); the gateway will retry",
+                            url.host
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            match self.policy_for(c).check_resolved(&url.host, &addrs) {
+                Err(e) => errors.push(problem(i, e)),
+                Ok(notable) => {
+                    for (ip, class) in notable {
+                        let kind = match class {
+                            AddrClass::Loopback => "a loopback",
+                            AddrClass::Private => "a private",
+                            _ => "a link-local (allowed by allow_link_local)",
+                        };
+                        warnings.push(problem(
+                            i,
+                            format!(
+                                "`{}` resolves to {kind} address ({ip}); set security.private_upstreams: deny to refuse such upstreams",
+                                url.host
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        (errors, warnings)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::parse;
@@ -241,6 +345,83 @@ mod tests {
         assert_eq!(
             e.iter().find(|e| e.path == "server.threads").unwrap().line,
             Some(4)
+        );
+    }
+
+    #[test]
+    fn a_non_loopback_admin_listener_needs_a_32_character_token() {
+        let cfg = |listen: &str, token: &str| {
+            format!("server:\n  listen: 127.0.0.1:8080\n  admin_listen: \"{listen}\"\n  admin_token: \"{token}\"\n")
+        };
+        let short = "x".repeat(31);
+        let e = parse(&cfg("0.0.0.0:8081", &short)).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "server.admin_token");
+        assert!(e[0].message.contains("32"), "{}", e[0].message);
+        assert!(!e[0].message.contains(&short), "the token is not echoed");
+        assert_eq!(e[0].line, Some(4));
+        assert!(parse(&cfg("10.0.0.5:8081", &short)).is_err());
+        assert!(parse(&cfg("[::]:8081", &short)).is_err());
+        assert!(parse(&cfg("0.0.0.0:8081", &"x".repeat(32))).is_ok());
+        assert!(
+            parse(&cfg("127.0.0.1:8081", "short")).is_ok(),
+            "loopback: any token"
+        );
+        assert!(parse(&cfg("[::1]:8081", "")).is_ok(), "loopback: no token");
+    }
+
+    #[test]
+    fn link_local_and_metadata_base_urls_are_refused_in_every_spelling() {
+        let cfg = |url: &str, extra: &str| {
+            format!("server:\n  listen: 127.0.0.1:8080\n  admin_listen: 127.0.0.1:8081\nchannels:\n  - name: a\n    base_url: \"{url}\"\n    models: [m]\n{extra}")
+        };
+        for url in [
+            "http://169.254.169.254/",
+            "http://2852039166/",
+            "http://0251.0376.0251.0376/",
+            "http://0xa9fea9fe/",
+            "http://169.254.43518/",
+            "http://[::ffff:169.254.169.254]/",
+            "http://[::ffff:a9fe:a9fe]/",
+            "http://[fe80::1]/",
+            "http://[fd00:ec2::254]/",
+            "http://metadata.google.internal/computeMetadata/v1",
+            "http://METADATA.GOOGLE.INTERNAL./",
+        ] {
+            let e = parse(&cfg(url, "")).unwrap_err();
+            assert_eq!(e[0].path, "channels[0].base_url", "{url}: {e:?}");
+            assert_eq!(e[0].line, Some(6), "{url}");
+            assert!(
+                parse(&cfg(url, "    allow_link_local: true\n")).is_ok(),
+                "{url} with allow_link_local"
+            );
+        }
+        for url in [
+            "http://127.0.0.1:9000",
+            "http://10.0.0.2/v1",
+            "http://[fd12::1]/",
+        ] {
+            assert!(parse(&cfg(url, "")).is_ok(), "{url}");
+            let e = parse(&cfg(url, "security: { private_upstreams: deny }\n")).unwrap_err();
+            assert!(e[0].message.contains("private_upstreams"), "{url}: {e:?}");
+        }
+        for url in ["http://h/v1?x=1", "http://h/v1#f", "https://u:p@h/v1"] {
+            assert!(parse(&cfg(url, "")).is_err(), "{url}");
+        }
+    }
+
+    #[test]
+    fn check_upstreams_warns_of_loopback_and_refuses_what_the_policy_refuses() {
+        let cfg = super::super::Config::from_yaml(
+            "server:\n  listen: 127.0.0.1:8080\n  admin_listen: 127.0.0.1:8081\nchannels:\n  - { name: a, base_url: \"http://localhost:9000\", models: [m] }\n",
+            |_| None,
+        )
+        .unwrap();
+        let (errors, warnings) = cfg.check_upstreams();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(
+            warnings.iter().any(|w| w.message.contains("loopback")),
+            "{warnings:?}"
         );
     }
 }
