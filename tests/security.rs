@@ -239,9 +239,10 @@ async fn redirects_from_the_provider_are_never_followed() {
             &json!({"model": "m1", "messages": []}),
         )
         .await;
-        // The provider's status is passed on like any other non-2xx answer (rebuilt as
-        // OpenAI JSON), but never its `Location`: neither tollgate nor the client follows.
+        // A provider redirect is the gateway's failure (502, OpenAI JSON), never passed on
+        // with its `Location`: neither tollgate nor the client follows it.
         let status = r.status().as_u16();
+        assert_eq!(status, 502);
         assert!(r.headers().get("location").is_none(), "{:?}", r.headers());
         let v: Value = r.json().await.unwrap();
         assert!(v["error"]["message"].is_string(), "{status}: {v}");

@@ -142,6 +142,13 @@ impl Relay {
         // 401/403: a provider refusing the *channel's* key is the gateway's problem, not the
         // caller's; a 401 would tell the client its own key is wrong. 429/5xx: the
         // gateway's error, with its retry hints.
+        // A redirect is never followed (the provider would learn nothing from the gateway
+        // that it should send elsewhere) nor passed on (its Location names the provider).
+        if (300..400).contains(&status) {
+            tracing::warn!(request_id = %ctx.request_id, channel = %ch.name, status, "provider answered with a redirect");
+            ex.session.shutdown().await;
+            return Err(GatewayError::UpstreamFailed("redirect"));
+        }
         if matches!(status, 401 | 403 | 429) || status >= 500 {
             if matches!(status, 401 | 403) {
                 tracing::error!(request_id = %ctx.request_id, channel = %ch.name, status, "provider rejected the channel credentials");
