@@ -32,5 +32,5 @@ pub use channel::{Channel, Channels};
 pub use ctx::{
     Ctx, Endpoint, EstimateReason, Outcome, RequestHead, ResponseHeaders, Settlement, UsageReport,
 };
-pub use error::{error_json, GatewayError};
+pub use error::{error_json, GatewayError, Limit};
 pub use request::{RequestBody, RequestFacts};
