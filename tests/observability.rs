@@ -150,7 +150,7 @@ fn assert_timing_headers(r: &reqwest::Response, what: &str) {
         .unwrap()
         .parse()
         .unwrap_or_else(|e| panic!("{what}: X-Response-Time-Ms not a number: {e}"));
-    assert!(rt >= 0.0 && rt < 60_000.0, "{what}: {rt}");
+    assert!((0.0..60_000.0).contains(&rt), "{what}: {rt}");
     let st = h
         .get("server-timing")
         .unwrap_or_else(|| panic!("{what}: no Server-Timing in {h:?}"))
