@@ -6,7 +6,8 @@
 #   bench/relay.sh [TOLLGATE_BIN] [MOCK_BIN]     (defaults: target/release/{tollgate,tollgate-mock})
 #   DURATION=10s THREADS=1 bench/relay.sh
 #   OBSERVE=off bench/relay.sh    metrics filter and access log off (default on: both on,
-#                                 the access log at info level into the gateway's log file)
+#                                 the access log at info level into the gateway's log file;
+#                                 OBSERVE=metrics: the metrics filter only)
 #
 # For the runs through tollgate it also prints the gateway's CPU time per request (user +
 # system, from /proc), which does not depend on how fast the mock or wrk are.
@@ -20,9 +21,11 @@ OBSERVE=${OBSERVE:-on}
 case "$OBSERVE" in
   on) LOG_LEVEL=info; OBSERVE_YAML="metrics: { enabled: true }
 log: { access: true }" ;;
+  metrics) LOG_LEVEL=info; OBSERVE_YAML="metrics: { enabled: true }
+log: { access: false }" ;;
   off) LOG_LEVEL=warn; OBSERVE_YAML="metrics: { enabled: false }
 log: { access: false }" ;;
-  *) echo "OBSERVE must be on or off" >&2; exit 2 ;;
+  *) echo "OBSERVE must be on, metrics or off" >&2; exit 2 ;;
 esac
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 [ -x "$TG" ] && [ -x "$MOCK" ] || cargo build --release -p tollgate -p tollgate-bench --bin tollgate --bin tollgate-mock
