@@ -5,12 +5,28 @@
 #
 #   bench/relay.sh [TOLLGATE_BIN] [MOCK_BIN]     (defaults: target/release/{tollgate,tollgate-mock})
 #   DURATION=10s THREADS=1 bench/relay.sh
+#   OBSERVE=off bench/relay.sh    metrics filter and access log off (default on: both on,
+#                                 the access log at info level into the gateway's log file;
+#                                 OBSERVE=metrics: the metrics filter only)
+#
+# For the runs through tollgate it also prints the gateway's CPU time per request (user +
+# system, from /proc), which does not depend on how fast the mock or wrk are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TG=${1:-target/release/tollgate}
 MOCK=${2:-target/release/tollgate-mock}
 DURATION=${DURATION:-10s}
 THREADS=${THREADS:-1}
+OBSERVE=${OBSERVE:-on}
+case "$OBSERVE" in
+  on) LOG_LEVEL=info; OBSERVE_YAML="metrics: { enabled: true }
+log: { access: true }" ;;
+  metrics) LOG_LEVEL=info; OBSERVE_YAML="metrics: { enabled: true }
+log: { access: false }" ;;
+  off) LOG_LEVEL=warn; OBSERVE_YAML="metrics: { enabled: false }
+log: { access: false }" ;;
+  *) echo "OBSERVE must be on, metrics or off" >&2; exit 2 ;;
+esac
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 [ -x "$TG" ] && [ -x "$MOCK" ] || cargo build --release -p tollgate -p tollgate-bench --bin tollgate --bin tollgate-mock
 
@@ -28,7 +44,7 @@ server:
   listen: "127.0.0.1:$GW_PORT"
   admin_listen: "127.0.0.1:$ADMIN_PORT"
   threads: $THREADS
-  log_level: warn
+  log_level: $LOG_LEVEL
 database: { path: "$work/tollgate.db" }
 channels:
   - { name: mock, base_url: "http://127.0.0.1:$MOCK_PORT", api_key: "sk-bench", models: [gpt-4o-mini], max_concurrency: 4096 }
@@ -37,10 +53,15 @@ pricing:
 limits:
   default: { rpm: 100000000, tpm: 2000000000, concurrency: 4096 }
   ip: { rps: 100000000 }
+$OBSERVE_YAML
 EOF
 "$TG" --config "$work/tollgate.yaml" accounts create bench --balance-usd 1000000 >/dev/null
 KEY=$("$TG" --config "$work/tollgate.yaml" keys create --account bench | tail -n1)
 "$TG" serve --config "$work/tollgate.yaml" >"$work/gw.log" 2>&1 & pids+=($!)
+GW_PID=$!
+CLK_TCK=$(getconf CLK_TCK)
+# user + system CPU ticks of the gateway process
+gw_ticks() { awk '{print $14 + $15}' "/proc/$GW_PID/stat"; }
 for _ in $(seq 100); do
   curl -fs -o /dev/null "http://127.0.0.1:$ADMIN_PORT/readyz" && break
   sleep 0.1
@@ -59,15 +80,22 @@ run() { # name url conns
   if grep -q "Non-2xx\|Socket errors" <<<"$out"; then
     echo "$1 c=$3: INVALID RUN (non-2xx or socket errors)"; echo "$out"; exit 1
   fi
-  local rps p50 p99
+  local rps p50 p99 cpu=""
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  if [ -n "${4:-}" ]; then
+    local n ticks
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+    ticks=$(( $(gw_ticks) - $4 ))
+    cpu=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$n" 'BEGIN { printf "   gateway CPU %.1f us/req", t / hz * 1e6 / n }')
+  fi
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-  printf '%-10s c=%-3s %10s req/s   p50 %-8s p99 %s\n' "$1" "$3" "$rps" "$p50" "$p99"
+  printf '%-10s c=%-3s %10s req/s   p50 %-8s p99 %-8s%s\n' "$1" "$3" "$rps" "$p50" "$p99" "$cpu"
 }
 curl -fsS -o /dev/null -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
   -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' "http://127.0.0.1:$GW_PORT/v1/chat/completions"
 run direct "http://127.0.0.1:$MOCK_PORT" 32
-run tollgate "http://127.0.0.1:$GW_PORT" 32
+echo "observe: $OBSERVE"
+run tollgate "http://127.0.0.1:$GW_PORT" 32 "$(gw_ticks)"
 run direct "http://127.0.0.1:$MOCK_PORT" 1
-run tollgate "http://127.0.0.1:$GW_PORT" 1
+run tollgate "http://127.0.0.1:$GW_PORT" 1 "$(gw_ticks)"

@@ -1,12 +1,14 @@
-//! The admin listener: health, readiness, metrics, and the admin API (accounts, keys,
-//! usage, prices), all behind `Authorization: Bearer <server.admin_token>` (compared in
-//! constant time). With an empty token the listener is open; config validation allows that
-//! only on a loopback address.
+//! The admin listener: health, readiness, metrics, the latency summary, CPU profiles and the
+//! admin API (accounts, keys, usage, prices), all behind `Authorization: Bearer
+//! <server.admin_token>` (compared in constant time). With an empty token the listener is
+//! open; config validation allows that only on a loopback address. `metrics.public` opens
+//! `/metrics`, `/healthz` and `/readyz` (only those) to callers without the token.
 //!
 //! Money goes in as USD (a JSON number or a decimal string, converted from its decimal text
 //! exactly) and comes out as both a decimal string (`*_usd`) and integer nano-USD (`*_nano`).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::BytesMut;
@@ -21,6 +23,8 @@ use tollgate_filters::{error_json, Channels};
 
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::observe::LatencySummary;
+use crate::profiling::{self, ProfileError};
 use crate::service::InFlight;
 use crate::store::usage::{self, GroupBy, UsageFilter};
 use crate::store::{accounts, keys, money, Pool, StoreError};
@@ -29,6 +33,12 @@ const MAX_ADMIN_BODY: usize = 64 * 1024;
 
 pub struct Admin {
     pub token: String,
+    /// `/metrics`, `/healthz` and `/readyz` answer without the token (`metrics.public`).
+    pub public_probes: bool,
+    pub started: Instant,
+    pub summary: Arc<LatencySummary>,
+    /// Default sampling frequency of on-demand profiles (`profiling.frequency_hz`).
+    pub profile_hz: u32,
     pub pool: Pool,
     pub metrics: Arc<Metrics>,
     pub keys: Arc<KeyCache>,
@@ -279,6 +289,135 @@ impl Admin {
         database_ready(&self.pool).await
     }
 
+    /// `GET /admin/status`: what `tollgate status` shows.
+    async fn status(&self) -> Value {
+        let (count, covered_s) = self.summary.rate();
+        let summary = self.summary.json();
+        let channels: Vec<Value> = self
+            .channels
+            .iter()
+            .map(|c| {
+                json!({
+                    "name": c.name,
+                    "up": c.peer().is_some() && c.health.is_available(),
+                    "in_use": c.in_use(),
+                    "max_concurrency": c.max_concurrency,
+                })
+            })
+            .collect();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "commit": env!("TOLLGATE_COMMIT"),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "ready": self.ready().await.err().map_or(Value::String("ready".into()), Value::String),
+            "window_s": self.summary.window().as_secs(),
+            "requests_in_window": count,
+            "requests_per_s": count as f64 / covered_s,
+            "p99_ms": summary["overall"]["total"]["p99_ms"],
+            "overhead_p99_ms": summary["overall"]["gateway_overhead"]["p99_ms"],
+            "in_flight": self.in_flight.count(),
+            "channels": channels,
+            "ledger_lag_rows": self.ledger.queued_rows(),
+        })
+    }
+
+    /// `GET /debug/pprof/profile?seconds=N[&format=svg][&hz=F]`: a CPU profile of the
+    /// whole process, as pprof protobuf (default) or a flamegraph SVG.
+    async fn profile(
+        &self,
+        query: &std::collections::HashMap<String, String>,
+    ) -> Response<Vec<u8>> {
+        let fail = |status: StatusCode, code: &str, msg: &str| {
+            body_response(
+                status,
+                error_json(msg, "invalid_request_error", None, Some(code)).to_vec(),
+            )
+        };
+        let seconds = match query.get("seconds").map(|s| s.parse::<u64>()) {
+            None => 30,
+            Some(Ok(n)) if (1..=profiling::MAX_PROFILE_S).contains(&n) => n,
+            _ => {
+                return fail(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "`seconds` must be an integer from 1 to 300",
+                )
+            }
+        };
+        let hz = match query.get("hz").map(|s| s.parse::<u32>()) {
+            None => self.profile_hz,
+            Some(Ok(n)) if (1..=1000).contains(&n) => n,
+            _ => {
+                return fail(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "`hz` must be an integer from 1 to 1000",
+                )
+            }
+        };
+        let svg = match query.get("format").map(String::as_str) {
+            None | Some("pb") | Some("proto") | Some("protobuf") => false,
+            Some("svg") | Some("flamegraph") => true,
+            Some(_) => {
+                return fail(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "`format` must be `pb` or `svg`",
+                )
+            }
+        };
+        let taken = tokio::task::spawn_blocking(move || {
+            let p = profiling::capture(Duration::from_secs(seconds), hz)?;
+            if svg {
+                p.svg()
+            } else {
+                p.protobuf()
+            }
+        })
+        .await;
+        match taken {
+            Ok(Ok(body)) => Response::builder()
+                .status(StatusCode::OK)
+                .header(
+                    http::header::CONTENT_TYPE,
+                    if svg {
+                        "image/svg+xml"
+                    } else {
+                        "application/octet-stream"
+                    },
+                )
+                .header(
+                    http::header::CONTENT_DISPOSITION,
+                    if svg {
+                        "inline; filename=\"profile.svg\""
+                    } else {
+                        "attachment; filename=\"profile.pb\""
+                    },
+                )
+                .header(http::header::CONTENT_LENGTH, body.len())
+                .body(body)
+                .unwrap_or_default(),
+            Ok(Err(ProfileError::Busy)) => fail(
+                StatusCode::CONFLICT,
+                "profile_in_progress",
+                "A CPU profile is already being taken; retry when it is done.",
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "CPU profile failed");
+                fail(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "The CPU profile failed.",
+                )
+            }
+            Err(_) => fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "The CPU profile failed.",
+            ),
+        }
+    }
+
     async fn body(&self, session: &mut ServerSession) -> Result<Value, Fail> {
         let mut buf = BytesMut::new();
         while let Some(chunk) = session
@@ -478,6 +617,12 @@ impl Admin {
                 }
                 Ok((StatusCode::OK, out))
             }
+            ("GET", ["admin", "metrics", "summary"]) => Ok((StatusCode::OK, self.summary.json())),
+            ("POST", ["admin", "metrics", "reset"]) => {
+                self.summary.reset();
+                Ok((StatusCode::OK, json!({"reset": true})))
+            }
+            ("GET", ["admin", "status"]) => Ok((StatusCode::OK, self.status().await)),
             ("GET", ["admin", "pricing"]) => {
                 let page = crate::pricing_page::PricingPage::new(&self.prices);
                 let group = query.get("group").map(String::as_str);
@@ -499,7 +644,13 @@ impl Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        if !self.authorized(session) || !self.browser_safe(session) {
+        let probe = session.req_header().method == Method::GET
+            && matches!(
+                session.req_header().uri.path(),
+                "/metrics" | "/healthz" | "/readyz"
+            );
+        let open = self.public_probes && probe;
+        if !open && (!self.authorized(session) || !self.browser_safe(session)) {
             return body_response(
                 StatusCode::UNAUTHORIZED,
                 error_json(
@@ -542,6 +693,10 @@ impl ServeHttp for Admin {
                     .header(http::header::CONTENT_LENGTH, body.len())
                     .body(body)
                     .unwrap_or_default();
+            }
+            ("GET", "/debug/pprof/profile") => {
+                let query = query_map(session.req_header().uri.query());
+                return self.profile(&query).await;
             }
             _ => {}
         }

@@ -42,6 +42,12 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// A one-screen health view of a running gateway, from its admin API.
+    Status {
+        /// The admin listener to ask (default: `server.admin_listen` from the config).
+        #[arg(long)]
+        admin: Option<String>,
+    },
     /// Usage and cost from the ledger.
     Usage {
         #[arg(long)]
@@ -179,7 +185,7 @@ pub fn run(cli: Cli) -> CliResult {
         }
         Command::Serve => {
             let cfg = load(&cli.config)?;
-            init_tracing(&cfg.server.log_level);
+            crate::observe::access_log::init(&cfg.server.log_level, &cfg.log);
             crate::server::run(cfg)
         }
         Command::Accounts(cmd) => {
@@ -191,6 +197,22 @@ pub fn run(cli: Cli) -> CliResult {
             let cfg = load(&cli.config)?;
             let pool = open(&cfg)?;
             keys_cmd(&cfg, &pool, cmd)
+        }
+        Command::Status { admin } => {
+            let cfg = load(&cli.config)?;
+            let addr = admin.unwrap_or_else(|| cfg.server.admin_listen.clone());
+            let (code, body) =
+                admin_request(&addr, &cfg.server.admin_token, "GET", "/admin/status")?;
+            if code != 200 {
+                return Err(format!(
+                    "admin listener {addr} answered {code}: {}",
+                    String::from_utf8_lossy(&body)
+                )
+                .into());
+            }
+            let v: serde_json::Value = serde_json::from_slice(&body)?;
+            print!("{}", render_status(&addr, &v));
+            Ok(())
         }
         Command::Bench(BenchCmd::Ledger { rows, accounts }) => {
             let cfg = load(&cli.config)?;
@@ -422,42 +444,140 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
 /// Tells the local gateway's admin listener to drop its key cache, so a revoke is in force
 /// from the very next request.
 fn notify_gateway(cfg: &Config) -> Result<(), String> {
-    let addr: SocketAddr = cfg
-        .server
-        .admin_listen
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let mut s =
-        TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
-    let auth = if cfg.server.admin_token.is_empty() {
-        String::new()
-    } else {
-        format!("Authorization: Bearer {}\r\n", cfg.server.admin_token)
-    };
-    let req = format!(
-        "POST /admin/cache/keys/invalidate HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut status = [0u8; 12];
-    s.read_exact(&mut status).map_err(|e| e.to_string())?;
-    if status.starts_with(b"HTTP/1.1 200") {
+    let (code, _) = admin_request(
+        &cfg.server.admin_listen,
+        &cfg.server.admin_token,
+        "POST",
+        "/admin/cache/keys/invalidate",
+    )?;
+    if code == 200 {
         Ok(())
     } else {
-        Err(format!(
-            "admin listener answered {}",
-            String::from_utf8_lossy(&status[9..])
-        ))
+        Err(format!("admin listener answered {code}"))
     }
 }
 
-pub fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .try_init();
+/// One request to an admin listener (`Connection: close`; the admin answers with a
+/// `Content-Length` body): its status and body. An unspecified listen address
+/// (`0.0.0.0:8081`) is reached on loopback.
+fn admin_request(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+) -> Result<(u16, Vec<u8>), String> {
+    let mut addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("admin address `{addr}`: {e}"))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+        .map_err(|e| format!("cannot reach the admin listener at {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let auth = if token.is_empty() {
+        String::new()
+    } else {
+        format!("Authorization: Bearer {token}\r\n")
+    };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let split = memchr::memmem::find(&raw, b"\r\n\r\n").ok_or("truncated admin answer")?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("unreadable admin answer")?;
+    Ok((code, raw[split + 4..].to_vec()))
+}
+
+/// `tollgate status`: one screen from `GET /admin/status`.
+fn render_status(addr: &str, v: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let num = |f: &str| v[f].as_f64();
+    let ms = |f: &str| num(f).map_or("-".to_string(), |x| format!("{x:.1} ms"));
+    let uptime = v["uptime_s"].as_u64().unwrap_or(0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "tollgate {} ({}) at {addr}: {}",
+        v["version"].as_str().unwrap_or("?"),
+        v["commit"].as_str().unwrap_or("?"),
+        v["ready"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        out,
+        "uptime      {}d {:02}h {:02}m {:02}s",
+        uptime / 86_400,
+        uptime % 86_400 / 3600,
+        uptime % 3600 / 60,
+        uptime % 60
+    );
+    let _ = writeln!(
+        out,
+        "traffic     {:.1} req/s over the last {} s ({} requests), {} in flight",
+        num("requests_per_s").unwrap_or(0.0),
+        v["window_s"].as_u64().unwrap_or(0),
+        v["requests_in_window"].as_u64().unwrap_or(0),
+        v["in_flight"].as_u64().unwrap_or(0)
+    );
+    let _ = writeln!(
+        out,
+        "latency     p99 {}, gateway overhead p99 {}",
+        ms("p99_ms"),
+        ms("overhead_p99_ms")
+    );
+    let channels = v["channels"].as_array().cloned().unwrap_or_default();
+    let up = channels.iter().filter(|c| c["up"] == true).count();
+    let _ = writeln!(out, "channels    {up}/{} up", channels.len());
+    for c in &channels {
+        let _ = writeln!(
+            out,
+            "  {:<24} {:<5} {}/{} slots in use",
+            c["name"].as_str().unwrap_or("?"),
+            if c["up"] == true { "up" } else { "DOWN" },
+            c["in_use"].as_u64().unwrap_or(0),
+            c["max_concurrency"].as_u64().unwrap_or(0)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "ledger lag  {} rows not yet committed",
+        v["ledger_lag_rows"].as_u64().unwrap_or(0)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn status_fits_one_screen_and_names_what_is_down() {
+        let v = serde_json::json!({
+            "version": "0.1.0", "commit": "abc", "ready": "ready", "uptime_s": 90061,
+            "window_s": 60, "requests_in_window": 600, "requests_per_s": 10.0,
+            "p99_ms": 12.5, "overhead_p99_ms": 0.2, "in_flight": 3, "ledger_lag_rows": 7,
+            "channels": [
+                {"name": "a", "up": true, "in_use": 1, "max_concurrency": 8},
+                {"name": "b", "up": false, "in_use": 0, "max_concurrency": 8}
+            ]
+        });
+        let s = super::render_status("127.0.0.1:8081", &v);
+        assert!(s.contains("uptime      1d 01h 01m 01s"), "{s}");
+        assert!(s.contains("10.0 req/s"), "{s}");
+        assert!(s.contains("p99 12.5 ms"), "{s}");
+        assert!(s.contains("channels    1/2 up"), "{s}");
+        assert!(s.contains("b                        DOWN"), "{s}");
+        assert!(s.contains("ledger lag  7 rows"), "{s}");
+        assert!(s.lines().count() < 24);
+    }
 }

@@ -348,6 +348,7 @@ fn commit_with_retry(
                     .ledger_commit
                     .observe(started.elapsed().as_secs_f64());
                 metrics.ledger_rows.inc_by(batch.len() as u64);
+                metrics.ledger_batch_rows.observe(batch.len() as f64);
                 metrics.ledger_queue.sub(batch.len() as i64);
                 queued.fetch_sub(batch.len(), Ordering::SeqCst);
                 on_commit(&committed);

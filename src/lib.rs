@@ -12,6 +12,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod observe;
 pub mod pricing_page;
+pub mod profiling;
 pub mod relay;
 pub mod respond;
 pub mod server;

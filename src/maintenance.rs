@@ -90,6 +90,7 @@ impl BackgroundService for Maintenance {
         let ledger = self.ledger.clone();
         let _ = tokio::task::spawn_blocking(move || ledger.shutdown()).await;
         tracing::info!("shutdown complete");
+        crate::observe::access_log::flush();
         std::process::exit(0);
     }
 }

@@ -1,27 +1,195 @@
 //! Prometheus metrics. One registry, created at start-up and handed to whoever records.
+//!
+//! Label values come from the configuration (routes, the channel table, the models the
+//! channels and the price table name), so every labelled child a request touches is
+//! resolved once: at start-up, or for `tollgate_requests_total` (whose label product is
+//! large and mostly never used) on its first use, into a slot read with one atomic load
+//! after that. Recording a request is then atomics only: no formatting, no lock. A model
+//! name a client sends that is not configured is counted as `other`, never as a label value.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use tollgate_filters::{AttemptOutcome, Channels, Endpoint, EstimateReason, GatewayError};
+
+/// One bucket set for every duration: from 10 µs (time inside the gateway) to 10 minutes
+/// (a long stream), roughly 1-2.5-5 per decade.
+pub const DURATION_BUCKETS: [f64; 24] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// The routes, in label order.
+const ROUTES: [Endpoint; 7] = [
+    Endpoint::Chat,
+    Endpoint::Completions,
+    Endpoint::Embeddings,
+    Endpoint::Responses,
+    Endpoint::Models,
+    Endpoint::OtherV1,
+    Endpoint::Unknown,
+];
+
+fn route_index(e: Endpoint) -> usize {
+    ROUTES
+        .iter()
+        .position(|r| *r == e)
+        .unwrap_or(ROUTES.len() - 1)
+}
+
+/// Statuses with a label of their own; anything else is `other`. `0`: nothing was sent
+/// (the client left first).
+const STATUSES: [u16; 19] = [
+    0, 200, 201, 204, 400, 401, 403, 404, 405, 408, 409, 413, 422, 429, 500, 501, 502, 503, 504,
+];
+
+fn status_index(s: u16) -> usize {
+    STATUSES
+        .iter()
+        .position(|x| *x == s)
+        .unwrap_or(STATUSES.len())
+}
+
+fn status_label(i: usize) -> String {
+    STATUSES
+        .get(i)
+        .map_or_else(|| "other".to_string(), |s| s.to_string())
+}
+
+const ATTEMPT_OUTCOMES: [&str; 9] = [
+    "ok",
+    "status_429",
+    "status_auth",
+    "status_5xx",
+    "status_4xx",
+    "unresolved",
+    "connect_error",
+    "timeout",
+    "io_error",
+];
+
+const ESTIMATE_REASONS: [EstimateReason; 3] = [
+    EstimateReason::Cut,
+    EstimateReason::DrainLimit,
+    EstimateReason::NoUsage,
+];
+
+/// Model label values: `none` (no model: a request refused before its body), `other` (a
+/// name not in the configuration), then the configured names.
+pub struct ModelLabels {
+    names: Vec<String>,
+    index: HashMap<String, usize>,
+}
+
+pub const MODEL_NONE: usize = 0;
+pub const MODEL_OTHER: usize = 1;
+
+impl ModelLabels {
+    pub fn new(configured: impl IntoIterator<Item = String>) -> ModelLabels {
+        let mut names = vec!["none".to_string(), "other".to_string()];
+        let mut index = HashMap::new();
+        for m in configured {
+            if !index.contains_key(&m) && m != "none" && m != "other" {
+                index.insert(m.clone(), names.len());
+                names.push(m);
+            }
+        }
+        ModelLabels { names, index }
+    }
+
+    pub fn of(&self, model: Option<&str>) -> usize {
+        match model {
+            None => MODEL_NONE,
+            Some(m) => self.index.get(m).copied().unwrap_or(MODEL_OTHER),
+        }
+    }
+
+    pub fn name(&self, i: usize) -> &str {
+        &self.names[i]
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Per-model series, resolved at start-up.
+pub struct ModelSeries {
+    pub ttft: Histogram,
+    /// prompt, completion, cached.
+    pub tokens: [IntCounter; 3],
+    cost: Counter,
+    /// The exact sum behind `cost`, in nano-USD; `cost` is set from it at each scrape.
+    cost_nano: AtomicI64,
+}
+
+impl ModelSeries {
+    pub fn add_cost_nano(&self, nano: i64) {
+        self.cost_nano.fetch_add(nano, Ordering::Relaxed);
+    }
+}
+
+/// Per-channel series, resolved at start-up.
+pub struct ChannelSeries {
+    pub upstream_duration: Histogram,
+    /// By [`AttemptOutcome::label`], in [`ATTEMPT_OUTCOMES`] order.
+    attempts: Vec<IntCounter>,
+    up: IntGauge,
+    inflight: IntGauge,
+}
+
+impl ChannelSeries {
+    pub fn attempt(&self, outcome: AttemptOutcome) {
+        let label = outcome.label();
+        if let Some(i) = ATTEMPT_OUTCOMES.iter().position(|o| *o == label) {
+            self.attempts[i].inc();
+        }
+    }
+}
+
+/// The opt-in per-account families (`metrics.account_label`). Accounts are not known at
+/// start-up, so these children are looked up per request: one series per account and
+/// kind, which is why it is off by default.
+pub struct AccountSeries {
+    pub requests: IntCounterVec,
+    pub tokens: IntCounterVec,
+    pub cost: CounterVec,
+}
 
 pub struct Metrics {
     registry: Registry,
-    /// Requests by route and final status.
-    pub requests: IntCounterVec,
-    /// Whole-request latency by route.
-    pub latency: HistogramVec,
-    /// Time to the first body byte sent to the client, by route.
-    pub ttfb: HistogramVec,
-    /// Upstream attempts by channel and outcome (`ok`, `connect_error`, `timeout`, `status_5xx`, ...).
-    pub upstream_attempts: IntCounterVec,
+    pub models: ModelLabels,
+    channel_names: Vec<String>,
+    /// Requests by route, model, channel and final status.
+    requests: IntCounterVec,
+    requests_grid: Box<[OnceLock<IntCounter>]>,
+    /// Whole-request latency by route and stream (`true`/`false`).
+    request_duration: Vec<[Histogram; 2]>,
+    pub gateway_overhead: Histogram,
+    pub per_model: Vec<ModelSeries>,
+    pub per_channel: Vec<ChannelSeries>,
+    ratelimited: Vec<IntCounter>,
+    estimated_usage: Vec<IntCounter>,
+    pub streams_open: IntGauge,
     pub in_flight: IntGauge,
     /// Ledger rows committed.
     pub ledger_rows: IntCounter,
-    /// Ledger rows recorded but not yet committed.
+    /// Ledger rows recorded but not yet committed (`tollgate_ledger_lag_rows`).
     pub ledger_queue: IntGauge,
     /// Duration of one group commit.
     pub ledger_commit: Histogram,
+    /// Rows per group commit.
+    pub ledger_batch_rows: Histogram,
     /// Connections closed before a full request head (probes, resets, slow clients).
     pub abandoned_connections: IntCounter,
     /// Request heads not read within `server.connections.head_timeout_ms`.
@@ -37,134 +205,362 @@ pub struct Metrics {
     /// Rows of refused requests (nothing served, no money moved) not queued while the
     /// ledger was over its bound.
     pub ledger_skipped: IntCounter,
+    /// CPU profiles the monitor wrote (`profiling.cpu_monitor`).
+    pub cpu_profiles: IntCounter,
+    /// Process CPU as the monitor last sampled it, in percent of one core.
+    pub cpu_percent: Gauge,
+    pub accounts: Option<AccountSeries>,
+    channels: OnceLock<Channels>,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    r.expect("valid metric definition")
 }
 
 impl Metrics {
+    /// A registry with no configured models or channels (tools and tests).
     pub fn new() -> Metrics {
+        Metrics::with_labels(ModelLabels::new([]), Vec::new(), false)
+    }
+
+    /// `models`: the configured model names; `channels`: the channel table's names in
+    /// index order; `account_label`: register the per-account families.
+    pub fn with_labels(models: ModelLabels, channels: Vec<String>, account_label: bool) -> Metrics {
         let registry = Registry::new();
-        let buckets = vec![
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            30.0, 60.0, 120.0, 300.0,
-        ];
-        let requests = IntCounterVec::new(
-            Opts::new("tollgate_requests_total", "Requests by route and status"),
-            &["route", "status"],
-        )
-        .expect("valid metric");
-        let latency = HistogramVec::new(
-            HistogramOpts::new("tollgate_request_duration_seconds", "Request latency")
-                .buckets(buckets.clone()),
-            &["route"],
-        )
-        .expect("valid metric");
-        let ttfb = HistogramVec::new(
+        let reg = |c: Box<dyn Collector>| registry.register(c).expect("metric registered once");
+        let hist = |name: &str, help: &str, labels: &[&str]| {
+            let v = must(HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()),
+                labels,
+            ));
+            reg(Box::new(v.clone()));
+            v
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let v = must(IntCounterVec::new(Opts::new(name, help), labels));
+            reg(Box::new(v.clone()));
+            v
+        };
+        let counter = |name: &str, help: &str| {
+            let c = must(IntCounter::new(name, help));
+            reg(Box::new(c.clone()));
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = must(IntGauge::new(name, help));
+            reg(Box::new(g.clone()));
+            g
+        };
+
+        let requests = counter_vec(
+            "tollgate_requests_total",
+            "Requests by route, model, channel and final status",
+            &["route", "model", "channel", "status"],
+        );
+        let grid_len = ROUTES.len() * models.len() * (channels.len() + 1) * (STATUSES.len() + 1);
+        let requests_grid = (0..grid_len).map(|_| OnceLock::new()).collect();
+
+        let duration = hist(
+            "tollgate_request_duration_seconds",
+            "Whole-request latency, as tollgate measures it",
+            &["route", "stream"],
+        );
+        let request_duration = ROUTES
+            .iter()
+            .map(|r| {
+                [
+                    duration.with_label_values(&[r.label(), "false"]),
+                    duration.with_label_values(&[r.label(), "true"]),
+                ]
+            })
+            .collect();
+        let ttft = hist(
+            "tollgate_ttft_seconds",
+            "Time to the first response body byte sent to the client (the first token of a stream), 2xx only",
+            &["model"],
+        );
+        let upstream = hist(
+            "tollgate_upstream_duration_seconds",
+            "Time spent waiting on the provider per served request (every attempt's head, then the body), by the channel that served it",
+            &["channel"],
+        );
+        let gateway_overhead = must(Histogram::with_opts(
             HistogramOpts::new(
-                "tollgate_time_to_first_byte_seconds",
-                "Time to the first response body byte sent to the client",
+                "tollgate_gateway_overhead_seconds",
+                "Time inside tollgate per request: the whole request less the time waiting on providers",
             )
-            .buckets(buckets),
-            &["route"],
-        )
-        .expect("valid metric");
-        let upstream_attempts = IntCounterVec::new(
+            .buckets(DURATION_BUCKETS.to_vec()),
+        ));
+        reg(Box::new(gateway_overhead.clone()));
+        let tokens = counter_vec(
+            "tollgate_tokens_total",
+            "Tokens settled (reported by the provider, or estimated), by model and kind",
+            &["model", "kind"],
+        );
+        let cost = must(CounterVec::new(
             Opts::new(
-                "tollgate_upstream_attempts_total",
-                "Upstream attempts by channel and outcome",
+                "tollgate_cost_usd_total",
+                "USD charged to accounts, by model (the ledger's integer amounts)",
             ),
+            &["model"],
+        ));
+        reg(Box::new(cost.clone()));
+        let per_model = (0..models.len())
+            .map(|i| {
+                let m = models.name(i);
+                ModelSeries {
+                    ttft: ttft.with_label_values(&[m]),
+                    tokens: ["prompt", "completion", "cached"]
+                        .map(|k| tokens.with_label_values(&[m, k])),
+                    cost: cost.with_label_values(&[m]),
+                    cost_nano: AtomicI64::new(0),
+                }
+            })
+            .collect();
+
+        let attempts = counter_vec(
+            "tollgate_upstream_attempts_total",
+            "Upstream attempts by channel and outcome",
             &["channel", "outcome"],
-        )
-        .expect("valid metric");
-        let in_flight = IntGauge::new("tollgate_in_flight_requests", "Requests being served")
-            .expect("valid metric");
-        let ledger_rows = IntCounter::new("tollgate_ledger_rows_total", "Ledger rows committed")
-            .expect("valid metric");
-        let ledger_queue = IntGauge::new(
-            "tollgate_ledger_queue_rows",
-            "Ledger rows recorded but not yet committed",
-        )
-        .expect("valid metric");
-        let ledger_commit = Histogram::with_opts(
+        );
+        let up = must(IntGaugeVec::new(
+            Opts::new(
+                "tollgate_channel_up",
+                "1 when the channel's address is resolved and its health breaker lets traffic through",
+            ),
+            &["channel"],
+        ));
+        reg(Box::new(up.clone()));
+        let inflight = must(IntGaugeVec::new(
+            Opts::new(
+                "tollgate_channel_inflight",
+                "Requests holding one of the channel's concurrency slots",
+            ),
+            &["channel"],
+        ));
+        reg(Box::new(inflight.clone()));
+        let per_channel = channels
+            .iter()
+            .map(|c| ChannelSeries {
+                upstream_duration: upstream.with_label_values(&[c]),
+                attempts: ATTEMPT_OUTCOMES
+                    .iter()
+                    .map(|o| attempts.with_label_values(&[c.as_str(), o]))
+                    .collect(),
+                up: up.with_label_values(&[c]),
+                inflight: inflight.with_label_values(&[c]),
+            })
+            .collect();
+
+        let limited = counter_vec(
+            "tollgate_ratelimited_total",
+            "Requests tollgate refused under a limit of its own, by reason",
+            &["reason"],
+        );
+        let ratelimited = GatewayError::LIMIT_REASONS
+            .iter()
+            .map(|r| limited.with_label_values(&[r]))
+            .collect();
+        let estimated = counter_vec(
+            "tollgate_estimated_usage_total",
+            "Requests settled on an estimate because no usage arrived, by reason",
+            &["reason"],
+        );
+        let estimated_usage = ESTIMATE_REASONS
+            .iter()
+            .map(|r| estimated.with_label_values(&[r.label()]))
+            .collect();
+
+        let ledger_commit = must(Histogram::with_opts(
             HistogramOpts::new(
                 "tollgate_ledger_commit_seconds",
                 "Duration of one ledger group commit",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
-            ]),
-        )
-        .expect("valid metric");
-        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
-        let abandoned_connections = counter(
-            "tollgate_connections_abandoned_total",
-            "Connections closed before a full request head",
-        );
-        let head_timeouts = counter(
-            "tollgate_request_head_timeouts_total",
-            "Request heads not read within the head deadline",
-        );
-        let malformed_requests = counter(
-            "tollgate_malformed_requests_total",
-            "Request heads that could not be parsed",
-        );
-        let connections_refused = counter(
-            "tollgate_connections_refused_total",
-            "Connections refused at max_connections",
-        );
-        let connections_open =
-            IntGauge::new("tollgate_connections_open", "Client connections open now")
-                .expect("valid metric");
-        let ledger_refused = IntCounter::new(
-            "tollgate_ledger_refused_total",
-            "Requests refused because the ledger queue was over accounting.max_queue_rows",
-        )
-        .expect("valid metric");
-        let ledger_skipped = IntCounter::new(
-            "tollgate_ledger_skipped_rows_total",
-            "Rows of requests that reached no provider and moved no money, not queued while the ledger was over its bound",
-        )
-        .expect("valid metric");
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(latency.clone()),
-            Box::new(ttfb.clone()),
-            Box::new(upstream_attempts.clone()),
-            Box::new(in_flight.clone()),
-            Box::new(ledger_rows.clone()),
-            Box::new(ledger_queue.clone()),
-            Box::new(ledger_commit.clone()),
-            Box::new(abandoned_connections.clone()),
-            Box::new(head_timeouts.clone()),
-            Box::new(malformed_requests.clone()),
-            Box::new(connections_refused.clone()),
-            Box::new(connections_open.clone()),
-            Box::new(ledger_refused.clone()),
-            Box::new(ledger_skipped.clone()),
-        ] {
-            registry.register(c).expect("metric registered once");
-        }
+            .buckets(DURATION_BUCKETS.to_vec()),
+        ));
+        reg(Box::new(ledger_commit.clone()));
+        let ledger_batch_rows = must(Histogram::with_opts(
+            HistogramOpts::new("tollgate_ledger_batch_rows", "Rows per ledger group commit")
+                .buckets(vec![
+                    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+                    10000.0,
+                ]),
+        ));
+        reg(Box::new(ledger_batch_rows.clone()));
+
+        let build = must(IntGaugeVec::new(
+            Opts::new(
+                "tollgate_build_info",
+                "The running build: version and commit",
+            ),
+            &["version", "commit"],
+        ));
+        reg(Box::new(build.clone()));
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("TOLLGATE_COMMIT")])
+            .set(1);
+        let cpu_percent = must(Gauge::new(
+            "tollgate_process_cpu_percent",
+            "Process CPU in percent of one core, as the CPU monitor last sampled it",
+        ));
+        reg(Box::new(cpu_percent.clone()));
+
+        let accounts = account_label.then(|| {
+            let cost = must(CounterVec::new(
+                Opts::new(
+                    "tollgate_account_cost_usd_total",
+                    "USD charged, by account (metrics.account_label)",
+                ),
+                &["account"],
+            ));
+            reg(Box::new(cost.clone()));
+            AccountSeries {
+                requests: counter_vec(
+                    "tollgate_account_requests_total",
+                    "Requests by account (metrics.account_label)",
+                    &["account"],
+                ),
+                tokens: counter_vec(
+                    "tollgate_account_tokens_total",
+                    "Tokens settled, by account and kind (metrics.account_label)",
+                    &["account", "kind"],
+                ),
+                cost,
+            }
+        });
+
         Metrics {
-            registry,
+            models,
+            channel_names: channels,
             requests,
-            latency,
-            ttfb,
-            upstream_attempts,
-            in_flight,
-            ledger_rows,
-            ledger_queue,
+            requests_grid,
+            request_duration,
+            gateway_overhead,
+            per_model,
+            per_channel,
+            ratelimited,
+            estimated_usage,
+            streams_open: gauge(
+                "tollgate_streams_open",
+                "Streaming responses being relayed now",
+            ),
+            in_flight: gauge("tollgate_in_flight_requests", "Requests being served"),
+            ledger_rows: counter("tollgate_ledger_rows_total", "Ledger rows committed"),
+            ledger_queue: gauge(
+                "tollgate_ledger_lag_rows",
+                "Ledger rows recorded but not yet committed",
+            ),
             ledger_commit,
-            abandoned_connections,
-            head_timeouts,
-            malformed_requests,
-            connections_refused,
-            connections_open,
-            ledger_refused,
-            ledger_skipped,
+            ledger_batch_rows,
+            abandoned_connections: counter(
+                "tollgate_connections_abandoned_total",
+                "Connections closed before a full request head",
+            ),
+            head_timeouts: counter(
+                "tollgate_request_head_timeouts_total",
+                "Request heads not read within the head deadline",
+            ),
+            malformed_requests: counter(
+                "tollgate_malformed_requests_total",
+                "Request heads that could not be parsed",
+            ),
+            connections_refused: counter(
+                "tollgate_connections_refused_total",
+                "Connections refused at max_connections",
+            ),
+            connections_open: gauge("tollgate_connections_open", "Client connections open now"),
+            ledger_refused: counter(
+                "tollgate_ledger_refused_total",
+                "Requests refused because the ledger queue was over accounting.max_queue_rows",
+            ),
+            ledger_skipped: counter(
+                "tollgate_ledger_skipped_rows_total",
+                "Rows of requests that reached no provider and moved no money, not queued while the ledger was over its bound",
+            ),
+            cpu_profiles: counter(
+                "tollgate_cpu_profiles_total",
+                "CPU profiles written by the CPU monitor",
+            ),
+            cpu_percent,
+            accounts,
+            channels: OnceLock::new(),
+            registry,
         }
     }
 
-    /// The text exposition format.
+    /// The channel table whose state (`channel_up`, `channel_inflight`) is read at each
+    /// scrape.
+    pub fn watch_channels(&self, channels: Channels) {
+        let _ = self.channels.set(channels);
+    }
+
+    /// Counts one finished request. `channel`: an index into the channel table.
+    pub fn request(&self, route: Endpoint, model: usize, channel: Option<usize>, status: u16) {
+        let n_channels = self.channel_names.len() + 1;
+        let channel = channel
+            .filter(|c| *c < self.channel_names.len())
+            .unwrap_or(self.channel_names.len());
+        let status = status_index(status);
+        let model = model.min(self.models.len() - 1);
+        let slot = ((route_index(route) * self.models.len() + model) * n_channels + channel)
+            * (STATUSES.len() + 1)
+            + status;
+        let Some(cell) = self.requests_grid.get(slot) else {
+            return;
+        };
+        cell.get_or_init(|| {
+            self.requests.with_label_values(&[
+                route.label(),
+                self.models.name(model),
+                self.channel_names
+                    .get(channel)
+                    .map_or("none", String::as_str),
+                &status_label(status),
+            ])
+        })
+        .inc();
+    }
+
+    pub fn request_duration(&self, route: Endpoint, stream: bool) -> &Histogram {
+        &self.request_duration[route_index(route)][usize::from(stream)]
+    }
+
+    /// Counts a refusal by its [`GatewayError::limit_reason`].
+    pub fn ratelimited(&self, reason: &str) {
+        if let Some(i) = GatewayError::LIMIT_REASONS
+            .iter()
+            .position(|r| *r == reason)
+        {
+            self.ratelimited[i].inc();
+        }
+    }
+
+    pub fn estimated(&self, reason: EstimateReason) {
+        if let Some(i) = ESTIMATE_REASONS.iter().position(|r| *r == reason) {
+            self.estimated_usage[i].inc();
+        }
+    }
+
+    pub fn channel(&self, index: usize) -> Option<&ChannelSeries> {
+        self.per_channel.get(index)
+    }
+
+    /// The text exposition format. Brings the scrape-time series up to date first.
     pub fn render(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8192);
+        if let Some(channels) = self.channels.get() {
+            for (c, s) in channels.iter().zip(&self.per_channel) {
+                s.up.set(i64::from(c.peer().is_some() && c.health.is_available()));
+                s.inflight.set(c.in_use() as i64);
+            }
+        }
+        for m in &self.per_model {
+            // Set from the exact integer sum, so the exported value never drifts from the
+            // ledger by float accumulation.
+            let usd = m.cost_nano.load(Ordering::Relaxed) as f64 / 1e9;
+            m.cost.reset();
+            m.cost.inc_by(usd);
+        }
+        let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
@@ -173,5 +569,67 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// Shared handle, as the filters and services hold it.
+pub type SharedMetrics = Arc<Metrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
+    #[test]
+    fn unknown_models_are_counted_as_other_never_as_their_name() {
+        let m = Metrics::with_labels(
+            ModelLabels::new(["gpt-x".to_string()]),
+            vec!["main".into()],
+            false,
+        );
+        let known = m.models.of(Some("gpt-x"));
+        let unknown = m.models.of(Some("attacker-chosen-name"));
+        assert_eq!(unknown, MODEL_OTHER);
+        m.request(Endpoint::Chat, known, Some(0), 200);
+        m.request(Endpoint::Chat, unknown, None, 404);
+        m.request(Endpoint::Chat, unknown, None, 404);
+        m.request(Endpoint::Unknown, MODEL_NONE, None, 799);
+        let t = text(&m);
+        assert!(t.contains(
+            r#"tollgate_requests_total{channel="main",model="gpt-x",route="chat",status="200"} 1"#
+        ));
+        assert!(t.contains(
+            r#"tollgate_requests_total{channel="none",model="other",route="chat",status="404"} 2"#
+        ));
+        assert!(t.contains(r#"model="none",route="unknown",status="other"} 1"#));
+        assert!(!t.contains("attacker"));
+    }
+
+    #[test]
+    fn cost_is_exported_from_the_exact_nano_sum() {
+        let m = Metrics::with_labels(ModelLabels::new(["a".to_string()]), vec![], false);
+        let a = m.models.of(Some("a"));
+        for _ in 0..10 {
+            m.per_model[a].add_cost_nano(100_000_000); // 0.1 USD, not exact in binary
+        }
+        assert!(text(&m).contains(r#"tollgate_cost_usd_total{model="a"} 1"#));
+        // A second scrape does not add it again.
+        assert!(text(&m).contains(r#"tollgate_cost_usd_total{model="a"} 1"#));
+    }
+
+    #[test]
+    fn every_reason_and_build_info_are_exported_from_the_start() {
+        let t = text(&Metrics::new());
+        for r in GatewayError::LIMIT_REASONS {
+            assert!(
+                t.contains(&format!(r#"tollgate_ratelimited_total{{reason="{r}"}} 0"#)),
+                "{r}"
+            );
+        }
+        assert!(t.contains("tollgate_build_info{commit="));
+        assert!(t.contains("tollgate_estimated_usage_total{reason=\"cut\"} 0"));
     }
 }

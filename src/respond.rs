@@ -1,6 +1,6 @@
 //! The one place responses tollgate writes itself are rendered: its errors (OpenAI JSON
 //! with the retry headers), its JSON pages, and the decoration every response carries:
-//! `x-request-id`, the filters' headers and `Server-Timing`.
+//! `x-request-id`, the filters' headers, `X-Response-Time-Ms` and `Server-Timing`.
 
 use bytes::Bytes;
 use http::header;
@@ -8,23 +8,28 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use tollgate_filters::{Ctx, GatewayError};
 
-/// Adds what every response carries: `x-request-id`, the filters' headers (`x-ratelimit-*`)
-/// and `Server-Timing: gateway;dur=…, upstream;dur=…` (milliseconds).
+use crate::observe::{ms, Timings};
+
+/// Adds what every response carries: `x-request-id`, the filters' headers (`x-ratelimit-*`),
+/// `X-Response-Time-Ms` (request head to this response head) and `Server-Timing`, all in
+/// milliseconds as of the response head: `gateway` (time inside tollgate), `upstream` (time
+/// waiting on providers), and on a provider's response `ttft` (to the provider's first
+/// byte, its response head; the first token of a stream follows it).
 pub fn decorate(resp: &mut ResponseHeader, ctx: &Ctx) {
     let _ = resp.insert_header("x-request-id", &ctx.request_id);
     for (k, v) in ctx.response_headers.iter() {
         let _ = resp.insert_header(k, v);
     }
-    let total = ctx.started.elapsed().as_secs_f64() * 1000.0;
-    let upstream = ctx
-        .outcome
-        .upstream_header_time
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-    let timing = format!(
+    let t = Timings::of(ctx);
+    let _ = resp.insert_header("x-response-time-ms", format!("{:.3}", ms(t.total)));
+    let mut timing = format!(
         "gateway;dur={:.3}, upstream;dur={:.3}",
-        (total - upstream).max(0.0),
-        upstream
+        ms(t.gateway),
+        ms(t.upstream)
     );
+    if ctx.outcome.channel.is_some() {
+        timing.push_str(&format!(", ttft;dur={:.3}", ms(t.total)));
+    }
     let _ = resp.insert_header("server-timing", timing);
 }
 
@@ -36,7 +41,7 @@ pub fn json_head(
     ctx: &Ctx,
 ) -> Option<ResponseHeader> {
     let mut resp =
-        ResponseHeader::build(status, Some(5 + extra.len() + ctx.response_headers.len())).ok()?;
+        ResponseHeader::build(status, Some(6 + extra.len() + ctx.response_headers.len())).ok()?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")
         .ok()?;
     resp.insert_header(header::CONTENT_LENGTH, len).ok()?;

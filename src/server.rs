@@ -22,9 +22,10 @@ use crate::config::{Config, Unpriced};
 use crate::connections::Capped;
 use crate::ledger::Ledger;
 use crate::maintenance::{refresh_dns, Maintenance};
-use crate::metrics::Metrics;
-use crate::observe::Observe;
+use crate::metrics::{Metrics, ModelLabels};
+use crate::observe::{AccessLog, LatencySummary, MetricsFilter};
 use crate::pricing_page::PricingPage;
+use crate::profiling::CpuMonitor;
 use crate::relay::{ClientLimits, Relay};
 use crate::service::{Gateway, InFlight, Pipeline};
 use crate::store::{self, accounts::SqliteBalances, keys::SqliteKeys, Pool};
@@ -42,6 +43,7 @@ pub struct Parts {
     pub wallets: Arc<Wallets>,
     pub ledger: Arc<Ledger>,
     pub metrics: Arc<Metrics>,
+    pub summary: Arc<LatencySummary>,
 }
 
 /// **The filter chain, in request order.** This is the one place it is assembled.
@@ -50,9 +52,19 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
     if cfg.limits.ip.rps.is_some() {
         tracing::warn!("limits.ip.rps is deprecated and ignored; the guard counts failed authentications (limits.ip.failed_auth_per_min)");
     }
-    let filters: Vec<Arc<dyn Filter>> = vec![
-        // metrics and the access log; first, so its on_done sees the final state
-        Arc::new(Observe::new(parts.metrics.clone(), parts.channels.clone())),
+    let mut filters: Vec<Arc<dyn Filter>> = Vec::new();
+    // The access log and the metrics come first, so their on_done runs last and sees the
+    // final status and billing's settlement. (The log's line goes out after the metrics.)
+    if cfg.log.access {
+        filters.push(Arc::new(AccessLog::new(parts.channels.clone())));
+    }
+    if cfg.metrics.enabled {
+        filters.push(Arc::new(MetricsFilter::new(
+            parts.metrics.clone(),
+            parts.summary.clone(),
+        )));
+    }
+    filters.extend::<[Arc<dyn Filter>; 6]>([
         // pre-auth guard: refuses an address after too many failed authentications
         Arc::new(IpGuard::new(cfg.limits.ip)),
         // key → account; status, expiry, IP allow-list; then the model allow-list
@@ -74,7 +86,7 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
         )),
         // nearest the provider: asks for stream usage, reads it from every chunk
         Arc::new(UsageFilter),
-    ];
+    ]);
     Chain::new(filters)
 }
 
@@ -110,6 +122,19 @@ pub fn price_table(cfg: &Config) -> PriceTable {
     }
 }
 
+/// The model label values: every model a channel serves or maps, and every priced model.
+pub fn model_labels(cfg: &Config) -> ModelLabels {
+    let mut names: Vec<String> = cfg
+        .channels
+        .iter()
+        .flat_map(|c| c.models.iter().chain(c.model_map.keys()).cloned())
+        .chain(cfg.pricing.models.keys().cloned())
+        .collect();
+    names.sort();
+    names.dedup();
+    ModelLabels::new(names)
+}
+
 pub fn limits_config(cfg: &Config) -> LimitsConfig {
     LimitsConfig {
         default: cfg.limits.default,
@@ -121,7 +146,15 @@ pub fn limits_config(cfg: &Config) -> LimitsConfig {
 /// Runs the gateway until SIGTERM (graceful) or SIGINT (immediate).
 pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let pool = store::open_and_migrate(&cfg.database)?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_labels(
+        model_labels(&cfg),
+        cfg.channels.iter().map(|c| c.name.clone()).collect(),
+        cfg.metrics.account_label,
+    ));
+    let summary = Arc::new(LatencySummary::new(
+        Duration::from_secs(cfg.metrics.summary_window_s),
+        model_labels(&cfg),
+    ));
     let wallets = Arc::new(Wallets::new(Arc::new(SqliteBalances(pool.clone()))));
     let ledger = Arc::new(Ledger::start(
         &cfg.database,
@@ -135,6 +168,7 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         cfg.security.private_upstreams,
     )?;
     refresh_dns(&channels);
+    metrics.watch_channels(channels.clone());
     let parts = Parts {
         pool: pool.clone(),
         keys: Arc::new(KeyCache::new(cfg.auth.clone())),
@@ -148,6 +182,7 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         wallets,
         ledger: ledger.clone(),
         metrics: metrics.clone(),
+        summary: summary.clone(),
     };
     let limits = ClientLimits {
         drain_timeout: Duration::from_millis(cfg.accounting.drain_timeout_ms),
@@ -193,8 +228,15 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let mut proxy = Service::new("tollgate".to_string(), app);
     proxy.add_tcp(&cfg.server.listen);
 
+    if cfg.profiling.cpu_monitor {
+        CpuMonitor::new(cfg.profiling.clone(), metrics.clone()).spawn()?;
+    }
     let admin_app = Admin {
         token: cfg.server.admin_token.clone(),
+        public_probes: cfg.metrics.public,
+        started: std::time::Instant::now(),
+        summary,
+        profile_hz: cfg.profiling.frequency_hz,
         pool: pool.clone(),
         metrics,
         keys: parts.keys.clone(),

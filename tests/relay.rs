@@ -511,7 +511,7 @@ async fn admin_listener_requires_the_token_and_exports_metrics() {
         .unwrap();
     assert_eq!(r.status(), 401);
     // Metrics are recorded in the logging phase, just after the response; poll briefly.
-    let want = r#"tollgate_requests_total{route="chat",status="200"} 1"#;
+    let want = r#"model="m1",route="chat",status="200"} 1"#;
     let mut text = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {

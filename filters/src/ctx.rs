@@ -132,6 +132,10 @@ pub struct Outcome {
     pub attempts: u32,
     /// Time from the first upstream byte being requested to the response header.
     pub upstream_header_time: Option<Duration>,
+    /// All the time spent waiting on providers: every attempt's exchange up to its response
+    /// head, plus reading the committed response's body. The request's total less this is
+    /// the time spent inside tollgate (`tollgate_gateway_overhead_seconds`).
+    pub upstream_time: Duration,
     /// Time to the first body byte sent to the client.
     pub first_byte: Option<Duration>,
     pub error: Option<GatewayError>,
@@ -202,6 +206,9 @@ pub struct Ctx {
     pub usage: UsageReport,
     /// Written once, by [`Ctx::settle`], when the exchange is over.
     pub settlement: Settlement,
+    /// Written by `billing` in its `on_done`: nano-USD charged for the settlement (what the
+    /// ledger row carries). Metrics and the access log read it; `None` when not billed.
+    pub charged_nano: Option<i64>,
     pub response_headers: ResponseHeaders,
     pub outcome: Outcome,
     /// State private to one filter, keyed by its type.
@@ -227,6 +234,7 @@ impl Ctx {
             channel_slot: None,
             usage: UsageReport::default(),
             settlement: Settlement::default(),
+            charged_nano: None,
             response_headers: ResponseHeaders::default(),
             outcome: Outcome::default(),
             ext: http::Extensions::new(),

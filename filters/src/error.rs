@@ -44,15 +44,16 @@ pub enum GatewayError {
         message: String,
         param: Option<&'static str>,
     },
-    #[error("Rate limit reached for {what}. Retry after {}ms.", retry_after.as_millis())]
-    RateLimited {
-        what: &'static str,
-        retry_after: Duration,
-    },
+    #[error("Rate limit reached for {}. Retry after {}ms.", limit.what(), retry_after.as_millis())]
+    RateLimited { limit: Limit, retry_after: Duration },
     #[error("Request too large for this key's tokens per minute: limit {limit}, requested {requested}. Lower max_tokens or the prompt.")]
     OverTokenLimit { limit: u32, requested: u64 },
-    #[error("{0}")]
-    InsufficientQuota(String),
+    #[error("You exceeded your current quota: the account balance does not cover this request.")]
+    InsufficientQuota,
+    /// Also OpenAI's `insufficient_quota`; a variant of its own so the two refusals are
+    /// counted apart (`tollgate_ratelimited_total{reason="budget"}`).
+    #[error("This API key has reached its budget.")]
+    KeyBudgetExceeded,
     #[error("The upstream provider is rate limiting this gateway. Retry later.")]
     UpstreamRateLimited { retry_after: Option<Duration> },
     #[error("The upstream provider failed to answer ({0}).")]
@@ -67,6 +68,28 @@ pub enum GatewayError {
     LedgerBacklogged,
     #[error("Internal gateway error.")]
     Internal,
+}
+
+/// Which per-key or per-address limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    RequestsPerMinute,
+    TokensPerMinute,
+    Concurrency,
+    /// The pre-auth guard: too many failed authentications from one address.
+    FailedAuthPerAddress,
+}
+
+impl Limit {
+    /// The words the error message uses.
+    pub fn what(self) -> &'static str {
+        match self {
+            Limit::RequestsPerMinute => "requests per minute",
+            Limit::TokensPerMinute => "tokens per minute",
+            Limit::Concurrency => "concurrent requests",
+            Limit::FailedAuthPerAddress => "failed authentications from this address",
+        }
+    }
 }
 
 /// Most characters of a client-supplied name (a model) echoed back in an error message.
@@ -130,7 +153,9 @@ impl GatewayError {
             RequestTooLarge { .. } => 413,
             RequestTimeout => 408,
             InvalidRequest { .. } => 400,
-            RateLimited { .. } | InsufficientQuota(_) | OverTokenLimit { .. } => 429,
+            RateLimited { .. } | InsufficientQuota | KeyBudgetExceeded | OverTokenLimit { .. } => {
+                429
+            }
             UpstreamRateLimited { .. } => 429,
             UpstreamFailed(_) => 502,
             NoChannelAvailable | ShuttingDown | LedgerBacklogged => 503,
@@ -151,10 +176,13 @@ impl GatewayError {
             RequestTooLarge { .. } | InvalidRequest { .. } | RequestTimeout => {
                 "invalid_request_error"
             }
-            RateLimited { what, .. } if what.contains("tokens") => "tokens",
+            RateLimited {
+                limit: Limit::TokensPerMinute,
+                ..
+            } => "tokens",
             OverTokenLimit { .. } => "tokens",
             RateLimited { .. } | UpstreamRateLimited { .. } => "requests",
-            InsufficientQuota(_) => "insufficient_quota",
+            InsufficientQuota | KeyBudgetExceeded => "insufficient_quota",
             UpstreamFailed(_) | UpstreamTimeout | NoChannelAvailable | ShuttingDown => {
                 "upstream_error"
             }
@@ -180,7 +208,7 @@ impl GatewayError {
             RateLimited { .. } | UpstreamRateLimited { .. } | OverTokenLimit { .. } => {
                 "rate_limit_exceeded"
             }
-            InsufficientQuota(_) => "insufficient_quota",
+            InsufficientQuota | KeyBudgetExceeded => "insufficient_quota",
             UpstreamFailed(_) => "upstream_error",
             UpstreamTimeout => "upstream_timeout",
             NoChannelAvailable => "no_channel_available",
@@ -200,6 +228,30 @@ impl GatewayError {
         }
     }
 
+    /// Why tollgate refused the request under a limit of its own, as the low-cardinality
+    /// `reason` of `tollgate_ratelimited_total`: `rpm`, `tpm`, `concurrency`, `ip`, `quota`
+    /// (the account balance) or `budget` (the key's). `None` for every other error,
+    /// including a provider's own 429.
+    pub fn limit_reason(&self) -> Option<&'static str> {
+        use GatewayError::*;
+        Some(match self {
+            RateLimited { limit, .. } => match limit {
+                Limit::RequestsPerMinute => "rpm",
+                Limit::TokensPerMinute => "tpm",
+                Limit::Concurrency => "concurrency",
+                Limit::FailedAuthPerAddress => "ip",
+            },
+            OverTokenLimit { .. } => "tpm",
+            InsufficientQuota => "quota",
+            KeyBudgetExceeded => "budget",
+            _ => return None,
+        })
+    }
+
+    /// Every value [`GatewayError::limit_reason`] can return.
+    pub const LIMIT_REASONS: [&'static str; 6] =
+        ["rpm", "tpm", "concurrency", "ip", "quota", "budget"];
+
     /// How long a client should wait before retrying, when that is known.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -218,7 +270,8 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             InvalidApiKey | RevokedApiKey | ExpiredApiKey | MissingApiKey => Some(false),
-            ModelNotAllowed(_) | IpNotAllowed | InsufficientQuota(_) | Unpriced(_) => Some(false),
+            ModelNotAllowed(_) | IpNotAllowed | Unpriced(_) => Some(false),
+            InsufficientQuota | KeyBudgetExceeded => Some(false),
             OverTokenLimit { .. } => Some(false),
             RequestTooLarge { .. } | InvalidRequest { .. } | ModelNotFound(_) => Some(false),
             RateLimited { .. } | UpstreamRateLimited { .. } | LedgerBacklogged => Some(true),
@@ -291,11 +344,7 @@ mod tests {
                 "request_too_large",
             ),
             (GatewayError::invalid("bad"), 400, "invalid_request_error"),
-            (
-                GatewayError::InsufficientQuota("no".into()),
-                429,
-                "insufficient_quota",
-            ),
+            (GatewayError::InsufficientQuota, 429, "insufficient_quota"),
             (GatewayError::UpstreamFailed("x"), 502, "upstream_error"),
             (
                 GatewayError::NoChannelAvailable,
@@ -314,7 +363,7 @@ mod tests {
     #[test]
     fn rate_limit_carries_retry_after_rounded_up() {
         let e = GatewayError::RateLimited {
-            what: "requests",
+            limit: Limit::RequestsPerMinute,
             retry_after: Duration::from_millis(1200),
         };
         let h = e.headers();
@@ -344,9 +393,48 @@ mod tests {
     }
 
     #[test]
+    fn each_refusal_under_a_limit_has_one_reason_and_other_errors_none() {
+        let limited = |limit| GatewayError::RateLimited {
+            limit,
+            retry_after: Duration::from_secs(1),
+        };
+        let cases = [
+            (limited(Limit::RequestsPerMinute), "rpm"),
+            (limited(Limit::TokensPerMinute), "tpm"),
+            (limited(Limit::Concurrency), "concurrency"),
+            (limited(Limit::FailedAuthPerAddress), "ip"),
+            (
+                GatewayError::OverTokenLimit {
+                    limit: 1,
+                    requested: 2,
+                },
+                "tpm",
+            ),
+            (GatewayError::InsufficientQuota, "quota"),
+            (GatewayError::KeyBudgetExceeded, "budget"),
+        ];
+        for (e, reason) in cases {
+            assert_eq!(e.limit_reason(), Some(reason), "{e:?}");
+            assert!(GatewayError::LIMIT_REASONS.contains(&reason));
+        }
+        // Budget and balance refusals keep OpenAI's code, which the SDKs map.
+        assert_eq!(
+            GatewayError::KeyBudgetExceeded.code(),
+            Some("insufficient_quota")
+        );
+        assert_eq!(limited(Limit::TokensPerMinute).kind(), "tokens");
+        assert_eq!(
+            GatewayError::UpstreamRateLimited { retry_after: None }.limit_reason(),
+            None
+        );
+        assert_eq!(GatewayError::InvalidApiKey.limit_reason(), None);
+    }
+
+    #[test]
     fn hopeless_errors_tell_sdks_not_to_retry() {
         for e in [
-            GatewayError::InsufficientQuota("x".into()),
+            GatewayError::InsufficientQuota,
+            GatewayError::KeyBudgetExceeded,
             GatewayError::RevokedApiKey,
             GatewayError::ModelNotAllowed("m".into()),
         ] {

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use pingora_limits::rate::Rate;
 
 use crate::chain::Phases;
-use crate::{Ctx, Filter, GatewayError, RequestHead};
+use crate::{Ctx, Filter, GatewayError, Limit, RequestHead};
 
 /// The window failed authentications are counted in.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -72,7 +72,7 @@ impl IpGuard {
         }
         if self.failures.observe(&ip, 0) >= self.cfg.failed_auth_per_min as isize {
             return Err(GatewayError::RateLimited {
-                what: "failed authentications from this address",
+                limit: Limit::FailedAuthPerAddress,
                 retry_after: WINDOW,
             });
         }
@@ -168,7 +168,7 @@ mod tests {
         // Other refusals after a valid key (limits, upstream errors) do not count either.
         for _ in 0..200 {
             let limited = GatewayError::RateLimited {
-                what: "requests per minute",
+                limit: Limit::RequestsPerMinute,
                 retry_after: Duration::from_secs(1),
             };
             assert!(request(&g, "10.0.0.1", Some(limited)).await);

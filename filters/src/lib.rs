@@ -6,13 +6,13 @@
 //! drives the chain through the phases listed in [`chain`]:
 //!
 //! ```text
-//! on_request_head   observe → ip_guard → auth(key, ip) → limits(rpm, concurrency)
+//! on_request_head   ip_guard → auth(key, ip) → limits(rpm, concurrency)
 //! on_request_body   auth(model) → limits(tpm) → route(plan) → billing(reserve) → usage(inject?)
 //! on_attempt_start  route(channel slot, health probe)
 //! on_attempt_end    route(channel health)                                  (reverse order)
 //! on_response_head  usage(pick the scanner)                                (reverse order)
 //! on_chunk          usage(scan, strip the injected usage event)            (reverse order)
-//! on_done           billing(settle, ledger) → limits(free) → observe(metrics, access log)
+//! on_done           billing(settle, ledger) → limits(free) → metrics → access_log
 //! ```
 
 pub mod auth;
@@ -32,5 +32,5 @@ pub use channel::{Channel, Channels};
 pub use ctx::{
     Ctx, Endpoint, EstimateReason, Outcome, RequestHead, ResponseHeaders, Settlement, UsageReport,
 };
-pub use error::{error_json, GatewayError};
+pub use error::{error_json, GatewayError, Limit};
 pub use request::{RequestBody, RequestFacts};

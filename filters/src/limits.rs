@@ -22,7 +22,7 @@ use async_trait::async_trait;
 
 use crate::chain::Phases;
 use crate::ctx::ResponseHeaders;
-use crate::{Ctx, Filter, GatewayError, RequestHead};
+use crate::{Ctx, Filter, GatewayError, Limit, RequestHead};
 
 /// One set of limits (`limits.default`, a group, or a key's own); `None` means unlimited in
 /// that dimension.
@@ -175,9 +175,9 @@ impl Limits {
         self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn refused(what: &'static str, wait: Duration) -> GatewayError {
+    fn refused(limit: Limit, wait: Duration) -> GatewayError {
         GatewayError::RateLimited {
-            what,
+            limit,
             retry_after: wait.max(Duration::from_millis(1)),
         }
     }
@@ -237,13 +237,13 @@ impl Filter for Limits {
         let st = map.entry(key.id).or_default();
         if let Some(max) = limits.concurrency {
             if st.in_flight >= max {
-                return Err(Self::refused("concurrent requests", Duration::from_secs(1)));
+                return Err(Self::refused(Limit::Concurrency, Duration::from_secs(1)));
             }
         }
         if let Some(rpm) = limits.rpm {
             let taken = st.requests.take(now, 1, rpm);
             self.headers(&mut ctx.response_headers, st, &limits, now);
-            taken.map_err(|wait| Self::refused("requests per minute", wait))?;
+            taken.map_err(|wait| Self::refused(Limit::RequestsPerMinute, wait))?;
         }
         let concurrency = limits.concurrency.is_some();
         if concurrency {
@@ -286,7 +286,7 @@ impl Filter for Limits {
                 hold.tokens = tokens;
             }
             self.headers(&mut ctx.response_headers, st, &limits, now);
-            taken.map_err(|wait| Self::refused("tokens per minute", wait))?;
+            taken.map_err(|wait| Self::refused(Limit::TokensPerMinute, wait))?;
         }
         Ok(())
     }

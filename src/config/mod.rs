@@ -24,6 +24,8 @@ pub use types::{
 
 // One definition of each type, shared with the filters that use it.
 pub use crate::connections::ConnectionLimits;
+pub use crate::observe::{LogConfig, LogFormat, MetricsConfig};
+pub use crate::profiling::ProfilingConfig;
 pub use tollgate_filters::auth::AuthConfig;
 pub use tollgate_filters::channel::{
     ChannelConfig, ChannelKind, PrivateUpstreams, UpstreamPolicy, UpstreamUrl,
@@ -94,6 +96,12 @@ pub struct Config {
     pub routes: Vec<PathRoute>,
     #[serde(default)]
     pub security: SecurityConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub profiling: ProfilingConfig,
 }
 impl Config {
     /// Reads, interpolates, parses and validates a file.

@@ -231,6 +231,45 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
+        let m = &self.metrics;
+        if !(6..=86_400).contains(&m.summary_window_s) {
+            err(
+                "metrics.summary_window_s".into(),
+                "must be between 6 and 86400".into(),
+            );
+        }
+        let p = &self.profiling;
+        if !(p.cpu_threshold_percent > 0.0 && p.cpu_threshold_percent.is_finite()) {
+            err(
+                "profiling.cpu_threshold_percent".into(),
+                "must be a positive number".into(),
+            );
+        }
+        for (field, v) in [
+            ("sample_interval_s", p.sample_interval_s),
+            ("profile_s", p.profile_s),
+            ("keep", p.keep as u64),
+            ("frequency_hz", u64::from(p.frequency_hz)),
+        ] {
+            if v == 0 {
+                err(format!("profiling.{field}"), "must be at least 1".into());
+            }
+        }
+        if p.profile_s > crate::profiling::MAX_PROFILE_S {
+            err(
+                "profiling.profile_s".into(),
+                format!("must be at most {}", crate::profiling::MAX_PROFILE_S),
+            );
+        }
+        if p.frequency_hz > 1000 {
+            err(
+                "profiling.frequency_hz".into(),
+                "must be at most 1000".into(),
+            );
+        }
+        if p.cpu_monitor && p.dir.as_os_str().is_empty() {
+            err("profiling.dir".into(), "must be set".into());
+        }
         errs
     }
 }
@@ -325,7 +364,7 @@ mod tests {
 
     #[test]
     fn every_semantic_error_is_reported_with_its_path() {
-        let yaml = "server:\n  listen: nope\n  admin_listen: 0.0.0.0:9\n  threads: 0\nchannels:\n  - name: a\n    base_url: ftp://x\n    models: [m]\n  - name: a\n    base_url: https://user:secret@h\n    models: []\n";
+        let yaml = "server:\n  listen: nope\n  admin_listen: 0.0.0.0:9\n  threads: 0\nchannels:\n  - name: a\n    base_url: ftp://x\n    models: [m]\n  - name: a\n    base_url: https://user:secret@h\n    models: []\nmetrics: { summary_window_s: 1 }\nprofiling: { cpu_threshold_percent: -1, keep: 0 }\n";
         let e = parse(yaml).unwrap_err();
         let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
         for want in [
@@ -336,6 +375,9 @@ mod tests {
             "channels[1].name",
             "channels[1].base_url",
             "channels[1].models",
+            "metrics.summary_window_s",
+            "profiling.cpu_threshold_percent",
+            "profiling.keep",
         ] {
             assert!(paths.contains(&want), "missing {want} in {paths:?}");
         }

@@ -104,6 +104,7 @@ impl Relay {
             let req = headers::upstream_request(session.req_header(), ch, out.path, body.len())?;
             let started = Instant::now();
             let ex = attempt::exchange(&self.connector, ch, req, body).await;
+            ctx.outcome.upstream_time += started.elapsed();
             let outcome = match &ex {
                 Ok(ex) => AttemptOutcome::Status(ex.status()),
                 Err(o) => *o,

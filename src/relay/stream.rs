@@ -44,6 +44,7 @@ impl Relay {
         let mut drained: u64 = 0;
         let mut drain_deadline = self.drain_deadline(ctx);
         loop {
+            let waited = std::time::Instant::now();
             let read = match drain_deadline {
                 None => ex.session.read_response_body().await,
                 Some(deadline) => {
@@ -57,6 +58,7 @@ impl Relay {
                     }
                 }
             };
+            ctx.outcome.upstream_time += waited.elapsed();
             let mut chunk = match read {
                 Ok(Some(chunk)) if chunk.is_empty() => continue,
                 Ok(Some(chunk)) => chunk,

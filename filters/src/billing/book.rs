@@ -231,12 +231,11 @@ impl Wallets {
             let b = self.lock();
             let over_budget =
                 key.is_some_and(|(k, budget)| b.key_available(k, budget).unwrap_or(0) < amount);
-            GatewayError::InsufficientQuota(if over_budget {
-                "This API key has reached its budget.".into()
+            if over_budget {
+                GatewayError::KeyBudgetExceeded
             } else {
-                "You exceeded your current quota: the account balance does not cover this request."
-                    .into()
-            })
+                GatewayError::InsufficientQuota
+            }
         })
     }
 

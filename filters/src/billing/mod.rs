@@ -193,6 +193,7 @@ impl Filter for Billing {
             ttft_ms: out.first_byte.map(|d| d.as_millis() as u64),
             stream: facts.stream,
         });
+        ctx.charged_nano = Some(charged);
     }
 }
 
