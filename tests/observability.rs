@@ -908,7 +908,10 @@ async fn deploy_files_parse_and_name_only_metrics_tollgate_exports() {
                     .args(["check-config", "--config"])
                     .arg(&path)
                     .env("OPENAI_API_KEY", "sk-test")
-                    .env("TOLLGATE_ADMIN_TOKEN", "k8s-test-admin-token-0123456789abcdef")
+                    .env(
+                        "TOLLGATE_ADMIN_TOKEN",
+                        "k8s-test-admin-token-0123456789abcdef",
+                    )
                     .output()
                     .unwrap();
                 assert!(
