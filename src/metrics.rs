@@ -162,6 +162,13 @@ impl Metrics {
         }
     }
 
+    /// Adds a collector built elsewhere (the admission queue's metrics).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::warn!(error = %e, "metric not registered");
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8192);

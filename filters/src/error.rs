@@ -67,6 +67,19 @@ pub enum GatewayError {
     LedgerBacklogged,
     #[error("Internal gateway error.")]
     Internal,
+    /// The request waited in the admission queue until its deadline.
+    #[error("The request waited {}ms in the queue for {what} and reached its deadline. Retry after {}ms.", waited.as_millis(), retry_after.as_millis())]
+    QueueTimeout {
+        what: &'static str,
+        waited: Duration,
+        retry_after: Duration,
+    },
+    /// The admission queue for this model's channels is at `queue.max_depth`.
+    #[error("The queue for this model is full ({depth} waiting). Retry after {}ms.", retry_after.as_millis())]
+    QueueFull { depth: usize, retry_after: Duration },
+    /// The client closed its connection before an answer (nothing is written).
+    #[error("The client closed the connection.")]
+    ClientGone,
 }
 
 /// Most characters of a client-supplied name (a model) echoed back in an error message.
@@ -131,6 +144,8 @@ impl GatewayError {
             RequestTimeout => 408,
             InvalidRequest { .. } => 400,
             RateLimited { .. } | InsufficientQuota(_) | OverTokenLimit { .. } => 429,
+            QueueTimeout { .. } | QueueFull { .. } => 429,
+            ClientGone => 499,
             UpstreamRateLimited { .. } => 429,
             UpstreamFailed(_) => 502,
             NoChannelAvailable | ShuttingDown | LedgerBacklogged => 503,
@@ -154,6 +169,8 @@ impl GatewayError {
             RateLimited { what, .. } if what.contains("tokens") => "tokens",
             OverTokenLimit { .. } => "tokens",
             RateLimited { .. } | UpstreamRateLimited { .. } => "requests",
+            QueueTimeout { .. } | QueueFull { .. } => "requests",
+            ClientGone => "invalid_request_error",
             InsufficientQuota(_) => "insufficient_quota",
             UpstreamFailed(_) | UpstreamTimeout | NoChannelAvailable | ShuttingDown => {
                 "upstream_error"
@@ -187,6 +204,9 @@ impl GatewayError {
             ShuttingDown => "shutting_down",
             LedgerBacklogged => "ledger_backlogged",
             Internal => "internal_error",
+            QueueTimeout { .. } => "queue_timeout",
+            QueueFull { .. } => "queue_full",
+            ClientGone => "client_closed_request",
         })
     }
 
@@ -205,6 +225,8 @@ impl GatewayError {
         match self {
             GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
             GatewayError::UpstreamRateLimited { retry_after } => *retry_after,
+            GatewayError::QueueTimeout { retry_after, .. }
+            | GatewayError::QueueFull { retry_after, .. } => Some(*retry_after),
             GatewayError::NoChannelAvailable | GatewayError::LedgerBacklogged => {
                 Some(Duration::from_secs(1))
             }
@@ -222,6 +244,7 @@ impl GatewayError {
             OverTokenLimit { .. } => Some(false),
             RequestTooLarge { .. } | InvalidRequest { .. } | ModelNotFound(_) => Some(false),
             RateLimited { .. } | UpstreamRateLimited { .. } | LedgerBacklogged => Some(true),
+            QueueTimeout { .. } | QueueFull { .. } => Some(true),
             _ => None,
         }
     }

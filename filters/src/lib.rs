@@ -23,7 +23,9 @@ mod ctx;
 mod error;
 pub mod ip_guard;
 pub mod limits;
+pub mod media;
 pub mod request;
+pub mod queue;
 pub mod route;
 pub mod usage;
 

@@ -5,6 +5,7 @@
 //! with its path. Nothing downstream reads YAML or looks a setting up by string: each filter
 //! and service gets its own typed section at construction.
 
+mod admission;
 mod interpolate;
 mod locate;
 mod types;
@@ -28,6 +29,7 @@ pub use tollgate_filters::auth::AuthConfig;
 pub use tollgate_filters::channel::{ChannelConfig, ChannelKind, UpstreamUrl};
 pub use tollgate_filters::ip_guard::IpGuardConfig as IpLimit;
 pub use tollgate_filters::limits::LimitSet;
+pub use tollgate_filters::queue::QueueConfig;
 pub use tollgate_filters::route::{PathRoute, RoutingConfig};
 
 /// One configuration problem.
@@ -90,6 +92,9 @@ pub struct Config {
     /// Which channel serves body-less requests under a path prefix.
     #[serde(default)]
     pub routes: Vec<PathRoute>,
+    /// Admission: the priority queue for channel slots and concurrency caps.
+    #[serde(default)]
+    pub queue: QueueConfig,
 }
 impl Config {
     /// Reads, interpolates, parses and validates a file.

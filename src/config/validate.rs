@@ -211,6 +211,7 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
+        errs.extend(self.validate_admission());
         errs
     }
 }
