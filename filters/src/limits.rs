@@ -708,6 +708,7 @@ mod tests {
                 },
             )]),
             default_max_output: 100,
+            ..Default::default()
         })
     }
 
@@ -754,11 +755,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            l.effective(&key),
+            l.key_limits(&key),
             LimitSet {
                 rpm: Some(2),
                 tpm: None,
-                concurrency: Some(1)
+                concurrency: Some(1),
+                ..Default::default()
             }
         );
     }
@@ -786,23 +788,177 @@ mod tests {
             .any(|h| h == ("x-ratelimit-remaining-requests", "0")));
     }
 
-    #[tokio::test]
-    async fn concurrency_is_held_until_done() {
-        let l = limits(LimitSet {
-            concurrency: Some(1),
+    fn scoped(models: &[(&str, LimitSet)], accounts: &[(&str, LimitSet)]) -> Limits {
+        Limits::new(LimitsConfig {
+            models: models.iter().map(|(m, l)| (m.to_string(), *l)).collect(),
+            accounts: accounts.iter().map(|(a, l)| (a.to_string(), *l)).collect(),
+            default_max_output: 100,
+            ..Default::default()
+        })
+    }
+
+    fn rpm(n: u32) -> LimitSet {
+        LimitSet {
+            rpm: Some(n),
+            ..Default::default()
+        }
+    }
+
+    async fn full(l: &Limits, key: &KeyRecord, model: &str) -> (Ctx, Result<(), GatewayError>) {
+        let mut c = ctx_for(key.clone());
+        if let Err(e) = head(l, &mut c).await {
+            return (c, Err(e));
+        }
+        c.facts = Some(crate::RequestFacts {
+            model: model.into(),
+            prompt_tokens_estimate: 10,
+            max_output_tokens: Some(10),
+            choices: 1,
             ..Default::default()
         });
-        let key = KeyRecord {
-            id: 9,
+        let r = l.on_request_body(&mut c).await;
+        (c, r)
+    }
+
+    fn header<'a>(c: &'a Ctx, name: &str) -> Option<&'a str> {
+        c.response_headers.iter().find(|h| h.0 == name).map(|h| h.1)
+    }
+
+    #[tokio::test]
+    async fn a_model_limit_counts_every_key_and_refuses_at_its_threshold() {
+        let l = scoped(&[("gpt-4o", rpm(3))], &[]);
+        let keys: Vec<KeyRecord> = (1..=3)
+            .map(|id| KeyRecord {
+                id,
+                account_id: id,
+                rpm: Some(100),
+                ..Default::default()
+            })
+            .collect();
+        for k in &keys {
+            let (c, r) = full(&l, k, "gpt-4o").await;
+            r.unwrap();
+            // The model's 3/min is tighter than the key's 100/min.
+            assert_eq!(header(&c, "x-ratelimit-limit-requests"), Some("3"));
+        }
+        let (c, r) = full(&l, &keys[0], "gpt-4o").await;
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Some("rate_limit_exceeded"));
+        assert!(e.to_string().contains("on this model"), "{e}");
+        assert_eq!(header(&c, "x-ratelimit-remaining-requests"), Some("0"));
+        // Another model is not limited by it.
+        full(&l, &keys[0], "gpt-4o-mini").await.1.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_account_limit_counts_all_its_keys() {
+        let l = scoped(&[], &[("acme", rpm(2))]);
+        let key = |id| KeyRecord {
+            id,
+            account_id: 7,
+            account: "acme".into(),
             ..Default::default()
         };
-        let mut a = ctx_for(key.clone());
+        full(&l, &key(1), "m").await.1.unwrap();
+        full(&l, &key(2), "m").await.1.unwrap();
+        let (c, r) = full(&l, &key(3), "m").await;
+        assert!(r.unwrap_err().to_string().contains("on this account"));
+        assert_eq!(header(&c, "x-ratelimit-limit-requests"), Some("2"));
+        // Another account's keys are not.
+        let other = KeyRecord {
+            id: 4,
+            account_id: 8,
+            account: "other".into(),
+            ..Default::default()
+        };
+        full(&l, &other, "m").await.1.unwrap();
+    }
+
+    #[tokio::test]
+    async fn key_model_limits_and_the_tightest_tokens_header() {
+        let l = scoped(
+            &[(
+                "m",
+                LimitSet {
+                    tpm: Some(10_000),
+                    ..Default::default()
+                },
+            )],
+            &[],
+        );
+        let key = KeyRecord {
+            id: 1,
+            tpm: Some(100_000),
+            model_limits: vec![(
+                "m".into(),
+                LimitSet {
+                    tpm: Some(50),
+                    ..Default::default()
+                },
+            )],
+            ..Default::default()
+        };
+        let (c, r) = full(&l, &key, "m").await;
+        r.unwrap();
+        // 20 tokens counted; the key-on-model bucket of 50 is the tightest.
+        assert_eq!(header(&c, "x-ratelimit-limit-tokens"), Some("50"));
+        assert_eq!(header(&c, "x-ratelimit-remaining-tokens"), Some("30"));
+        full(&l, &key, "m").await.1.unwrap();
+        let (_, r) = full(&l, &key, "m").await;
+        assert!(r.unwrap_err().to_string().contains("this key on this model"));
+        // A refusal in one scope takes nothing from the others: 60 tokens went to the
+        // model scope for the two admitted requests, none for the refused one.
+        let mut map = l.lock(&Scope::Model("m".into()));
+        let st = map.get_mut(&Scope::Model("m".into())).unwrap();
+        assert_eq!(st.tokens.remaining(l.now(), 10_000), 10_000 - 40);
+    }
+
+    #[tokio::test]
+    async fn images_are_counted_against_images_per_min_and_come_back_when_not_served() {
+        let l = limits(LimitSet {
+            images_per_min: Some(3),
+            ..Default::default()
+        });
+        let facts = crate::RequestFacts {
+            model: "m".into(),
+            max_output_tokens: Some(1),
+            choices: 1,
+            media: crate::media::Media {
+                images: 2,
+                image_tokens: 1530,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut a = ctx_for(KeyRecord::default());
         head(&l, &mut a).await.unwrap();
-        let mut b = ctx_for(key.clone());
-        assert!(head(&l, &mut b).await.is_err());
+        a.facts = Some(facts.clone());
+        l.on_request_body(&mut a).await.unwrap();
+        let mut b = ctx_for(KeyRecord::default());
+        head(&l, &mut b).await.unwrap();
+        b.facts = Some(facts.clone());
+        let e = l.on_request_body(&mut b).await.unwrap_err();
+        assert!(e.to_string().contains("images per minute"), "{e}");
+        // a was not served: its two images come back.
+        a.outcome.status = 502;
+        a.settle();
         l.on_done(&mut a).await;
-        let mut c = ctx_for(key);
-        assert!(head(&l, &mut c).await.is_ok());
+        let mut c = ctx_for(KeyRecord::default());
+        head(&l, &mut c).await.unwrap();
+        c.facts = Some(facts);
+        l.on_request_body(&mut c).await.unwrap();
+        l.on_done(&mut c).await;
+        assert_eq!(l.tokens_held(), 0);
+    }
+
+    #[test]
+    fn model_limit_specs_parse() {
+        let v = LimitSet::parse_model_limits("gpt-4o=rpm:60,tpm:100000").unwrap();
+        assert_eq!(v[0].0, "gpt-4o");
+        assert_eq!((v[0].1.rpm, v[0].1.tpm), (Some(60), Some(100_000)));
+        assert!(LimitSet::parse_model_limits("gpt-4o=rpm:x").is_err());
+        assert!(LimitSet::parse_model_limits("gpt-4o=bogus:1").is_err());
+        assert!(LimitSet::parse_model_limits("rpm:1").is_err());
     }
 
     #[tokio::test]

@@ -845,3 +845,501 @@ impl Filter for Queue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::KeyRecord;
+    use crate::channel::{build_channels, ChannelConfig, HealthConfig};
+    use crate::limits::{Held, LimitHold, LimitSet};
+    use crate::route::PlannedAttempt;
+    use crate::Chain;
+
+    fn channels(caps: &[u32]) -> Channels {
+        let cfgs: Vec<ChannelConfig> = caps
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                serde_json::from_value(serde_json::json!({
+                    "name": format!("c{i}"), "base_url": "http://127.0.0.1:9", "models": ["m"],
+                    "max_concurrency": c,
+                }))
+                .unwrap()
+            })
+            .collect();
+        build_channels(&cfgs, HealthConfig::default()).unwrap()
+    }
+
+    struct Setup {
+        chain: Chain,
+        scheduler: Arc<Scheduler>,
+        chans: Channels,
+    }
+
+    fn setup(caps: &[u32], cfg: QueueConfig) -> Setup {
+        let chans = channels(caps);
+        let scheduler = Scheduler::new(cfg, chans.clone());
+        let chain = Chain::new(vec![Arc::new(Queue::new(scheduler.clone(), 100))]);
+        Setup {
+            chain,
+            scheduler,
+            chans,
+        }
+    }
+
+    fn cfg() -> QueueConfig {
+        QueueConfig {
+            aging_ms: 0,
+            ..QueueConfig::default()
+        }
+    }
+
+    /// A request of `account` at `priority`, planned over every channel.
+    fn ctx(s: &Setup, account: i64, priority: u8, tokens: u64) -> Ctx {
+        let mut c = Ctx::new(format!("r-{account}"));
+        c.key = Some(Arc::new(KeyRecord {
+            id: account * 100,
+            account_id: account,
+            priority: Some(priority),
+            max_priority: Some(9),
+            ..Default::default()
+        }));
+        c.limit_hold = Some(LimitHold {
+            scopes: Vec::new(),
+            tokens,
+        });
+        c.plan = (0..s.chans.len())
+            .map(|channel| PlannedAttempt {
+                channel,
+                upstream_model: None,
+            })
+            .collect();
+        c
+    }
+
+    async fn start(s: &Setup, c: &mut Ctx) -> Result<(), GatewayError> {
+        let at = Attempt {
+            channel: &s.chans[c.plan[0].channel],
+            number: 1,
+        };
+        s.chain.attempt_start(c, &at).await
+    }
+
+    /// Waits (bounded) until `n` requests are queued.
+    async fn queued(s: &Setup, n: usize) {
+        for _ in 0..2000 {
+            if s.scheduler.snapshot().waiting == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("never {n} queued: {:?}", s.scheduler.snapshot());
+    }
+
+    type Order = Arc<Mutex<Vec<String>>>;
+
+    /// Spawns a request that, once admitted, records `name` and ends at once (freeing its
+    /// slot for the next).
+    fn spawn(s: &Arc<Setup>, mut c: Ctx, name: String, order: &Order) -> tokio::task::JoinHandle<()> {
+        let (s, order) = (s.clone(), order.clone());
+        tokio::spawn(async move {
+            let r = start(&s, &mut c).await;
+            order.lock().unwrap().push(if r.is_ok() { name } else { format!("{name}:err") });
+            s.chain.done(&mut c).await;
+        })
+    }
+
+    fn assert_idle(s: &Setup) {
+        let snap = s.scheduler.snapshot();
+        assert_eq!((snap.waiting, snap.concurrency_held), (0, 0), "{snap:?}");
+        for ch in s.chans.iter() {
+            assert_eq!(ch.in_use(), 0, "{}", ch.name);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_high_priority_request_goes_ahead_of_ten_low_ones_queued_before_it() {
+        let s = Arc::new(setup(&[1], cfg()));
+        let order = Order::default();
+        let mut holder = ctx(&s, 1, 5, 10);
+        start(&s, &mut holder).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            tasks.push(spawn(&s, ctx(&s, 1, 1, 10), format!("low{i}"), &order));
+            queued(&s, i + 1).await;
+        }
+        tasks.push(spawn(&s, ctx(&s, 1, 9, 10), "high".into(), &order));
+        queued(&s, 11).await;
+        assert_eq!(s.scheduler.snapshot().by_class[1], 10);
+        s.chain.done(&mut holder).await;
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let got = order.lock().unwrap().clone();
+        let mut want = vec!["high".to_string()];
+        want.extend((0..10).map(|i| format!("low{i}")));
+        assert_eq!(got, want);
+        assert_idle(&s);
+    }
+
+    #[tokio::test]
+    async fn a_request_past_its_deadline_gets_queue_timeout_with_retry_after() {
+        let s = setup(&[1], cfg());
+        let mut holder = ctx(&s, 1, 5, 10);
+        start(&s, &mut holder).await.unwrap();
+        let mut c = ctx(&s, 2, 5, 10);
+        c.admission = Some(Admission {
+            asked_timeout: Some(Duration::from_millis(50)),
+            ..Admission::default()
+        });
+        let t0 = Instant::now();
+        let e = start(&s, &mut c).await.unwrap_err();
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        assert_eq!((e.status(), e.code()), (429, Some("queue_timeout")));
+        assert!(e.retry_after().is_some());
+        assert!(e.to_string().contains("a channel slot"), "{e}");
+        let waited: u64 = c
+            .response_headers
+            .iter()
+            .find(|h| h.0 == WAITED_HEADER)
+            .unwrap()
+            .1
+            .parse()
+            .unwrap();
+        assert!(waited >= 50);
+        assert_eq!(s.scheduler.snapshot().waiting, 0);
+        drop(holder);
+        drop(c);
+        assert_idle(&s);
+    }
+
+    #[tokio::test]
+    async fn a_small_tenant_is_not_starved_by_a_burst_of_another() {
+        let s = Arc::new(setup(&[1], cfg()));
+        let order = Order::default();
+        let mut holder = ctx(&s, 1, 5, 100);
+        start(&s, &mut holder).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            tasks.push(spawn(&s, ctx(&s, 1, 5, 100), format!("big{i}"), &order));
+            queued(&s, i + 1).await;
+        }
+        for i in 0..2 {
+            tasks.push(spawn(&s, ctx(&s, 2, 5, 100), format!("small{i}"), &order));
+            queued(&s, 21 + i).await;
+        }
+        s.chain.done(&mut holder).await;
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let got = order.lock().unwrap().clone();
+        let last_small = got.iter().rposition(|n| n.starts_with("small")).unwrap();
+        // Fair share alternates the two accounts while both wait: the small tenant's two
+        // are among the first four of 22.
+        assert!(last_small < 4, "{got:?}");
+        assert_idle(&s);
+    }
+
+    #[tokio::test]
+    async fn heavier_requests_cost_their_account_more_share() {
+        let s = Arc::new(setup(&[1], cfg()));
+        let order = Order::default();
+        let mut holder = ctx(&s, 9, 5, 1);
+        start(&s, &mut holder).await.unwrap();
+        let mut tasks = Vec::new();
+        // Account 1 sends 1000-token requests, account 2 100-token ones.
+        for i in 0..4 {
+            tasks.push(spawn(&s, ctx(&s, 1, 5, 1000), format!("heavy{i}"), &order));
+            queued(&s, 2 * i + 1).await;
+            tasks.push(spawn(&s, ctx(&s, 2, 5, 100), format!("light{i}"), &order));
+            queued(&s, 2 * i + 2).await;
+        }
+        s.chain.done(&mut holder).await;
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let got = order.lock().unwrap().clone();
+        let first_half: Vec<_> = got[..4].iter().filter(|n| n.starts_with("light")).collect();
+        assert!(first_half.len() >= 3, "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn aging_serves_a_low_priority_request_under_a_stream_of_high_ones() {
+        let s = Arc::new(setup(
+            &[1],
+            QueueConfig {
+                aging_ms: 20,
+                ..QueueConfig::default()
+            },
+        ));
+        let order = Order::default();
+        let mut holder = ctx(&s, 1, 9, 10);
+        start(&s, &mut holder).await.unwrap();
+        let low = spawn(&s, ctx(&s, 2, 0, 10), "low".into(), &order);
+        queued(&s, 1).await;
+        // A steady stream: there is always a high-priority request waiting.
+        let mut highs = Vec::new();
+        for i in 0..3 {
+            highs.push(spawn(&s, ctx(&s, 1, 9, 10), format!("high{i}"), &order));
+        }
+        queued(&s, 4).await;
+        s.chain.done(&mut holder).await;
+        let mut i = 3;
+        while !order.lock().unwrap().iter().any(|n| n == "low") {
+            assert!(i < 2000, "the low request was never served");
+            highs.push(spawn(&s, ctx(&s, 1, 9, 10), format!("high{i}"), &order));
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        low.await.unwrap();
+        for t in highs {
+            t.await.unwrap();
+        }
+        assert_idle(&s);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_dropped_while_queued_leaves_at_once_and_holds_nothing() {
+        let s = setup(&[1], cfg());
+        let mut holder = ctx(&s, 1, 5, 10);
+        start(&s, &mut holder).await.unwrap();
+        let mut c = ctx(&s, 2, 5, 10);
+        {
+            let wait = start(&s, &mut c);
+            // Poll it until it is queued, then drop it (as the relay does when the client
+            // closes its connection).
+            let r = tokio::time::timeout(Duration::from_millis(30), wait).await;
+            assert!(r.is_err(), "still waiting");
+        }
+        assert_eq!(s.scheduler.snapshot().waiting, 0);
+        assert_eq!(s.scheduler.metrics.left.get(), 1);
+        drop(holder);
+        assert_idle(&s);
+    }
+
+    #[tokio::test]
+    async fn a_key_at_its_concurrency_cap_waits_for_its_own_slot() {
+        let s = Arc::new(setup(&[10], cfg()));
+        let capped = |s: &Setup| {
+            let mut c = ctx(s, 1, 5, 10);
+            c.limit_hold = Some(LimitHold {
+                scopes: vec![Held {
+                    scope: Scope::Key(100),
+                    limits: LimitSet {
+                        concurrency: Some(1),
+                        ..Default::default()
+                    },
+                    tokens: 0,
+                    images: 0,
+                    audio_seconds: 0,
+                }],
+                tokens: 10,
+            });
+            c
+        };
+        let mut a = capped(&s);
+        start(&s, &mut a).await.unwrap();
+        let order = Order::default();
+        let b = spawn(&s, capped(&s), "b".into(), &order);
+        queued(&s, 1).await;
+        // Another key is not held up by it.
+        let mut other = ctx(&s, 2, 5, 10);
+        start(&s, &mut other).await.unwrap();
+        assert!(order.lock().unwrap().is_empty());
+        assert_eq!(s.scheduler.snapshot().concurrency_held, 1);
+        s.chain.done(&mut a).await;
+        b.await.unwrap();
+        assert_eq!(order.lock().unwrap().clone(), ["b"]);
+        drop(other);
+        assert_idle(&s);
+    }
+
+    #[tokio::test]
+    async fn a_slot_on_another_channel_of_the_pool_redirects_the_attempt() {
+        let s = setup(&[1, 1], cfg());
+        let mut a = ctx(&s, 1, 5, 10);
+        start(&s, &mut a).await.unwrap();
+        assert_eq!(a.channel_slot.as_ref().unwrap().channel, 0);
+        // The next request is planned on channel 0 first; channel 1 is free.
+        let mut b = ctx(&s, 2, 5, 10);
+        assert!(start(&s, &mut b).await.is_err());
+        assert_eq!(b.plan[0].channel, 1, "the granted channel moved to the front");
+        start(&s, &mut b).await.unwrap();
+        assert_eq!(b.channel_slot.as_ref().unwrap().channel, 1);
+        drop(a);
+        drop(b);
+        assert_idle(&s);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_with_queue_full_and_a_disabled_queue_never_waits() {
+        let s = Arc::new(setup(
+            &[1],
+            QueueConfig {
+                max_depth: 2,
+                ..cfg()
+            },
+        ));
+        let mut holder = ctx(&s, 1, 5, 10);
+        start(&s, &mut holder).await.unwrap();
+        let order = Order::default();
+        let w1 = spawn(&s, ctx(&s, 1, 5, 10), "w1".into(), &order);
+        let w2 = spawn(&s, ctx(&s, 1, 5, 10), "w2".into(), &order);
+        queued(&s, 2).await;
+        let e = start(&s, &mut ctx(&s, 1, 5, 10)).await.unwrap_err();
+        assert_eq!((e.status(), e.code()), (429, Some("queue_full")));
+        assert!(e.retry_after().is_some());
+        s.chain.done(&mut holder).await;
+        w1.await.unwrap();
+        w2.await.unwrap();
+        assert_idle(&s);
+
+        let s = setup(
+            &[1],
+            QueueConfig {
+                enabled: false,
+                ..cfg()
+            },
+        );
+        let mut holder = ctx(&s, 1, 5, 10);
+        start(&s, &mut holder).await.unwrap();
+        let e = start(&s, &mut ctx(&s, 1, 5, 10)).await.unwrap_err();
+        assert_eq!(e, GatewayError::NoChannelAvailable);
+        drop(holder);
+        assert_idle(&s);
+    }
+
+    #[tokio::test]
+    async fn priority_comes_from_the_key_group_default_heavy_and_header() {
+        let mut groups = BTreeMap::new();
+        groups.insert(
+            "batch".to_string(),
+            GroupPriority {
+                priority: Some(2),
+                max_priority: Some(4),
+            },
+        );
+        let s = setup(
+            &[4],
+            QueueConfig {
+                heavy_tokens: 1000,
+                heavy_priority: 1,
+                groups,
+                ..cfg()
+            },
+        );
+        let q = Queue::new(s.scheduler.clone(), 100);
+        let with = |key: KeyRecord, tokens: u64| {
+            let mut c = Ctx::new("r".into());
+            c.key = Some(Arc::new(key));
+            c.limit_hold = Some(LimitHold {
+                scopes: Vec::new(),
+                tokens,
+            });
+            c
+        };
+        let plain = KeyRecord::default();
+        let batch = KeyRecord {
+            group: "batch".into(),
+            ..Default::default()
+        };
+        let own = KeyRecord {
+            priority: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(q.priority(&with(plain.clone(), 10), None), 5);
+        assert_eq!(q.priority(&with(batch.clone(), 10), None), 2);
+        assert_eq!(q.priority(&with(own.clone(), 10), None), 7);
+        // Heavy work defaults lower.
+        assert_eq!(q.priority(&with(own.clone(), 5000), None), 1);
+        // A client may lower, or raise up to max_priority (the group's 4 here).
+        assert_eq!(q.priority(&with(batch.clone(), 10), Some(0)), 0);
+        assert_eq!(q.priority(&with(batch, 10), Some(9)), 4);
+        // Without a max_priority it cannot raise at all.
+        assert_eq!(q.priority(&with(plain, 10), Some(9)), 5);
+        let mut c = with(own, 10);
+        c.facts = Some(crate::RequestFacts {
+            media: crate::media::Media {
+                images: 1,
+                image_tokens: 85,
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        assert_eq!(q.priority(&c, None), 1, "images make a request heavy");
+    }
+
+    #[tokio::test]
+    async fn the_priority_header_must_be_a_class() {
+        let s = setup(&[1], cfg());
+        let mut headers = http::HeaderMap::new();
+        headers.insert(PRIORITY_HEADER, "12".parse().unwrap());
+        let head = RequestHead {
+            method: &http::Method::POST,
+            path: "/v1/chat/completions",
+            headers: &headers,
+            client_ip: None,
+        };
+        let mut c = Ctx::new("r".into());
+        assert_eq!(s.chain.request_head(&mut c, &head).await.unwrap_err().status(), 400);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(PRIORITY_HEADER, "3".parse().unwrap());
+        headers.insert(TIMEOUT_HEADER, "250".parse().unwrap());
+        let head = RequestHead {
+            method: &http::Method::POST,
+            path: "/v1/chat/completions",
+            headers: &headers,
+            client_ip: None,
+        };
+        s.chain.request_head(&mut c, &head).await.unwrap();
+        let a = c.admission.as_ref().unwrap();
+        assert_eq!(
+            (a.asked_priority, a.asked_timeout),
+            (Some(3), Some(Duration::from_millis(250)))
+        );
+    }
+
+    #[tokio::test]
+    async fn two_thousand_mixed_requests_leave_nothing_behind() {
+        let s = Arc::new(setup(
+            &[2, 1],
+            QueueConfig {
+                max_depth: 64,
+                aging_ms: 5,
+                ..cfg()
+            },
+        ));
+        let mut tasks = Vec::new();
+        for i in 0..2000u64 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = ctx(&s, (i % 7) as i64, (i % 10) as u8, 10 + i % 50);
+                if i % 3 == 0 {
+                    c.admission = Some(Admission {
+                        asked_timeout: Some(Duration::from_millis(i % 5)),
+                        ..Admission::default()
+                    });
+                }
+                let fut = start(&s, &mut c);
+                if i % 5 == 0 {
+                    // Leaves while waiting.
+                    let _ = tokio::time::timeout(Duration::from_micros(200), fut).await;
+                } else {
+                    let _ = fut.await;
+                    tokio::task::yield_now().await;
+                }
+                s.chain.done(&mut c).await;
+            }));
+        }
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("bounded")
+                .unwrap();
+        }
+        assert_idle(&s);
+        let m = &s.scheduler.metrics;
+        let total = m.immediate.get() + m.waited.get() + m.timed_out.get() + m.full.get() + m.left.get();
+        assert!(total >= 2000, "every request has an outcome: {total}");
+    }
+}
