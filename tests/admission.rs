@@ -194,7 +194,14 @@ async fn a_high_priority_request_queued_behind_ten_low_ones_is_served_second() {
     want.extend((0..10).map(|i| format!("low{i}")));
     assert_eq!(order, want);
     idle(&gw).await;
-    assert!(metric(&gw, "tollgate_queue_outcomes_total{outcome=\"admitted_after_wait\"}").await >= 11.0);
+    assert!(
+        metric(
+            &gw,
+            "tollgate_queue_outcomes_total{outcome=\"admitted_after_wait\"}"
+        )
+        .await
+            >= 11.0
+    );
     assert!(metric(&gw, "tollgate_queue_wait_seconds_count").await >= 11.0);
 }
 
@@ -214,7 +221,11 @@ async fn a_request_past_its_queue_deadline_gets_queue_timeout_and_never_reaches_
     .await;
     let took = t0.elapsed();
     assert_eq!(r.status(), 429);
-    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
     let waited: u64 = r.headers()["x-tollgate-queue-ms"]
         .to_str()
@@ -225,7 +236,10 @@ async fn a_request_past_its_queue_deadline_gets_queue_timeout_and_never_reaches_
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "queue_timeout");
     // At the deadline: not before it, and long before the configured 20 s.
-    assert!(waited >= 400 && took >= Duration::from_millis(400), "{waited} {took:?}");
+    assert!(
+        waited >= 400 && took >= Duration::from_millis(400),
+        "{waited} {took:?}"
+    );
     assert!(took < Duration::from_secs(10), "{took:?}");
     assert_eq!(mock.requests().len(), seen, "the provider never saw it");
     mock.open_gate();
@@ -330,7 +344,10 @@ async fn aging_serves_a_low_priority_request_under_a_steady_high_priority_stream
     }
     let order = served(&mock);
     let at = order.iter().position(|u| u == "low").unwrap();
-    assert!(at > 1, "high-priority requests went first for a while: {order:?}");
+    assert!(
+        at > 1,
+        "high-priority requests went first for a while: {order:?}"
+    );
     idle(&gw).await;
 }
 
@@ -354,8 +371,14 @@ async fn a_client_that_leaves_while_queued_frees_its_place_reservation_and_token
     queued(&gw, 1).await;
     let during = readyz(&gw).await["admission"].clone();
     // Waiting, it holds its reservation and its tokens/min estimate.
-    assert!(during["reserved_nano"].as_i64() > before["reserved_nano"].as_i64(), "{during}");
-    assert!(during["tokens_held"].as_u64() > before["tokens_held"].as_u64(), "{during}");
+    assert!(
+        during["reserved_nano"].as_i64() > before["reserved_nano"].as_i64(),
+        "{during}"
+    );
+    assert!(
+        during["tokens_held"].as_u64() > before["tokens_held"].as_u64(),
+        "{during}"
+    );
     drop(s);
     // It leaves at once: nothing reads from the client until then, so this is the
     // connection watch at work, well before any deadline (30 s by default).
@@ -365,7 +388,10 @@ async fn a_client_that_leaves_while_queued_frees_its_place_reservation_and_token
         if now["queue"]["waiting"] == 0 && now == before {
             break;
         }
-        assert!(Instant::now() < deadline, "still queued or held: {now} vs {before}");
+        assert!(
+            Instant::now() < deadline,
+            "still queued or held: {now} vs {before}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(metric(&gw, "tollgate_queue_outcomes_total{outcome=\"left\"}").await >= 1.0);
@@ -444,7 +470,10 @@ async fn two_thousand_mixed_queued_requests_leave_no_slot_place_token_or_reserva
     }
     assert_eq!(codes.values().sum::<u32>(), 2000, "{codes:?}");
     assert!(codes.get("200").copied().unwrap_or(0) > 0, "{codes:?}");
-    assert!(codes.get("queue_timeout").copied().unwrap_or(0) > 0, "{codes:?}");
+    assert!(
+        codes.get("queue_timeout").copied().unwrap_or(0) > 0,
+        "{codes:?}"
+    );
     assert!(codes.get("left").copied().unwrap_or(0) > 0, "{codes:?}");
     let v = idle(&gw).await;
     assert_eq!(v["admission"]["queue"]["by_class"], json!(vec![0; 10]));
@@ -462,14 +491,21 @@ async fn per_model_and_per_account_limits_refuse_at_their_threshold_and_headers_
     for i in 0..2 {
         let r = send(&gw, &other, &m2(&format!("x{i}")), &[]).await;
         assert_eq!(r.status(), 200);
-        assert_eq!(r.headers()["x-ratelimit-limit-requests"], "2", "the model's 2/min");
+        assert_eq!(
+            r.headers()["x-ratelimit-limit-requests"],
+            "2",
+            "the model's 2/min"
+        );
     }
     let r = send(&gw, &other, &m2("x3"), &[]).await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
-    assert!(v["error"]["message"].as_str().unwrap().contains("on this model"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("on this model"));
     // Model m is not limited; the key's 100/min is what shows.
     let r = send(&gw, &other, &body("y", json!({})), &[]).await;
     assert_eq!(r.headers()["x-ratelimit-limit-requests"], "100");
@@ -489,7 +525,10 @@ async fn per_model_and_per_account_limits_refuse_at_their_threshold_and_headers_
     let r = send(&gw, &b, &body("a3", json!({})), &[]).await;
     assert_eq!(r.status(), 429);
     let v: Value = r.json().await.unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("on this account"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("on this account"));
 
     // A key's own limit on one model (--model-limits), tighter than everything else.
     let km = new_key(&gw, "km", &["--model-limits", "m=rpm:1,tpm:5000"]);
@@ -556,7 +595,10 @@ async fn two_high_detail_images_are_estimated_and_limited_by_the_tile_formula() 
     let r = send(&gw, &key, &two_images("high"), &[]).await;
     assert_eq!(r.status(), 429);
     let v: Value = r.json().await.unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("images per minute"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("images per minute"));
     idle(&gw).await;
 }
 

@@ -668,7 +668,8 @@ async fn key_limits_refuse_with_retry_after_and_ratelimit_headers() {
         .await
         .unwrap();
     assert_eq!(second.status(), 429);
-    assert_eq!(error_of(second).await.1["error"]["code"], "queue_timeout");
+    let (_, v) = error_of(second).await;
+    assert_eq!(v["error"]["code"], "queue_timeout", "{v}");
     mock.open_gate();
     first.text().await.unwrap();
     // The slot is freed in the logging phase, just after the last byte; allow it a moment.

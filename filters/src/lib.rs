@@ -24,8 +24,8 @@ mod error;
 pub mod ip_guard;
 pub mod limits;
 pub mod media;
-pub mod request;
 pub mod queue;
+pub mod request;
 pub mod route;
 pub mod usage;
 

@@ -57,7 +57,9 @@ impl LimitSet {
             tpm: self.tpm.or(fallback.tpm),
             concurrency: self.concurrency.or(fallback.concurrency),
             images_per_min: self.images_per_min.or(fallback.images_per_min),
-            audio_seconds_per_min: self.audio_seconds_per_min.or(fallback.audio_seconds_per_min),
+            audio_seconds_per_min: self
+                .audio_seconds_per_min
+                .or(fallback.audio_seconds_per_min),
         }
     }
 
@@ -626,10 +628,7 @@ impl Filter for Limits {
                     .map(|pm| (dim.what(&h.scope), pm))
             }) {
                 give_tokens_back(&hold);
-                ctx.limit_hold = Some(LimitHold {
-                    tokens: 0,
-                    ..hold
-                });
+                ctx.limit_hold = Some(LimitHold { tokens: 0, ..hold });
                 return Err(GatewayError::InvalidRequest {
                     message: format!(
                         "This request carries {amount} units and the limit is {limit} {what}."
@@ -905,7 +904,10 @@ mod tests {
         assert_eq!(header(&c, "x-ratelimit-remaining-tokens"), Some("30"));
         full(&l, &key, "m").await.1.unwrap();
         let (_, r) = full(&l, &key, "m").await;
-        assert!(r.unwrap_err().to_string().contains("this key on this model"));
+        assert!(r
+            .unwrap_err()
+            .to_string()
+            .contains("this key on this model"));
         // A refusal in one scope takes nothing from the others: 60 tokens went to the
         // model scope for the two admitted requests, none for the refused one.
         let mut map = l.lock(&Scope::Model("m".into()));

@@ -136,7 +136,10 @@ fn walk(v: &Value, m: &mut Media, depth: usize) {
                 }
                 Some("file") | Some("input_file") => {
                     let f = o.get("file").unwrap_or(v);
-                    let data = f.get("file_data").and_then(Value::as_str).unwrap_or_default();
+                    let data = f
+                        .get("file_data")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
                     m.files = m.files.saturating_add(1);
                     m.file_tokens = m
                         .file_tokens
@@ -182,8 +185,16 @@ fn image_cost(url: &str, detail: &str) -> u64 {
 
 /// Width and height from an image file's header: PNG, GIF, JPEG or WebP.
 pub fn image_size(b: &[u8]) -> Option<(u32, u32)> {
-    let be16 = |i: usize| Some(u32::from(u16::from_be_bytes(b.get(i..i + 2)?.try_into().ok()?)));
-    let le16 = |i: usize| Some(u32::from(u16::from_le_bytes(b.get(i..i + 2)?.try_into().ok()?)));
+    let be16 = |i: usize| {
+        Some(u32::from(u16::from_be_bytes(
+            b.get(i..i + 2)?.try_into().ok()?,
+        )))
+    };
+    let le16 = |i: usize| {
+        Some(u32::from(u16::from_le_bytes(
+            b.get(i..i + 2)?.try_into().ok()?,
+        )))
+    };
     let be32 = |i: usize| Some(u32::from_be_bytes(b.get(i..i + 4)?.try_into().ok()?));
     let le24 = |i: usize| {
         let s = b.get(i..i + 3)?;

@@ -34,7 +34,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
 use serde::Deserialize;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
@@ -180,6 +182,9 @@ impl Admission {
         self.priority
     }
 }
+
+/// A waiter's place in line: class (highest first), fair-share pass, arrival.
+type Rank = (std::cmp::Reverse<u8>, u64, u64);
 
 /// One waiting request.
 struct Waiter {
@@ -387,8 +392,7 @@ impl Scheduler {
 
     fn caps_free(in_flight: &HashMap<Scope, u32>, w: &Waiter) -> bool {
         !w.needs_hold
-            || w
-                .caps
+            || w.caps
                 .iter()
                 .all(|(s, cap)| in_flight.get(s).copied().unwrap_or(0) < *cap)
     }
@@ -411,7 +415,7 @@ impl Scheduler {
         let now = Instant::now();
         loop {
             // (class desc, pass asc, arrival asc)
-            let mut best: Option<((std::cmp::Reverse<u8>, u64, u64), &[usize], usize)> = None;
+            let mut best: Option<(Rank, &[usize], usize)> = None;
             for (key, pool) in &st.pools {
                 for (i, w) in pool.waiters.iter().enumerate() {
                     if w.tx.is_closed()
@@ -459,7 +463,8 @@ impl Scheduler {
             });
             let start = st.pass.get(&w.account).copied().unwrap_or(0).max(st.vtime);
             st.vtime = start;
-            st.pass.insert(w.account, start.saturating_add(w.cost.max(1)));
+            st.pass
+                .insert(w.account, start.saturating_add(w.cost.max(1)));
             if st.pass.len() > 4096 {
                 let v = st.vtime;
                 st.pass.retain(|_, p| *p > v);
@@ -512,7 +517,10 @@ impl Scheduler {
 
     /// Waits for a slot on one of `candidates` (and, when `caps` is given, a place under
     /// each cap) until `deadline`. Dropping the future leaves the queue.
-    #[allow(clippy::too_many_arguments, reason = "one waiter's fields, passed once")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one waiter's fields, passed once"
+    )]
     async fn admit(
         self: &Arc<Self>,
         candidates: &[usize],
@@ -537,23 +545,30 @@ impl Scheduler {
             if depth >= self.cfg.max_depth && self.cfg.enabled {
                 self.metrics.full.inc();
                 let retry_after = st.pools[&key].drain.retry_after(depth, since);
-                return (Err(GatewayError::QueueFull { depth, retry_after }), Duration::ZERO);
+                return (
+                    Err(GatewayError::QueueFull { depth, retry_after }),
+                    Duration::ZERO,
+                );
             }
             st.seq += 1;
             seq = st.seq;
             self.waiting.fetch_add(1, Ordering::SeqCst);
             self.metrics.depth_by_class[usize::from(class)].inc();
-            st.pools.entry(key.clone()).or_default().waiters.push(Waiter {
-                seq,
-                class,
-                since,
-                account,
-                cost,
-                caps: caps.clone(),
-                needs_hold,
-                candidates: candidates.into(),
-                tx,
-            });
+            st.pools
+                .entry(key.clone())
+                .or_default()
+                .waiters
+                .push(Waiter {
+                    seq,
+                    class,
+                    since,
+                    account,
+                    cost,
+                    caps: caps.clone(),
+                    needs_hold,
+                    candidates: candidates.into(),
+                    tx,
+                });
             failed = self.dispatch(&mut st);
         }
         drop(failed);
@@ -585,10 +600,9 @@ impl Scheduler {
             let removed = self.remove(&mut st, &key, seq);
             let what = self.blocked_on(&st, if needs_hold { &caps } else { &[] }, candidates);
             let depth = st.pools.get(&key).map_or(0, |p| p.waiters.len());
-            let retry_after = st
-                .pools
-                .get(&key)
-                .map_or(Duration::from_secs(1), |p| p.drain.retry_after(depth, Instant::now()));
+            let retry_after = st.pools.get(&key).map_or(Duration::from_secs(1), |p| {
+                p.drain.retry_after(depth, Instant::now())
+            });
             (removed, what, retry_after)
         };
         if !removed {
@@ -753,7 +767,10 @@ impl Filter for Queue {
         let channel = attempt.channel.index;
         // The queue redirected this attempt here: the slot is already held.
         if let Some(slot) = &ctx.channel_slot {
-            let tried = ctx.admission.as_ref().is_some_and(|a| a.tried.contains(&slot.channel));
+            let tried = ctx
+                .admission
+                .as_ref()
+                .is_some_and(|a| a.tried.contains(&slot.channel));
             if slot.channel == channel && !tried {
                 if let Some(a) = ctx.admission.as_mut() {
                     a.tried.push(channel);
@@ -805,7 +822,11 @@ impl Filter for Queue {
                 ctx.admission = Some(adm);
                 // A retry that finds no slot reports the earlier failure's kind, not a queue
                 // refusal for a request that did reach a provider.
-                return Err(if first { e } else { GatewayError::NoChannelAvailable });
+                return Err(if first {
+                    e
+                } else {
+                    GatewayError::NoChannelAvailable
+                });
             }
         };
         if let Some(h) = grant.hold {
@@ -940,11 +961,20 @@ mod tests {
 
     /// Spawns a request that, once admitted, records `name` and ends at once (freeing its
     /// slot for the next).
-    fn spawn(s: &Arc<Setup>, mut c: Ctx, name: String, order: &Order) -> tokio::task::JoinHandle<()> {
+    fn spawn(
+        s: &Arc<Setup>,
+        mut c: Ctx,
+        name: String,
+        order: &Order,
+    ) -> tokio::task::JoinHandle<()> {
         let (s, order) = (s.clone(), order.clone());
         tokio::spawn(async move {
             let r = start(&s, &mut c).await;
-            order.lock().unwrap().push(if r.is_ok() { name } else { format!("{name}:err") });
+            order.lock().unwrap().push(if r.is_ok() {
+                name
+            } else {
+                format!("{name}:err")
+            });
             s.chain.done(&mut c).await;
         })
     }
@@ -1163,7 +1193,10 @@ mod tests {
         // The next request is planned on channel 0 first; channel 1 is free.
         let mut b = ctx(&s, 2, 5, 10);
         assert!(start(&s, &mut b).await.is_err());
-        assert_eq!(b.plan[0].channel, 1, "the granted channel moved to the front");
+        assert_eq!(
+            b.plan[0].channel, 1,
+            "the granted channel moved to the front"
+        );
         start(&s, &mut b).await.unwrap();
         assert_eq!(b.channel_slot.as_ref().unwrap().channel, 1);
         drop(a);
@@ -1281,7 +1314,14 @@ mod tests {
             client_ip: None,
         };
         let mut c = Ctx::new("r".into());
-        assert_eq!(s.chain.request_head(&mut c, &head).await.unwrap_err().status(), 400);
+        assert_eq!(
+            s.chain
+                .request_head(&mut c, &head)
+                .await
+                .unwrap_err()
+                .status(),
+            400
+        );
         let mut headers = http::HeaderMap::new();
         headers.insert(PRIORITY_HEADER, "3".parse().unwrap());
         headers.insert(TIMEOUT_HEADER, "250".parse().unwrap());
@@ -1339,7 +1379,8 @@ mod tests {
         }
         assert_idle(&s);
         let m = &s.scheduler.metrics;
-        let total = m.immediate.get() + m.waited.get() + m.timed_out.get() + m.full.get() + m.left.get();
+        let total =
+            m.immediate.get() + m.waited.get() + m.timed_out.get() + m.full.get() + m.left.get();
         assert!(total >= 2000, "every request has an outcome: {total}");
     }
 }

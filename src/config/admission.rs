@@ -46,13 +46,20 @@ impl Config {
                 ("audio_seconds_per_min", l.audio_seconds_per_min),
             ] {
                 if v == Some(0) {
-                    err(format!("{path}.{f}"), "must be at least 1 (omit it for no limit)".into());
+                    err(
+                        format!("{path}.{f}"),
+                        "must be at least 1 (omit it for no limit)".into(),
+                    );
                 }
             }
         };
         let l = &self.limits;
         zero("limits.default".into(), &l.default, &mut err);
-        zero("limits.account_default".into(), &l.account_default, &mut err);
+        zero(
+            "limits.account_default".into(),
+            &l.account_default,
+            &mut err,
+        );
         for (g, set) in &l.groups {
             zero(format!("limits.groups.{g}"), set, &mut err);
         }

@@ -115,7 +115,10 @@ const INFO_COLS: &str =
      k.priority, k.max_priority, k.model_limits";
 
 /// The `model_limits` column; an unreadable value reads as empty.
-fn model_limits_col(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<BTreeMap<String, LimitSet>> {
+fn model_limits_col(
+    r: &rusqlite::Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<BTreeMap<String, LimitSet>> {
     Ok(serde_json::from_str(&r.get::<_, String>(idx)?).unwrap_or_default())
 }
 
