@@ -47,6 +47,8 @@ pub struct Admin {
     pub prices: Arc<PriceTable>,
     pub in_flight: Arc<InFlight>,
     pub channels: Channels,
+    /// The queue, the limits and the reservations, for /readyz.
+    pub admission: Arc<crate::admission::AdmissionView>,
 }
 
 /// An admin failure: status, code, message.
@@ -152,6 +154,28 @@ fn u32_field(v: &Value, field: &str) -> Result<Option<u32>, Fail> {
     }
 }
 
+/// A priority, 0–9 (`null`: none).
+fn priority_field(v: &Value, field: &str) -> Result<Option<u8>, Fail> {
+    match u32_field(v, field)? {
+        Some(p) if p <= 9 => Ok(Some(p as u8)),
+        Some(_) => Err(bad(format!("`{field}` must be 0 to 9"))),
+        None => Ok(None),
+    }
+}
+
+/// `{"gpt-4o": {"rpm": 60, "tpm": 100000}}` (`null`: none).
+fn model_limits_field(
+    v: &Value,
+) -> Result<Option<std::collections::BTreeMap<String, tollgate_filters::limits::LimitSet>>, Fail> {
+    match v.get("model_limits") {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(Default::default())),
+        Some(m) => serde_json::from_value(m.clone())
+            .map(Some)
+            .map_err(|e| bad(format!("`model_limits`: {e}"))),
+    }
+}
+
 fn list_field(v: &Value, field: &str) -> Result<Option<Vec<String>>, Fail> {
     match v.get(field) {
         None | Some(Value::Null) => Ok(None),
@@ -217,6 +241,9 @@ fn key_json(k: &keys::KeyInfo) -> Value {
         "tpm": k.tpm,
         "concurrency": k.concurrency,
         "created_at": k.created_at,
+        "priority": k.priority,
+        "max_priority": k.max_priority,
+        "model_limits": k.model_limits,
     })
 }
 
@@ -540,6 +567,9 @@ impl Admin {
                     concurrency: u32_field(&v, "concurrency")?,
                     expires_at: expiry(&v)?,
                     allow_ips: nets(list_field(&v, "allow_ips")?.unwrap_or_default())?,
+                    priority: priority_field(&v, "priority")?,
+                    max_priority: priority_field(&v, "max_priority")?,
+                    model_limits: model_limits_field(&v)?.unwrap_or_default(),
                 };
                 let (info, secret) = self.store(move |p| keys::create(p, &new)).await?;
                 let mut out = key_json(&info);
@@ -573,6 +603,15 @@ impl Admin {
                         None
                     },
                     allow_ips: list_field(&v, "allow_ips")?.map(nets).transpose()?,
+                    priority: match v.get("priority") {
+                        Some(_) => Some(priority_field(&v, "priority")?),
+                        None => None,
+                    },
+                    max_priority: match v.get("max_priority") {
+                        Some(_) => Some(priority_field(&v, "max_priority")?),
+                        None => None,
+                    },
+                    model_limits: model_limits_field(&v)?,
                     revoked: match v.get("revoked") {
                         None | Some(Value::Null) => None,
                         Some(Value::Bool(b)) => Some(*b),
@@ -676,7 +715,7 @@ impl ServeHttp for Admin {
                             .collect();
                         json_response(
                             StatusCode::OK,
-                            &json!({"status": "ready", "channels": channels}),
+                            &json!({"status": "ready", "channels": channels, "admission": self.admission.json()}),
                         )
                     }
                     Err(why) => json_response(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::config::Config;
+use crate::config::{Config, LimitSet};
 use crate::store::{self, accounts, keys, money, usage, Pool};
 
 #[derive(Parser, Debug)]
@@ -129,6 +129,15 @@ pub struct CreateKey {
     pub tpm: Option<u32>,
     #[arg(long)]
     pub concurrency: Option<u32>,
+    /// Queue priority, 0 (lowest) to 9 (default: the group's, else queue.default_priority).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+    pub priority: Option<u8>,
+    /// Highest priority a client may ask for with `x-tollgate-priority`.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+    pub max_priority: Option<u8>,
+    /// Limits on one model, e.g. `gpt-4o=rpm:60,tpm:100000` (repeat the flag per model).
+    #[arg(long)]
+    pub model_limits: Vec<String>,
     /// Expiry time, RFC 3339 (e.g. 2027-01-01T00:00:00Z).
     #[arg(long)]
     pub expires: Option<String>,
@@ -317,6 +326,17 @@ fn keys_cmd(cfg: &Config, pool: &Pool, cmd: KeysCmd) -> CliResult {
                 concurrency: k.concurrency,
                 expires_at: k.expires.as_deref().map(parse_expiry).transpose()?,
                 allow_ips,
+                priority: k.priority,
+                max_priority: k.max_priority,
+                model_limits: k
+                    .model_limits
+                    .iter()
+                    .map(|s| LimitSet::parse_model_limits(s))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("--model-limits {e}"))?
+                    .into_iter()
+                    .flatten()
+                    .collect(),
             };
             let (info, secret) = keys::create(pool, &new)?;
             println!(

@@ -4,6 +4,7 @@
 //! config → store → filter chain → relay → services.
 
 pub mod admin;
+pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod connections;

@@ -545,6 +545,13 @@ impl Metrics {
         self.per_channel.get(index)
     }
 
+    /// Adds a collector built elsewhere (the admission queue's metrics).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::warn!(error = %e, "metric not registered");
+        }
+    }
+
     /// The text exposition format. Brings the scrape-time series up to date first.
     pub fn render(&self) -> Vec<u8> {
         if let Some(channels) = self.channels.get() {

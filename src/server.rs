@@ -13,6 +13,7 @@ use tollgate_filters::billing::{Billing, ModelRate, PriceTable, UnpricedPolicy, 
 use tollgate_filters::channel::build_channels_with;
 use tollgate_filters::ip_guard::IpGuard;
 use tollgate_filters::limits::{Limits, LimitsConfig};
+use tollgate_filters::queue::{Queue, Scheduler};
 use tollgate_filters::route::{ChannelPicker, Route};
 use tollgate_filters::usage::UsageFilter;
 use tollgate_filters::{Chain, Channels, Filter};
@@ -44,6 +45,10 @@ pub struct Parts {
     pub ledger: Arc<Ledger>,
     pub metrics: Arc<Metrics>,
     pub summary: Arc<LatencySummary>,
+    /// The limits filter, shared with /readyz (tokens counted for requests in flight).
+    pub limits: Arc<Limits>,
+    /// The admission queue's scheduler: channel slots and concurrency places.
+    pub scheduler: Arc<Scheduler>,
 }
 
 /// **The filter chain, in request order.** This is the one place it is assembled.
@@ -64,7 +69,7 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
             parts.summary.clone(),
         )));
     }
-    filters.extend::<[Arc<dyn Filter>; 6]>([
+    filters.extend::<[Arc<dyn Filter>; 7]>([
         // pre-auth guard: refuses an address after too many failed authentications
         Arc::new(IpGuard::new(cfg.limits.ip)),
         // key → account; status, expiry, IP allow-list; then the model allow-list
@@ -72,10 +77,17 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
             Arc::new(SqliteKeys(parts.pool.clone())),
             parts.keys.clone(),
         )),
-        // per key: requests/min and concurrency before the body, tokens/min after it;
-        // on_done: gives back what the settlement says was not used
-        Arc::new(Limits::new(limits_config(cfg))),
-        // model → ordered channel attempts; per attempt: channel slot and health
+        // key and account requests/min before the body; model scopes, tokens/min and media
+        // units after it; on_done: gives back what the settlement says was not used
+        parts.limits.clone(),
+        // reads x-tollgate-priority; per attempt: waits for a channel slot and a place under
+        // the concurrency caps, by priority, fair share and deadline (before route, which
+        // marks the probe of the channel granted)
+        Arc::new(Queue::new(
+            parts.scheduler.clone(),
+            cfg.pricing.default_max_output,
+        )),
+        // model → ordered channel attempts; per attempt: channel health
         Arc::new(Route::new(parts.picker.clone())),
         // worst case → reservation; on_done: the settlement's cost → ledger row
         Arc::new(Billing::new(
@@ -139,6 +151,9 @@ pub fn limits_config(cfg: &Config) -> LimitsConfig {
     LimitsConfig {
         default: cfg.limits.default,
         groups: cfg.limits.groups.clone().into_iter().collect(),
+        accounts: cfg.limits.accounts.clone().into_iter().collect(),
+        account_default: cfg.limits.account_default,
+        models: cfg.limits.models.clone().into_iter().collect(),
         default_max_output: cfg.pricing.default_max_output,
     }
 }
@@ -183,7 +198,12 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         ledger: ledger.clone(),
         metrics: metrics.clone(),
         summary: summary.clone(),
+        limits: Arc::new(Limits::new(limits_config(&cfg))),
+        scheduler: Scheduler::new(cfg.queue.clone(), channels.clone()),
     };
+    for c in parts.scheduler.collectors() {
+        metrics.register(c);
+    }
     let limits = ClientLimits {
         drain_timeout: Duration::from_millis(cfg.accounting.drain_timeout_ms),
         drain_max_bytes: cfg.accounting.drain_max_bytes,
@@ -245,6 +265,11 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         prices: parts.prices.clone(),
         in_flight: in_flight.clone(),
         channels: channels.clone(),
+        admission: Arc::new(crate::admission::AdmissionView {
+            scheduler: parts.scheduler.clone(),
+            limits: parts.limits.clone(),
+            wallets: parts.wallets.clone(),
+        }),
     };
     let mut admin = Service::new("tollgate-admin".to_string(), admin_app);
     admin.add_tcp(&cfg.server.admin_listen);

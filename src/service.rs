@@ -358,7 +358,11 @@ impl Gateway {
             if !session.is_body_done() || e.status() == 401 {
                 session.set_keepalive(None);
             }
-            if rc.ctx.outcome.status == 0 {
+            if e == GatewayError::ClientGone {
+                // Nobody to answer: the status is recorded (499) and the connection closed.
+                session.set_keepalive(None);
+                rc.ctx.outcome.status = e.status();
+            } else if rc.ctx.outcome.status == 0 {
                 write_error(session, &mut rc.ctx, &e).await;
                 if !session.is_body_done() {
                     linger(session).await;

@@ -310,7 +310,10 @@ async fn every_family_is_exported_grows_with_traffic_and_tokens_and_cost_match_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ratelimited_total_counts_each_reason_once_per_refused_request() {
-    let (mock, gw) = start("limits:\n  ip: { failed_auth_per_min: 2 }\n").await;
+    // With the admission queue off, a key at its concurrency cap is refused at once (with
+    // it on, the request would wait for the slot instead).
+    let (mock, gw) =
+        start("limits:\n  ip: { failed_auth_per_min: 2 }\nqueue: { enabled: false }\n").await;
     let cli_ok = |args: &[&str]| {
         let out = gw.cli(args);
         assert!(

@@ -651,14 +651,25 @@ async fn key_limits_refuse_with_retry_after_and_ratelimit_headers() {
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
     assert_eq!(mock.requests().len(), 2);
 
-    // One at a time: a second request while a slow stream runs is refused.
+    // One at a time: a second request while a slow stream runs waits, or with no wait
+    // allowed is refused.
     let one = gw.new_key("solo", &["--concurrency", "1"]);
     // The mock holds the stream after its first chunk until the gate opens.
     let held = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 5, "gate": true}});
     let first = post(&gw, &one, "/v1/chat/completions", &held).await;
     assert_eq!(first.status(), 200);
-    let second = post(&gw, &one, "/v1/chat/completions", &chat("m1")).await;
+    // It does not wait for the slot (the queue would hold it): refused at once.
+    let second = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&one)
+        .header("x-tollgate-queue-timeout-ms", "0")
+        .json(&chat("m1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(second.status(), 429);
+    let (_, v) = error_of(second).await;
+    assert_eq!(v["error"]["code"], "queue_timeout", "{v}");
     mock.open_gate();
     first.text().await.unwrap();
     // The slot is freed in the logging phase, just after the last byte; allow it a moment.

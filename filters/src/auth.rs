@@ -65,6 +65,12 @@ pub struct KeyRecord {
     pub concurrency: Option<u32>,
     /// Spending cap in nano-USD.
     pub budget_nano: Option<i64>,
+    /// Queue priority, 0 (lowest) to 9; `None` takes the group's, else `queue.default_priority`.
+    pub priority: Option<u8>,
+    /// Highest priority a client may ask for with `x-tollgate-priority`; `None`: no raise.
+    pub max_priority: Option<u8>,
+    /// Limits for this key on one model (`--model-limits gpt-4o=rpm:60,tpm:100000`).
+    pub model_limits: Vec<(String, crate::limits::LimitSet)>,
 }
 
 impl KeyRecord {

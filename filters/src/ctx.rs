@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::KeyRecord;
 use crate::billing::{estimate_completion, Reservation, Usage};
 use crate::limits::LimitHold;
+use crate::queue::{Admission, ChannelSlot};
 use crate::route::PlannedAttempt;
 use crate::{GatewayError, RequestFacts};
 
@@ -200,8 +200,10 @@ pub struct Ctx {
     pub reservation: Option<Reservation>,
     /// Written by `limits`.
     pub limit_hold: Option<LimitHold>,
-    /// Written by `route` per attempt: the channel concurrency slot this request holds.
-    pub channel_slot: Option<OwnedSemaphorePermit>,
+    /// Written by `queue` per attempt: the channel concurrency slot this request holds.
+    pub channel_slot: Option<ChannelSlot>,
+    /// Written by `queue`: priority, deadline, time waited, the concurrency place held.
+    pub admission: Option<Admission>,
     /// Written by `usage` while the response passes.
     pub usage: UsageReport,
     /// Written once, by [`Ctx::settle`], when the exchange is over.
@@ -232,6 +234,7 @@ impl Ctx {
             reservation: None,
             limit_hold: None,
             channel_slot: None,
+            admission: None,
             usage: UsageReport::default(),
             settlement: Settlement::default(),
             charged_nano: None,

@@ -68,26 +68,69 @@ pub enum GatewayError {
     LedgerBacklogged,
     #[error("Internal gateway error.")]
     Internal,
+    /// The request waited in the admission queue until its deadline.
+    #[error("The request waited {}ms in the queue for {what} and reached its deadline. Retry after {}ms.", waited.as_millis(), retry_after.as_millis())]
+    QueueTimeout {
+        what: &'static str,
+        waited: Duration,
+        retry_after: Duration,
+    },
+    /// The admission queue for this model's channels is at `queue.max_depth`.
+    #[error("The queue for this model is full ({depth} waiting). Retry after {}ms.", retry_after.as_millis())]
+    QueueFull { depth: usize, retry_after: Duration },
+    /// The client closed its connection before an answer (nothing is written).
+    #[error("The client closed the connection.")]
+    ClientGone,
 }
 
-/// Which per-key or per-address limit refused a request.
+/// Which limit refused a request: a per-minute dimension in the scope that was tightest,
+/// a concurrency cap, or the per-address guard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
-    RequestsPerMinute,
-    TokensPerMinute,
+    RequestsPerMinute(LimitScope),
+    TokensPerMinute(LimitScope),
+    ImagesPerMinute(LimitScope),
+    AudioSecondsPerMinute(LimitScope),
     Concurrency,
     /// The pre-auth guard: too many failed authentications from one address.
     FailedAuthPerAddress,
 }
 
+/// Where a per-minute limit is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitScope {
+    Key,
+    Account,
+    Model,
+    KeyModel,
+}
+
 impl Limit {
     /// The words the error message uses.
     pub fn what(self) -> &'static str {
+        use Limit::*;
+        use LimitScope::*;
         match self {
-            Limit::RequestsPerMinute => "requests per minute",
-            Limit::TokensPerMinute => "tokens per minute",
-            Limit::Concurrency => "concurrent requests",
-            Limit::FailedAuthPerAddress => "failed authentications from this address",
+            RequestsPerMinute(Key) => "requests per minute",
+            RequestsPerMinute(Account) => "requests per minute on this account",
+            RequestsPerMinute(Model) => "requests per minute on this model",
+            RequestsPerMinute(KeyModel) => "requests per minute for this key on this model",
+            TokensPerMinute(Key) => "tokens per minute",
+            TokensPerMinute(Account) => "tokens per minute on this account",
+            TokensPerMinute(Model) => "tokens per minute on this model",
+            TokensPerMinute(KeyModel) => "tokens per minute for this key on this model",
+            ImagesPerMinute(Key) => "images per minute",
+            ImagesPerMinute(Account) => "images per minute on this account",
+            ImagesPerMinute(Model) => "images per minute on this model",
+            ImagesPerMinute(KeyModel) => "images per minute for this key on this model",
+            AudioSecondsPerMinute(Key) => "audio seconds per minute",
+            AudioSecondsPerMinute(Account) => "audio seconds per minute on this account",
+            AudioSecondsPerMinute(Model) => "audio seconds per minute on this model",
+            AudioSecondsPerMinute(KeyModel) => {
+                "audio seconds per minute for this key on this model"
+            }
+            Concurrency => "concurrent requests",
+            FailedAuthPerAddress => "failed authentications from this address",
         }
     }
 }
@@ -156,6 +199,8 @@ impl GatewayError {
             RateLimited { .. } | InsufficientQuota | KeyBudgetExceeded | OverTokenLimit { .. } => {
                 429
             }
+            QueueTimeout { .. } | QueueFull { .. } => 429,
+            ClientGone => 499,
             UpstreamRateLimited { .. } => 429,
             UpstreamFailed(_) => 502,
             NoChannelAvailable | ShuttingDown | LedgerBacklogged => 503,
@@ -177,11 +222,13 @@ impl GatewayError {
                 "invalid_request_error"
             }
             RateLimited {
-                limit: Limit::TokensPerMinute,
+                limit: Limit::TokensPerMinute(_),
                 ..
             } => "tokens",
             OverTokenLimit { .. } => "tokens",
             RateLimited { .. } | UpstreamRateLimited { .. } => "requests",
+            QueueTimeout { .. } | QueueFull { .. } => "requests",
+            ClientGone => "invalid_request_error",
             InsufficientQuota | KeyBudgetExceeded => "insufficient_quota",
             UpstreamFailed(_) | UpstreamTimeout | NoChannelAvailable | ShuttingDown => {
                 "upstream_error"
@@ -215,6 +262,9 @@ impl GatewayError {
             ShuttingDown => "shutting_down",
             LedgerBacklogged => "ledger_backlogged",
             Internal => "internal_error",
+            QueueTimeout { .. } => "queue_timeout",
+            QueueFull { .. } => "queue_full",
+            ClientGone => "client_closed_request",
         })
     }
 
@@ -236,11 +286,15 @@ impl GatewayError {
         use GatewayError::*;
         Some(match self {
             RateLimited { limit, .. } => match limit {
-                Limit::RequestsPerMinute => "rpm",
-                Limit::TokensPerMinute => "tpm",
+                Limit::RequestsPerMinute(_) => "rpm",
+                Limit::TokensPerMinute(_) => "tpm",
+                Limit::ImagesPerMinute(_) => "images",
+                Limit::AudioSecondsPerMinute(_) => "audio",
                 Limit::Concurrency => "concurrency",
                 Limit::FailedAuthPerAddress => "ip",
             },
+            QueueTimeout { .. } => "queue_timeout",
+            QueueFull { .. } => "queue_full",
             OverTokenLimit { .. } => "tpm",
             InsufficientQuota => "quota",
             KeyBudgetExceeded => "budget",
@@ -249,14 +303,26 @@ impl GatewayError {
     }
 
     /// Every value [`GatewayError::limit_reason`] can return.
-    pub const LIMIT_REASONS: [&'static str; 6] =
-        ["rpm", "tpm", "concurrency", "ip", "quota", "budget"];
+    pub const LIMIT_REASONS: [&'static str; 10] = [
+        "rpm",
+        "tpm",
+        "images",
+        "audio",
+        "concurrency",
+        "ip",
+        "quota",
+        "budget",
+        "queue_timeout",
+        "queue_full",
+    ];
 
     /// How long a client should wait before retrying, when that is known.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
             GatewayError::UpstreamRateLimited { retry_after } => *retry_after,
+            GatewayError::QueueTimeout { retry_after, .. }
+            | GatewayError::QueueFull { retry_after, .. } => Some(*retry_after),
             GatewayError::NoChannelAvailable | GatewayError::LedgerBacklogged => {
                 Some(Duration::from_secs(1))
             }
@@ -275,6 +341,7 @@ impl GatewayError {
             OverTokenLimit { .. } => Some(false),
             RequestTooLarge { .. } | InvalidRequest { .. } | ModelNotFound(_) => Some(false),
             RateLimited { .. } | UpstreamRateLimited { .. } | LedgerBacklogged => Some(true),
+            QueueTimeout { .. } | QueueFull { .. } => Some(true),
             _ => None,
         }
     }
@@ -363,7 +430,7 @@ mod tests {
     #[test]
     fn rate_limit_carries_retry_after_rounded_up() {
         let e = GatewayError::RateLimited {
-            limit: Limit::RequestsPerMinute,
+            limit: Limit::RequestsPerMinute(LimitScope::Key),
             retry_after: Duration::from_millis(1200),
         };
         let h = e.headers();
@@ -399,8 +466,8 @@ mod tests {
             retry_after: Duration::from_secs(1),
         };
         let cases = [
-            (limited(Limit::RequestsPerMinute), "rpm"),
-            (limited(Limit::TokensPerMinute), "tpm"),
+            (limited(Limit::RequestsPerMinute(LimitScope::Key)), "rpm"),
+            (limited(Limit::TokensPerMinute(LimitScope::Account)), "tpm"),
             (limited(Limit::Concurrency), "concurrency"),
             (limited(Limit::FailedAuthPerAddress), "ip"),
             (
@@ -422,7 +489,10 @@ mod tests {
             GatewayError::KeyBudgetExceeded.code(),
             Some("insufficient_quota")
         );
-        assert_eq!(limited(Limit::TokensPerMinute).kind(), "tokens");
+        assert_eq!(
+            limited(Limit::TokensPerMinute(LimitScope::Model)).kind(),
+            "tokens"
+        );
         assert_eq!(
             GatewayError::UpstreamRateLimited { retry_after: None }.limit_reason(),
             None

@@ -168,7 +168,7 @@ mod tests {
         // Other refusals after a valid key (limits, upstream errors) do not count either.
         for _ in 0..200 {
             let limited = GatewayError::RateLimited {
-                limit: Limit::RequestsPerMinute,
+                limit: Limit::RequestsPerMinute(crate::LimitScope::Key),
                 retry_after: Duration::from_secs(1),
             };
             assert!(request(&g, "10.0.0.1", Some(limited)).await);

@@ -23,6 +23,8 @@ mod ctx;
 mod error;
 pub mod ip_guard;
 pub mod limits;
+pub mod media;
+pub mod queue;
 pub mod request;
 pub mod route;
 pub mod usage;
@@ -32,5 +34,5 @@ pub use channel::{Channel, Channels};
 pub use ctx::{
     Ctx, Endpoint, EstimateReason, Outcome, RequestHead, ResponseHeaders, Settlement, UsageReport,
 };
-pub use error::{error_json, GatewayError, Limit};
+pub use error::{error_json, GatewayError, Limit, LimitScope};
 pub use request::{RequestBody, RequestFacts};

@@ -1,37 +1,52 @@
-//! `limits`: per-key requests/min, tokens/min and concurrency.
+//! `limits`: requests/min, tokens/min, media units/min and concurrency, per key, per
+//! account, per model and per key per model.
 //!
-//! A key's effective limits are its own values, else its account group's
-//! (`limits.groups`), else `limits.default`. Requests/min and tokens/min are GCRA buckets:
-//! one "theoretical arrival time" per key and dimension, so a bucket is a single number
-//! updated under the lock, with no separate refill bookkeeping to race. A bucket holds a
-//! minute's worth: a key may burst its whole per-minute allowance, then proceeds at the
-//! steady rate.
+//! A key's own limits are its `--rpm/--tpm/--concurrency`, else its account group's
+//! (`limits.groups`), else `limits.default`. An account's are `limits.accounts.<name>`, else
+//! `limits.account_default`; a model's `limits.models.<model>` (all keys together); a key's
+//! per-model ones come from `--model-limits`. Every scope that sets a dimension is checked,
+//! so the tightest decides, and the `x-ratelimit-*` headers report the scope with the least
+//! room left. Requests/min and tokens/min are GCRA buckets: one "theoretical arrival time"
+//! per scope and dimension, a single number updated under the shard lock, with no separate
+//! refill bookkeeping to race. A bucket holds a minute's worth: a scope may burst its whole
+//! per-minute allowance, then proceeds at the steady rate.
 //!
-//! Tokens are counted up front as the prompt estimate plus the output cap (`n ×
-//! max_tokens`, or `default_max_output`; none on routes that generate no output, such as
-//! embeddings), like OpenAI's own estimate; when the response
-//! reports its real usage the difference goes back into the bucket.
+//! Tokens are counted up front as the prompt estimate (text, plus images, audio and files by
+//! their formulas, see [`crate::request::Media`]) plus the output cap (`n × max_tokens`, or
+//! `default_max_output`; none on routes that generate no output, such as embeddings), like
+//! OpenAI's own estimate; when the response reports its real usage the difference goes back
+//! into every bucket it was taken from. Images and audio seconds are counted as units against
+//! `images_per_min` and `audio_seconds_per_min`, and given back when nothing was served.
 //!
-//! Every answer carries OpenAI's `x-ratelimit-*` headers for the dimensions that are limited.
+//! Concurrency is not counted here: a request at a concurrency cap waits in the admission
+//! queue ([`crate::queue`]), which reads the caps from [`LimitHold::concurrency_caps`].
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use crate::chain::Phases;
 use crate::ctx::ResponseHeaders;
-use crate::{Ctx, Filter, GatewayError, Limit, RequestHead};
+use crate::{Ctx, Filter, GatewayError, Limit, LimitScope, RequestHead};
 
-/// One set of limits (`limits.default`, a group, or a key's own); `None` means unlimited in
-/// that dimension.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+/// One set of limits (`limits.default`, a group, an account, a model, or a key's own);
+/// `None` means unlimited in that dimension.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitSet {
     pub rpm: Option<u32>,
     pub tpm: Option<u32>,
     pub concurrency: Option<u32>,
+    /// Images per minute (each image in a request is one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_per_min: Option<u32>,
+    /// Seconds of input audio per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio_seconds_per_min: Option<u32>,
 }
 
 impl LimitSet {
@@ -41,7 +56,58 @@ impl LimitSet {
             rpm: self.rpm.or(fallback.rpm),
             tpm: self.tpm.or(fallback.tpm),
             concurrency: self.concurrency.or(fallback.concurrency),
+            images_per_min: self.images_per_min.or(fallback.images_per_min),
+            audio_seconds_per_min: self
+                .audio_seconds_per_min
+                .or(fallback.audio_seconds_per_min),
         }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == LimitSet::default()
+    }
+
+    /// Parses `rpm:60,tpm:100000,concurrency:2,images_per_min:10,audio_seconds_per_min:600`.
+    pub fn parse_spec(spec: &str) -> Result<LimitSet, String> {
+        let mut l = LimitSet::default();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, value) = part
+                .split_once(':')
+                .ok_or_else(|| format!("`{part}`: expected name:value"))?;
+            let v: u32 = value
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{part}`: the value must be a whole number"))?;
+            let slot = match name.trim() {
+                "rpm" => &mut l.rpm,
+                "tpm" => &mut l.tpm,
+                "concurrency" => &mut l.concurrency,
+                "images_per_min" | "ipm" => &mut l.images_per_min,
+                "audio_seconds_per_min" | "aspm" => &mut l.audio_seconds_per_min,
+                other => return Err(format!("`{other}`: unknown limit (rpm, tpm, concurrency, images_per_min, audio_seconds_per_min)")),
+            };
+            *slot = Some(v);
+        }
+        Ok(l)
+    }
+
+    /// Parses `--model-limits gpt-4o=rpm:60,tpm:100000;gpt-4o-mini=rpm:600` (models apart by
+    /// `;`, or one `model=spec` per flag).
+    pub fn parse_model_limits(spec: &str) -> Result<Vec<(String, LimitSet)>, String> {
+        spec.split(';')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (model, l) = p
+                    .split_once('=')
+                    .ok_or_else(|| format!("`{p}`: expected model=rpm:N,tpm:N"))?;
+                let model = model.trim();
+                if model.is_empty() {
+                    return Err(format!("`{p}`: the model is empty"));
+                }
+                Ok((model.to_owned(), LimitSet::parse_spec(l)?))
+            })
+            .collect()
     }
 }
 
@@ -50,6 +116,12 @@ impl LimitSet {
 pub struct LimitsConfig {
     pub default: LimitSet,
     pub groups: HashMap<String, LimitSet>,
+    /// Per account (all its keys together), by account name.
+    pub accounts: HashMap<String, LimitSet>,
+    /// For accounts without an entry of their own.
+    pub account_default: LimitSet,
+    /// Per model (every key together), by the model name clients send.
+    pub models: HashMap<String, LimitSet>,
     /// Output cap counted for tokens/min when a request sets no `max_tokens`.
     pub default_max_output: u64,
 }
@@ -63,7 +135,7 @@ struct Gcra {
 
 const WINDOW: Duration = Duration::from_secs(60);
 
-/// Lock shards for the per-key state.
+/// Lock shards for the per-scope state.
 const SHARDS: usize = 64;
 
 impl Gcra {
@@ -104,29 +176,124 @@ impl Gcra {
     }
 }
 
+/// Who a limit applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Key(i64),
+    Account(i64),
+    Model(Arc<str>),
+    KeyModel(i64, Arc<str>),
+}
+
+impl Scope {
+    /// The words an error message uses for the scope.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Scope::Key(_) => "key",
+            Scope::Account(_) => "account",
+            Scope::Model(_) => "model",
+            Scope::KeyModel(..) => "key_model",
+        }
+    }
+}
+
+/// The dimensions counted per minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dim {
+    Requests,
+    Tokens,
+    Images,
+    AudioSeconds,
+}
+
+impl Dim {
+    fn per_minute(self, l: &LimitSet) -> Option<u32> {
+        match self {
+            Dim::Requests => l.rpm,
+            Dim::Tokens => l.tpm,
+            Dim::Images => l.images_per_min,
+            Dim::AudioSeconds => l.audio_seconds_per_min,
+        }
+    }
+
+    /// The limit that refused, naming the dimension and the scope.
+    fn limit(self, scope: &Scope) -> Limit {
+        let scope = match scope {
+            Scope::Key(_) => LimitScope::Key,
+            Scope::Account(_) => LimitScope::Account,
+            Scope::Model(_) => LimitScope::Model,
+            Scope::KeyModel(..) => LimitScope::KeyModel,
+        };
+        match self {
+            Dim::Requests => Limit::RequestsPerMinute(scope),
+            Dim::Tokens => Limit::TokensPerMinute(scope),
+            Dim::Images => Limit::ImagesPerMinute(scope),
+            Dim::AudioSeconds => Limit::AudioSecondsPerMinute(scope),
+        }
+    }
+}
+
 #[derive(Default)]
-struct KeyState {
+struct ScopeState {
     requests: Gcra,
     tokens: Gcra,
-    in_flight: u32,
+    images: Gcra,
+    audio: Gcra,
+}
+
+impl ScopeState {
+    fn bucket(&mut self, d: Dim) -> &mut Gcra {
+        match d {
+            Dim::Requests => &mut self.requests,
+            Dim::Tokens => &mut self.tokens,
+            Dim::Images => &mut self.images,
+            Dim::AudioSeconds => &mut self.audio,
+        }
+    }
+
+    fn idle(&self, now: Duration) -> bool {
+        [self.requests, self.tokens, self.images, self.audio]
+            .iter()
+            .all(|g| g.tat <= now)
+    }
+}
+
+/// One scope a request was counted in, and what was taken there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub scope: Scope,
+    pub limits: LimitSet,
+    pub tokens: u64,
+    pub images: u64,
+    pub audio_seconds: u64,
 }
 
 /// What a request holds, to give back in `on_done`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LimitHold {
-    pub key_id: i64,
-    pub limits: LimitSet,
-    pub concurrency: bool,
-    /// Tokens counted up front.
+    pub scopes: Vec<Held>,
+    /// Tokens counted up front (the same count in every scope with a tokens/min limit).
     pub tokens: u64,
+}
+
+impl LimitHold {
+    /// The concurrency caps that apply, for the admission queue.
+    pub fn concurrency_caps(&self) -> Vec<(Scope, u32)> {
+        self.scopes
+            .iter()
+            .filter_map(|h| h.limits.concurrency.map(|c| (h.scope.clone(), c)))
+            .collect()
+    }
 }
 
 /// The `limits` filter.
 pub struct Limits {
     cfg: LimitsConfig,
-    /// Per-key state, sharded by key id so that keys rarely share a lock.
-    shards: Box<[Mutex<HashMap<i64, KeyState>>]>,
+    /// Per-scope state, sharded by scope so that keys rarely share a lock.
+    shards: Box<[Mutex<HashMap<Scope, ScopeState>>]>,
     epoch: Instant,
+    /// Tokens counted for requests not yet done, over every scope (a leak check for /readyz).
+    tokens_held: AtomicU64,
 }
 
 /// `6m0s`, `1.5s`, `120ms`: OpenAI's reset format.
@@ -145,12 +312,30 @@ pub fn format_reset(d: Duration) -> String {
     format!("{}m{}s", whole / 60, whole % 60)
 }
 
+/// What a dimension reports in the headers: the scope with the least room wins.
+#[derive(Clone, Copy)]
+struct Report {
+    limit: u32,
+    remaining: u64,
+    reset: Duration,
+}
+
+impl Report {
+    fn tighter(self, other: Option<Report>) -> Report {
+        match other {
+            Some(o) if (o.remaining, o.limit) <= (self.remaining, self.limit) => o,
+            _ => self,
+        }
+    }
+}
+
 impl Limits {
     pub fn new(cfg: LimitsConfig) -> Self {
         Limits {
             cfg,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             epoch: Instant::now(),
+            tokens_held: AtomicU64::new(0),
         }
     }
 
@@ -158,20 +343,36 @@ impl Limits {
         self.epoch.elapsed()
     }
 
-    fn effective(&self, key: &crate::auth::KeyRecord) -> LimitSet {
+    /// Tokens counted for requests in flight (0 when idle: nothing leaked).
+    pub fn tokens_held(&self) -> u64 {
+        self.tokens_held.load(Ordering::Relaxed)
+    }
+
+    fn key_limits(&self, key: &crate::auth::KeyRecord) -> LimitSet {
         let group = self.cfg.groups.get(&key.group).copied().unwrap_or_default();
         LimitSet {
             rpm: key.rpm,
             tpm: key.tpm,
             concurrency: key.concurrency,
+            ..LimitSet::default()
         }
         .or(group)
         .or(self.cfg.default)
     }
 
-    /// The shard holding `key_id`'s state.
-    fn lock(&self, key_id: i64) -> std::sync::MutexGuard<'_, HashMap<i64, KeyState>> {
-        let shard = (key_id as u64 % SHARDS as u64) as usize;
+    fn account_limits(&self, key: &crate::auth::KeyRecord) -> LimitSet {
+        self.cfg
+            .accounts
+            .get(&key.account)
+            .copied()
+            .unwrap_or(self.cfg.account_default)
+    }
+
+    /// The shard holding `scope`'s state.
+    fn lock(&self, scope: &Scope) -> std::sync::MutexGuard<'_, HashMap<Scope, ScopeState>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        scope.hash(&mut h);
+        let shard = (h.finish() % SHARDS as u64) as usize;
         self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -182,35 +383,95 @@ impl Limits {
         }
     }
 
-    /// Sets this filter's `x-ratelimit-*` headers for the limited dimensions.
-    fn headers(&self, h: &mut ResponseHeaders, st: &KeyState, l: &LimitSet, now: Duration) {
-        let mut bucket = |names: [&'static str; 3], g: &Gcra, per_minute: Option<u32>| {
-            if let Some(pm) = per_minute {
-                h.set(names[0], pm.to_string());
-                h.set(names[1], g.remaining(now, pm).to_string());
-                h.set(names[2], format_reset(g.reset(now)));
+    /// Takes `n` of `dim` in every held scope that limits it, all or nothing. Returns the
+    /// tightest scope's report (for the headers) and the refusal, if any.
+    fn take_all(
+        &self,
+        scopes: &[Held],
+        dim: Dim,
+        amounts: &[u64],
+    ) -> (Option<Report>, Result<(), GatewayError>) {
+        let now = self.now();
+        let mut report: Option<Report> = None;
+        for (i, h) in scopes.iter().enumerate() {
+            let Some(pm) = dim.per_minute(&h.limits) else {
+                continue;
+            };
+            let n = amounts[i];
+            let mut map = self.lock(&h.scope);
+            let g = map.entry(h.scope.clone()).or_default().bucket(dim);
+            let taken = g.take(now, n, pm);
+            let r = Report {
+                limit: pm,
+                remaining: g.remaining(now, pm),
+                reset: g.reset(now),
+            };
+            drop(map);
+            if let Err(wait) = taken {
+                // All or nothing: what the looser scopes gave goes back.
+                for (j, back) in scopes[..i].iter().enumerate() {
+                    if let Some(pm) = dim.per_minute(&back.limits) {
+                        let mut map = self.lock(&back.scope);
+                        if let Some(st) = map.get_mut(&back.scope) {
+                            st.bucket(dim).give_back(now, amounts[j], pm);
+                        }
+                    }
+                }
+                return (Some(r), Err(Self::refused(dim.limit(&h.scope), wait)));
             }
-        };
-        bucket(
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ],
-            &st.requests,
-            l.rpm,
-        );
-        bucket(
-            [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ],
-            &st.tokens,
-            l.tpm,
-        );
+            report = Some(r.tighter(report));
+        }
+        (report, Ok(()))
+    }
+
+    fn set_headers(h: &mut ResponseHeaders, names: [&'static str; 3], r: Option<Report>) {
+        if let Some(r) = r {
+            h.set(names[0], r.limit.to_string());
+            h.set(names[1], r.remaining.to_string());
+            h.set(names[2], format_reset(r.reset));
+        }
+    }
+
+    fn give_back(&self, hold: &LimitHold, ctx_settlement: &crate::Settlement) {
+        let now = self.now();
+        let used = ctx_settlement.tokens();
+        for h in &hold.scopes {
+            let mut map = self.lock(&h.scope);
+            let Some(st) = map.get_mut(&h.scope) else {
+                continue;
+            };
+            if let Some(tpm) = h.limits.tpm {
+                // The settlement (the same one billing charges) settles the count: reported
+                // or estimated usage for a served request; nothing for one that was not.
+                st.tokens.give_back(now, h.tokens.saturating_sub(used), tpm);
+            }
+            if !ctx_settlement.served {
+                if let Some(pm) = h.limits.images_per_min {
+                    st.images.give_back(now, h.images, pm);
+                }
+                if let Some(pm) = h.limits.audio_seconds_per_min {
+                    st.audio.give_back(now, h.audio_seconds, pm);
+                }
+            }
+            // Idle scopes with full buckets are dropped so the map stays small.
+            if st.idle(now) {
+                map.remove(&h.scope);
+            }
+        }
+        self.tokens_held.fetch_sub(hold.tokens, Ordering::Relaxed);
     }
 }
+
+const REQUEST_HEADERS: [&str; 3] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+];
+const TOKEN_HEADERS: [&str; 3] = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
 
 #[async_trait]
 impl Filter for Limits {
@@ -222,7 +483,8 @@ impl Filter for Limits {
         Phases::REQUEST_HEAD | Phases::REQUEST_BODY | Phases::DONE | Phases::ABANDON
     }
 
-    /// Requests/min and concurrency: known before the body, so refused before reading it.
+    /// Requests/min of the key and its account: known before the body, so refused before
+    /// reading it.
     async fn on_request_head(
         &self,
         ctx: &mut Ctx,
@@ -231,97 +493,189 @@ impl Filter for Limits {
         let Some(key) = &ctx.key else {
             return Ok(());
         };
-        let limits = self.effective(key);
-        let now = self.now();
-        let mut map = self.lock(key.id);
-        let st = map.entry(key.id).or_default();
-        if let Some(max) = limits.concurrency {
-            if st.in_flight >= max {
-                return Err(Self::refused(Limit::Concurrency, Duration::from_secs(1)));
-            }
-        }
-        if let Some(rpm) = limits.rpm {
-            let taken = st.requests.take(now, 1, rpm);
-            self.headers(&mut ctx.response_headers, st, &limits, now);
-            taken.map_err(|wait| Self::refused(Limit::RequestsPerMinute, wait))?;
-        }
-        let concurrency = limits.concurrency.is_some();
-        if concurrency {
-            st.in_flight += 1;
-        }
-        ctx.limit_hold = Some(LimitHold {
-            key_id: key.id,
-            limits,
-            concurrency,
-            tokens: 0,
-        });
+        let scopes = vec![
+            Held {
+                scope: Scope::Key(key.id),
+                limits: self.key_limits(key),
+                tokens: 0,
+                images: 0,
+                audio_seconds: 0,
+            },
+            Held {
+                scope: Scope::Account(key.account_id),
+                limits: self.account_limits(key),
+                tokens: 0,
+                images: 0,
+                audio_seconds: 0,
+            },
+        ];
+        let (report, taken) = self.take_all(&scopes, Dim::Requests, &[1, 1]);
+        Self::set_headers(&mut ctx.response_headers, REQUEST_HEADERS, report);
+        taken?;
+        ctx.limit_hold = Some(LimitHold { scopes, tokens: 0 });
         Ok(())
     }
 
-    /// Tokens/min: needs the body's prompt estimate and output cap.
+    /// The model's scopes (requests/min), then tokens/min and media units in every scope:
+    /// these need the body's model, prompt estimate and output cap.
     async fn on_request_body(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
-        let (Some(hold), Some(facts)) = (ctx.limit_hold.as_mut(), &ctx.facts) else {
+        let (Some(key), Some(facts)) = (ctx.key.clone(), &ctx.facts) else {
             return Ok(());
         };
-        let limits = hold.limits;
-        let now = self.now();
-        let mut map = self.lock(hold.key_id);
-        let st = map.entry(hold.key_id).or_default();
-        if let Some(tpm) = limits.tpm {
-            // Embeddings and other non-generating routes count no output.
-            let cap = facts.output_cap().unwrap_or(self.cfg.default_max_output);
-            // Saturating: a sum that wrapped would admit anything.
-            let tokens = facts
-                .prompt_tokens_estimate
-                .saturating_add(cap.saturating_mul(facts.choices.max(1)));
-            if tokens > u64::from(tpm) {
-                // Retrying can never help: say so, rather than name a wait.
-                return Err(GatewayError::OverTokenLimit {
-                    limit: tpm,
-                    requested: tokens,
+        let Some(mut hold) = ctx.limit_hold.take() else {
+            return Ok(());
+        };
+        let model: Arc<str> = Arc::from(facts.model.as_str());
+        let mut added = Vec::new();
+        if let Some(l) = self.cfg.models.get(&*model) {
+            added.push(Held {
+                scope: Scope::Model(model.clone()),
+                limits: *l,
+                tokens: 0,
+                images: 0,
+                audio_seconds: 0,
+            });
+        }
+        if let Some((_, l)) = key.model_limits.iter().find(|(m, _)| **m == *model) {
+            added.push(Held {
+                scope: Scope::KeyModel(key.id, model.clone()),
+                limits: *l,
+                tokens: 0,
+                images: 0,
+                audio_seconds: 0,
+            });
+        }
+        if !added.is_empty() {
+            let ones = vec![1; added.len()];
+            let (report, taken) = self.take_all(&added, Dim::Requests, &ones);
+            if let Err(e) = taken {
+                Self::set_headers(&mut ctx.response_headers, REQUEST_HEADERS, report);
+                ctx.limit_hold = Some(hold);
+                return Err(e);
+            }
+            // The headers report the tightest of every scope.
+            let now = self.now();
+            let mut all = report;
+            for h in &hold.scopes {
+                if let Some(pm) = h.limits.rpm {
+                    let mut map = self.lock(&h.scope);
+                    let g = map.entry(h.scope.clone()).or_default().requests;
+                    all = Some(
+                        Report {
+                            limit: pm,
+                            remaining: g.remaining(now, pm),
+                            reset: g.reset(now),
+                        }
+                        .tighter(all),
+                    );
+                }
+            }
+            Self::set_headers(&mut ctx.response_headers, REQUEST_HEADERS, all);
+            hold.scopes.extend(added);
+        }
+        // Embeddings and other non-generating routes count no output.
+        let cap = facts.output_cap().unwrap_or(self.cfg.default_max_output);
+        // Saturating: a sum that wrapped would admit anything.
+        let tokens = facts
+            .prompt_tokens_estimate
+            .saturating_add(cap.saturating_mul(facts.choices.max(1)));
+        let tightest_tpm = hold.scopes.iter().filter_map(|h| h.limits.tpm).min();
+        if let Some(tpm) = tightest_tpm.filter(|&t| tokens > u64::from(t)) {
+            ctx.limit_hold = Some(hold);
+            // Retrying can never help: say so, rather than name a wait.
+            return Err(GatewayError::OverTokenLimit {
+                limit: tpm,
+                requested: tokens,
+            });
+        }
+        let n = hold.scopes.len();
+        let (report, taken) = self.take_all(&hold.scopes, Dim::Tokens, &vec![tokens; n]);
+        Self::set_headers(&mut ctx.response_headers, TOKEN_HEADERS, report);
+        if let Err(e) = taken {
+            ctx.limit_hold = Some(hold);
+            return Err(e);
+        }
+        let give_tokens_back = |hold: &LimitHold| {
+            let now = self.now();
+            for h in &hold.scopes {
+                if let Some(tpm) = h.limits.tpm {
+                    if let Some(st) = self.lock(&h.scope).get_mut(&h.scope) {
+                        st.tokens.give_back(now, tokens, tpm);
+                    }
+                }
+            }
+        };
+        let media = facts.media;
+        for (dim, amount) in [
+            (Dim::Images, u64::from(media.images)),
+            (Dim::AudioSeconds, media.audio_seconds),
+        ] {
+            if amount == 0 {
+                continue;
+            }
+            if let Some((what, limit)) = hold.scopes.iter().find_map(|h| {
+                dim.per_minute(&h.limits)
+                    .filter(|&pm| amount > u64::from(pm))
+                    .map(|pm| (dim.limit(&h.scope).what(), pm))
+            }) {
+                give_tokens_back(&hold);
+                ctx.limit_hold = Some(LimitHold { tokens: 0, ..hold });
+                return Err(GatewayError::InvalidRequest {
+                    message: format!(
+                        "This request carries {amount} units and the limit is {limit} {what}."
+                    ),
+                    param: Some("messages"),
                 });
             }
-            let taken = st.tokens.take(now, tokens, tpm);
-            if taken.is_ok() {
-                hold.tokens = tokens;
+            let (_, taken) = self.take_all(&hold.scopes, dim, &vec![amount; n]);
+            if let Err(e) = taken {
+                give_tokens_back(&hold);
+                if dim == Dim::AudioSeconds {
+                    // The images taken a moment ago go back too.
+                    let imgs = u64::from(media.images);
+                    let now = self.now();
+                    for h in &hold.scopes {
+                        if let Some(pm) = h.limits.images_per_min {
+                            if let Some(st) = self.lock(&h.scope).get_mut(&h.scope) {
+                                st.images.give_back(now, imgs, pm);
+                            }
+                        }
+                    }
+                }
+                ctx.limit_hold = Some(LimitHold { tokens: 0, ..hold });
+                return Err(e);
             }
-            self.headers(&mut ctx.response_headers, st, &limits, now);
-            taken.map_err(|wait| Self::refused(Limit::TokensPerMinute, wait))?;
+            for h in &mut hold.scopes {
+                if dim.per_minute(&h.limits).is_some() {
+                    match dim {
+                        Dim::Images => h.images = amount,
+                        _ => h.audio_seconds = amount,
+                    }
+                }
+            }
         }
+        for h in &mut hold.scopes {
+            if h.limits.tpm.is_some() {
+                h.tokens = tokens;
+            }
+        }
+        hold.tokens = tokens;
+        self.tokens_held.fetch_add(tokens, Ordering::Relaxed);
+        ctx.limit_hold = Some(hold);
         Ok(())
     }
 
     fn on_abandon(&self, ctx: &mut Ctx) {
-        if let Some(hold) = ctx.limit_hold.take().filter(|h| h.concurrency) {
-            if let Some(st) = self.lock(hold.key_id).get_mut(&hold.key_id) {
-                st.in_flight = st.in_flight.saturating_sub(1);
-            }
+        // Nothing was served: everything counted up front goes back.
+        if let Some(hold) = ctx.limit_hold.take() {
+            self.give_back(&hold, &crate::Settlement::default());
         }
     }
 
-    /// Frees the concurrency slot; returns tokens counted but not used.
+    /// Returns tokens counted but not used, and media units of a request not served.
     async fn on_done(&self, ctx: &mut Ctx) {
-        let Some(hold) = ctx.limit_hold.take() else {
-            return;
-        };
-        let now = self.now();
-        let mut map = self.lock(hold.key_id);
-        let Some(st) = map.get_mut(&hold.key_id) else {
-            return;
-        };
-        if hold.concurrency {
-            st.in_flight = st.in_flight.saturating_sub(1);
-        }
-        if let Some(tpm) = hold.limits.tpm {
-            // The settlement (the same one billing charges) settles the count: reported or
-            // estimated usage for a served request; nothing for one that was not.
-            let used = ctx.settlement.tokens();
-            st.tokens
-                .give_back(now, hold.tokens.saturating_sub(used), tpm);
-        }
-        // Idle keys with a full bucket are dropped so the map stays small.
-        if st.in_flight == 0 && st.requests.tat <= now && st.tokens.tat <= now {
-            map.remove(&hold.key_id);
+        if let Some(hold) = ctx.limit_hold.take() {
+            self.give_back(&hold, &ctx.settlement);
         }
     }
 }
@@ -344,6 +698,7 @@ mod tests {
                 },
             )]),
             default_max_output: 100,
+            ..Default::default()
         })
     }
 
@@ -390,11 +745,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            l.effective(&key),
+            l.key_limits(&key),
             LimitSet {
                 rpm: Some(2),
                 tpm: None,
-                concurrency: Some(1)
+                concurrency: Some(1),
+                ..Default::default()
             }
         );
     }
@@ -422,23 +778,180 @@ mod tests {
             .any(|h| h == ("x-ratelimit-remaining-requests", "0")));
     }
 
-    #[tokio::test]
-    async fn concurrency_is_held_until_done() {
-        let l = limits(LimitSet {
-            concurrency: Some(1),
+    fn scoped(models: &[(&str, LimitSet)], accounts: &[(&str, LimitSet)]) -> Limits {
+        Limits::new(LimitsConfig {
+            models: models.iter().map(|(m, l)| (m.to_string(), *l)).collect(),
+            accounts: accounts.iter().map(|(a, l)| (a.to_string(), *l)).collect(),
+            default_max_output: 100,
+            ..Default::default()
+        })
+    }
+
+    fn rpm(n: u32) -> LimitSet {
+        LimitSet {
+            rpm: Some(n),
+            ..Default::default()
+        }
+    }
+
+    async fn full(l: &Limits, key: &KeyRecord, model: &str) -> (Ctx, Result<(), GatewayError>) {
+        let mut c = ctx_for(key.clone());
+        if let Err(e) = head(l, &mut c).await {
+            return (c, Err(e));
+        }
+        c.facts = Some(crate::RequestFacts {
+            model: model.into(),
+            prompt_tokens_estimate: 10,
+            max_output_tokens: Some(10),
+            choices: 1,
             ..Default::default()
         });
-        let key = KeyRecord {
-            id: 9,
+        let r = l.on_request_body(&mut c).await;
+        (c, r)
+    }
+
+    fn header<'a>(c: &'a Ctx, name: &str) -> Option<&'a str> {
+        c.response_headers.iter().find(|h| h.0 == name).map(|h| h.1)
+    }
+
+    #[tokio::test]
+    async fn a_model_limit_counts_every_key_and_refuses_at_its_threshold() {
+        let l = scoped(&[("gpt-4o", rpm(3))], &[]);
+        let keys: Vec<KeyRecord> = (1..=3)
+            .map(|id| KeyRecord {
+                id,
+                account_id: id,
+                rpm: Some(100),
+                ..Default::default()
+            })
+            .collect();
+        for k in &keys {
+            let (c, r) = full(&l, k, "gpt-4o").await;
+            r.unwrap();
+            // The model's 3/min is tighter than the key's 100/min.
+            assert_eq!(header(&c, "x-ratelimit-limit-requests"), Some("3"));
+        }
+        let (c, r) = full(&l, &keys[0], "gpt-4o").await;
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Some("rate_limit_exceeded"));
+        assert!(e.to_string().contains("on this model"), "{e}");
+        assert_eq!(header(&c, "x-ratelimit-remaining-requests"), Some("0"));
+        // Another model is not limited by it.
+        full(&l, &keys[0], "gpt-4o-mini").await.1.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_account_limit_counts_all_its_keys() {
+        let l = scoped(&[], &[("acme", rpm(2))]);
+        let key = |id| KeyRecord {
+            id,
+            account_id: 7,
+            account: "acme".into(),
             ..Default::default()
         };
-        let mut a = ctx_for(key.clone());
+        full(&l, &key(1), "m").await.1.unwrap();
+        full(&l, &key(2), "m").await.1.unwrap();
+        let (c, r) = full(&l, &key(3), "m").await;
+        assert!(r.unwrap_err().to_string().contains("on this account"));
+        assert_eq!(header(&c, "x-ratelimit-limit-requests"), Some("2"));
+        // Another account's keys are not.
+        let other = KeyRecord {
+            id: 4,
+            account_id: 8,
+            account: "other".into(),
+            ..Default::default()
+        };
+        full(&l, &other, "m").await.1.unwrap();
+    }
+
+    #[tokio::test]
+    async fn key_model_limits_and_the_tightest_tokens_header() {
+        let l = scoped(
+            &[(
+                "m",
+                LimitSet {
+                    tpm: Some(10_000),
+                    ..Default::default()
+                },
+            )],
+            &[],
+        );
+        let key = KeyRecord {
+            id: 1,
+            tpm: Some(100_000),
+            model_limits: vec![(
+                "m".into(),
+                LimitSet {
+                    tpm: Some(50),
+                    ..Default::default()
+                },
+            )],
+            ..Default::default()
+        };
+        let (c, r) = full(&l, &key, "m").await;
+        r.unwrap();
+        // 20 tokens counted; the key-on-model bucket of 50 is the tightest.
+        assert_eq!(header(&c, "x-ratelimit-limit-tokens"), Some("50"));
+        assert_eq!(header(&c, "x-ratelimit-remaining-tokens"), Some("30"));
+        full(&l, &key, "m").await.1.unwrap();
+        let (_, r) = full(&l, &key, "m").await;
+        assert!(r
+            .unwrap_err()
+            .to_string()
+            .contains("this key on this model"));
+        // A refusal in one scope takes nothing from the others: 60 tokens went to the
+        // model scope for the two admitted requests, none for the refused one.
+        let mut map = l.lock(&Scope::Model("m".into()));
+        let st = map.get_mut(&Scope::Model("m".into())).unwrap();
+        assert_eq!(st.tokens.remaining(l.now(), 10_000), 10_000 - 40);
+    }
+
+    #[tokio::test]
+    async fn images_are_counted_against_images_per_min_and_come_back_when_not_served() {
+        let l = limits(LimitSet {
+            images_per_min: Some(3),
+            ..Default::default()
+        });
+        let facts = crate::RequestFacts {
+            model: "m".into(),
+            max_output_tokens: Some(1),
+            choices: 1,
+            media: crate::media::Media {
+                images: 2,
+                image_tokens: 1530,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut a = ctx_for(KeyRecord::default());
         head(&l, &mut a).await.unwrap();
-        let mut b = ctx_for(key.clone());
-        assert!(head(&l, &mut b).await.is_err());
+        a.facts = Some(facts.clone());
+        l.on_request_body(&mut a).await.unwrap();
+        let mut b = ctx_for(KeyRecord::default());
+        head(&l, &mut b).await.unwrap();
+        b.facts = Some(facts.clone());
+        let e = l.on_request_body(&mut b).await.unwrap_err();
+        assert!(e.to_string().contains("images per minute"), "{e}");
+        // a was not served: its two images come back.
+        a.outcome.status = 502;
+        a.settle();
         l.on_done(&mut a).await;
-        let mut c = ctx_for(key);
-        assert!(head(&l, &mut c).await.is_ok());
+        let mut c = ctx_for(KeyRecord::default());
+        head(&l, &mut c).await.unwrap();
+        c.facts = Some(facts);
+        l.on_request_body(&mut c).await.unwrap();
+        l.on_done(&mut c).await;
+        assert_eq!(l.tokens_held(), 0);
+    }
+
+    #[test]
+    fn model_limit_specs_parse() {
+        let v = LimitSet::parse_model_limits("gpt-4o=rpm:60,tpm:100000").unwrap();
+        assert_eq!(v[0].0, "gpt-4o");
+        assert_eq!((v[0].1.rpm, v[0].1.tpm), (Some(60), Some(100_000)));
+        assert!(LimitSet::parse_model_limits("gpt-4o=rpm:x").is_err());
+        assert!(LimitSet::parse_model_limits("gpt-4o=bogus:1").is_err());
+        assert!(LimitSet::parse_model_limits("rpm:1").is_err());
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Map;
 
+pub use crate::media::Media;
 use crate::GatewayError;
 
 /// Longest `model` accepted, in bytes. Real model ids are far shorter (OpenAI's and
@@ -67,6 +68,9 @@ pub struct RequestFacts {
     /// The route produces output tokens (see [`GENERATING_ROUTES`]). When false, the output
     /// cap counts as 0 for tokens/min and the worst-case reservation.
     pub generates_output: bool,
+    /// Images, audio and files in the request; their tokens are part of
+    /// `prompt_tokens_estimate`.
+    pub media: Media,
 }
 
 impl Default for RequestFacts {
@@ -81,6 +85,7 @@ impl Default for RequestFacts {
             prompt_tokens_estimate: 0,
             body_bytes: 0,
             generates_output: true,
+            media: Media::default(),
         }
     }
 }
@@ -263,15 +268,21 @@ impl RequestBody {
             .or(capped("max_tokens", MAX_OUTPUT_TOKENS)?)
             .or(capped("max_output_tokens", MAX_OUTPUT_TOKENS)?);
         let choices = capped("n", MAX_CHOICES)?.unwrap_or(1).max(1);
+        let media = ["messages", "input"]
+            .iter()
+            .filter_map(|f| top.get(*f))
+            .map(|v| Media::of(v.get().as_bytes()))
+            .fold(Media::default(), Media::plus);
         let facts = RequestFacts {
             model,
             stream,
             include_usage,
             max_output_tokens,
             choices,
-            prompt_tokens_estimate: estimate_prompt_tokens(&raw),
+            prompt_tokens_estimate: estimate_prompt_tokens(&raw).saturating_add(media.tokens()),
             body_bytes: raw.len(),
             generates_output: true,
+            media,
         };
         // Borrowed raw values point into `raw`: their offsets are their ranges.
         let base = raw.as_ptr() as usize;

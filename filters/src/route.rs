@@ -4,9 +4,10 @@
 //! random shuffle, so traffic spreads by `weight`. A channel whose health breaker is open
 //! (see [`crate::channel::Health`]) is tried last rather than never, so a model whose every
 //! channel is cooling down still gets an attempt. The relay walks the resulting
-//! [`PlannedAttempt`] list, bounded by `max_attempts`. Per attempt, this filter takes the
-//! channel's concurrency slot and reports the outcome to the channel's health at once, so a
-//! failing channel is judged while a long stream that failed over is still running.
+//! [`PlannedAttempt`] list, bounded by `max_attempts`. Per attempt (the `queue` filter has
+//! granted the channel slot), this filter marks a half-open channel's probe and reports the
+//! outcome to the channel's health at once, so a failing channel is judged while a long
+//! stream that failed over is still running.
 
 use std::collections::HashMap;
 
@@ -207,8 +208,8 @@ impl ChannelPicker {
     }
 }
 
-/// The `route` filter: plans the attempts; per attempt, takes the channel's concurrency
-/// slot and reports the outcome to the channel's health.
+/// The `route` filter: plans the attempts; per attempt, marks the probe of a half-open
+/// channel and reports the outcome to the channel's health.
 pub struct Route {
     picker: std::sync::Arc<ChannelPicker>,
 }
@@ -252,21 +253,13 @@ impl Filter for Route {
         Ok(())
     }
 
-    /// A channel at `max_concurrency` refuses the attempt; that says nothing about its
-    /// health. The slot of an earlier attempt is given back here.
+    /// The channel slot is the queue's (it runs first); here, a half-open channel's attempt
+    /// becomes its probe.
     async fn on_attempt_start(
         &self,
-        ctx: &mut Ctx,
+        _ctx: &mut Ctx,
         attempt: &Attempt<'_>,
     ) -> Result<(), GatewayError> {
-        ctx.channel_slot = None;
-        let permit = attempt
-            .channel
-            .slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| GatewayError::NoChannelAvailable)?;
-        ctx.channel_slot = Some(permit);
         attempt.channel.health.attempt_started();
         Ok(())
     }
@@ -350,36 +343,6 @@ mod tests {
         }
         let plan = p.plan("m").unwrap();
         assert_eq!(plan.iter().map(|a| a.channel).collect::<Vec<_>>(), [1, 0]);
-    }
-
-    #[tokio::test]
-    async fn a_full_channel_refuses_the_attempt_and_a_new_attempt_frees_the_old_slot() {
-        let mut c = ch("a", 1, 1, &["m"]);
-        c.max_concurrency = 1;
-        let p = std::sync::Arc::new(picker(vec![c, ch("b", 1, 1, &["m"])]));
-        let route = Route::new(p.clone());
-        let chans = p.channels().clone();
-        let (mut one, mut two) = (Ctx::new("1".into()), Ctx::new("2".into()));
-        let a = Attempt {
-            channel: &chans[0],
-            number: 1,
-        };
-        route.on_attempt_start(&mut one, &a).await.unwrap();
-        assert_eq!(chans[0].in_use(), 1);
-        let busy = route.on_attempt_start(&mut two, &a).await.unwrap_err();
-        assert_eq!(busy, GatewayError::NoChannelAvailable);
-        let b = Attempt {
-            channel: &chans[1],
-            number: 2,
-        };
-        route.on_attempt_start(&mut one, &b).await.unwrap();
-        assert_eq!(chans[0].in_use(), 0, "moving on gives the first slot back");
-        drop(one);
-        assert_eq!(
-            chans[1].in_use(),
-            0,
-            "the context's drop gives the slot back"
-        );
     }
 
     #[test]

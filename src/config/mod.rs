@@ -5,6 +5,7 @@
 //! with its path. Nothing downstream reads YAML or looks a setting up by string: each filter
 //! and service gets its own typed section at construction.
 
+mod admission;
 mod interpolate;
 mod locate;
 mod types;
@@ -32,6 +33,7 @@ pub use tollgate_filters::channel::{
 };
 pub use tollgate_filters::ip_guard::IpGuardConfig as IpLimit;
 pub use tollgate_filters::limits::LimitSet;
+pub use tollgate_filters::queue::QueueConfig;
 pub use tollgate_filters::route::{PathRoute, RoutingConfig};
 
 /// One configuration problem.
@@ -102,6 +104,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub profiling: ProfilingConfig,
+    /// Admission: the priority queue for channel slots and concurrency caps.
+    #[serde(default)]
+    pub queue: QueueConfig,
 }
 impl Config {
     /// Reads, interpolates, parses and validates a file.

@@ -197,6 +197,12 @@ pub struct LimitsConfig {
     pub default: LimitSet,
     pub groups: BTreeMap<String, LimitSet>,
     pub ip: IpLimit,
+    /// Per account (all its keys together), by account name.
+    pub accounts: BTreeMap<String, LimitSet>,
+    /// For accounts without an entry in `accounts`.
+    pub account_default: LimitSet,
+    /// Per model (every key together), by the model name clients send.
+    pub models: BTreeMap<String, LimitSet>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

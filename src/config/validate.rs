@@ -270,6 +270,7 @@ impl Config {
         if p.cpu_monitor && p.dir.as_os_str().is_empty() {
             err("profiling.dir".into(), "must be set".into());
         }
+        errs.extend(self.validate_admission());
         errs
     }
 }

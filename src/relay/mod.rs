@@ -74,29 +74,51 @@ impl Relay {
         out: Outbound<'_>,
     ) -> Result<(), GatewayError> {
         let mut last = GatewayError::NoChannelAvailable;
-        let plan = std::mem::take(&mut ctx.plan);
+        // The plan stays in ctx: the queue may move a channel it granted a slot on to the
+        // current place (see `tollgate_filters::queue`).
         // The body as last rewritten, keyed by what the rewrite depends on: attempts that
         // send the same model with the same injection reuse it instead of rewriting.
-        let mut rewritten: Option<((Option<&str>, bool), Bytes)> = None;
-        let n = plan.len();
-        for (i, planned) in plan.iter().enumerate() {
+        let mut rewritten: Option<((Option<String>, bool), Bytes)> = None;
+        let mut i = 0;
+        while i < ctx.plan.len() {
+            let planned = ctx.plan[i].clone();
+            let n = ctx.plan.len();
             let ch = &out.channels[planned.channel];
             ctx.outcome.attempts += 1;
             let attempt = Attempt {
                 channel: ch,
                 number: ctx.outcome.attempts,
             };
-            if let Err(e) = out.chain.attempt_start(ctx, &attempt).await {
-                last = e;
+            // Waiting for admission can take long: a client that leaves meanwhile is noticed
+            // at once (HTTP/1 reads nothing else while the request waits) and the wait is
+            // dropped, which takes it out of the queue.
+            let started = tokio::select! {
+                biased;
+                r = out.chain.attempt_start(ctx, &attempt) => r,
+                _ = client_closed(session) => {
+                    ctx.outcome.client_gone = true;
+                    ctx.outcome.attempts -= 1;
+                    return Err(GatewayError::ClientGone);
+                }
+            };
+            if ctx.plan[i].channel != planned.channel {
+                // The queue granted another channel of the pool: start there instead.
+                ctx.outcome.attempts -= 1;
                 continue;
             }
+            if let Err(e) = started {
+                last = e;
+                i += 1;
+                continue;
+            }
+            i += 1;
             let inject = ctx.inject_stream_usage && ch.inject_stream_usage;
-            let key = (planned.upstream_model.as_deref(), inject);
+            let key = (planned.upstream_model.clone(), inject);
             let body = match (out.body, &rewritten) {
                 (None, _) => Bytes::new(),
                 (Some(_), Some((k, b))) if *k == key => b.clone(),
                 (Some(b), _) => {
-                    let body = b.rewrite(key.0, key.1)?;
+                    let body = b.rewrite(key.0.as_deref(), key.1)?;
                     rewritten = Some((key, body.clone()));
                     body
                 }
@@ -120,7 +142,7 @@ impl Relay {
             };
             let status = ex.status();
             // 401/403: the channel's own key is refused; another channel may hold a good one.
-            if outcome.is_channel_failure() && i + 1 < n {
+            if outcome.is_channel_failure() && i < n {
                 tracing::warn!(request_id = %ctx.request_id, channel = %ch.name, status, "upstream refused; trying next channel");
                 last = error_of(outcome, ex.session.response_header());
                 ex.session.shutdown().await;
@@ -136,6 +158,16 @@ impl Relay {
             return self.stream_response(session, ctx, out.chain, ch, ex).await;
         }
         Err(last)
+    }
+}
+
+/// Resolves when the client closes its connection (or sends bytes it should not, which ends
+/// the exchange too); pending otherwise. The request body has been read in full.
+async fn client_closed(session: &mut ServerSession) {
+    match session.read_body_or_idle(true).await {
+        Err(_) => {}
+        // More data after the body on a connection without pipelining: not a close; wait on.
+        Ok(_) => std::future::pending::<()>().await,
     }
 }
 

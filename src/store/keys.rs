@@ -1,11 +1,14 @@
 //! API keys. The secret (`sk-tg-…`) is shown once at creation; only its SHA-256 and a short
 //! display prefix are stored.
 
+use std::collections::BTreeMap;
+
 use ipnet::IpNet;
 use rand::distr::{Alphanumeric, SampleString};
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 use tollgate_filters::auth::{hash_secret, KeyHash, KeyRecord};
+use tollgate_filters::limits::LimitSet;
 
 use super::{now_ms, Pool, StoreError};
 
@@ -22,6 +25,11 @@ pub struct NewKey {
     /// Unix seconds.
     pub expires_at: Option<i64>,
     pub allow_ips: Vec<IpNet>,
+    /// Queue priority 0–9, and the highest a client may ask for.
+    pub priority: Option<u8>,
+    pub max_priority: Option<u8>,
+    /// Limits per model.
+    pub model_limits: BTreeMap<String, LimitSet>,
 }
 
 /// A key as listed: everything but the secret.
@@ -41,16 +49,33 @@ pub struct KeyInfo {
     pub tpm: Option<u32>,
     pub concurrency: Option<u32>,
     pub created_at: i64,
+    pub priority: Option<u8>,
+    pub max_priority: Option<u8>,
+    pub model_limits: BTreeMap<String, LimitSet>,
 }
 
 const SECRET_PREFIX: &str = "sk-tg-";
 const PREFIX_LEN: usize = SECRET_PREFIX.len() + 6;
 
 /// Creates a key; returns its info and the secret, which is never stored.
+/// A priority outside 0–9 is refused.
+fn check_priority(p: Option<u8>) -> Result<(), StoreError> {
+    if p.is_some_and(|p| p > tollgate_filters::queue::MAX_PRIORITY) {
+        return Err(StoreError::Invalid("priority must be 0 to 9".into()));
+    }
+    Ok(())
+}
+
+fn model_limits_json(m: &BTreeMap<String, LimitSet>) -> String {
+    serde_json::to_string(m).unwrap_or_else(|_| "{}".into())
+}
+
 pub fn create(pool: &Pool, new: &NewKey) -> Result<(KeyInfo, String), StoreError> {
     if new.budget_nano.is_some_and(|b| b < 0) {
         return Err(StoreError::Invalid("budget must not be negative".into()));
     }
+    check_priority(new.priority)?;
+    check_priority(new.max_priority)?;
     let secret = format!(
         "{SECRET_PREFIX}{}",
         Alphanumeric.sample_string(&mut rand::rng(), 40)
@@ -70,11 +95,12 @@ pub fn create(pool: &Pool, new: &NewKey) -> Result<(KeyInfo, String), StoreError
     let ips: Vec<String> = new.allow_ips.iter().map(|n| n.to_string()).collect();
     let ips = serde_json::to_string(&ips).unwrap_or_else(|_| "[]".into());
     c.execute(
-        "INSERT INTO api_keys(account_id, name, prefix, hash, expires_at, budget_nano, models, allow_ips, rpm, tpm, concurrency, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        "INSERT INTO api_keys(account_id, name, prefix, hash, expires_at, budget_nano, models, allow_ips, rpm, tpm, concurrency, created_at, priority, max_priority, model_limits)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
             account_id, new.name, prefix, &hash[..], new.expires_at, new.budget_nano, models, ips,
-            new.rpm, new.tpm, new.concurrency, now_ms()
+            new.rpm, new.tpm, new.concurrency, now_ms(), new.priority, new.max_priority,
+            model_limits_json(&new.model_limits)
         ],
     )?;
     let id = c.last_insert_rowid();
@@ -85,7 +111,16 @@ pub fn create(pool: &Pool, new: &NewKey) -> Result<(KeyInfo, String), StoreError
 
 const INFO_COLS: &str =
     "k.id, a.name, k.name, k.prefix, k.revoked_at IS NOT NULL, k.expires_at, k.budget_nano, \
-     k.spent_nano, k.models, k.allow_ips, k.rpm, k.tpm, k.concurrency, k.created_at";
+     k.spent_nano, k.models, k.allow_ips, k.rpm, k.tpm, k.concurrency, k.created_at, \
+     k.priority, k.max_priority, k.model_limits";
+
+/// The `model_limits` column; an unreadable value reads as empty.
+fn model_limits_col(
+    r: &rusqlite::Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<BTreeMap<String, LimitSet>> {
+    Ok(serde_json::from_str(&r.get::<_, String>(idx)?).unwrap_or_default())
+}
 
 /// A JSON list column (`models`, `allow_ips`); an unreadable value reads as empty.
 fn json_list(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Vec<String>> {
@@ -108,6 +143,9 @@ fn info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
         tpm: r.get(11)?,
         concurrency: r.get(12)?,
         created_at: r.get(13)?,
+        priority: r.get(14)?,
+        max_priority: r.get(15)?,
+        model_limits: model_limits_col(r, 16)?,
     })
 }
 
@@ -171,6 +209,9 @@ pub struct KeyPatch {
     pub concurrency: Option<Option<u32>>,
     pub expires_at: Option<Option<i64>>,
     pub allow_ips: Option<Vec<IpNet>>,
+    pub priority: Option<Option<u8>>,
+    pub max_priority: Option<Option<u8>>,
+    pub model_limits: Option<BTreeMap<String, LimitSet>>,
     /// `true` revokes; `false` restores a revoked key.
     pub revoked: Option<bool>,
 }
@@ -211,6 +252,15 @@ pub fn update(pool: &Pool, id: i64, p: &KeyPatch) -> Result<KeyInfo, StoreError>
     if let Some(e) = p.expires_at {
         set("expires_at", opt_int(e));
     }
+    for (col, v) in [("priority", p.priority), ("max_priority", p.max_priority)] {
+        if let Some(v) = v {
+            check_priority(v)?;
+            set(col, opt_int(v.map(i64::from)));
+        }
+    }
+    if let Some(m) = &p.model_limits {
+        set("model_limits", Value::Text(model_limits_json(m)));
+    }
     if let Some(ips) = &p.allow_ips {
         let ips: Vec<String> = ips.iter().map(|n| n.to_string()).collect();
         set(
@@ -250,7 +300,8 @@ pub fn find_by_hash(pool: &Pool, hash: &KeyHash) -> Result<Option<KeyRecord>, St
     let c = pool.get()?;
     let mut st = c.prepare_cached(
         "SELECT k.id, k.account_id, a.name, a.grp, k.name, k.prefix, k.revoked_at IS NOT NULL, k.expires_at,
-                k.models, k.allow_ips, k.rpm, k.tpm, k.concurrency, k.budget_nano
+                k.models, k.allow_ips, k.rpm, k.tpm, k.concurrency, k.budget_nano,
+                k.priority, k.max_priority, k.model_limits
          FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.hash = ?1",
     )?;
     let rec = st
@@ -274,6 +325,9 @@ pub fn find_by_hash(pool: &Pool, hash: &KeyHash) -> Result<Option<KeyRecord>, St
                 tpm: r.get(11)?,
                 concurrency: r.get(12)?,
                 budget_nano: r.get(13)?,
+                priority: r.get(14)?,
+                max_priority: r.get(15)?,
+                model_limits: model_limits_col(r, 16)?.into_iter().collect(),
             })
         })
         .optional()?;

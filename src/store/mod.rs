@@ -37,8 +37,14 @@ pub enum StoreError {
 }
 
 /// The numbered migrations, in order. Each is applied once and recorded in `schema_migrations`.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (
+        2,
+        "key_priority_and_model_limits",
+        include_str!("../../migrations/0002_key_priority_and_model_limits.sql"),
+    ),
+];
 
 /// The PRAGMAs for one connection, from config.
 pub fn pragmas(cfg: &DatabaseConfig) -> String {
@@ -250,6 +256,6 @@ mod tests {
         let n: i64 = c
             .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(n, 1);
+        assert_eq!(n, MIGRATIONS.len() as i64);
     }
 }

@@ -307,6 +307,11 @@ impl Wallets {
     pub fn account_available(&self, account_id: i64) -> Option<i64> {
         self.lock().account_available(account_id)
     }
+
+    /// Nano-USD reserved by requests in flight, over every account (0 when idle).
+    pub fn reserved_total(&self) -> i64 {
+        self.lock().accounts.values().map(|p| p.reserved).sum()
+    }
 }
 
 fn put(entry: Entry<'_, i64, Purse>, stored: i64, overwrite: bool) {
