@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod fuzzing;
 pub mod ledger;
 pub mod maintenance;
 pub mod metrics;
