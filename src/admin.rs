@@ -212,6 +212,121 @@ fn expiry(v: &Value) -> Result<Option<i64>, Fail> {
         .transpose()
 }
 
+/// A body that must be a JSON object (an empty body is `{}`).
+fn json_object(buf: &[u8]) -> Result<Value, Fail> {
+    if buf.is_empty() {
+        return Ok(json!({}));
+    }
+    let v: Value = serde_json::from_slice(buf).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(bad("the body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+/// `POST /admin/accounts`: name, group, balance (nano-USD).
+fn new_account(v: &Value) -> Result<(String, String, i64), Fail> {
+    let name = str_field(v, "name")?
+        .ok_or_else(|| bad("`name` is required"))?
+        .to_string();
+    let group = str_field(v, "group")?.unwrap_or("default").to_string();
+    let balance = usd_field(v, "balance_usd")?.unwrap_or(0);
+    Ok((name, group, balance))
+}
+
+/// `POST /admin/accounts/{name}/topup`.
+fn topup_usd(v: &Value) -> Result<i64, Fail> {
+    usd_field(v, "usd")?.ok_or_else(|| bad("`usd` is required"))
+}
+
+/// `POST /admin/keys`.
+fn new_key(v: &Value) -> Result<keys::NewKey, Fail> {
+    Ok(keys::NewKey {
+        account: str_field(v, "account")?
+            .ok_or_else(|| bad("`account` is required"))?
+            .to_string(),
+        name: str_field(v, "name")?.unwrap_or_default().to_string(),
+        budget_nano: usd_field(v, "budget_usd")?,
+        models: list_field(v, "models")?.unwrap_or_default(),
+        rpm: u32_field(v, "rpm")?,
+        tpm: u32_field(v, "tpm")?,
+        concurrency: u32_field(v, "concurrency")?,
+        expires_at: expiry(v)?,
+        allow_ips: nets(list_field(v, "allow_ips")?.unwrap_or_default())?,
+        priority: priority_field(v, "priority")?,
+        max_priority: priority_field(v, "max_priority")?,
+        model_limits: model_limits_field(v)?.unwrap_or_default(),
+    })
+}
+
+/// `PATCH /admin/keys/{id}`: absent fields stay, `null` clears.
+fn key_patch(v: &Value) -> Result<keys::KeyPatch, Fail> {
+    let nullable_u32 = |f: &str| -> Result<Option<Option<u32>>, Fail> {
+        if v.get(f).is_some() {
+            Ok(Some(u32_field(v, f)?))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok(keys::KeyPatch {
+        name: str_field(v, "name")?.map(str::to_owned),
+        budget_nano: if v.get("budget_usd").is_some() {
+            Some(usd_field(v, "budget_usd")?)
+        } else {
+            None
+        },
+        models: list_field(v, "models")?,
+        rpm: nullable_u32("rpm")?,
+        tpm: nullable_u32("tpm")?,
+        concurrency: nullable_u32("concurrency")?,
+        expires_at: if v.get("expires").is_some() {
+            Some(expiry(v)?)
+        } else {
+            None
+        },
+        allow_ips: list_field(v, "allow_ips")?.map(nets).transpose()?,
+        priority: match v.get("priority") {
+            Some(_) => Some(priority_field(v, "priority")?),
+            None => None,
+        },
+        max_priority: match v.get("max_priority") {
+            Some(_) => Some(priority_field(v, "max_priority")?),
+            None => None,
+        },
+        model_limits: model_limits_field(v)?,
+        revoked: match v.get("revoked") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(_) => return Err(bad("`revoked` must be a boolean")),
+        },
+    })
+}
+
+/// Which admin route's body [`parse_body`] reads.
+#[derive(Clone, Copy, Debug)]
+pub enum BodyKind {
+    NewAccount,
+    Topup,
+    NewKey,
+    KeyPatch,
+}
+
+/// Parses an admin request body exactly as the route does, without touching the store:
+/// `Ok` with a summary of what was read, or the 400 message. The fuzz target and its
+/// corpus replay call this.
+pub fn parse_body(kind: BodyKind, buf: &[u8]) -> Result<String, String> {
+    let v = json_object(buf).map_err(|f| f.2)?;
+    let out = match kind {
+        BodyKind::NewAccount => new_account(&v).map(|a| format!("{a:?}")),
+        BodyKind::Topup => topup_usd(&v).map(|n| n.to_string()),
+        BodyKind::NewKey => {
+            new_key(&v).map(|k| format!("{} {:?} {:?}", k.account, k.budget_nano, k.expires_at))
+        }
+        BodyKind::KeyPatch => key_patch(&v).map(|p| format!("{:?} {:?}", p.budget_nano, p.revoked)),
+    };
+    out.map_err(|f| f.2)
+}
+
 fn account_json(a: &accounts::Account, available: Option<i64>) -> Value {
     json!({
         "id": a.id,
@@ -461,15 +576,7 @@ impl Admin {
                 ));
             }
         }
-        if buf.is_empty() {
-            return Ok(json!({}));
-        }
-        let v: Value =
-            serde_json::from_slice(&buf).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-        if !v.is_object() {
-            return Err(bad("the body must be a JSON object"));
-        }
-        Ok(v)
+        json_object(&buf)
     }
 
     /// Runs a blocking store call off the async workers.
@@ -513,11 +620,7 @@ impl Admin {
             }
             ("POST", ["admin", "accounts"]) => {
                 let v = self.body(session).await?;
-                let name = str_field(&v, "name")?
-                    .ok_or_else(|| bad("`name` is required"))?
-                    .to_string();
-                let group = str_field(&v, "group")?.unwrap_or("default").to_string();
-                let balance = usd_field(&v, "balance_usd")?.unwrap_or(0);
+                let (name, group, balance) = new_account(&v)?;
                 let a = self
                     .store(move |p| accounts::create(p, &name, &group, balance))
                     .await?;
@@ -533,7 +636,7 @@ impl Admin {
             }
             ("POST", ["admin", "accounts", name, "topup"]) => {
                 let v = self.body(session).await?;
-                let usd = usd_field(&v, "usd")?.ok_or_else(|| bad("`usd` is required"))?;
+                let usd = topup_usd(&v)?;
                 let name = name.to_string();
                 // Through the ledger writer, so the book never sees balances out of order.
                 let ledger = self.ledger.clone();
@@ -555,22 +658,7 @@ impl Admin {
             }
             ("POST", ["admin", "keys"]) => {
                 let v = self.body(session).await?;
-                let new = keys::NewKey {
-                    account: str_field(&v, "account")?
-                        .ok_or_else(|| bad("`account` is required"))?
-                        .to_string(),
-                    name: str_field(&v, "name")?.unwrap_or_default().to_string(),
-                    budget_nano: usd_field(&v, "budget_usd")?,
-                    models: list_field(&v, "models")?.unwrap_or_default(),
-                    rpm: u32_field(&v, "rpm")?,
-                    tpm: u32_field(&v, "tpm")?,
-                    concurrency: u32_field(&v, "concurrency")?,
-                    expires_at: expiry(&v)?,
-                    allow_ips: nets(list_field(&v, "allow_ips")?.unwrap_or_default())?,
-                    priority: priority_field(&v, "priority")?,
-                    max_priority: priority_field(&v, "max_priority")?,
-                    model_limits: model_limits_field(&v)?.unwrap_or_default(),
-                };
+                let new = new_key(&v)?;
                 let (info, secret) = self.store(move |p| keys::create(p, &new)).await?;
                 let mut out = key_json(&info);
                 out["key"] = Value::String(secret);
@@ -579,45 +667,7 @@ impl Admin {
             ("PATCH", ["admin", "keys", id]) => {
                 let id: i64 = id.parse().map_err(|_| bad("key id must be an integer"))?;
                 let v = self.body(session).await?;
-                let nullable_u32 = |f: &str| -> Result<Option<Option<u32>>, Fail> {
-                    if v.get(f).is_some() {
-                        Ok(Some(u32_field(&v, f)?))
-                    } else {
-                        Ok(None)
-                    }
-                };
-                let patch = keys::KeyPatch {
-                    name: str_field(&v, "name")?.map(str::to_owned),
-                    budget_nano: if v.get("budget_usd").is_some() {
-                        Some(usd_field(&v, "budget_usd")?)
-                    } else {
-                        None
-                    },
-                    models: list_field(&v, "models")?,
-                    rpm: nullable_u32("rpm")?,
-                    tpm: nullable_u32("tpm")?,
-                    concurrency: nullable_u32("concurrency")?,
-                    expires_at: if v.get("expires").is_some() {
-                        Some(expiry(&v)?)
-                    } else {
-                        None
-                    },
-                    allow_ips: list_field(&v, "allow_ips")?.map(nets).transpose()?,
-                    priority: match v.get("priority") {
-                        Some(_) => Some(priority_field(&v, "priority")?),
-                        None => None,
-                    },
-                    max_priority: match v.get("max_priority") {
-                        Some(_) => Some(priority_field(&v, "max_priority")?),
-                        None => None,
-                    },
-                    model_limits: model_limits_field(&v)?,
-                    revoked: match v.get("revoked") {
-                        None | Some(Value::Null) => None,
-                        Some(Value::Bool(b)) => Some(*b),
-                        Some(_) => return Err(bad("`revoked` must be a boolean")),
-                    },
-                };
+                let patch = key_patch(&v)?;
                 let info = self.store(move |p| keys::update(p, id, &patch)).await?;
                 self.key_changed(id);
                 Ok((StatusCode::OK, key_json(&info)))

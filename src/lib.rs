@@ -8,6 +8,7 @@ pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod fuzzing;
 pub mod ledger;
 pub mod maintenance;
 pub mod metrics;

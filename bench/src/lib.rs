@@ -5,3 +5,4 @@
 //! run the very same code as a standalone binary (`tollgate-mock`).
 
 pub mod mock;
+pub mod soak;

@@ -224,7 +224,8 @@ async fn json_chat_reports_deterministic_usage() {
             prompt_tokens: p,
             completion_tokens: 5,
             cached_tokens: 7,
-            stream: false
+            stream: false,
+            user: None,
         }]
     );
     assert_eq!(m.chunks_sent(), 0);
@@ -286,7 +287,8 @@ async fn stream_with_include_usage_ends_with_usage_chunk_then_done() {
             prompt_tokens: p,
             completion_tokens: 4,
             cached_tokens: 0,
-            stream: true
+            stream: true,
+            user: None,
         }]
     );
 }
@@ -345,7 +347,8 @@ async fn cumulative_usage_on_every_chunk_and_recorded_once() {
             prompt_tokens: p,
             completion_tokens: 3,
             cached_tokens: 2,
-            stream: true
+            stream: true,
+            user: None,
         }]
     );
 }
@@ -800,4 +803,45 @@ async fn truncated_cumulative_stream_records_last_reported_usage() {
     assert_eq!(s.len(), 1);
     assert_eq!(s[0].completion_tokens, 2);
     assert_eq!(s[0].prompt_tokens, prompt_tokens(bytes.len()));
+}
+
+#[tokio::test]
+async fn malformed_chunk_big_line_and_error_body_200() {
+    let m = MockServer::start().await;
+    // One unparseable event after 1 content chunk; the stream then carries on to its usage.
+    let mut req = chat(true, true, json!({"chunks": 3, "malformed_after": 1}));
+    req["user"] = json!("marker-1");
+    let (h, body, _) = post(m.addr(), "/v1/chat/completions", &req).await;
+    assert_eq!(h.status, 200);
+    let evs = events(&body);
+    let bad: Vec<_> = evs
+        .iter()
+        .filter(|e| *e != "[DONE]" && serde_json::from_str::<Value>(e).is_err())
+        .collect();
+    assert_eq!(bad.len(), 1, "{evs:?}");
+    assert_eq!(evs.last().map(String::as_str), Some("[DONE]"));
+    let served = m.take_served();
+    assert_eq!(served.len(), 1);
+    assert_eq!(served[0].completion_tokens, 3);
+    assert_eq!(served[0].user.as_deref(), Some("marker-1"));
+    assert!(m.served().is_empty(), "taken");
+    assert_eq!(m.take_requests().len(), 1);
+
+    // The first content chunk is one 64 KiB line.
+    let req = chat(true, true, json!({"chunks": 2, "big_line_bytes": 65536}));
+    let (_, body, _) = post(m.addr(), "/v1/chat/completions", &req).await;
+    let vs = parsed(&events(&body));
+    let text = vs[1]["choices"][0]["delta"]["content"].as_str().unwrap();
+    assert_eq!(text.len(), 65536);
+    assert!(text.starts_with("tok0 x"));
+    assert_eq!(m.take_served()[0].completion_tokens, 2);
+
+    // A 200 whose body is an error, for a stream request too; no usage.
+    let req = chat(true, true, json!({"error_body_200": true}));
+    let (h, body, _) = post(m.addr(), "/v1/chat/completions", &req).await;
+    assert_eq!(h.status, 200);
+    assert_eq!(h.header("content-type"), Some("application/json"));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["type"], "server_error");
+    assert!(m.served().is_empty());
 }

@@ -62,6 +62,16 @@ pub struct Behaviour {
     /// it ignores `delay_ms`. For testing that a POST whose body the provider
     /// fully received is never resent.
     pub reset_after_body: bool,
+    /// Stream: after N content chunks, send one event whose `data:` is not valid JSON
+    /// (a chunk cut off inside its object), then carry on normally.
+    pub malformed_after: Option<u32>,
+    /// Stream: the first content chunk's text is padded with `x` to this many bytes, so
+    /// its `data:` line is that long (e.g. 2097152 for a 2 MiB line). Usage still counts
+    /// one token per chunk.
+    pub big_line_bytes: Option<u32>,
+    /// Answer `200 OK` with an OpenAI error envelope as a JSON body (as some proxies in
+    /// front of providers do), for stream and non-stream requests alike; no usage.
+    pub error_body_200: bool,
 }
 
 impl Behaviour {
@@ -91,6 +101,9 @@ impl Behaviour {
             },
             omit_done: self.omit_done || over.omit_done,
             reset_after_body: self.reset_after_body || over.reset_after_body,
+            malformed_after: over.malformed_after.or(self.malformed_after),
+            big_line_bytes: over.big_line_bytes.or(self.big_line_bytes),
+            error_body_200: self.error_body_200 || over.error_body_200,
         }
     }
 }
@@ -163,6 +176,9 @@ pub struct ServedUsage {
     pub completion_tokens: u64,
     pub cached_tokens: u64,
     pub stream: bool,
+    /// The request body's `user` field (a string), so a run can correlate what was served
+    /// with what it sent.
+    pub user: Option<String>,
 }
 
 #[cfg(test)]

@@ -164,6 +164,17 @@ impl MockServer {
         self.shared.served.lock().unwrap().clone()
     }
 
+    /// Like [`Self::requests`], but hands the recorded requests over and forgets
+    /// them, so a long run can record without growing without bound.
+    pub fn take_requests(&self) -> Vec<RecordedRequest> {
+        std::mem::take(&mut *self.shared.requests.lock().unwrap())
+    }
+
+    /// Like [`Self::served`], but hands the entries over and forgets them.
+    pub fn take_served(&self) -> Vec<ServedUsage> {
+        std::mem::take(&mut *self.shared.served.lock().unwrap())
+    }
+
     /// SSE content chunks handed to the connection so far, across all requests.
     pub fn chunks_sent(&self) -> u64 {
         self.shared.chunks_sent.load(Ordering::SeqCst)
@@ -482,6 +493,17 @@ async fn handle(
         return Ok(error_response(status, &msg));
     }
 
+    if b.error_body_200 {
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        let msg = b.error_message.as_deref().unwrap_or("mock upstream error");
+        return Ok(json_response(
+            StatusCode::OK,
+            wire::error_json(msg, "server_error", None),
+        ));
+    }
+
     let extra_headers = success_headers(&b, &auth);
     let route = route(&parts.method, path);
     let obj = json.as_ref().and_then(Value::as_object);
@@ -493,6 +515,10 @@ async fn handle(
         .and_then(Value::as_str)
         .unwrap_or("mock-model")
         .to_owned();
+    let user = obj
+        .and_then(|o| o.get("user"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let prompt_tokens = body.len() as u64 / 4 + 1;
     let cached = b.cached_tokens.unwrap_or(0);
     let chunks = b.chunks.unwrap_or(3);
@@ -531,6 +557,9 @@ async fn handle(
             prompt_tokens,
             cached,
             omit_done: b.omit_done,
+            malformed_after: b.malformed_after,
+            big_line_bytes: b.big_line_bytes,
+            user,
         };
         tokio::spawn(job.run());
         let mut resp = Response::new(MockBody::Chan(rx));
@@ -592,6 +621,7 @@ async fn handle(
                     completion_tokens: u64::from(chunks),
                     cached_tokens: cached,
                     stream: false,
+                    user: user.clone(),
                 });
             }
             out
@@ -629,6 +659,7 @@ async fn handle(
                     completion_tokens: 0,
                     cached_tokens: 0,
                     stream: false,
+                    user: user.clone(),
                 });
             }
             serde_json::to_vec(&out)

@@ -36,6 +36,12 @@ pub(super) struct StreamJob {
     pub(super) cached: u64,
     /// End the body cleanly without the final `data: [DONE]`.
     pub(super) omit_done: bool,
+    /// Send one unparseable event after this many content chunks.
+    pub(super) malformed_after: Option<u32>,
+    /// Pad the first content chunk's text to this many bytes.
+    pub(super) big_line_bytes: Option<u32>,
+    /// The request's `user` field, recorded with the served usage.
+    pub(super) user: Option<String>,
 }
 
 impl StreamJob {
@@ -56,6 +62,7 @@ impl StreamJob {
             completion_tokens: u.completion_tokens,
             cached_tokens: u.prompt_tokens_details.cached_tokens,
             stream: true,
+            user: self.user.clone(),
         });
     }
 
@@ -191,7 +198,22 @@ impl StreamJob {
             if let Some(d) = self.delay {
                 tokio::time::sleep(d).await;
             }
-            let text = format!("tok{sent} ");
+            if self.malformed_after == Some(sent) {
+                let broken = format!(
+                    "data: {{\"id\":\"{}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"delta\":{{\"content\":\"tok\n\n",
+                    self.id
+                );
+                self.send(broken.into_bytes()).await?;
+            }
+            let mut text = format!("tok{sent} ");
+            if sent == 0 {
+                if let Some(n) = self.big_line_bytes {
+                    let n = n as usize;
+                    if n > text.len() {
+                        text.push_str(&"x".repeat(n - text.len()));
+                    }
+                }
+            }
             // Counted before it can reach anyone: a client holding chunk N must never read
             // a count below N.
             self.shared.chunks_sent.fetch_add(1, Ordering::SeqCst);
