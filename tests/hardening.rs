@@ -1253,6 +1253,41 @@ async fn a_post_the_provider_read_in_full_before_resetting_a_reused_connection_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_the_provider_read_before_failing_is_not_sent_to_the_next_channel() {
+    let first = MockServer::start().await;
+    let second = MockServer::start().await;
+    let channels = format!(
+        "{}{}",
+        support::channel("first", &first.base_url(), "sk-one", &["m1"], 10),
+        support::channel("second", &second.base_url(), "sk-two", &["m1"], 1),
+    );
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(&channels, ""))
+        .await
+        .unwrap();
+    let key = gw.new_key("acme", &[]);
+    let body = json!({"model": "m1", "messages": [{"role": "user", "content": "once only"}], "x_mock": {"reset_after_body": true}});
+    let r = support::post(&gw, &key, "/v1/chat/completions", &body).await;
+    let status = r.status().as_u16();
+    let _ = r.text().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        first.requests().len(),
+        1,
+        "the first channel read the request"
+    );
+    assert!(
+        second.requests().is_empty(),
+        "the request was sent again, to the second channel"
+    );
+    assert_eq!(status, 502, "the client gets the gateway's error");
+    // A provider that fails before reading anything (refused connection) still fails over.
+    drop(first);
+    let r = support::post(&gw, &key, "/v1/chat/completions", &chat("m1")).await;
+    assert_eq!(r.status(), 200, "the second channel served");
+    assert_eq!(second.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_deadline_holds_when_the_client_is_gone_before_the_response_head() {
     let (mock, gw) = start(String::new(), "accounting: { drain_timeout_ms: 500 }\n").await;
     let key = gw.new_key("acme", &[]);

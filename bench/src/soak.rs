@@ -139,9 +139,9 @@ impl Fault {
         matches!(self, Fault::Status5xx | Fault::Status429)
     }
 
-    /// The provider dropped the connection after reading the whole body: the relay moves
-    /// to the next channel, so the POST reaches the provider twice. Reported, not failed
-    /// (it is not a billing error: the client's one request is charged once).
+    /// The provider dropped the connection after reading the whole body. The relay never
+    /// sends such a request again (it may be doing the work); one that reached the provider
+    /// twice is counted and fails the run.
     fn resent_after_reset(self) -> bool {
         self == Fault::ResetBeforeHead
     }
@@ -1263,6 +1263,9 @@ fn reconcile(
         if let Some(s) = sent.get(*m as usize) {
             if *n > 1 && s.fault.resent_after_reset() {
                 resent += 1;
+                report.fail(format!(
+                    "soak-{m} reached the provider {n} times after a reset that followed its body"
+                ));
             } else if *n > 1 && !s.fault.may_repeat() {
                 report.fail(format!(
                     "soak-{m} ({:?}) reached the provider {n} times",

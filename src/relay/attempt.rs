@@ -44,20 +44,39 @@ enum Failure {
     AfterSend(Box<pingora::Error>),
 }
 
+/// How an attempt failed, and whether the request may have reached the provider: then it
+/// is not sent again, on any connection or channel.
+#[derive(Debug, Clone, Copy)]
+pub struct Failed {
+    pub outcome: AttemptOutcome,
+    pub reached_provider: bool,
+}
+
+impl Failed {
+    fn before(outcome: AttemptOutcome) -> Failed {
+        Failed {
+            outcome,
+            reached_provider: false,
+        }
+    }
+}
+
 /// One attempt on one channel: connect (or reuse), send, read the response head.
 pub async fn exchange(
     connector: &Connector,
     ch: &Channel,
     req: RequestHeader,
     body: Bytes,
-) -> Result<Exchange, AttemptOutcome> {
-    let peer = ch.peer().ok_or(AttemptOutcome::Unresolved)?;
+) -> Result<Exchange, Failed> {
+    let peer = ch
+        .peer()
+        .ok_or(Failed::before(AttemptOutcome::Unresolved))?;
     let mut stale_retries = 2;
     loop {
         let (mut s, reused) = connector
             .get_http_session(peer.as_ref())
             .await
-            .map_err(|e| outcome_of(&e))?;
+            .map_err(|e| Failed::before(outcome_of(&e)))?;
         s.set_read_timeout(Some(ch.read_timeout));
         s.set_write_timeout(Some(ch.write_timeout()));
         match send_and_read_head(&mut s, req.clone(), body.clone()).await {
@@ -66,9 +85,16 @@ pub async fn exchange(
                 stale_retries -= 1;
                 s.shutdown().await;
             }
-            Err(Failure::BeforeSend(e) | Failure::AfterSend(e)) => {
+            Err(Failure::BeforeSend(e)) => {
                 s.shutdown().await;
-                return Err(outcome_of(&e));
+                return Err(Failed::before(outcome_of(&e)));
+            }
+            Err(Failure::AfterSend(e)) => {
+                s.shutdown().await;
+                return Err(Failed {
+                    outcome: outcome_of(&e),
+                    reached_provider: true,
+                });
             }
         }
     }

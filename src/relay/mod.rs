@@ -129,14 +129,20 @@ impl Relay {
             ctx.outcome.upstream_time += started.elapsed();
             let outcome = match &ex {
                 Ok(ex) => AttemptOutcome::Status(ex.status()),
-                Err(o) => *o,
+                Err(f) => f.outcome,
             };
             out.chain.attempt_end(ctx, &attempt, outcome);
             let mut ex = match ex {
                 Ok(ex) => ex,
-                Err(o) => {
-                    tracing::warn!(request_id = %ctx.request_id, channel = %ch.name, outcome = o.label(), "upstream attempt failed");
-                    last = error_of(o, None);
+                Err(f) if f.reached_provider => {
+                    // The provider read the request and then failed: it may be doing the
+                    // work, so the request goes nowhere else (a POST is never sent twice).
+                    tracing::warn!(request_id = %ctx.request_id, channel = %ch.name, outcome = f.outcome.label(), "upstream failed after reading the request; not resent");
+                    return Err(error_of(f.outcome, None));
+                }
+                Err(f) => {
+                    tracing::warn!(request_id = %ctx.request_id, channel = %ch.name, outcome = f.outcome.label(), "upstream attempt failed");
+                    last = error_of(f.outcome, None);
                     continue;
                 }
             };
