@@ -7,13 +7,7 @@ impl Config {
     /// Every problem in `queue:` and in the per-account and per-model limits.
     pub(super) fn validate_admission(&self) -> Vec<ConfigError> {
         let mut errs = Vec::new();
-        let mut err = |path: String, message: String| {
-            errs.push(ConfigError {
-                path,
-                line: None,
-                message,
-            })
-        };
+        let mut err = ConfigError::collector(&mut errs);
         let q = &self.queue;
         let prio = |v: u8| v <= MAX_PRIORITY;
         for (f, v) in [
@@ -79,6 +73,7 @@ impl Config {
                 );
             }
         }
+        drop(err);
         errs
     }
 }

@@ -45,6 +45,19 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// `err(path, message)`: pushes a semantic error (no line) onto `errs`.
+    pub(crate) fn collector(errs: &mut Vec<ConfigError>) -> impl FnMut(String, String) + '_ {
+        move |path, message| {
+            errs.push(ConfigError {
+                path,
+                line: None,
+                message,
+            })
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {

@@ -13,13 +13,7 @@ impl Config {
     /// Every semantic problem, each with its field path.
     pub fn validate(&self) -> Vec<ConfigError> {
         let mut errs = Vec::new();
-        let mut err = |path: String, message: String| {
-            errs.push(ConfigError {
-                path,
-                line: None,
-                message,
-            })
-        };
+        let mut err = ConfigError::collector(&mut errs);
         let s = &self.server;
         let admin: Option<SocketAddr> = s.admin_listen.parse().ok();
         for (name, v) in [("listen", &s.listen), ("admin_listen", &s.admin_listen)] {
@@ -270,6 +264,7 @@ impl Config {
         if p.cpu_monitor && p.dir.as_os_str().is_empty() {
             err("profiling.dir".into(), "must be set".into());
         }
+        drop(err);
         errs.extend(self.validate_admission());
         errs
     }
