@@ -21,6 +21,7 @@ pub mod chain;
 pub mod channel;
 mod ctx;
 mod error;
+mod gcra;
 mod health;
 pub mod ip_guard;
 pub mod limits;
