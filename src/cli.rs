@@ -39,9 +39,8 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCmd),
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(BenchCmd),
+    /// Load-test an OpenAI-compatible endpoint (`--url`), or `bench ledger`.
+    Bench(BenchArgs),
     /// A one-screen health view of a running gateway, from its admin API.
     Status {
         /// The admin listener to ask (default: `server.admin_listen` from the config).
@@ -63,6 +62,17 @@ pub enum Command {
         #[arg(long)]
         by: Option<String>,
     },
+}
+
+/// `tollgate bench --url URL …` load-tests an endpoint; `tollgate bench ledger` measures
+/// the ledger writer.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub cmd: Option<BenchCmd>,
+    #[command(flatten)]
+    pub load: crate::loadtest::LoadArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,9 +233,22 @@ pub fn run(cli: Cli) -> CliResult {
             print!("{}", render_status(&addr, &v));
             Ok(())
         }
-        Command::Bench(BenchCmd::Ledger { rows, accounts }) => {
+        Command::Bench(BenchArgs {
+            cmd: Some(BenchCmd::Ledger { rows, accounts }),
+            ..
+        }) => {
             let cfg = load(&cli.config)?;
             bench_ledger(&cfg, rows, accounts.max(1))
+        }
+        Command::Bench(BenchArgs { cmd: None, load }) => {
+            if load.url.is_none() {
+                return Err("`tollgate bench` needs `--url` (or the `ledger` subcommand)".into());
+            }
+            if crate::loadtest::main(load)? {
+                Ok(())
+            } else {
+                Err("no request succeeded".into())
+            }
         }
         Command::Usage {
             account,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod connections;
 pub mod fuzzing;
 pub mod ledger;
+pub mod loadtest;
 pub mod maintenance;
 pub mod metrics;
 pub mod observe;

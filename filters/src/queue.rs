@@ -530,6 +530,105 @@ impl Scheduler {
         cost: u64,
         deadline: Instant,
     ) -> (Result<Grant, GatewayError>, Duration) {
+        // Nobody waits anywhere: a free slot is taken at once, with no place in a line.
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            match self.grant_now(candidates, caps) {
+                Ok(g) => {
+                    self.metrics.immediate.inc();
+                    return (Ok(g), Duration::ZERO);
+                }
+                Err(back) => {
+                    return self
+                        .wait(candidates, back, class, account, cost, deadline)
+                        .await
+                }
+            }
+        }
+        self.wait(candidates, caps, class, account, cost, deadline)
+            .await
+    }
+
+    /// The fast path, taken while nobody waits: a free slot on one of `candidates` and a
+    /// place under each of `caps`, or the caps back for the slow path. No waiter, channel
+    /// or key is allocated. Fair-share passes are left alone: they order waiters, and an
+    /// account served while nobody waited competed with nobody.
+    fn grant_now(
+        self: &Arc<Self>,
+        candidates: &[usize],
+        caps: Option<Vec<(Scope, u32)>>,
+    ) -> Result<Grant, Option<Vec<(Scope, u32)>>> {
+        let slot = |permit, channel| ChannelSlot {
+            channel,
+            permit: Some(permit),
+            scheduler: self.clone(),
+        };
+        let take = || {
+            candidates.iter().find_map(|&c| {
+                self.channels[c]
+                    .slots
+                    .clone()
+                    .try_acquire_owned()
+                    .ok()
+                    .map(|p| (p, c))
+            })
+        };
+        match caps {
+            // Uncapped, or a retry whose request already holds its places: no lock at all.
+            None => match take() {
+                Some((permit, c)) => Ok(Grant {
+                    slot: slot(permit, c),
+                    hold: None,
+                }),
+                None => Err(None),
+            },
+            Some(caps) if caps.is_empty() => match take() {
+                Some((permit, c)) => Ok(Grant {
+                    slot: slot(permit, c),
+                    hold: Some(ConcurrencyHold {
+                        scopes: Vec::new(),
+                        scheduler: self.clone(),
+                    }),
+                }),
+                None => Err(Some(caps)),
+            },
+            Some(caps) => {
+                let mut st = self.lock();
+                let free = caps
+                    .iter()
+                    .all(|(s, cap)| st.in_flight.get(s).copied().unwrap_or(0) < *cap);
+                let Some((permit, c)) = free.then(take).flatten() else {
+                    drop(st);
+                    return Err(Some(caps));
+                };
+                for (s, _) in &caps {
+                    *st.in_flight.entry(s.clone()).or_insert(0) += 1;
+                }
+                drop(st);
+                Ok(Grant {
+                    slot: slot(permit, c),
+                    hold: Some(ConcurrencyHold {
+                        scopes: caps.into_iter().map(|(s, _)| s).collect(),
+                        scheduler: self.clone(),
+                    }),
+                })
+            }
+        }
+    }
+
+    /// The slow path: a place in the pool's line until a grant or the deadline.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one waiter's fields, passed once"
+    )]
+    async fn wait(
+        self: &Arc<Self>,
+        candidates: &[usize],
+        caps: Option<Vec<(Scope, u32)>>,
+        class: u8,
+        account: i64,
+        cost: u64,
+        deadline: Instant,
+    ) -> (Result<Grant, GatewayError>, Duration) {
         let mut key: Vec<usize> = candidates.to_vec();
         key.sort_unstable();
         let key: Box<[usize]> = key.into();
