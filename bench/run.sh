@@ -7,7 +7,15 @@
 #   (a) non-streaming, open loop at fixed rates: p50/p99/p99.9 and what tollgate adds over
 #       the pass-through (latency from each request's intended send time);
 #   (b) saturation, closed loop, at 1 and 2 proxy threads: req/s and the ratio to the pass-through;
-#   (c) streaming, 50 chunks: time to first byte and the per-chunk gap, and what tollgate adds.
+#   (c) streaming, 50 chunks: time to first byte and the per-chunk gap, and what tollgate adds;
+#   (d) 1,000 concurrent long streams: resident memory and open file descriptors of the
+#       proxy, at rest, at the peak and after (pass-through and tollgate);
+#   (e) features: tollgate at a fixed rate with each optional filter switched off in turn,
+#       proxy CPU per request and p50; a filter's cost is the difference to "all on";
+#   (f) a flood of unknown keys (FLOOD_KEYS distinct ones, cycled), with the pre-auth guard
+#       on and off: req/s refused, and the key lookups that reached SQLite
+#       (tollgate_key_store_lookups_total) against the bound (distinct keys per
+#       negative-cache TTL).
 # Every answer must be a 2xx: a run with any non-2xx, transport error, timeout, truncated
 # stream or (open loop) slot it could not send in time is marked INVALID, and the script
 # then exits 1 after printing every table.
@@ -17,9 +25,13 @@
 #   SCENARIOS="a c" bench/run.sh         a subset
 #   Knobs (defaults): DURATION=5s WARMUP=1s RATES="1000 5000" CONNS=64 THREADS=2
 #     SAT_THREADS="1 2" SAT_CONNS=64 STREAM_RATE=50 STREAM_CONNS=64 CHUNKS=50 CHUNK_DELAY_MS=10
+#     MEM_STREAMS=1000 MEM_CHUNKS=100 MEM_CHUNK_DELAY_MS=50 FEATURE_RATE=2000
+#     FLOOD_KEYS=1000 FLOOD_CONNS=64
+#     CHART=bench/latency.svg (scenario a's percentiles drawn by tollgate-chart)
 #     LOADGEN_THREADS=1 SKIP_BUILD= CARGO_TARGET_DIR=target BIN=$CARGO_TARGET_DIR/release
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"   # (d) holds thousands of sockets
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 RATES=${RATES:-1000 5000}
@@ -32,7 +44,13 @@ STREAM_CONNS=${STREAM_CONNS:-64}
 CHUNKS=${CHUNKS:-50}
 CHUNK_DELAY_MS=${CHUNK_DELAY_MS:-10}
 LOADGEN_THREADS=${LOADGEN_THREADS:-1}
-SCENARIOS=${SCENARIOS:-a b c}
+MEM_STREAMS=${MEM_STREAMS:-1000}
+MEM_CHUNKS=${MEM_CHUNKS:-100}
+MEM_CHUNK_DELAY_MS=${MEM_CHUNK_DELAY_MS:-50}
+FEATURE_RATE=${FEATURE_RATE:-2000}
+FLOOD_KEYS=${FLOOD_KEYS:-1000}
+FLOOD_CONNS=${FLOOD_CONNS:-64}
+SCENARIOS=${SCENARIOS:-a b c d e f}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 BIN=${BIN:-$TARGET_DIR/release}
 
@@ -40,7 +58,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
   # One build of both packages, so Pingora is compiled once with one feature set.
   cargo build --release -p tollgate -p tollgate-bench --bins
 fi
-for b in tollgate tollgate-mock tollgate-passthrough tollgate-loadgen; do
+for b in tollgate tollgate-mock tollgate-passthrough tollgate-loadgen tollgate-chart; do
   [ -x "$BIN/$b" ] || { echo "missing $BIN/$b (build first or unset SKIP_BUILD)"; exit 1; }
 done
 
@@ -71,6 +89,17 @@ MOCK_PORT=$(free_port)
 "$BIN/tollgate-mock" --listen "127.0.0.1:$MOCK_PORT" >"$work/mock.log" 2>&1 & MOCK_PID=$!
 wait_http "http://127.0.0.1:$MOCK_PORT/v1/models"
 
+# tollgate's optional parts, all on; scenario (e) switches them off one at a time.
+FEATURES_ON='log: { access: true }
+metrics: { enabled: true }
+queue: { enabled: true }
+limits:
+  default: { rpm: 100000000, tpm: 2000000000, concurrency: 4096 }
+  ip: { failed_auth_per_min: 100000000 }
+pricing:
+  models: { gpt-4o-mini: { input: 0.15, output: 0.60 } }'
+FEATURES=$FEATURES_ON
+
 start_proxies() { # threads
   local t=$1
   stop "$TG_PID" "$PT_PID"
@@ -88,11 +117,7 @@ server:
 database: { path: "$work/tollgate.db" }
 channels:
   - { name: mock, base_url: "http://127.0.0.1:$MOCK_PORT", api_key: "sk-bench", models: [gpt-4o-mini], max_concurrency: 4096 }
-pricing:
-  models: { gpt-4o-mini: { input: 0.15, output: 0.60 } }
-limits:
-  default: { rpm: 100000000, tpm: 2000000000, concurrency: 4096 }
-  ip: { rps: 100000000 }
+$FEATURES
 EOF
   "$BIN/tollgate" --config "$work/tollgate.yaml" accounts create bench --balance-usd 1000000 >/dev/null
   KEY=$("$BIN/tollgate" --config "$work/tollgate.yaml" keys create --account bench | tail -n1)
@@ -215,6 +240,9 @@ if [[ " $SCENARIOS " == *" a "* ]]; then
     done
   done
   table a
+  if [ -n "${CHART:-}" ]; then
+    "$BIN/tollgate-chart" "$RESULTS" "$CHART" && echo && echo "chart: $CHART"
+  fi
 fi
 if [[ " $SCENARIOS " == *" c "* ]]; then
   echo; echo "## (c) streaming, $CHUNKS chunks ${CHUNK_DELAY_MS} ms apart, open loop at $STREAM_RATE streams/s, proxy threads $THREADS"
@@ -233,6 +261,135 @@ if [[ " $SCENARIOS " == *" b "* ]]; then
     done
   done
   table b
+fi
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+fds() { ls "/proc/$1/fd" 2>/dev/null | wc -l; }
+if [[ " $SCENARIOS " == *" d "* ]]; then
+  echo; echo "## (d) $MEM_STREAMS concurrent streams ($MEM_CHUNKS chunks ${MEM_CHUNK_DELAY_MS} ms apart), proxy threads $THREADS"
+  MEM=$work/mem.jsonl; : >"$MEM"
+  start_proxies "$THREADS"
+  for t in passthrough tollgate; do
+    pid=$PT_PID; [ "$t" = tollgate ] && pid=$TG_PID
+    rest_rss=$(rss_kb "$pid"); rest_fds=$(fds "$pid")
+    peak=$work/peak.$t; echo "0 0" >"$peak"
+    ( for _ in $(seq 3000); do  # at most 10 min; killed when the load below ends
+        kill -0 "$pid" 2>/dev/null || break
+        echo "$(rss_kb "$pid") $(fds "$pid")" >>"$peak"; sleep 0.2
+      done ) & SAMPLER=$!
+    stream_s=$(( MEM_CHUNKS * MEM_CHUNK_DELAY_MS / 1000 + 2 ))
+    load "d:$MEM_STREAMS:$t" "$t" --connections "$MEM_STREAMS" --duration "${stream_s}s" --warmup 0s \
+      --stream --chunks "$MEM_CHUNKS" --chunk-delay-ms "$MEM_CHUNK_DELAY_MS" --timeout-ms 60000
+    kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true
+    sleep 2
+    after_rss=$(rss_kb "$pid"); after_fds=$(fds "$pid")
+    awk -v t="$t" -v rr="$rest_rss" -v rf="$rest_fds" -v ar="$after_rss" -v af="$after_fds" \
+      '{ if ($1 > mr) mr = $1; if ($2 > mf) mf = $2 }
+       END { printf "{\"target\":\"%s\",\"rest_kb\":%d,\"rest_fds\":%d,\"peak_kb\":%d,\"peak_fds\":%d,\"after_kb\":%d,\"after_fds\":%d}\n", t, rr, rf, mr, mf, ar, af }' \
+      "$peak" >>"$MEM"
+  done
+  python3 - "$MEM" "$RESULTS" <<'PY'
+import json, sys
+mem = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+res = {r["label"].split(":")[2]: r for r in (json.loads(l) for l in open(sys.argv[2]) if l.strip()) if r["label"].startswith("d:")}
+mib = lambda kb: f"{kb/1024:.1f} MiB"
+print("| target | streams ok | RSS at rest | RSS peak | RSS 2 s after | fds at rest | fds peak | fds after | run |")
+print("|---|---|---|---|---|---|---|---|---|")
+for m in mem:
+    r = res.get(m["target"], {})
+    ok = "ok" if r.get("valid") else "INVALID " + ",".join(f"{k}={v}" for k, v in r.get("errors", {}).items())
+    print(f"| {m['target']} | {r.get('ok', '-')} | {mib(m['rest_kb'])} | {mib(m['peak_kb'])} | {mib(m['after_kb'])} | {m['rest_fds']} | {m['peak_fds']} | {m['after_fds']} | {ok} |")
+PY
+fi
+if [[ " $SCENARIOS " == *" e "* ]]; then
+  echo; echo "## (e) features, open loop at $FEATURE_RATE req/s, proxy threads $THREADS: proxy CPU per request"
+  variants=("all on" "access log off" "metrics off" "queue off" "no limits" "no prices (free)" "all optional off")
+  for v in "${variants[@]}"; do
+    FEATURES=$FEATURES_ON
+    case $v in
+      "access log off") FEATURES=${FEATURES/"log: { access: true }"/"log: { access: false }"} ;;
+      "metrics off") FEATURES=${FEATURES/"metrics: { enabled: true }"/"metrics: { enabled: false }"} ;;
+      "queue off") FEATURES=${FEATURES/"queue: { enabled: true }"/"queue: { enabled: false }"} ;;
+      "no limits") FEATURES=${FEATURES/"default: { rpm: 100000000, tpm: 2000000000, concurrency: 4096 }"/"default: {}"} ;;
+      "no prices (free)") FEATURES=${FEATURES/"models: { gpt-4o-mini: { input: 0.15, output: 0.60 } }"/"unpriced: free"} ;;
+      "all optional off")
+        FEATURES='log: { access: false }
+metrics: { enabled: false }
+queue: { enabled: false }
+limits: { default: {}, ip: { failed_auth_per_min: 0 } }
+pricing: { unpriced: free }' ;;
+    esac
+    start_proxies "$THREADS"
+    [ "$v" = "all on" ] && load "e:floor:passthrough" passthrough --rate "$FEATURE_RATE" --connections "$CONNS"
+    load "e:$v:tollgate" tollgate --rate "$FEATURE_RATE" --connections "$CONNS"
+  done
+  FEATURES=$FEATURES_ON
+  python3 - "$RESULTS" "$CPU" "$DURATION" "$WARMUP" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip() and json.loads(l)["label"].startswith("e:")]
+cpu = {c["label"]: c for c in (json.loads(l) for l in open(sys.argv[2]) if l.strip())}
+secs = lambda d: float(d[:-2]) / 1000 if d.endswith("ms") else float(d.rstrip("s"))
+span = secs(sys.argv[3]) + secs(sys.argv[4])
+def per_req(r):  # proxy CPU share over warm-up + run, divided by the requests in that span
+    c = cpu.get(r["label"], {}).get("proxy_cpu_pct")
+    rate = r["rate"] or r["rps"]
+    return None if c is None else c / 100 * 1e6 / rate
+base = None
+print("| configuration | req/s | p50 | proxy CPU per request | cost of the part switched off | run |")
+print("|---|---|---|---|---|---|")
+for r in rows:
+    name = r["label"].split(":")[1]
+    u = per_req(r)
+    if name == "all on": base = u
+    cost = "" if name in ("floor", "all on") or u is None or base is None else f"{base - u:+.1f} us"
+    p50 = (r.get("latency_us") or {}).get("p50")
+    valid = "ok" if r["valid"] else "INVALID " + ",".join(f"{k}={v}" for k, v in r["errors"].items())
+    label = "pass-through (floor)" if name == "floor" else name
+    print(f"| {label} | {r['rps']:.0f} | {p50} us | {'-' if u is None else f'{u:.1f} us'} | {cost} | {valid} |")
+PY
+fi
+if [[ " $SCENARIOS " == *" f "* ]]; then
+  echo; echo "## (f) a flood of $FLOOD_KEYS distinct unknown keys, closed loop, $FLOOD_CONNS connections, proxy threads $THREADS"
+  FLOOD=$work/flood.jsonl; : >"$FLOOD"
+  lookups() {
+    curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" \
+      | awk '/^tollgate_key_store_lookups_total/ { n += $2 } END { print n + 0 }'
+  }
+  for guard in on off; do
+    FEATURES=$FEATURES_ON
+    [ "$guard" = on ] && FEATURES=${FEATURES/"failed_auth_per_min: 100000000"/"failed_auth_per_min: 120"}
+    [ "$guard" = off ] && FEATURES=${FEATURES/"failed_auth_per_min: 100000000"/"failed_auth_per_min: 0"}
+    start_proxies "$THREADS"
+    [ "$guard" = on ] && KEY=sk-tg-flood load "f:floor:passthrough" passthrough --connections "$FLOOD_CONNS" --distinct-keys "$FLOOD_KEYS"
+    before=$(lookups)
+    KEY=sk-tg-flood load "f:guard $guard:tollgate" tollgate --connections "$FLOOD_CONNS" \
+      --distinct-keys "$FLOOD_KEYS" --expect 401 --expect 429
+    echo "{\"guard\":\"$guard\",\"lookups\":$(( $(lookups) - before ))}" >>"$FLOOD"
+  done
+  FEATURES=$FEATURES_ON
+  ttl_ms=2000   # auth.negative_cache_ttl_ms, the default
+  python3 - "$RESULTS" "$FLOOD" "$DURATION" "$WARMUP" "$FLOOD_KEYS" "$ttl_ms" <<'PY'
+import json, math, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip() and json.loads(l)["label"].startswith("f:")]
+look = {f["guard"]: f["lookups"] for f in (json.loads(l) for l in open(sys.argv[2]) if l.strip())}
+secs = lambda d: float(d[:-2]) / 1000 if d.endswith("ms") else float(d.rstrip("s"))
+span = secs(sys.argv[3]) + secs(sys.argv[4])
+keys, ttl = int(sys.argv[5]), int(sys.argv[6]) / 1000
+bound = keys * (math.floor(span / ttl) + 1)
+pt = next((r for r in rows if r["label"] == "f:floor:passthrough"), None)
+print(f"| target | answered req/s | statuses | vs pass-through | SQLite key lookups | bound ({keys} keys x {span:g} s / {ttl:g} s TTL) | run |")
+print("|---|---|---|---|---|---|---|")
+for r in rows:
+    name = r["label"].split(":")[1]
+    st = ", ".join(f"{k}: {v}" for k, v in sorted(r.get("status", {}).items()))
+    ratio = f"{r['rps']/pt['rps']:.2f}x" if pt and name != "floor" else ""
+    g = name.replace("guard ", "")
+    lk = look.get(g, "")
+    b = bound if g in look else ""
+    valid = "ok" if r["valid"] else "INVALID " + ",".join(f"{k}={v}" for k, v in r["errors"].items())
+    label = "pass-through (answers 200)" if name == "floor" else f"tollgate, pre-auth guard {g}"
+    print(f"| {label} | {r['rps']:.0f} | {st} | {ratio} | {lk} | {b} | {valid} |")
+PY
 fi
 if grep -q '"valid":false' "$RESULTS"; then
   echo; echo "INVALID: at least one run had a non-2xx answer or an error (see the run column)"; exit 1

@@ -7,6 +7,15 @@
 
 use clap::Parser;
 
+// The memory allocator, chosen at build time (`--features mimalloc` or `jemalloc`; the
+// system allocator otherwise). bench/RESULTS.md, scenario (d), has the measurement.
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     let cli = tollgate::cli::Cli::parse();
     if let Err(e) = tollgate::cli::run(cli) {

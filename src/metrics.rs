@@ -198,6 +198,9 @@ pub struct Metrics {
     pub malformed_requests: IntCounter,
     /// Connections refused at `server.connections.max_connections`.
     pub connections_refused: IntCounter,
+    /// Key lookups that reached the store (cache misses), by result: `found`, `unknown`,
+    /// `error`.
+    pub key_store_lookups: [IntCounter; 3],
     /// Client connections open now.
     pub connections_open: IntGauge,
     /// Requests refused (503 `ledger_backlogged`) because the ledger queue was over its bound.
@@ -468,6 +471,14 @@ impl Metrics {
                 "tollgate_connections_refused_total",
                 "Connections refused at max_connections",
             ),
+            key_store_lookups: {
+                let v = counter_vec(
+                    "tollgate_key_store_lookups_total",
+                    "API key lookups that missed the cache and read the store, by result",
+                    &["result"],
+                );
+                ["found", "unknown", "error"].map(|r| v.with_label_values(&[r]))
+            },
             connections_open: gauge("tollgate_connections_open", "Client connections open now"),
             ledger_refused: counter(
                 "tollgate_ledger_refused_total",

@@ -3,7 +3,9 @@
 //! `x-request-id`, the filters' headers, `X-Response-Time-Ms` and `Server-Timing`.
 
 use bytes::Bytes;
-use http::header;
+use std::fmt::Write;
+
+use http::{header, HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use tollgate_filters::{Ctx, GatewayError};
@@ -16,21 +18,52 @@ use crate::observe::{ms, Timings};
 /// waiting on providers), and on a provider's response `ttft` (to the provider's first
 /// byte, its response head; the first token of a stream follows it).
 pub fn decorate(resp: &mut ResponseHeader, ctx: &Ctx) {
-    let _ = resp.insert_header("x-request-id", &ctx.request_id);
+    set(resp, "x-request-id", &ctx.request_id);
     for (k, v) in ctx.response_headers.iter() {
-        let _ = resp.insert_header(k, v);
+        set(resp, k, v);
     }
     let t = Timings::of(ctx);
-    let _ = resp.insert_header("x-response-time-ms", format!("{:.3}", ms(t.total)));
-    let mut timing = format!(
+    let mut text = String::with_capacity(96);
+    let _ = write!(text, "{:.3}", ms(t.total));
+    set(resp, "x-response-time-ms", &text);
+    text.clear();
+    let _ = write!(
+        text,
         "gateway;dur={:.3}, upstream;dur={:.3}",
         ms(t.gateway),
         ms(t.upstream)
     );
     if ctx.outcome.channel.is_some() {
-        timing.push_str(&format!(", ttft;dur={:.3}", ms(t.total)));
+        let _ = write!(text, ", ttft;dur={:.3}", ms(t.total));
     }
-    let _ = resp.insert_header("server-timing", timing);
+    set(resp, "server-timing", &text);
+}
+
+/// Sets a header named by a constant (lower-case; a filter's names are constants too). On
+/// the heads tollgate builds (no case map) it goes straight into the map: no name is parsed
+/// or allocated.
+fn set(resp: &mut ResponseHeader, name: &'static str, value: &str) {
+    let Ok(value) = HeaderValue::from_str(value) else {
+        return;
+    };
+    if resp.has_case() {
+        let _ = resp.insert_header(name, value);
+    } else {
+        headers_mut(resp, |h| {
+            h.insert(HeaderName::from_static(name), value);
+        });
+    }
+}
+
+/// Edits the header map of a head that keeps no case map. Pingora gives no mutable access
+/// to it (its case-preserving inserts re-parse and copy every name), so the head is taken
+/// apart and put back together: a move, not a copy.
+pub fn headers_mut(resp: &mut ResponseHeader, f: impl FnOnce(&mut http::HeaderMap)) {
+    debug_assert!(!resp.has_case());
+    let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let mut parts: http::response::Parts = std::mem::replace(resp, empty).into();
+    f(&mut parts.headers);
+    *resp = ResponseHeader::from(parts);
 }
 
 /// A complete JSON response head.
@@ -41,12 +74,13 @@ pub fn json_head(
     ctx: &Ctx,
 ) -> Option<ResponseHeader> {
     let mut resp =
-        ResponseHeader::build(status, Some(6 + extra.len() + ctx.response_headers.len())).ok()?;
+        ResponseHeader::build_no_case(status, Some(6 + extra.len() + ctx.response_headers.len()))
+            .ok()?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")
         .ok()?;
     resp.insert_header(header::CONTENT_LENGTH, len).ok()?;
     for (k, v) in extra {
-        resp.insert_header(*k, v).ok()?;
+        set(&mut resp, k, v);
     }
     decorate(&mut resp, ctx);
     Some(resp)

@@ -74,7 +74,10 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
         Arc::new(IpGuard::new(cfg.limits.ip)),
         // key → account; status, expiry, IP allow-list; then the model allow-list
         Arc::new(Auth::new(
-            Arc::new(SqliteKeys(parts.pool.clone())),
+            Arc::new(SqliteKeys {
+                pool: parts.pool.clone(),
+                lookups: parts.metrics.key_store_lookups.clone(),
+            }),
             parts.keys.clone(),
         )),
         // key and account requests/min before the body; model scopes, tokens/min and media

@@ -153,7 +153,12 @@ pub struct Outcome {
 pub struct ResponseHeaders(Vec<(&'static str, String)>);
 
 impl ResponseHeaders {
+    /// `name` is a lower-case constant (it becomes a header name without being parsed).
     pub fn set(&mut self, name: &'static str, value: String) {
+        debug_assert!(
+            http::HeaderName::from_bytes(name.as_bytes()).is_ok_and(|n| n.as_str() == name),
+            "`{name}` is not a lower-case header name"
+        );
         match self.0.iter_mut().find(|(n, _)| *n == name) {
             Some(slot) => slot.1 = value,
             None => self.0.push((name, value)),

@@ -1,6 +1,7 @@
 //! `access_log`: one structured line per request, as a filter, through `tracing` (target
-//! `access`). The subscriber writes through a non-blocking writer: a request thread only
-//! formats the line and hands it to a queue; a background thread writes it out.
+//! `access`). The subscriber writes through a batching writer (`log_writer`): a request
+//! thread formats the line and appends it to a buffer; a background thread writes the
+//! buffer out every 50 ms.
 //!
 //! The line carries the key's display prefix, never the secret (tollgate never holds the
 //! secret past the hash lookup).
@@ -10,7 +11,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use serde::Deserialize;
 use tollgate_filters::{Channels, Ctx, Filter, Phases};
-use tracing_appender::non_blocking::WorkerGuard;
+
+use super::log_writer::{BatchWriter, FlushGuard};
 
 use super::{ms, Timings};
 use crate::store::money::format_usd;
@@ -44,18 +46,14 @@ impl Default for LogConfig {
 }
 
 /// Keeps the background writer alive; [`flush`] drains it before the process exits.
-static WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+static WRITER: Mutex<Option<FlushGuard>> = Mutex::new(None);
 
 /// Installs the process's `tracing` subscriber: `level` (a filter directive; `RUST_LOG`
 /// overrides it), in `cfg.format`, written to stdout off the calling threads.
 pub fn init(level: &str, cfg: &LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        // Past this many queued lines, new lines are dropped rather than stalling requests.
-        .buffered_lines_limit(128 * 1024)
-        .lossy(true)
-        .finish(std::io::stdout());
+    let (writer, guard) = BatchWriter::new(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);

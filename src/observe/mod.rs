@@ -4,6 +4,7 @@
 //! after billing has settled it and the status is final.
 
 pub mod access_log;
+pub mod log_writer;
 pub mod metrics;
 pub mod summary;
 

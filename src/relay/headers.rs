@@ -8,7 +8,7 @@
 //!   ([`FORWARD_RESPONSE`] and `openai-*`/`anthropic-*` except account details), and never
 //!   one whose value carries the channel key.
 
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use tollgate_filters::{Channel, GatewayError};
 
@@ -73,7 +73,8 @@ pub fn upstream_request(
         upath.push('?');
         upath.push_str(q);
     }
-    let mut req = RequestHeader::build(
+    // No case map: providers take any header case.
+    let req = RequestHeader::build_no_case(
         client.method.clone(),
         upath.as_bytes(),
         Some(client.headers.len() + 3),
@@ -88,6 +89,7 @@ pub fn upstream_request(
         .map(str::trim)
         .collect();
     let mut budget = MAX_FORWARDED_HEADER_BYTES;
+    let mut forwarded = Vec::with_capacity(client.headers.len());
     for (name, value) in client.headers.iter() {
         let n = name.as_str();
         if DROP_REQUEST.contains(&n)
@@ -103,19 +105,25 @@ pub fn upstream_request(
             continue;
         }
         budget -= size;
-        req.append_header(name.clone(), value.clone())
-            .map_err(|_| GatewayError::Internal)?;
+        forwarded.push((name, value));
     }
-    req.insert_header(header::HOST, ch.host_header.clone())
-        .map_err(|_| GatewayError::Internal)?;
+    // Pingora gives no mutable access to a head's map (its inserts re-parse and copy each
+    // name); the parts are filled directly and the target set again after.
+    let mut parts: http::request::Parts = req.into();
+    let h = &mut parts.headers;
+    for (name, value) in forwarded {
+        h.append(name.clone(), value.clone());
+    }
+    h.insert(header::HOST, ch.host_header.clone());
     if let Some(auth) = &ch.auth_header {
-        req.insert_header(header::AUTHORIZATION, auth.clone())
-            .map_err(|_| GatewayError::Internal)?;
+        h.insert(header::AUTHORIZATION, auth.clone());
     }
     if body_len > 0 || client.method == http::Method::POST {
-        req.insert_header(header::CONTENT_LENGTH, body_len)
-            .map_err(|_| GatewayError::Internal)?;
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     }
+    let mut req = RequestHeader::from(parts);
+    req.set_raw_path(upath.as_bytes())
+        .map_err(|_| GatewayError::Internal)?;
     Ok(req)
 }
 
@@ -132,30 +140,38 @@ pub fn client_response(
     ch: &Channel,
     h2: bool,
 ) -> pingora::Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(up.status, Some(up.headers.len() + 6))?;
+    // No case map (names go out lower-case, well-known ones titled): names are moved
+    // across as they are, never re-parsed.
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = up.status;
+    let h = &mut parts.headers;
+    h.reserve(up.headers.len() + 6);
     for (name, value) in up.headers.iter() {
         if !forwarded(name.as_str()) || carries_secret(value.as_bytes(), &ch.secret) {
             continue;
         }
-        resp.append_header(name.clone(), value.clone())?;
+        h.append(name.clone(), value.clone());
     }
     if let Some(id) = up.headers.get("x-request-id") {
         if !carries_secret(id.as_bytes(), &ch.secret) {
-            resp.insert_header(HeaderName::from_static("x-upstream-request-id"), id.clone())?;
+            h.insert(HeaderName::from_static("x-upstream-request-id"), id.clone());
         }
     }
     let event_stream = tollgate_filters::usage::is_event_stream(up);
     match up.headers.get(header::CONTENT_LENGTH) {
         // A fixed-length body is passed on with its length; anything else is chunked on h1.
         Some(len) if !event_stream => {
-            resp.insert_header(header::CONTENT_LENGTH, len.clone())?;
+            h.insert(header::CONTENT_LENGTH, len.clone());
         }
         _ if !h2 => {
-            resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+            h.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
         }
         _ => {}
     }
-    Ok(resp)
+    Ok(ResponseHeader::from(parts))
 }
 
 /// Whether bytes contain the channel key (or its last 8 characters, for masked echoes).

@@ -176,7 +176,7 @@ impl Relay {
         }
         let body = scrub_error_body(&buf, status, &ch.secret);
         let mut resp =
-            ResponseHeader::build(status, Some(6)).map_err(|_| GatewayError::Internal)?;
+            ResponseHeader::build_no_case(status, Some(6)).map_err(|_| GatewayError::Internal)?;
         resp.insert_header(header::CONTENT_TYPE, "application/json")
             .map_err(|_| GatewayError::Internal)?;
         resp.insert_header(header::CONTENT_LENGTH, body.len())

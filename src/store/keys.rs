@@ -336,16 +336,28 @@ pub fn find_by_hash(pool: &Pool, hash: &KeyHash) -> Result<Option<KeyRecord>, St
 
 /// The [`tollgate_filters::auth::KeyLookup`] port over SQLite. Lookups run on the blocking
 /// pool; the key cache in front keeps them rare.
-pub struct SqliteKeys(pub Pool);
+/// The auth filter's key store: SQLite, each read counted by its result
+/// (`[found, unknown, error]`, `tollgate_key_store_lookups_total`).
+pub struct SqliteKeys {
+    pub pool: Pool,
+    pub lookups: [prometheus::IntCounter; 3],
+}
 
 #[async_trait::async_trait]
 impl tollgate_filters::auth::KeyLookup for SqliteKeys {
     async fn find_key(&self, hash: KeyHash) -> Result<Option<KeyRecord>, String> {
-        let pool = self.0.clone();
-        tokio::task::spawn_blocking(move || find_by_hash(&pool, &hash))
+        let pool = self.pool.clone();
+        let found = tokio::task::spawn_blocking(move || find_by_hash(&pool, &hash))
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let i = match &found {
+            Ok(Some(_)) => 0,
+            Ok(None) => 1,
+            Err(_) => 2,
+        };
+        self.lookups[i].inc();
+        found
     }
 }
 

@@ -86,6 +86,14 @@ struct Args {
     /// Bearer token sent as `Authorization: Bearer KEY`.
     #[arg(long, env = "TOLLGATE_KEY")]
     key: Option<String>,
+    /// Send `Bearer KEY-i` with i cycling through this many values: N distinct keys (for
+    /// a flood of unknown keys).
+    #[arg(long)]
+    distinct_keys: Option<u64>,
+    /// A non-2xx status that counts as the expected answer, not a failure (repeatable;
+    /// e.g. `--expect 401 --expect 429` for a flood of unknown keys).
+    #[arg(long)]
+    expect: Vec<u16>,
     /// Extra request header, "Name: value" (repeatable).
     #[arg(long = "header", short = 'H')]
     headers: Vec<String>,
@@ -186,6 +194,9 @@ async fn loopback_target(url: &str) -> Result<Target, String> {
 /// One request as every connection sends it.
 struct Plan {
     target: Target,
+    /// The key, and how many distinct suffixes to cycle through.
+    key: Option<(String, Option<u64>)>,
+    expect: Vec<u16>,
     body: Bytes,
     headers: Vec<(HeaderName, HeaderValue)>,
     stream: bool,
@@ -193,7 +204,11 @@ struct Plan {
 }
 
 impl Plan {
-    fn request(&self) -> Request<Full<Bytes>> {
+    fn answered(&self, status: u16) -> bool {
+        (200..300).contains(&status) || self.expect.contains(&status)
+    }
+
+    fn request(&self, k: u64) -> Request<Full<Bytes>> {
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(self.target.path.clone())
@@ -205,6 +220,15 @@ impl Plan {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some((key, distinct)) = &self.key {
+            let bearer = match distinct {
+                Some(n) => format!("Bearer {key}-{:08}", k % n.max(&1)),
+                None => format!("Bearer {key}"),
+            };
+            if let Ok(v) = HeaderValue::from_str(&bearer) {
+                h.insert(header::AUTHORIZATION, v);
+            }
+        }
         for (n, v) in &self.headers {
             h.insert(n.clone(), v.clone());
         }
@@ -225,8 +249,7 @@ fn build_plan(args: &Args, target: Target) -> Result<Plan, String> {
     }
     let mut headers = Vec::new();
     if let Some(k) = &args.key {
-        let v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|e| e.to_string())?;
-        headers.push((header::AUTHORIZATION, v));
+        HeaderValue::from_str(&format!("Bearer {k}")).map_err(|e| e.to_string())?;
     }
     for h in &args.headers {
         let (n, v) = h
@@ -238,6 +261,8 @@ fn build_plan(args: &Args, target: Target) -> Result<Plan, String> {
     }
     Ok(Plan {
         target,
+        key: args.key.clone().map(|k| (k, args.distinct_keys)),
+        expect: args.expect.clone(),
         body: Bytes::from(serde_json::to_vec(&body).expect("serialising JSON")),
         headers,
         stream: args.stream,
@@ -276,6 +301,7 @@ async fn exchange(
     origin: Instant,
     stats: &mut Stats,
     record: bool,
+    k: u64,
 ) -> Outcome {
     let work = async {
         if conn.as_ref().is_none_or(|c| c.is_closed()) {
@@ -284,7 +310,7 @@ async fn exchange(
         let c = conn.as_mut().expect("connected above");
         c.ready().await.map_err(|_| "io")?;
         let sent = Instant::now();
-        let resp = c.send_request(plan.request()).await.map_err(|_| "io")?;
+        let resp = c.send_request(plan.request(k)).await.map_err(|_| "io")?;
         let status = resp.status().as_u16();
         let mut body = resp.into_body();
         let mut last: Option<Instant> = None;
@@ -357,13 +383,13 @@ fn trim_ascii_end(b: &[u8]) -> &[u8] {
     &b[..end]
 }
 
-fn count(stats: &mut Stats, origin: Instant, outcome: Outcome) {
+fn count(plan: &Plan, stats: &mut Stats, origin: Instant, outcome: Outcome) {
     match outcome {
         Outcome::Answer { status, complete } => {
             *stats.status.entry(status).or_default() += 1;
             if !complete {
                 *stats.errors.entry("truncated_stream").or_default() += 1;
-            } else if (200..300).contains(&status) {
+            } else if plan.answered(status) {
                 stats.ok += 1;
                 stats.latency.saturating_record(us(origin.elapsed()));
             }
@@ -425,9 +451,9 @@ async fn worker(
                 now
             }
         };
-        let outcome = exchange(&plan, &mut conn, origin, &mut stats, phase.record).await;
+        let outcome = exchange(&plan, &mut conn, origin, &mut stats, phase.record, k).await;
         if phase.record {
-            count(&mut stats, origin, outcome);
+            count(&plan, &mut stats, origin, outcome);
         }
     }
     (stats, conn)

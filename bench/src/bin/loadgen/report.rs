@@ -58,10 +58,11 @@ impl Stats {
         }
     }
 
-    pub(crate) fn failures(&self) -> u64 {
+    /// Answers that were neither a 2xx nor an `--expect`ed status, and errors.
+    pub(crate) fn failures(&self, expect: &[u16]) -> u64 {
         self.status
             .iter()
-            .filter(|(s, _)| !(200..300).contains(*s))
+            .filter(|(s, _)| !(200..300).contains(*s) && !expect.contains(s))
             .map(|(_, n)| n)
             .sum::<u64>()
             + self.errors.values().sum::<u64>()
@@ -123,11 +124,11 @@ pub(crate) fn report(args: &Args, s: &Stats, elapsed: Duration, cpu: Option<f64>
     let secs = elapsed.as_secs_f64().max(1e-9);
     // Share of one core the generator used while measuring.
     let cpu_pct = cpu.map(|c| (c / secs * 1000.0).round() / 10.0);
-    let valid = s.failures() == 0 && s.ok > 0;
+    let valid = s.failures(&args.expect) == 0 && s.ok > 0;
     let errors: BTreeMap<String, u64> = s
         .status
         .iter()
-        .filter(|(st, _)| !(200..300).contains(*st))
+        .filter(|(st, _)| !(200..300).contains(*st) && !args.expect.contains(st))
         .map(|(st, n)| (format!("status_{st}"), *n))
         .chain(s.errors.iter().map(|(e, n)| (e.to_string(), *n)))
         .collect();
@@ -145,6 +146,7 @@ pub(crate) fn report(args: &Args, s: &Stats, elapsed: Duration, cpu: Option<f64>
             "ok": s.ok,
             "rps": s.ok as f64 / secs,
             "errors": errors,
+            "status": s.status,
             "valid": valid,
             "latency_us": pct(&s.latency),
             "service_us": pct(&s.service),
