@@ -150,7 +150,7 @@ load() { # label target loadgen-args...
   m0=$(ticks "$MOCK_PID"); p0=$([ -n "$proxy" ] && ticks "$proxy" || echo 0); t0=$(date +%s.%N)
   # Exit status 2 is an invalid run: it is kept (valid=false) and reported in the table.
   TOLLGATE_KEY=$KEY "$BIN/tollgate-loadgen" "$(url_of "$target")" --json --label "$label" \
-    --threads "$LOADGEN_THREADS" --duration "$DURATION" --warmup "$WARMUP" "$@" >>"$RESULTS" || [ $? -eq 2 ]
+    --threads "$LOADGEN_THREADS" --duration "${LOAD_DURATION:-$DURATION}" --warmup "${LOAD_WARMUP:-$WARMUP}" "$@" >>"$RESULTS" || [ $? -eq 2 ]
   m1=$(ticks "$MOCK_PID"); p1=$([ -n "$proxy" ] && ticks "$proxy" || echo 0); t1=$(date +%s.%N)
   # CPU share of one core (warm-up included) of the mock and of the proxy under test.
   awk -v l="$label" -v m="$((m1 - m0))" -v p="$((p1 - p0))" -v t0="$t0" -v t1="$t1" \
@@ -278,7 +278,7 @@ if [[ " $SCENARIOS " == *" d "* ]]; then
         echo "$(rss_kb "$pid") $(fds "$pid")" >>"$peak"; sleep 0.2
       done ) & SAMPLER=$!
     stream_s=$(( MEM_CHUNKS * MEM_CHUNK_DELAY_MS / 1000 + 2 ))
-    load "d:$MEM_STREAMS:$t" "$t" --connections "$MEM_STREAMS" --duration "${stream_s}s" --warmup 0s \
+    LOAD_DURATION=${stream_s}s LOAD_WARMUP=0s load "d:$MEM_STREAMS:$t" "$t" --connections "$MEM_STREAMS" \
       --stream --chunks "$MEM_CHUNKS" --chunk-delay-ms "$MEM_CHUNK_DELAY_MS" --timeout-ms 60000
     kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true
     sleep 2

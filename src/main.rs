@@ -7,8 +7,9 @@
 
 use clap::Parser;
 
-// The memory allocator, chosen at build time (`--features mimalloc` or `jemalloc`; the
-// system allocator otherwise). bench/RESULTS.md, scenario (d), has the measurement.
+// The memory allocator: jemalloc by default, mimalloc with `--no-default-features
+// --features mimalloc`, the system one with `--no-default-features`. bench/RESULTS.md,
+// scenarios (b) and (d), has the measurement behind the default.
 #[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

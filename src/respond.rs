@@ -18,51 +18,47 @@ use crate::observe::{ms, Timings};
 /// waiting on providers), and on a provider's response `ttft` (to the provider's first
 /// byte, its response head; the first token of a stream follows it).
 pub fn decorate(resp: &mut ResponseHeader, ctx: &Ctx) {
-    set(resp, "x-request-id", &ctx.request_id);
-    for (k, v) in ctx.response_headers.iter() {
-        set(resp, k, v);
-    }
     let t = Timings::of(ctx);
-    let mut text = String::with_capacity(96);
-    let _ = write!(text, "{:.3}", ms(t.total));
-    set(resp, "x-response-time-ms", &text);
-    text.clear();
+    let mut total = String::with_capacity(16);
+    let _ = write!(total, "{:.3}", ms(t.total));
+    let mut timing = String::with_capacity(80);
     let _ = write!(
-        text,
+        timing,
         "gateway;dur={:.3}, upstream;dur={:.3}",
         ms(t.gateway),
         ms(t.upstream)
     );
     if ctx.outcome.channel.is_some() {
-        let _ = write!(text, ", ttft;dur={:.3}", ms(t.total));
+        let _ = write!(timing, ", ttft;dur={:.3}", ms(t.total));
     }
-    set(resp, "server-timing", &text);
+    let headers = [
+        ("x-request-id", ctx.request_id.as_str()),
+        ("x-response-time-ms", total.as_str()),
+        ("server-timing", timing.as_str()),
+    ];
+    set_all(
+        resp,
+        ctx.response_headers.iter().chain(headers.iter().copied()),
+    );
 }
 
-/// Sets a header named by a constant (lower-case; a filter's names are constants too). On
-/// the heads tollgate builds (no case map) it goes straight into the map: no name is parsed
-/// or allocated.
-fn set(resp: &mut ResponseHeader, name: &'static str, value: &str) {
-    let Ok(value) = HeaderValue::from_str(value) else {
-        return;
-    };
+/// Sets headers named by constants (lower-case; a filter's names are constants too). On the
+/// heads tollgate builds (no case map) they go straight into the map, no name parsed or
+/// copied: pingora gives no mutable access to the map (its case-preserving inserts re-parse
+/// every name), so the head is taken apart and put back together, a move and not a copy.
+fn set_all<'a>(resp: &mut ResponseHeader, headers: impl Iterator<Item = (&'static str, &'a str)>) {
+    let values = headers.filter_map(|(k, v)| Some((k, HeaderValue::from_str(v).ok()?)));
     if resp.has_case() {
-        let _ = resp.insert_header(name, value);
-    } else {
-        headers_mut(resp, |h| {
-            h.insert(HeaderName::from_static(name), value);
-        });
+        for (k, v) in values {
+            let _ = resp.insert_header(k, v);
+        }
+        return;
     }
-}
-
-/// Edits the header map of a head that keeps no case map. Pingora gives no mutable access
-/// to it (its case-preserving inserts re-parse and copy every name), so the head is taken
-/// apart and put back together: a move, not a copy.
-pub fn headers_mut(resp: &mut ResponseHeader, f: impl FnOnce(&mut http::HeaderMap)) {
-    debug_assert!(!resp.has_case());
     let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
     let mut parts: http::response::Parts = std::mem::replace(resp, empty).into();
-    f(&mut parts.headers);
+    for (k, v) in values {
+        parts.headers.insert(HeaderName::from_static(k), v);
+    }
     *resp = ResponseHeader::from(parts);
 }
 
@@ -79,9 +75,7 @@ pub fn json_head(
     resp.insert_header(header::CONTENT_TYPE, "application/json")
         .ok()?;
     resp.insert_header(header::CONTENT_LENGTH, len).ok()?;
-    for (k, v) in extra {
-        set(&mut resp, k, v);
-    }
+    set_all(&mut resp, extra.iter().map(|(k, v)| (*k, v.as_str())));
     decorate(&mut resp, ctx);
     Some(resp)
 }
