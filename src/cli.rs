@@ -204,8 +204,8 @@ pub fn run(cli: Cli) -> CliResult {
         }
         Command::Serve => {
             let cfg = load(&cli.config)?;
-            crate::observe::access_log::init(&cfg.server.log_level, &cfg.log);
-            crate::server::run(cfg)
+            let log = crate::observe::access_log::init(&cfg.server.log_level, &cfg.log);
+            crate::server::run(cfg, log)
         }
         Command::Accounts(cmd) => {
             let cfg = load(&cli.config)?;

@@ -24,6 +24,7 @@ use crate::connections::Capped;
 use crate::ledger::Ledger;
 use crate::maintenance::{refresh_dns, Maintenance};
 use crate::metrics::{Metrics, ModelLabels};
+use crate::observe::log_writer::BatchWriter;
 use crate::observe::{AccessLog, LatencySummary, MetricsFilter};
 use crate::pricing_page::PricingPage;
 use crate::profiling::CpuMonitor;
@@ -37,6 +38,8 @@ const SHUTDOWN_MARGIN_S: u64 = 10;
 /// The shared pieces the filters are built from.
 pub struct Parts {
     pub pool: Pool,
+    /// Where log lines go (the access log writes its own).
+    pub log: BatchWriter,
     pub keys: Arc<KeyCache>,
     pub channels: Channels,
     pub picker: Arc<ChannelPicker>,
@@ -61,7 +64,11 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
     // The access log and the metrics come first, so their on_done runs last and sees the
     // final status and billing's settlement. (The log's line goes out after the metrics.)
     if cfg.log.access {
-        filters.push(Arc::new(AccessLog::new(parts.channels.clone())));
+        filters.push(Arc::new(AccessLog::new(
+            parts.channels.clone(),
+            parts.log.clone(),
+            cfg.log.format,
+        )));
     }
     if cfg.metrics.enabled {
         filters.push(Arc::new(MetricsFilter::new(
@@ -162,7 +169,7 @@ pub fn limits_config(cfg: &Config) -> LimitsConfig {
 }
 
 /// Runs the gateway until SIGTERM (graceful) or SIGINT (immediate).
-pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Error>> {
     let pool = store::open_and_migrate(&cfg.database)?;
     let metrics = Arc::new(Metrics::with_labels(
         model_labels(&cfg),
@@ -188,6 +195,7 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     refresh_dns(&channels);
     metrics.watch_channels(channels.clone());
     let parts = Parts {
+        log,
         pool: pool.clone(),
         keys: Arc::new(KeyCache::new(cfg.auth.clone())),
         picker: Arc::new(ChannelPicker::with_paths(

@@ -80,7 +80,8 @@ impl BatchWriter {
         )
     }
 
-    fn append(&self, line: &[u8]) {
+    /// Appends whole lines (the caller's bytes end with a newline).
+    pub fn append(&self, line: &[u8]) {
         let len = {
             let mut buf = self.shared.buf.lock().unwrap_or_else(|p| p.into_inner());
             if buf.len() + line.len() > MAX_BYTES {
