@@ -5,7 +5,8 @@
 #   tollgate    the gateway in front of it (auth, limits, billing, relay),
 # with tollgate's server.threads and the pass-through's --threads equal. Scenarios:
 #   (a) non-streaming, open loop at fixed rates: p50/p99/p99.9 and what tollgate adds over
-#       the pass-through (latency from each request's intended send time);
+#       the pass-through (latency from each request's intended send time); then one request
+#       at a time (closed loop, one connection, the row "c=1");
 #   (b) saturation, closed loop, at 1 and 2 proxy threads: req/s and the ratio to the pass-through;
 #   (c) streaming, 50 chunks: time to first byte and the per-chunk gap, and what tollgate adds;
 #   (d) 1,000 concurrent long streams: resident memory and open file descriptors of the
@@ -154,7 +155,7 @@ load() { # label target loadgen-args...
   m1=$(ticks "$MOCK_PID"); p1=$([ -n "$proxy" ] && ticks "$proxy" || echo 0); t1=$(date +%s.%N)
   # CPU share of one core (warm-up included) of the mock and of the proxy under test.
   awk -v l="$label" -v m="$((m1 - m0))" -v p="$((p1 - p0))" -v t0="$t0" -v t1="$t1" \
-    'BEGIN { printf "{\"label\":\"%s\",\"mock_cpu_pct\":%.0f,\"proxy_cpu_pct\":%.0f}\n", l, m/(t1-t0), p/(t1-t0) }' >>"$CPU"
+    'BEGIN { printf "{\"label\":\"%s\",\"mock_cpu_pct\":%.1f,\"proxy_cpu_pct\":%.1f}\n", l, m/(t1-t0), p/(t1-t0) }' >>"$CPU"
 }
 
 table() { # scenario-letter
@@ -238,6 +239,10 @@ if [[ " $SCENARIOS " == *" a "* ]]; then
     for t in direct passthrough tollgate; do
       load "a:$rate:$t" "$t" --rate "$rate" --connections "$CONNS"
     done
+  done
+  # One request at a time (closed loop, one connection): the latency each hop adds alone.
+  for t in direct passthrough tollgate; do
+    load "a:c=1:$t" "$t" --connections 1
   done
   table a
   if [ -n "${CHART:-}" ]; then
