@@ -14,7 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use pingora_core::protocols::tls::CaType;
-use pingora_core::upstreams::peer::{HttpPeer, Peer};
+use pingora_core::upstreams::peer::{HttpPeer, Peer, ALPN};
 use pingora_core::utils::tls::{parse_x509, WrappedX509};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
@@ -70,6 +70,24 @@ pub struct ChannelConfig {
     /// fe80::/10, fd00:ec2::254, `metadata.google.internal`, ...), refused by default.
     #[serde(default)]
     pub allow_link_local: bool,
+    /// HTTP/2 to this provider: `auto` (offer h2 by ALPN on https, HTTP/1.1 on http),
+    /// `on` (h2 only: ALPN `h2` on https, prior-knowledge h2c on http), `off`.
+    #[serde(default)]
+    pub http2: Http2Mode,
+    /// Streams one HTTP/2 connection to the provider carries at once (the provider's own
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` may lower it).
+    #[serde(default = "d_h2_streams")]
+    pub max_h2_streams: usize,
+}
+
+/// `channels[].http2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Http2Mode {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 /// `security.private_upstreams`: whether a channel may resolve to a loopback or private
@@ -261,6 +279,9 @@ fn d_idle() -> u64 {
 fn d_true() -> bool {
     true
 }
+fn d_h2_streams() -> usize {
+    100
+}
 
 /// A channel's `base_url`, split for the connector. Holds no credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -362,11 +383,44 @@ pub struct Channel {
     ca: Option<Arc<CaType>>,
     /// Which addresses the host may resolve to.
     pub policy: UpstreamPolicy,
+    /// The protocols offered on new connections (from `http2`).
+    alpn: ALPN,
+    max_h2_streams: usize,
     /// The resolved peer; refreshed off the request path ([`Channel::resolve`]).
     peer: ArcSwapOption<HttpPeer>,
     /// Requests in flight on this channel, bounded by `max_concurrency`.
     pub slots: Arc<Semaphore>,
     pub health: Health,
+    /// How the relay opens connections to this provider (HTTP/2 or HTTP/1.1).
+    pub dial: Dial,
+}
+
+/// What the relay needs to share HTTP/2 connections to one provider.
+///
+/// Pingora opens a new connection whenever no pooled one has a free stream, so a burst
+/// of requests arriving together would each open their own. While a channel may speak
+/// h2, new connections are opened one at a time behind `gate`: the requests waiting
+/// there find the new connection's free streams instead. Once the provider has chosen
+/// HTTP/1.1 by ALPN, `h1_only` is set and the gate is no longer taken.
+#[derive(Debug)]
+pub struct Dial {
+    /// ALPN `h2` may be offered (or h2c spoken) on new connections.
+    pub h2: bool,
+    pub gate: tokio::sync::Mutex<()>,
+    pub h1_only: std::sync::atomic::AtomicBool,
+}
+
+impl Dial {
+    /// Whether new connections must go through the gate.
+    pub fn gated(&self) -> bool {
+        self.h2 && !self.h1_only.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The provider answered a new connection in HTTP/1.1: stop gating.
+    pub fn learned_h1(&self) {
+        self.h1_only
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The table every part of the gateway reads.
@@ -398,6 +452,7 @@ impl Channel {
     pub fn new(index: usize, cfg: &ChannelConfig, health: HealthConfig) -> Result<Channel, String> {
         let url = UpstreamUrl::parse(&cfg.base_url)
             .map_err(|e| format!("channel {}: base_url {e}", cfg.name))?;
+        let url_tls = url.tls;
         let host_header = HeaderValue::from_str(&url.host_header())
             .map_err(|_| format!("channel {}: bad host", cfg.name))?;
         let auth_header = if cfg.api_key.is_empty() {
@@ -439,6 +494,13 @@ impl Channel {
             peer: ArcSwapOption::empty(),
             slots: Arc::new(Semaphore::new(cfg.max_concurrency as usize)),
             health: Health::new(health),
+            alpn: alpn_for(cfg.http2, url_tls),
+            max_h2_streams: cfg.max_h2_streams.max(1),
+            dial: Dial {
+                h2: alpn_for(cfg.http2, url_tls).get_max_http_version() == 2,
+                gate: tokio::sync::Mutex::new(()),
+                h1_only: false.into(),
+            },
         })
     }
 
@@ -472,6 +534,8 @@ impl Channel {
         peer.options.verify_cert = self.tls_verify;
         peer.options.verify_hostname = self.tls_verify;
         peer.options.ca = self.ca.clone();
+        peer.options.alpn = self.alpn.clone();
+        peer.options.max_h2_streams = self.max_h2_streams;
         // Pingora's pool key leaves the trusted CA out: each channel pools its own
         // connections, so two channels on one address never share a connection verified
         // against the other's CA.
@@ -497,6 +561,16 @@ impl Channel {
     /// The upstream model name for a client model name, when `model_map` renames it.
     pub fn upstream_model(&self, model: &str) -> Option<&str> {
         self.model_map.get(model).map(String::as_str)
+    }
+}
+
+/// The ALPN a channel offers: `auto` is h2-then-h1 on TLS and HTTP/1.1 in plain text;
+/// `on` is h2 only (by ALPN on TLS, prior knowledge in plain text).
+fn alpn_for(mode: Http2Mode, tls: bool) -> ALPN {
+    match (mode, tls) {
+        (Http2Mode::Off, _) | (Http2Mode::Auto, false) => ALPN::H1,
+        (Http2Mode::Auto, true) => ALPN::H2H1,
+        (Http2Mode::On, _) => ALPN::H2,
     }
 }
 

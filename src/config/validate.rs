@@ -204,6 +204,26 @@ impl Config {
         if self.routing.window_s == 0 {
             err("routing.window_s".into(), "must be at least 1".into());
         }
+        if s.h2.max_concurrent_streams == 0 {
+            err(
+                "server.h2.max_concurrent_streams".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if s.h2.max_header_list_bytes < 1024 {
+            err(
+                "server.h2.max_header_list_bytes".into(),
+                "must be at least 1024".into(),
+            );
+        }
+        for (i, c) in self.channels.iter().enumerate() {
+            if c.max_h2_streams == 0 {
+                err(
+                    format!("channels[{i}].max_h2_streams"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
         let c = &self.server.connections;
         for (field, v) in [
             ("head_timeout_ms", c.head_timeout_ms),

@@ -10,7 +10,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports, reason = "not every test file uses both")]
-pub use tollgate_bench::mock::{Behaviour, MockServer};
+pub use tollgate_bench::mock::{Behaviour, MockProtocols, MockServer};
+
+pub mod certs;
 
 /// The binary under test: this build's, or `TOLLGATE_BIN` (to show a test fails against
 /// an older build).
