@@ -31,8 +31,8 @@ use crate::pricing_page::PricingPage;
 use crate::profiling::CpuMonitor;
 use crate::relay::{ClientLimits, Relay};
 use crate::service::{Gateway, InFlight, Pipeline};
-use crate::tls;
 use crate::store::{self, accounts::SqliteBalances, keys::SqliteKeys, Pool};
+use crate::tls;
 
 /// Seconds Pingora waits beyond `server.grace_period_s` before it stops the runtimes.
 const SHUTDOWN_MARGIN_S: u64 = 10;

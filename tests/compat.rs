@@ -17,7 +17,9 @@ async fn run_sdk(gw: &Gateway, base_url: String, key: String, env: Vec<(&'static
             .env("TOLLGATE_KEY", key)
             .envs(env)
             .output()
-            .expect("python3 must be installed (scripts/test.sh installs it and the openai package)")
+            .expect(
+                "python3 must be installed (scripts/test.sh installs it and the openai package)",
+            )
     })
     .await
     .unwrap();
@@ -53,7 +55,13 @@ async fn official_openai_python_sdk_works_over_https_and_over_http2() {
     let secret = gw.new_key("acme", &["--models", "m1,emb"]);
     let ca_env = ca_file.display().to_string();
     // HTTPS over HTTP/1.1, then HTTP/2 chosen by ALPN: chat, stream, embeddings, errors.
-    run_sdk(&gw, gw.https_url("/v1"), secret.clone(), vec![("SSL_CERT_FILE", ca_env.clone())]).await;
+    run_sdk(
+        &gw,
+        gw.https_url("/v1"),
+        secret.clone(),
+        vec![("SSL_CERT_FILE", ca_env.clone())],
+    )
+    .await;
     run_sdk(
         &gw,
         gw.https_url("/v1"),

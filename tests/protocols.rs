@@ -18,8 +18,7 @@ use support::{Behaviour, Gateway, MockProtocols, MockServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const LIMITS: &str =
-    "limits:\n  default: { rpm: 1000000, tpm: 1000000000, concurrency: 4000 }\n";
+const LIMITS: &str = "limits:\n  default: { rpm: 1000000, tpm: 1000000000, concurrency: 4000 }\n";
 
 /// A gateway in front of `mock` with `server_yaml` added to `server:` and `channel_yaml`
 /// added to the channel's flow mapping.
@@ -99,11 +98,7 @@ async fn h2_post(
     path: &str,
     key: &str,
     body: &Value,
-) -> (
-    http::response::Parts,
-    h2::RecvStream,
-    h2::SendStream<Bytes>,
-) {
+) -> (http::response::Parts, h2::RecvStream, h2::SendStream<Bytes>) {
     let mut send = h2.clone().ready().await.unwrap();
     let req = http::Request::builder()
         .method("POST")
@@ -186,12 +181,26 @@ async fn curl_speaks_http2_by_alpn_and_http11_to_the_tls_listener_and_h2c_to_the
     let url = tls.https_url("/v1/chat/completions");
     for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
         let (ok, out, err) = curl(&[
-            flag, "--cacert", ca_arg, "-N", "-H", &auth, "-H", "content-type: application/json",
-            "-d", &body, "-w", "\n%{http_version} %{http_code}", &url,
+            flag,
+            "--cacert",
+            ca_arg,
+            "-N",
+            "-H",
+            &auth,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            "-w",
+            "\n%{http_version} %{http_code}",
+            &url,
         ]);
         assert!(ok, "curl {flag}: {err}\n{}", tls.log());
         assert!(out.ends_with(&format!("\n{version} 200")), "{flag}: {out}");
-        assert!(out.contains("tok2 ") && out.contains("data: [DONE]"), "{out}");
+        assert!(
+            out.contains("tok2 ") && out.contains("data: [DONE]"),
+            "{out}"
+        );
     }
     // No plain text on the TLS port.
     let (ok, _, _) = curl(&[&format!("http://127.0.0.1:{}/v1/models", tls.port)]);
@@ -202,8 +211,17 @@ async fn curl_speaks_http2_by_alpn_and_http11_to_the_tls_listener_and_h2c_to_the
     let url2 = h2c_gw.url("/v1/chat/completions");
     for flag in ["--http2-prior-knowledge", "--http1.1"] {
         let (ok, out, err) = curl(&[
-            flag, "-N", "-H", &auth2, "-H", "content-type: application/json", "-d", &body,
-            "-w", "\n%{http_version} %{http_code}", &url2,
+            flag,
+            "-N",
+            "-H",
+            &auth2,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            "-w",
+            "\n%{http_version} %{http_code}",
+            &url2,
         ]);
         assert!(ok, "curl {flag}: {err}\n{}", h2c_gw.log());
         let version = if flag == "--http1.1" { "1.1" } else { "2" };
@@ -213,9 +231,15 @@ async fn curl_speaks_http2_by_alpn_and_http11_to_the_tls_listener_and_h2c_to_the
     // Without h2c, prior-knowledge HTTP/2 is not understood.
     let plain = gateway(&mock, "", "").await;
     let (ok, out, _) = curl(&[
-        "--http2-prior-knowledge", "-w", "%{http_version}", &plain.url("/v1/models"),
+        "--http2-prior-knowledge",
+        "-w",
+        "%{http_version}",
+        &plain.url("/v1/models"),
     ]);
-    assert!(!ok || !out.ends_with('2'), "h2c answered without server.h2c: {out}");
+    assert!(
+        !ok || !out.ends_with('2'),
+        "h2c answered without server.h2c: {out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,28 +252,54 @@ async fn the_admin_listener_over_tls_requires_a_client_certificate_signed_by_cli
     let client_ca_file = dir.path().join("client-ca.pem");
     std::fs::write(&client_ca_file, client_ca.pem()).unwrap();
     let (ccert, ckey) = client_ca.client("operator").write(dir.path(), "operator");
-    let (rcert, rkey) = TestCa::new("rogue CA").client("rogue").write(dir.path(), "rogue");
+    let (rcert, rkey) = TestCa::new("rogue CA")
+        .client("rogue")
+        .write(dir.path(), "rogue");
     let more = format!(", client_ca: \"{}\"", client_ca_file.display());
     let gw = gateway(&mock, "", &tls_yaml("admin_tls", &cert, &key, &more)).await;
     let url = format!("https://localhost:{}/healthz", gw.admin_port);
     let auth = format!("Authorization: Bearer {}", gw.admin_token);
     let ca_arg = ca_file.to_str().unwrap();
     let (ok, out, err) = curl(&[
-        "--cacert", ca_arg, "--cert", ccert.to_str().unwrap(), "--key", ckey.to_str().unwrap(),
-        "-H", &auth, "-w", "%{http_code}", &url,
+        "--cacert",
+        ca_arg,
+        "--cert",
+        ccert.to_str().unwrap(),
+        "--key",
+        ckey.to_str().unwrap(),
+        "-H",
+        &auth,
+        "-w",
+        "%{http_code}",
+        &url,
     ]);
     assert!(ok && out.ends_with("200"), "{out} {err}\n{}", gw.log());
     let (ok, _, _) = curl(&["--cacert", ca_arg, "-H", &auth, &url]);
     assert!(!ok, "served without a client certificate");
     let (ok, _, _) = curl(&[
-        "--cacert", ca_arg, "--cert", rcert.to_str().unwrap(), "--key", rkey.to_str().unwrap(),
-        "-H", &auth, &url,
+        "--cacert",
+        ca_arg,
+        "--cert",
+        rcert.to_str().unwrap(),
+        "--key",
+        rkey.to_str().unwrap(),
+        "-H",
+        &auth,
+        &url,
     ]);
     assert!(!ok, "served a client certificate from another CA");
     // TLS 1.2 and 1.3 only.
     let (ok, _, _) = curl(&[
-        "--cacert", ca_arg, "--cert", ccert.to_str().unwrap(), "--key", ckey.to_str().unwrap(),
-        "--tlsv1.1", "--tls-max", "1.1", &url,
+        "--cacert",
+        ca_arg,
+        "--cert",
+        ccert.to_str().unwrap(),
+        "--key",
+        ckey.to_str().unwrap(),
+        "--tlsv1.1",
+        "--tls-max",
+        "1.1",
+        &url,
     ]);
     assert!(!ok, "TLS 1.1 was accepted");
 }
@@ -279,7 +329,9 @@ async fn https_once(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out).await;
     let text = String::from_utf8_lossy(&out);
@@ -340,7 +392,11 @@ async fn wait_for_cert(tls: &tokio_rustls::TlsConnector, gw: &Gateway, key: &str
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "`{cn}` never served\n{}", gw.log());
+        assert!(
+            Instant::now() < deadline,
+            "`{cn}` never served\n{}",
+            gw.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -351,7 +407,12 @@ async fn certificates_swapped_under_load_fail_no_request_and_a_bad_one_is_refuse
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("test CA");
     let (_, cert, key) = tls_files(dir.path(), &ca, "first");
-    let gw = gateway(&mock, "", &tls_yaml("tls", &cert, &key, ", reload_interval_s: 1")).await;
+    let gw = gateway(
+        &mock,
+        "",
+        &tls_yaml("tls", &cert, &key, ", reload_interval_s: 1"),
+    )
+    .await;
     let secret = gw.new_key("acme", &[]);
     let client = tls_client(&ca.pem());
     assert_eq!(
@@ -403,7 +464,12 @@ async fn certificates_swapped_under_load_fail_no_request_and_a_bad_one_is_refuse
     }
     let failures = failures.lock().unwrap().clone();
     let served = served.lock().unwrap().clone();
-    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert!(served.len() > 20, "too little load: {}", served.len());
     let names: std::collections::BTreeSet<&str> = served.iter().map(|(_, c)| c.as_str()).collect();
     assert_eq!(
@@ -416,8 +482,15 @@ async fn certificates_swapped_under_load_fail_no_request_and_a_bad_one_is_refuse
         .filter(|(t, _)| *t > swapped)
         .map(|(_, c)| c.as_str())
         .collect();
-    assert!(late.len() > 10, "too little load after the swap: {}", late.len());
-    assert!(late.iter().all(|c| *c == "second"), "after the swap only `second` is served");
+    assert!(
+        late.len() > 10,
+        "too little load after the swap: {}",
+        late.len()
+    );
+    assert!(
+        late.iter().all(|c| *c == "second"),
+        "after the swap only `second` is served"
+    );
     assert_eq!(
         https_once(&client, gw.port, &secret).await.unwrap().1,
         "second"
@@ -434,7 +507,12 @@ async fn sighup_reloads_the_certificate_when_polling_is_off() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("test CA");
     let (_, cert, key) = tls_files(dir.path(), &ca, "before");
-    let gw = gateway(&mock, "", &tls_yaml("tls", &cert, &key, ", reload_interval_s: 0")).await;
+    let gw = gateway(
+        &mock,
+        "",
+        &tls_yaml("tls", &cert, &key, ", reload_interval_s: 0"),
+    )
+    .await;
     let secret = gw.new_key("acme", &[]);
     let client = tls_client(&ca.pem());
     let after = ca.server("after", 30);
@@ -447,9 +525,16 @@ async fn sighup_reloads_the_certificate_when_polling_is_off() {
         "nothing polls"
     );
     let pid = gw.child.as_ref().unwrap().id().to_string();
-    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
     wait_for_cert(&client, &gw, &secret, "after").await;
-    assert!(https_once(&client, gw.port, &secret).await.is_ok(), "still running");
+    assert!(
+        https_once(&client, gw.port, &secret).await.is_ok(),
+        "still running"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -463,7 +548,8 @@ async fn an_h2_stream_reset_mid_answer_is_billed_the_real_usage_and_frees_what_i
             "  - {{ name: main, base_url: \"{}\", api_key: sk-up, models: [m1] }}\n",
             mock.base_url()
         );
-        let pricing = "pricing:\n  models:\n    m1: { input: 2.00, output: 8.00 }\n  unpriced: reject\n";
+        let pricing =
+            "pricing:\n  models:\n    m1: { input: 2.00, output: 8.00 }\n  unpriced: reject\n";
         tokio::task::spawn_blocking(move || {
             Gateway::start_with_server(&ch, "  h2c: true\n", pricing)
         })
@@ -474,7 +560,8 @@ async fn an_h2_stream_reset_mid_answer_is_billed_the_real_usage_and_frees_what_i
     let secret = gw.new_key("acme", &[]);
     let h2 = h2c(gw.port).await;
     let body = json!({"model": "m1", "stream": true, "messages": [{"role": "user", "content": "hi"}], "x_mock": {"chunks": 60, "delay_ms": 10}});
-    let (head, mut recv, mut send) = h2_post(&h2, gw.port, "/v1/chat/completions", &secret, &body).await;
+    let (head, mut recv, mut send) =
+        h2_post(&h2, gw.port, "/v1/chat/completions", &secret, &body).await;
     assert_eq!(head.status, 200);
     let rid = head.headers["x-request-id"].to_str().unwrap().to_string();
     let mut text = String::new();
@@ -507,7 +594,11 @@ async fn an_h2_stream_reset_mid_answer_is_billed_the_real_usage_and_frees_what_i
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let (prompt, completion, estimated, cost) = row;
-    assert_eq!((completion, estimated), (60, 0), "billed the provider's usage");
+    assert_eq!(
+        (completion, estimated),
+        (60, 0),
+        "billed the provider's usage"
+    );
     assert_eq!(mock.chunks_sent(), 60);
     let served = &mock.served()[0];
     assert_eq!(prompt as u64, served.prompt_tokens);
@@ -515,9 +606,17 @@ async fn an_h2_stream_reset_mid_answer_is_billed_the_real_usage_and_frees_what_i
     // Slots, places, tokens and the reservation are all given back.
     idle(&gw).await;
     let balance: i64 = db
-        .query_row("SELECT balance_nano FROM accounts WHERE name = 'acme'", [], |r| r.get(0))
+        .query_row(
+            "SELECT balance_nano FROM accounts WHERE name = 'acme'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
-    assert_eq!(balance, 10_000_000_000 - cost, "only the real cost was taken");
+    assert_eq!(
+        balance,
+        10_000_000_000 - cost,
+        "only the real cost was taken"
+    );
     // The connection itself lives on: another stream on it is served.
     let (head, mut recv, _send) = h2_post(
         &h2,
@@ -528,9 +627,15 @@ async fn an_h2_stream_reset_mid_answer_is_billed_the_real_usage_and_frees_what_i
     )
     .await;
     assert_eq!(head.status, 200);
-    assert!(h2_text(&mut recv).await.unwrap().contains("chat.completion"));
+    assert!(h2_text(&mut recv)
+        .await
+        .unwrap()
+        .contains("chat.completion"));
     let log = gw.log();
-    assert!(log.contains("client_gone=true") || log.contains("\"client_gone\":true"), "{log}");
+    assert!(
+        log.contains("client_gone=true") || log.contains("\"client_gone\":true"),
+        "{log}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -539,7 +644,12 @@ async fn an_h2_stream_reset_mid_answer_is_billed_the_real_usage_and_frees_what_i
 /// Opens `n` gated streams through the gateway (over `clients` h2c connections), waits
 /// until the mock holds all of them, returns the mock's connection counts, then opens the
 /// gate and checks every stream finishes whole.
-async fn concurrent_streams(gw: &Gateway, mock: &MockServer, n: usize, clients: usize) -> support::ConnectionStats {
+async fn concurrent_streams(
+    gw: &Gateway,
+    mock: &MockServer,
+    n: usize,
+    clients: usize,
+) -> support::ConnectionStats {
     let secret = gw.new_key("acme", &[]);
     let mut conns = Vec::new();
     for _ in 0..clients {
@@ -571,7 +681,11 @@ async fn concurrent_streams(gw: &Gateway, mock: &MockServer, n: usize, clients: 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let stats = mock.connections();
-    assert_eq!(done.load(Ordering::SeqCst), 0, "a stream ended before the gate opened");
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        0,
+        "a stream ended before the gate opened"
+    );
     mock.open_gate();
     for t in tasks {
         let (status, text) = tokio::time::timeout(Duration::from_secs(120), t)
@@ -579,7 +693,10 @@ async fn concurrent_streams(gw: &Gateway, mock: &MockServer, n: usize, clients: 
             .unwrap()
             .unwrap();
         assert_eq!(status, 200, "{text}");
-        assert!(text.contains("tok2 ") && text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert!(
+            text.contains("tok2 ") && text.ends_with("data: [DONE]\n\n"),
+            "{text}"
+        );
     }
     stats
 }
@@ -588,7 +705,10 @@ async fn concurrent_streams(gw: &Gateway, mock: &MockServer, n: usize, clients: 
 async fn a_thousand_concurrent_streams_share_ceil_n_over_max_h2_streams_h2c_connections() {
     let mock = MockServer::start_protocols(
         Behaviour::default(),
-        MockProtocols { tls: false, h2: true },
+        MockProtocols {
+            tls: false,
+            h2: true,
+        },
     )
     .await;
     let gw = gateway(
@@ -599,7 +719,10 @@ async fn a_thousand_concurrent_streams_share_ceil_n_over_max_h2_streams_h2c_conn
     .await;
     let stats = concurrent_streams(&gw, &mock, 1000, 4).await;
     println!("1000 concurrent streams over h2c: {stats:?}");
-    assert!(stats.accepted <= 10, "{stats:?}: more than ceil(1000 / 100) connections");
+    assert!(
+        stats.accepted <= 10,
+        "{stats:?}: more than ceil(1000 / 100) connections"
+    );
     assert_eq!(stats.h2, stats.accepted, "every connection spoke HTTP/2");
     idle(&gw).await;
 }
@@ -607,7 +730,14 @@ async fn a_thousand_concurrent_streams_share_ceil_n_over_max_h2_streams_h2c_conn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_providers_get_h2_by_alpn_and_one_that_refuses_it_gets_http11() {
     // A provider offering h2: 200 streams over at most ceil(200 / 64) connections.
-    let mock = MockServer::start_protocols(Behaviour::default(), MockProtocols { tls: true, h2: true }).await;
+    let mock = MockServer::start_protocols(
+        Behaviour::default(),
+        MockProtocols {
+            tls: true,
+            h2: true,
+        },
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("mock-ca.pem");
     std::fs::write(&ca, mock.ca_pem().unwrap()).unwrap();
@@ -618,23 +748,46 @@ async fn https_providers_get_h2_by_alpn_and_one_that_refuses_it_gets_http11() {
     assert_eq!(stats.h2, stats.accepted, "{stats:?}");
 
     // A provider that answers ALPN with http/1.1 only: the same channel config falls back.
-    let old = MockServer::start_protocols(Behaviour::default(), MockProtocols { tls: true, h2: false }).await;
+    let old = MockServer::start_protocols(
+        Behaviour::default(),
+        MockProtocols {
+            tls: true,
+            h2: false,
+        },
+    )
+    .await;
     let ca = dir.path().join("old-ca.pem");
     std::fs::write(&ca, old.ca_pem().unwrap()).unwrap();
     let extra = format!(", max_h2_streams: 64, ca_file: \"{}\"", ca.display());
     let gw = gateway(&old, &extra, "  h2c: true\n").await;
     let stats = concurrent_streams(&gw, &old, 20, 1).await;
     assert_eq!(stats.h2, 0, "{stats:?}");
-    assert!(stats.accepted >= 2, "HTTP/1.1 needs a connection per stream: {stats:?}");
+    assert!(
+        stats.accepted >= 2,
+        "HTTP/1.1 needs a connection per stream: {stats:?}"
+    );
     assert!(gw.log().contains("chose HTTP/1.1"), "{}", gw.log());
     // `off` never offers h2, even to a provider that speaks it.
-    let mock = MockServer::start_protocols(Behaviour::default(), MockProtocols { tls: true, h2: true }).await;
+    let mock = MockServer::start_protocols(
+        Behaviour::default(),
+        MockProtocols {
+            tls: true,
+            h2: true,
+        },
+    )
+    .await;
     let ca = dir.path().join("off-ca.pem");
     std::fs::write(&ca, mock.ca_pem().unwrap()).unwrap();
     let extra = format!(", http2: off, ca_file: \"{}\"", ca.display());
     let gw = gateway(&mock, &extra, "").await;
     let secret = gw.new_key("acme", &[]);
-    let r = support::post(&gw, &secret, "/v1/chat/completions", &json!({"model": "m1", "messages": []})).await;
+    let r = support::post(
+        &gw,
+        &secret,
+        "/v1/chat/completions",
+        &json!({"model": "m1", "messages": []}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(mock.connections().h2, 0);
 }
@@ -662,17 +815,35 @@ fn check_config_refuses_a_mismatched_key_and_an_expired_certificate_naming_the_f
             .arg(&path)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
     };
     let (ok, out) = base(tls_yaml("tls", &cert, &other_key, ""));
     assert!(!ok, "{out}");
-    assert!(out.contains("server.tls.key") && out.contains("does not match"), "{out}");
+    assert!(
+        out.contains("server.tls.key") && out.contains("does not match"),
+        "{out}"
+    );
     assert!(!out.contains("PRIVATE KEY"), "{out}");
     let (ok, out) = base(tls_yaml("admin_tls", &old_cert, &old_key, ""));
     assert!(!ok, "{out}");
-    assert!(out.contains("server.admin_tls.cert") && out.contains("expired on"), "{out}");
-    let (ok, out) = base(tls_yaml("tls", &dir.path().join("missing.crt"), &other_key, ""));
-    assert!(!ok && out.contains("server.tls.cert") && out.contains("cannot read"), "{out}");
+    assert!(
+        out.contains("server.admin_tls.cert") && out.contains("expired on"),
+        "{out}"
+    );
+    let (ok, out) = base(tls_yaml(
+        "tls",
+        &dir.path().join("missing.crt"),
+        &other_key,
+        "",
+    ));
+    assert!(
+        !ok && out.contains("server.tls.cert") && out.contains("cannot read"),
+        "{out}"
+    );
     let (_, good_key) = good.write(dir.path(), "good");
     let (ok, out) = base(tls_yaml("tls", &cert, &good_key, ""));
     assert!(ok, "{out}");

@@ -600,6 +600,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn http2_mode_picks_the_alpn_offered_and_whether_new_connections_are_gated() {
+        assert_eq!(alpn_for(Http2Mode::Auto, true), ALPN::H2H1);
+        assert_eq!(alpn_for(Http2Mode::Auto, false), ALPN::H1);
+        assert_eq!(alpn_for(Http2Mode::On, false), ALPN::H2);
+        assert_eq!(alpn_for(Http2Mode::On, true), ALPN::H2);
+        assert_eq!(alpn_for(Http2Mode::Off, true), ALPN::H1);
+        let plain = test_channel("plain");
+        assert!(!plain.dial.gated(), "auto on http:// is HTTP/1.1");
+        let cfg: ChannelConfig = serde_json::from_value(serde_json::json!({
+            "name": "h2", "base_url": "https://127.0.0.1:9", "models": ["m"], "max_h2_streams": 7
+        }))
+        .unwrap();
+        let ch = Channel::new(0, &cfg, HealthConfig::default()).unwrap();
+        assert!(ch.dial.gated());
+        ch.dial.learned_h1();
+        assert!(
+            !ch.dial.gated(),
+            "a provider that chose HTTP/1.1 is no longer gated"
+        );
+        ch.resolve().unwrap();
+        let peer = ch.peer().unwrap();
+        assert_eq!(
+            (peer.options.alpn.clone(), peer.options.max_h2_streams),
+            (ALPN::H2H1, 7)
+        );
+    }
+
+    #[test]
     fn channels_on_one_address_never_share_pooled_connections() {
         let cfg = |name: &str| -> ChannelConfig {
             serde_json::from_value(serde_json::json!({

@@ -407,6 +407,39 @@ mod tests {
     }
 
     #[test]
+    fn http2_limits_and_modes_are_checked_with_their_paths() {
+        let base = "server:\n  listen: 127.0.0.1:8080\n  admin_listen: 127.0.0.1:8081\n";
+        let e = parse(&format!(
+            "{base}  h2: {{ max_concurrent_streams: 0, max_header_list_bytes: 10 }}\nchannels:\n  - {{ name: a, base_url: \"http://127.0.0.1:9\", models: [m], max_h2_streams: 0 }}\n"
+        ))
+        .unwrap_err();
+        let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.h2.max_concurrent_streams",
+                "server.h2.max_header_list_bytes",
+                "channels[0].max_h2_streams"
+            ]
+        );
+        let e = parse(&format!(
+            "{base}channels:\n  - {{ name: a, base_url: \"http://127.0.0.1:9\", models: [m], http2: sometimes }}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e[0].path, "channels[0].http2");
+        let ok = parse(&format!(
+            "{base}  h2c: true\n  tls: {{ cert: a.pem, key: b.pem }}\nchannels:\n  - {{ name: a, base_url: \"https://h\", models: [m], http2: on, max_h2_streams: 8 }}\n"
+        ))
+        .unwrap();
+        assert!(ok.server.h2c && ok.server.tls.is_some());
+        assert_eq!(ok.server.tls.unwrap().reload_interval_s, 5);
+        assert_eq!(
+            ok.channels[0].http2,
+            tollgate_filters::channel::Http2Mode::On
+        );
+    }
+
+    #[test]
     fn a_non_loopback_admin_listener_needs_a_32_character_token() {
         let cfg = |listen: &str, token: &str| {
             format!("server:\n  listen: 127.0.0.1:8080\n  admin_listen: \"{listen}\"\n  admin_token: \"{token}\"\n")

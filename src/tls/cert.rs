@@ -108,14 +108,21 @@ pub fn from_pem(
 
 /// Reads a PEM bundle of CA certificates for client-certificate verification.
 pub fn load_roots(path: &Path, field: &str) -> Result<RootCertStore, Refused> {
-    let pem = std::fs::read(path)
-        .map_err(|e| refused(field.into(), format!("cannot read `{}`: {e}", path.display())))?;
+    let pem = std::fs::read(path).map_err(|e| {
+        refused(
+            field.into(),
+            format!("cannot read `{}`: {e}", path.display()),
+        )
+    })?;
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|e| refused(field.into(), format!("is not valid PEM: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| refused(field.into(), format!("holds an unusable CA certificate: {e}")))?;
+        roots.add(cert).map_err(|e| {
+            refused(
+                field.into(),
+                format!("holds an unusable CA certificate: {e}"),
+            )
+        })?;
     }
     if roots.is_empty() {
         return Err(refused(field.into(), "holds no PEM certificate"));
@@ -176,9 +183,14 @@ mod tests {
     #[test]
     fn an_expired_or_not_yet_valid_certificate_is_refused_on_the_cert_field() {
         let (cert, key) = pair(-1);
-        let e = from_pem(cert.as_bytes(), key.as_bytes(), "server.admin_tls", SystemTime::now())
-            .err()
-            .unwrap();
+        let e = from_pem(
+            cert.as_bytes(),
+            key.as_bytes(),
+            "server.admin_tls",
+            SystemTime::now(),
+        )
+        .err()
+        .unwrap();
         assert_eq!(e.path, "server.admin_tls.cert");
         assert!(e.message.starts_with("expired on"), "{}", e.message);
         let (cert, key) = pair(30);
@@ -186,7 +198,11 @@ mod tests {
         let e = from_pem(cert.as_bytes(), key.as_bytes(), "server.tls", past)
             .err()
             .unwrap();
-        assert!(e.message.starts_with("is not valid before"), "{}", e.message);
+        assert!(
+            e.message.starts_with("is not valid before"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -78,7 +78,11 @@ pub struct ListenerTls {
 
 /// Builds a listener's TLS from its config; `field` is `server.tls` or `server.admin_tls`.
 /// `h2` offers ALPN `h2` before `http/1.1`.
-pub fn listener(cfg: &TlsConfig, field: &'static str, h2: bool) -> Result<ListenerTls, ConfigError> {
+pub fn listener(
+    cfg: &TlsConfig,
+    field: &'static str,
+    h2: bool,
+) -> Result<ListenerTls, ConfigError> {
     let loaded = cert::load(cfg, field, SystemTime::now())?;
     let live = Arc::new(LiveCert::new(loaded.key));
     let mut settings = TlsSettings::intermediate("", "").map_err(|e| ConfigError {
@@ -93,13 +97,14 @@ pub fn listener(cfg: &TlsConfig, field: &'static str, h2: bool) -> Result<Listen
     if let Some(ca) = &cfg.client_ca {
         let ca_field = format!("{field}.client_ca");
         let roots = cert::load_roots(ca, &ca_field)?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), cert::provider())
-            .build()
-            .map_err(|e| ConfigError {
-                path: ca_field,
-                line: None,
-                message: format!("cannot verify clients with it: {e}"),
-            })?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), cert::provider())
+                .build()
+                .map_err(|e| ConfigError {
+                    path: ca_field,
+                    line: None,
+                    message: format!("cannot verify clients with it: {e}"),
+                })?;
         settings.set_client_cert_verifier(verifier);
     }
     Ok(ListenerTls {
@@ -132,10 +137,7 @@ pub fn reloader(watched: Vec<Watched>) -> Option<CertReloader> {
 }
 
 /// What `check-config` says about the TLS files: every listener's problems, with fields.
-pub fn check_files(
-    tls: Option<&TlsConfig>,
-    admin_tls: Option<&TlsConfig>,
-) -> Vec<ConfigError> {
+pub fn check_files(tls: Option<&TlsConfig>, admin_tls: Option<&TlsConfig>) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     for (field, cfg) in [("server.tls", tls), ("server.admin_tls", admin_tls)] {
         let Some(cfg) = cfg else { continue };

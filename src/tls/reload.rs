@@ -98,7 +98,12 @@ pub struct CertReloader {
 
 impl CertReloader {
     fn check_all(&self) {
-        for w in self.watched.lock().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+        for w in self
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+        {
             w.check();
         }
     }

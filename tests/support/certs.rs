@@ -48,8 +48,7 @@ impl TestCa {
     /// (negative: expired that many days ago). `cn` tells two certificates apart.
     pub fn server(&self, cn: &str, days: i64) -> Pem {
         let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .unwrap();
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params, days)

@@ -139,7 +139,14 @@ impl MockServer {
     /// is then `https://localhost:PORT`; clients must trust [`Self::ca_pem`].
     /// Only ALPN "http/1.1" is offered, matching the plain mock.
     pub async fn start_tls(default: Behaviour) -> MockServer {
-        Self::start_protocols(default, MockProtocols { tls: true, h2: false }).await
+        Self::start_protocols(
+            default,
+            MockProtocols {
+                tls: true,
+                h2: false,
+            },
+        )
+        .await
     }
 
     /// Ephemeral port on 127.0.0.1 speaking the given protocols.
