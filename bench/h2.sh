@@ -60,7 +60,8 @@ YAML
 }
 
 run() { # label
-  local t0 t1 out stats hwm
+  local t0 t1 out stats before hwm
+  before=$(curl -s "http://127.0.0.1:$MOCK_PORT/mock/stats")
   t0=$(ticks "$TG_PID")
   out=$(TOLLGATE_KEY=$KEY "$BIN/tollgate-loadgen" "http://127.0.0.1:$GW_PORT/v1/chat/completions" \
     --json --label "$1" --connections "$STREAMS" --duration "$DURATION" --warmup 2s --threads 2 \
@@ -68,10 +69,12 @@ run() { # label
   t1=$(ticks "$TG_PID")
   stats=$(curl -s "http://127.0.0.1:$MOCK_PORT/mock/stats")
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$TG_PID/status")
-  python3 - "$out" "$stats" "$hwm" "$((t1 - t0))" "$HZ" <<'PY'
+  python3 - "$out" "$stats" "$hwm" "$((t1 - t0))" "$HZ" "$before" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1]); m = json.loads(sys.argv[2])
 hwm_mib = int(sys.argv[3]) / 1024; ticks = int(sys.argv[4]); hz = int(sys.argv[5])
+# The gateway's connections alone: less the ones before the run and the stats request itself.
+m["accepted"] -= json.loads(sys.argv[6])["accepted"] + 1
 cpu_us = ticks / hz * 1e6 / max(r["ok"], 1)
 ttfb = r.get("ttfb_us") or {}; gap = r.get("chunk_gap_us") or {}
 errs = ",".join(f"{k}={v}" for k, v in (r.get("errors") or {}).items()) or "none"
