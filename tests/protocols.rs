@@ -638,6 +638,66 @@ async fn an_h2_stream_reset_mid_answer_is_billed_the_real_usage_and_frees_what_i
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_stops_reading_is_held_by_flow_control_then_let_go_and_billed() {
+    let mock = MockServer::start().await;
+    let gw = {
+        let ch = format!(
+            "  - {{ name: main, base_url: \"{}\", api_key: sk-up, models: [m1] }}\n",
+            mock.base_url()
+        );
+        let pricing =
+            "pricing:\n  models:\n    m1: { input: 2.00, output: 8.00 }\n  unpriced: reject\n";
+        tokio::task::spawn_blocking(move || {
+            Gateway::start_with_server(
+                &ch,
+                "  h2c: true\n  client_write_timeout_ms: 1000\n",
+                pricing,
+            )
+        })
+        .await
+        .unwrap()
+    };
+    let _ = gw.cli(&["accounts", "create", "acme", "--balance-usd", "10"]);
+    let secret = gw.new_key("acme", &[]);
+    // A plain client: the default 64 KiB stream window, never released below.
+    let tcp = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    // About 300 KB of events: far more than the window lets through.
+    let body = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 2000}});
+    let (head, recv, _send) = h2_post(&h2, gw.port, "/v1/chat/completions", &secret, &body).await;
+    assert_eq!(head.status, 200);
+    let rid = head.headers["x-request-id"].to_str().unwrap().to_string();
+    let db = rusqlite::Connection::open(gw.dir.path().join("tollgate.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (completion, estimated) = loop {
+        let row = db.query_row(
+            "SELECT completion_tokens, estimated FROM usage_ledger WHERE request_id = ?1",
+            [&rid],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        );
+        if let Ok(row) = row {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "no ledger row\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (completion, estimated),
+        (2000, 0),
+        "the gateway read the provider to its usage while the client's window stayed shut"
+    );
+    assert_eq!(mock.chunks_sent(), 2000);
+    idle(&gw).await;
+    let log = gw.log();
+    assert!(log.contains("client_gone=true"), "{log}");
+    drop(recv);
+}
+
 // ---------------------------------------------------------------------------------------
 // HTTP/2 to providers.
 

@@ -19,6 +19,8 @@ use pingora_core::utils::tls::{parse_x509, WrappedX509};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
+use crate::dial::alpn_for;
+pub use crate::dial::{Dial, Http2Mode};
 pub use crate::health::{Health, HealthConfig};
 
 /// Per-write timeout towards the upstream.
@@ -78,16 +80,6 @@ pub struct ChannelConfig {
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` may lower it).
     #[serde(default = "d_h2_streams")]
     pub max_h2_streams: usize,
-}
-
-/// `channels[].http2`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Http2Mode {
-    #[default]
-    Auto,
-    On,
-    Off,
 }
 
 /// `security.private_upstreams`: whether a channel may resolve to a loopback or private
@@ -395,34 +387,6 @@ pub struct Channel {
     pub dial: Dial,
 }
 
-/// What the relay needs to share HTTP/2 connections to one provider.
-///
-/// Pingora opens a new connection whenever no pooled one has a free stream, so a burst
-/// of requests arriving together would each open their own. While a channel may speak
-/// h2, new connections are opened one at a time behind `gate`: the requests waiting
-/// there find the new connection's free streams instead. Once the provider has chosen
-/// HTTP/1.1 by ALPN, `h1_only` is set and the gate is no longer taken.
-#[derive(Debug)]
-pub struct Dial {
-    /// ALPN `h2` may be offered (or h2c spoken) on new connections.
-    pub h2: bool,
-    pub gate: tokio::sync::Mutex<()>,
-    pub h1_only: std::sync::atomic::AtomicBool,
-}
-
-impl Dial {
-    /// Whether new connections must go through the gate.
-    pub fn gated(&self) -> bool {
-        self.h2 && !self.h1_only.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// The provider answered a new connection in HTTP/1.1: stop gating.
-    pub fn learned_h1(&self) {
-        self.h1_only
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// The table every part of the gateway reads.
 pub type Channels = Arc<[Channel]>;
 
@@ -496,11 +460,7 @@ impl Channel {
             health: Health::new(health),
             alpn: alpn_for(cfg.http2, url_tls),
             max_h2_streams: cfg.max_h2_streams.max(1),
-            dial: Dial {
-                h2: alpn_for(cfg.http2, url_tls).get_max_http_version() == 2,
-                gate: tokio::sync::Mutex::new(()),
-                h1_only: false.into(),
-            },
+            dial: Dial::new(alpn_for(cfg.http2, url_tls).get_max_http_version() == 2),
         })
     }
 
@@ -564,16 +524,6 @@ impl Channel {
     }
 }
 
-/// The ALPN a channel offers: `auto` is h2-then-h1 on TLS and HTTP/1.1 in plain text;
-/// `on` is h2 only (by ALPN on TLS, prior knowledge in plain text).
-fn alpn_for(mode: Http2Mode, tls: bool) -> ALPN {
-    match (mode, tls) {
-        (Http2Mode::Off, _) | (Http2Mode::Auto, false) => ALPN::H1,
-        (Http2Mode::Auto, true) => ALPN::H2H1,
-        (Http2Mode::On, _) => ALPN::H2,
-    }
-}
-
 /// Reads a PEM CA certificate for a channel that trusts its own CA.
 fn load_ca(channel: &str, path: &std::path::Path) -> Result<Arc<CaType>, String> {
     let der = pingora_core::tls::load_pem_file_ca(&path.display().to_string())
@@ -600,12 +550,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn http2_mode_picks_the_alpn_offered_and_whether_new_connections_are_gated() {
-        assert_eq!(alpn_for(Http2Mode::Auto, true), ALPN::H2H1);
-        assert_eq!(alpn_for(Http2Mode::Auto, false), ALPN::H1);
-        assert_eq!(alpn_for(Http2Mode::On, false), ALPN::H2);
-        assert_eq!(alpn_for(Http2Mode::On, true), ALPN::H2);
-        assert_eq!(alpn_for(Http2Mode::Off, true), ALPN::H1);
+    fn an_https_channel_offers_h2_and_gates_new_connections_until_the_provider_picks_h1() {
         let plain = test_channel("plain");
         assert!(!plain.dial.gated(), "auto on http:// is HTTP/1.1");
         let cfg: ChannelConfig = serde_json::from_value(serde_json::json!({
