@@ -551,7 +551,11 @@ async fn an_h2_stream_reset_mid_answer_is_billed_the_real_usage_and_frees_what_i
         let pricing =
             "pricing:\n  models:\n    m1: { input: 2.00, output: 8.00 }\n  unpriced: reject\n";
         tokio::task::spawn_blocking(move || {
-            Gateway::start_with_server(&ch, "  h2c: true\n", pricing)
+            Gateway::start_with_server(
+                &ch,
+                "  h2c: true\n  h2: { max_concurrent_streams: 7, max_header_list_bytes: 8192 }\n",
+                pricing,
+            )
         })
         .await
         .unwrap()
@@ -631,6 +635,28 @@ async fn an_h2_stream_reset_mid_answer_is_billed_the_real_usage_and_frees_what_i
         .await
         .unwrap()
         .contains("chat.completion"));
+    // `server.h2` reached the client in the gateway's SETTINGS, and is enforced.
+    assert_eq!(h2.current_max_send_streams(), 7);
+    let mut send = h2.clone().ready().await.unwrap();
+    let big = http::Request::builder()
+        .method("GET")
+        .uri(format!("http://127.0.0.1:{}/v1/models", gw.port))
+        .header("authorization", format!("Bearer {secret}"))
+        .header("x-big", "x".repeat(16 * 1024))
+        .body(())
+        .unwrap();
+    let refused = match send.send_request(big, true) {
+        Err(_) => true,
+        Ok((resp, _)) => match tokio::time::timeout(Duration::from_secs(10), resp).await {
+            Ok(Ok(r)) => r.status() != 200,
+            Ok(Err(_)) => true,
+            Err(_) => panic!("no answer to an oversized header list"),
+        },
+    };
+    assert!(
+        refused,
+        "a 16 KiB header passed a max_header_list_bytes of 8192"
+    );
     let log = gw.log();
     assert!(
         log.contains("client_gone=true") || log.contains("\"client_gone\":true"),
