@@ -6,6 +6,8 @@
 TOLLGATE_MIN_RUST=1.85.0
 # The OpenAI SDK version the compatibility test is written against.
 TOLLGATE_OPENAI_SDK=3.57.0
+# HTTP/2 for the SDK's httpx client (`http2=True`) in the compatibility test.
+TOLLGATE_PY_H2="h2>=4,<5"
 
 tollgate_deps() {
     local mode=${1:-run} pkgs=() sudo=""
@@ -13,6 +15,10 @@ tollgate_deps() {
     command -v cmake >/dev/null || pkgs+=(cmake)            # pingora-core builds zlib-ng
     command -v cc >/dev/null || pkgs+=(build-essential)
     command -v curl >/dev/null || pkgs+=(curl ca-certificates)
+    # The protocol tests drive curl with --http2 and --http2-prior-knowledge.
+    if [ "$mode" = test ] && command -v curl >/dev/null && ! curl -V | grep -q HTTP2; then
+        pkgs+=(curl)
+    fi
     if [ "$mode" = test ]; then
         command -v python3 >/dev/null || pkgs+=(python3)
         # `python3 -m venv` needs ensurepip, which Debian ships separately.
@@ -33,6 +39,8 @@ tollgate_deps() {
             python3 -m venv "$venv"
             "$venv/bin/pip" install -q --disable-pip-version-check "openai==$TOLLGATE_OPENAI_SDK"
         fi
+        "$venv/bin/python" -c "import h2" >/dev/null 2>&1 \
+            || "$venv/bin/pip" install -q --disable-pip-version-check "$TOLLGATE_PY_H2"
         PYTHON="$PWD/$venv/bin/python"
         export PYTHON
     fi

@@ -172,7 +172,12 @@ pub fn run(cli: Cli) -> CliResult {
         Command::CheckConfig => {
             let cfg = load(&cli.config)?;
             // Where each channel really goes, resolved as the gateway will resolve it.
-            let (errors, warnings) = cfg.check_upstreams();
+            let (mut errors, warnings) = cfg.check_upstreams();
+            // The listeners' certificates: readable, key matching, valid now.
+            errors.extend(crate::tls::check_files(
+                cfg.server.tls.as_ref(),
+                cfg.server.admin_tls.as_ref(),
+            ));
             let text = std::fs::read_to_string(&cli.config).unwrap_or_default();
             let located = |mut e: crate::config::ConfigError| {
                 e.line = crate::config::line_of(&text, &e.path);

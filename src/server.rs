@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -31,6 +32,7 @@ use crate::profiling::CpuMonitor;
 use crate::relay::{ClientLimits, Relay};
 use crate::service::{Gateway, InFlight, Pipeline};
 use crate::store::{self, accounts::SqliteBalances, keys::SqliteKeys, Pool};
+use crate::tls;
 
 /// Seconds Pingora waits beyond `server.grace_period_s` before it stops the runtimes.
 const SHUTDOWN_MARGIN_S: u64 = 10;
@@ -245,11 +247,19 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
         connections: cfg.server.connections,
         pricing: cfg.pricing.expose.then(|| PricingPage::new(&parts.prices)),
     };
+    let mut http_options = HttpServerOptions::default();
+    http_options.h2c = cfg.server.h2c;
+    // An HTTP/2 connection with no stream open is closed like an idle kept-alive one.
+    http_options.h2_idle_timeout = Some(Duration::from_secs(
+        cfg.server.connections.keepalive_timeout_s,
+    ));
     let gateway = Gateway {
         pipeline: ArcSwap::from_pointee(pipeline),
         relay,
         metrics: metrics.clone(),
         in_flight: in_flight.clone(),
+        http_options,
+        h2: cfg.server.h2,
     };
     let app = Capped::new(
         gateway,
@@ -257,7 +267,15 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
         metrics.clone(),
     );
     let mut proxy = Service::new("tollgate".to_string(), app);
-    proxy.add_tcp(&cfg.server.listen);
+    let mut watched = Vec::new();
+    match &cfg.server.tls {
+        Some(t) => {
+            let l = tls::listener(t, "server.tls", true)?;
+            proxy.add_tls_with_settings(&cfg.server.listen, None, l.settings);
+            watched.push(l.watched);
+        }
+        None => proxy.add_tcp(&cfg.server.listen),
+    }
 
     if cfg.profiling.cpu_monitor {
         CpuMonitor::new(cfg.profiling.clone(), metrics.clone()).spawn()?;
@@ -283,7 +301,14 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
         }),
     };
     let mut admin = Service::new("tollgate-admin".to_string(), admin_app);
-    admin.add_tcp(&cfg.server.admin_listen);
+    match &cfg.server.admin_tls {
+        Some(t) => {
+            let l = tls::listener(t, "server.admin_tls", false)?;
+            admin.add_tls_with_settings(&cfg.server.admin_listen, None, l.settings);
+            watched.push(l.watched);
+        }
+        None => admin.add_tcp(&cfg.server.admin_listen),
+    }
     admin.threads = Some(1);
 
     let maintenance = background_service(
@@ -301,6 +326,16 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(maintenance);
-    tracing::info!(listen = %cfg.server.listen, admin = %cfg.server.admin_listen, "tollgate serving");
+    if let Some(reloader) = tls::reloader(watched) {
+        server.add_service(background_service("tollgate-tls-reload", reloader));
+    }
+    tracing::info!(
+        listen = %cfg.server.listen,
+        admin = %cfg.server.admin_listen,
+        tls = cfg.server.tls.is_some(),
+        admin_tls = cfg.server.admin_tls.is_some(),
+        h2c = cfg.server.h2c,
+        "tollgate serving"
+    );
     server.run_forever();
 }

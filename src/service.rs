@@ -15,7 +15,8 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
+use pingora::protocols::http::v2::server::H2Options;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use tollgate_filters::route::ChannelPicker;
@@ -108,6 +109,10 @@ pub struct Gateway {
     pub relay: Arc<Relay>,
     pub metrics: Arc<Metrics>,
     pub in_flight: Arc<InFlight>,
+    /// h2c (`server.h2c`) and the idle timeout of HTTP/2 connections.
+    pub http_options: HttpServerOptions,
+    /// `server.h2`: streams per connection and header-list size.
+    pub h2: crate::tls::H2Limits,
 }
 
 fn new_request_id() -> String {
@@ -378,6 +383,14 @@ impl Gateway {
 
 #[async_trait]
 impl HttpServerApp for Gateway {
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        Some(&self.http_options)
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        Some(self.h2.options())
+    }
+
     async fn process_new_http(
         self: &Arc<Self>,
         mut session: ServerSession,

@@ -14,11 +14,13 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use pingora_core::protocols::tls::CaType;
-use pingora_core::upstreams::peer::{HttpPeer, Peer};
+use pingora_core::upstreams::peer::{HttpPeer, Peer, ALPN};
 use pingora_core::utils::tls::{parse_x509, WrappedX509};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
+use crate::dial::alpn_for;
+pub use crate::dial::{Dial, Http2Mode};
 pub use crate::health::{Health, HealthConfig};
 
 /// Per-write timeout towards the upstream.
@@ -70,6 +72,14 @@ pub struct ChannelConfig {
     /// fe80::/10, fd00:ec2::254, `metadata.google.internal`, ...), refused by default.
     #[serde(default)]
     pub allow_link_local: bool,
+    /// HTTP/2 to this provider: `auto` (offer h2 by ALPN on https, HTTP/1.1 on http),
+    /// `on` (h2 only: ALPN `h2` on https, prior-knowledge h2c on http), `off`.
+    #[serde(default)]
+    pub http2: Http2Mode,
+    /// Streams one HTTP/2 connection to the provider carries at once (the provider's own
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` may lower it).
+    #[serde(default = "d_h2_streams")]
+    pub max_h2_streams: usize,
 }
 
 /// `security.private_upstreams`: whether a channel may resolve to a loopback or private
@@ -261,6 +271,9 @@ fn d_idle() -> u64 {
 fn d_true() -> bool {
     true
 }
+fn d_h2_streams() -> usize {
+    100
+}
 
 /// A channel's `base_url`, split for the connector. Holds no credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -362,11 +375,16 @@ pub struct Channel {
     ca: Option<Arc<CaType>>,
     /// Which addresses the host may resolve to.
     pub policy: UpstreamPolicy,
+    /// The protocols offered on new connections (from `http2`).
+    alpn: ALPN,
+    max_h2_streams: usize,
     /// The resolved peer; refreshed off the request path ([`Channel::resolve`]).
     peer: ArcSwapOption<HttpPeer>,
     /// Requests in flight on this channel, bounded by `max_concurrency`.
     pub slots: Arc<Semaphore>,
     pub health: Health,
+    /// How the relay opens connections to this provider (HTTP/2 or HTTP/1.1).
+    pub dial: Dial,
 }
 
 /// The table every part of the gateway reads.
@@ -398,6 +416,7 @@ impl Channel {
     pub fn new(index: usize, cfg: &ChannelConfig, health: HealthConfig) -> Result<Channel, String> {
         let url = UpstreamUrl::parse(&cfg.base_url)
             .map_err(|e| format!("channel {}: base_url {e}", cfg.name))?;
+        let url_tls = url.tls;
         let host_header = HeaderValue::from_str(&url.host_header())
             .map_err(|_| format!("channel {}: bad host", cfg.name))?;
         let auth_header = if cfg.api_key.is_empty() {
@@ -439,6 +458,9 @@ impl Channel {
             peer: ArcSwapOption::empty(),
             slots: Arc::new(Semaphore::new(cfg.max_concurrency as usize)),
             health: Health::new(health),
+            alpn: alpn_for(cfg.http2, url_tls),
+            max_h2_streams: cfg.max_h2_streams.max(1),
+            dial: Dial::new(alpn_for(cfg.http2, url_tls).get_max_http_version() == 2),
         })
     }
 
@@ -472,6 +494,8 @@ impl Channel {
         peer.options.verify_cert = self.tls_verify;
         peer.options.verify_hostname = self.tls_verify;
         peer.options.ca = self.ca.clone();
+        peer.options.alpn = self.alpn.clone();
+        peer.options.max_h2_streams = self.max_h2_streams;
         // Pingora's pool key leaves the trusted CA out: each channel pools its own
         // connections, so two channels on one address never share a connection verified
         // against the other's CA.
@@ -524,6 +548,29 @@ pub(crate) fn test_channel(name: &str) -> Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_https_channel_offers_h2_and_gates_new_connections_until_the_provider_picks_h1() {
+        let plain = test_channel("plain");
+        assert!(!plain.dial.gated(), "auto on http:// is HTTP/1.1");
+        let cfg: ChannelConfig = serde_json::from_value(serde_json::json!({
+            "name": "h2", "base_url": "https://127.0.0.1:9", "models": ["m"], "max_h2_streams": 7
+        }))
+        .unwrap();
+        let ch = Channel::new(0, &cfg, HealthConfig::default()).unwrap();
+        assert!(ch.dial.gated());
+        ch.dial.learned_h1();
+        assert!(
+            !ch.dial.gated(),
+            "a provider that chose HTTP/1.1 is no longer gated"
+        );
+        ch.resolve().unwrap();
+        let peer = ch.peer().unwrap();
+        assert_eq!(
+            (peer.options.alpn.clone(), peer.options.max_h2_streams),
+            (ALPN::H2H1, 7)
+        );
+    }
 
     #[test]
     fn channels_on_one_address_never_share_pooled_connections() {

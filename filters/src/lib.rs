@@ -20,6 +20,7 @@ pub mod billing;
 pub mod chain;
 pub mod channel;
 mod ctx;
+pub mod dial;
 mod error;
 mod gcra;
 mod health;

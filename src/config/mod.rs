@@ -27,6 +27,7 @@ pub use types::{
 pub use crate::connections::ConnectionLimits;
 pub use crate::observe::{LogConfig, LogFormat, MetricsConfig};
 pub use crate::profiling::ProfilingConfig;
+pub use crate::tls::{H2Limits, TlsConfig};
 pub use tollgate_filters::auth::AuthConfig;
 pub use tollgate_filters::channel::{
     ChannelConfig, ChannelKind, PrivateUpstreams, UpstreamPolicy, UpstreamUrl,
@@ -85,6 +86,8 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+impl std::error::Error for ConfigError {}
 
 /// Substituted values shorter than this are left in error messages (a port, a flag): too
 /// short to be a secret, and too common to replace without garbling the message.

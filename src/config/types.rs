@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{ConnectionLimits, IpLimit, LimitSet, PrivateUpstreams};
+use super::{ConnectionLimits, H2Limits, IpLimit, LimitSet, PrivateUpstreams, TlsConfig};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +32,18 @@ pub struct ServerConfig {
     /// Deadlines and the cap on client connections.
     #[serde(default)]
     pub connections: ConnectionLimits,
+    /// HTTPS on the main listener (ALPN `h2` and `http/1.1`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// HTTPS on the admin listener (HTTP/1.1), optionally with client certificates.
+    #[serde(default)]
+    pub admin_tls: Option<TlsConfig>,
+    /// Accept prior-knowledge HTTP/2 in plain text on the main listener.
+    #[serde(default)]
+    pub h2c: bool,
+    /// Limits for HTTP/2 client connections.
+    #[serde(default)]
+    pub h2: H2Limits,
 }
 
 fn d_threads() -> usize {

@@ -204,6 +204,26 @@ impl Config {
         if self.routing.window_s == 0 {
             err("routing.window_s".into(), "must be at least 1".into());
         }
+        if s.h2.max_concurrent_streams == 0 {
+            err(
+                "server.h2.max_concurrent_streams".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if s.h2.max_header_list_bytes < 1024 {
+            err(
+                "server.h2.max_header_list_bytes".into(),
+                "must be at least 1024".into(),
+            );
+        }
+        for (i, c) in self.channels.iter().enumerate() {
+            if c.max_h2_streams == 0 {
+                err(
+                    format!("channels[{i}].max_h2_streams"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
         let c = &self.server.connections;
         for (field, v) in [
             ("head_timeout_ms", c.head_timeout_ms),
@@ -383,6 +403,39 @@ mod tests {
         assert_eq!(
             e.iter().find(|e| e.path == "server.threads").unwrap().line,
             Some(4)
+        );
+    }
+
+    #[test]
+    fn http2_limits_and_modes_are_checked_with_their_paths() {
+        let base = "server:\n  listen: 127.0.0.1:8080\n  admin_listen: 127.0.0.1:8081\n";
+        let e = parse(&format!(
+            "{base}  h2: {{ max_concurrent_streams: 0, max_header_list_bytes: 10 }}\nchannels:\n  - {{ name: a, base_url: \"http://127.0.0.1:9\", models: [m], max_h2_streams: 0 }}\n"
+        ))
+        .unwrap_err();
+        let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.h2.max_concurrent_streams",
+                "server.h2.max_header_list_bytes",
+                "channels[0].max_h2_streams"
+            ]
+        );
+        let e = parse(&format!(
+            "{base}channels:\n  - {{ name: a, base_url: \"http://127.0.0.1:9\", models: [m], http2: sometimes }}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e[0].path, "channels[0].http2");
+        let ok = parse(&format!(
+            "{base}  h2c: true\n  tls: {{ cert: a.pem, key: b.pem }}\nchannels:\n  - {{ name: a, base_url: \"https://h\", models: [m], http2: on, max_h2_streams: 8 }}\n"
+        ))
+        .unwrap();
+        assert!(ok.server.h2c && ok.server.tls.is_some());
+        assert_eq!(ok.server.tls.unwrap().reload_interval_s, 5);
+        assert_eq!(
+            ok.channels[0].http2,
+            tollgate_filters::channel::Http2Mode::On
         );
     }
 

@@ -73,10 +73,7 @@ pub async fn exchange(
         .ok_or(Failed::before(AttemptOutcome::Unresolved))?;
     let mut stale_retries = 2;
     loop {
-        let (mut s, reused) = connector
-            .get_http_session(peer.as_ref())
-            .await
-            .map_err(|e| Failed::before(outcome_of(&e)))?;
+        let (mut s, reused) = session(connector, ch, peer.as_ref()).await?;
         s.set_read_timeout(Some(ch.read_timeout));
         s.set_write_timeout(Some(ch.write_timeout()));
         match send_and_read_head(&mut s, req.clone(), body.clone()).await {
@@ -101,6 +98,30 @@ pub async fn exchange(
 }
 
 /// The ways an idle pooled connection the provider already closed fails.
+/// A session to the provider: a free stream on a pooled HTTP/2 connection, a pooled
+/// HTTP/1.1 connection, or a new connection. While the channel may speak h2, new
+/// connections are opened one at a time (see [`tollgate_filters::channel::Dial`]), so
+/// a burst shares them; a wait for that turn is bounded by the connect timeout.
+async fn session(
+    connector: &Connector,
+    ch: &Channel,
+    peer: &HttpPeer,
+) -> Result<(HttpSession, bool), Failed> {
+    let failed = |e: Box<pingora::Error>| Failed::before(outcome_of(&e));
+    if !ch.dial.gated() {
+        return connector.get_http_session(peer).await.map_err(failed);
+    }
+    let Ok(_turn) = tokio::time::timeout(ch.connect_timeout, ch.dial.gate.lock()).await else {
+        return Err(Failed::before(AttemptOutcome::Timeout));
+    };
+    let (s, reused) = connector.get_http_session(peer).await.map_err(failed)?;
+    if !reused && matches!(s, HttpSession::H1(_)) {
+        tracing::info!(channel = %ch.name, "the provider chose HTTP/1.1; connections to it are no longer shared");
+        ch.dial.learned_h1();
+    }
+    Ok((s, reused))
+}
+
 fn is_stale(e: &pingora::Error) -> bool {
     use pingora::ErrorType::*;
     matches!(e.etype(), ConnectionClosed | ReadError | WriteError)

@@ -10,7 +10,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports, reason = "not every test file uses both")]
-pub use tollgate_bench::mock::{Behaviour, MockServer};
+pub use tollgate_bench::mock::{Behaviour, ConnectionStats, MockProtocols, MockServer};
+
+pub mod certs;
 
 /// The binary under test: this build's, or `TOLLGATE_BIN` (to show a test fails against
 /// an older build).
@@ -113,8 +115,17 @@ impl Gateway {
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
+        // An admin listener behind TLS cannot be probed in plain text: the main listener
+        // answering anything (it is up last) says the gateway is serving.
+        let admin_tls = std::fs::read_to_string(&self.config)
+            .unwrap_or_default()
+            .contains("admin_tls:");
         while Instant::now() < deadline {
-            if probe(self.admin_port, "/healthz", &self.admin_token) == Some(200) {
+            let up = match admin_tls {
+                false => probe(self.admin_port, "/healthz", &self.admin_token) == Some(200),
+                true => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+            };
+            if up {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -127,6 +138,11 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The main listener over TLS, by the name the test certificates carry.
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
     }
 
     pub fn admin_url(&self, path: &str) -> String {

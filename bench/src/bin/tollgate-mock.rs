@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use tollgate_bench::mock::{Behaviour, MockServer};
+use tollgate_bench::mock::{Behaviour, MockProtocols, MockServer};
 
 #[derive(Parser, Debug)]
 #[command(name = "tollgate-mock", about = "Mock OpenAI-compatible upstream")]
@@ -22,6 +22,16 @@ struct Args {
     /// long benchmark runs don't grow without bound.
     #[arg(long)]
     record: bool,
+    /// HTTPS with a fresh self-signed certificate for localhost and 127.0.0.1 (its PEM
+    /// is written to `--ca-out` when given).
+    #[arg(long)]
+    tls: bool,
+    /// Speak HTTP/2 too: ALPN h2 over TLS, prior-knowledge h2c in plain text.
+    #[arg(long)]
+    h2: bool,
+    /// Where to write the certificate to trust in TLS mode.
+    #[arg(long)]
+    ca_out: Option<std::path::PathBuf>,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -32,7 +42,14 @@ async fn main() -> std::io::Result<()> {
         delay_ms: args.delay_ms,
         ..Behaviour::default()
     };
-    let server = MockServer::bind(args.listen, default).await?;
+    let protocols = MockProtocols {
+        tls: args.tls,
+        h2: args.h2,
+    };
+    let server = MockServer::bind_protocols(args.listen, default, protocols).await?;
+    if let (Some(path), Some(pem)) = (&args.ca_out, server.ca_pem()) {
+        std::fs::write(path, pem)?;
+    }
     server.set_recording(args.record);
     println!("listening on {}", server.addr());
     tokio::signal::ctrl_c().await?;

@@ -29,7 +29,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -61,9 +62,36 @@ struct Shared {
     next_id: AtomicU64,
     /// Numbers connections in accept order, for [`RecordedRequest::conn`].
     next_conn: AtomicU64,
+    /// Connections that carried at least one HTTP/2 request.
+    h2_conns: AtomicU64,
+    /// Connections open now, and the most ever open at once.
+    open_conns: AtomicU64,
+    peak_conns: AtomicU64,
+}
+
+/// What the mock counts of its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct ConnectionStats {
+    /// Accepted since start.
+    pub accepted: u64,
+    /// Of those, the ones that carried HTTP/2.
+    pub h2: u64,
+    /// Open now.
+    pub open: u64,
+    /// The most open at once.
+    pub peak: u64,
 }
 
 impl Shared {
+    fn connection_stats(&self) -> ConnectionStats {
+        ConnectionStats {
+            accepted: self.next_conn.load(Ordering::SeqCst) - 1,
+            h2: self.h2_conns.load(Ordering::SeqCst),
+            open: self.open_conns.load(Ordering::SeqCst),
+            peak: self.peak_conns.load(Ordering::SeqCst),
+        }
+    }
+
     fn record_served(&self, s: ServedUsage) {
         if self.record.load(Ordering::Relaxed) {
             self.served.lock().unwrap().push(s);
@@ -79,6 +107,17 @@ pub struct MockServer {
     task: JoinHandle<()>,
     /// Set in TLS mode only; also what makes `base_url` say https.
     ca_pem: Option<String>,
+}
+
+/// Which protocols the mock speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MockProtocols {
+    /// HTTPS with a fresh self-signed certificate (see [`MockServer::start_tls`]).
+    pub tls: bool,
+    /// HTTP/2 besides HTTP/1.1: ALPN `h2` then `http/1.1` over TLS, and prior-knowledge
+    /// h2c (told apart from HTTP/1.1 by its preface) in plain text. Off: HTTP/1.1 only,
+    /// and over TLS only `http/1.1` is offered, like a provider that refuses h2.
+    pub h2: bool,
 }
 
 impl MockServer {
@@ -100,20 +139,45 @@ impl MockServer {
     /// is then `https://localhost:PORT`; clients must trust [`Self::ca_pem`].
     /// Only ALPN "http/1.1" is offered, matching the plain mock.
     pub async fn start_tls(default: Behaviour) -> MockServer {
-        let (acceptor, pem) = self_signed_tls().expect("self-signed TLS config for the mock");
-        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .expect("bind mock upstream on 127.0.0.1:0");
-        Self::serve(listener, default, Some((acceptor, pem))).expect("mock listener address")
+        Self::start_protocols(
+            default,
+            MockProtocols {
+                tls: true,
+                h2: false,
+            },
+        )
+        .await
+    }
+
+    /// Ephemeral port on 127.0.0.1 speaking the given protocols.
+    pub async fn start_protocols(default: Behaviour, protocols: MockProtocols) -> MockServer {
+        Self::bind_protocols(SocketAddr::from(([127, 0, 0, 1], 0)), default, protocols)
+            .await
+            .expect("bind mock upstream on 127.0.0.1:0")
     }
 
     pub async fn bind(addr: SocketAddr, default: Behaviour) -> io::Result<MockServer> {
-        Self::serve(listen(addr)?, default, None)
+        Self::serve(listen(addr)?, default, None, false)
+    }
+
+    /// [`Self::bind`] with a choice of protocols.
+    pub async fn bind_protocols(
+        addr: SocketAddr,
+        default: Behaviour,
+        protocols: MockProtocols,
+    ) -> io::Result<MockServer> {
+        let tls = match protocols.tls {
+            true => Some(self_signed_tls(protocols.h2).map_err(io::Error::other)?),
+            false => None,
+        };
+        Self::serve(listen(addr)?, default, tls, protocols.h2)
     }
 
     fn serve(
         listener: TcpListener,
         default: Behaviour,
         tls: Option<(TlsAcceptor, String)>,
+        h2: bool,
     ) -> io::Result<MockServer> {
         let addr = listener.local_addr()?;
         let (acceptor, ca_pem) = tls.unzip();
@@ -126,8 +190,11 @@ impl MockServer {
             gate: watch::Sender::new(false),
             next_id: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
+            h2_conns: AtomicU64::new(0),
+            open_conns: AtomicU64::new(0),
+            peak_conns: AtomicU64::new(0),
         });
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), acceptor));
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), acceptor, h2));
         Ok(MockServer {
             addr,
             shared,
@@ -177,6 +244,12 @@ impl MockServer {
         std::mem::take(&mut *self.shared.served.lock().unwrap())
     }
 
+    /// Connections accepted so far (after the TLS handshake, in TLS mode). The same
+    /// numbers are served as JSON at `GET /mock/stats` for a mock in another process.
+    pub fn connections(&self) -> ConnectionStats {
+        self.shared.connection_stats()
+    }
+
     /// SSE content chunks handed to the connection so far, across all requests.
     pub fn chunks_sent(&self) -> u64 {
         self.shared.chunks_sent.load(Ordering::SeqCst)
@@ -222,7 +295,7 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 /// A new key and certificate per server, so no key material ships in the
 /// repo. The ring provider is named explicitly because the process-wide
 /// default is ambiguous if another crate ever enables aws-lc-rs.
-fn self_signed_tls() -> Result<(TlsAcceptor, String), Box<dyn StdError>> {
+fn self_signed_tls(h2: bool) -> Result<(TlsAcceptor, String), Box<dyn StdError + Send + Sync>> {
     let rcgen::CertifiedKey { cert, signing_key } =
         rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(signing_key.serialize_der()));
@@ -230,8 +303,11 @@ fn self_signed_tls() -> Result<(TlsAcceptor, String), Box<dyn StdError>> {
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(vec![cert.der().clone()], key)?;
-    // The mock only speaks HTTP/1.1; refusing h2 in ALPN keeps clients honest.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Without h2 the mock refuses it in ALPN, like a provider that speaks HTTP/1.1 only.
+    config.alpn_protocols = match h2 {
+        true => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        false => vec![b"http/1.1".to_vec()],
+    };
     Ok((TlsAcceptor::from(Arc::new(config)), cert.pem()))
 }
 
@@ -239,9 +315,15 @@ fn self_signed_tls() -> Result<(TlsAcceptor, String), Box<dyn StdError>> {
 /// task forever.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
-    let mut builder = http1::Builder::new();
-    builder.keep_alive(true).timer(TokioTimer::new());
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    h2: bool,
+) {
+    let mut h1 = http1::Builder::new();
+    h1.keep_alive(true).timer(TokioTimer::new());
+    let builder = Wire { h1, h2 };
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -285,20 +367,47 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<Tls
     }
 }
 
+/// How connections are served: HTTP/1.1 only, or HTTP/1.1 and HTTP/2 (whichever the
+/// connection speaks: by ALPN over TLS, by the h2 preface in plain text).
+#[derive(Clone)]
+struct Wire {
+    h1: http1::Builder,
+    h2: bool,
+}
+
+/// Streams one HTTP/2 connection to the mock may carry at once: far above what any
+/// test opens, so the gateway's own `max_h2_streams` is what limits them.
+const MOCK_H2_MAX_STREAMS: u32 = 10_000;
+
 /// The one place connections are served, so plain and TLS behave the same.
 /// `reset` is set by a request that wants its connection aborted with a reset
 /// (`reset_after_body`); only [`ResetOnDrop`] acts on it.
-async fn serve_connection<S>(
-    builder: &http1::Builder,
-    io: S,
-    shared: Arc<Shared>,
-    reset: Arc<AtomicBool>,
-) where
+async fn serve_connection<S>(builder: &Wire, io: S, shared: Arc<Shared>, reset: Arc<AtomicBool>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let svc = service_fn(move |req| handle(shared.clone(), req, conn, reset.clone()));
-    let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+    let conn = shared.next_conn.fetch_add(1, Ordering::SeqCst);
+    let open = shared.open_conns.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.peak_conns.fetch_max(open, Ordering::SeqCst);
+    let counted = shared.clone();
+    let seen_h2 = Arc::new(AtomicBool::new(false));
+    let svc = service_fn(move |req: Request<Incoming>| {
+        if req.version() == http::Version::HTTP_2 && !seen_h2.swap(true, Ordering::SeqCst) {
+            shared.h2_conns.fetch_add(1, Ordering::SeqCst);
+        }
+        handle(shared.clone(), req, conn, reset.clone())
+    });
+    if builder.h2 {
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1().keep_alive(true).timer(TokioTimer::new());
+        auto.http2()
+            .max_concurrent_streams(MOCK_H2_MAX_STREAMS)
+            .timer(TokioTimer::new());
+        let _ = auto.serve_connection(TokioIo::new(io), svc).await;
+    } else {
+        let _ = builder.h1.serve_connection(TokioIo::new(io), svc).await;
+    }
+    counted.open_conns.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// A plain TCP connection that, when dropped with its flag set, closes with a
