@@ -11,8 +11,9 @@
 #   (c) streaming, 50 chunks: time to first byte and the per-chunk gap, and what tollgate adds;
 #   (d) 1,000 concurrent long streams: resident memory and open file descriptors of the
 #       proxy, at rest, at the peak and after (pass-through and tollgate);
-#   (e) features: tollgate at a fixed rate with each optional filter switched off in turn,
-#       proxy CPU per request and p50; a filter's cost is the difference to "all on";
+#   (e) features: tollgate saturated (closed loop, one proxy thread) with each optional
+#       part switched off in turn: req/s and proxy CPU per request; a part's cost is the
+#       difference to "all on";
 #   (f) a flood of unknown keys (FLOOD_KEYS distinct ones, cycled), with the pre-auth guard
 #       on and off: req/s refused, and the key lookups that reached SQLite
 #       (tollgate_key_store_lookups_total) against the bound (distinct keys per
@@ -26,7 +27,7 @@
 #   SCENARIOS="a c" bench/run.sh         a subset
 #   Knobs (defaults): DURATION=5s WARMUP=1s RATES="1000 5000" CONNS=64 THREADS=2
 #     SAT_THREADS="1 2" SAT_CONNS=64 STREAM_RATE=50 STREAM_CONNS=64 CHUNKS=50 CHUNK_DELAY_MS=10
-#     MEM_STREAMS=1000 MEM_CHUNKS=100 MEM_CHUNK_DELAY_MS=50 FEATURE_RATE=2000
+#     MEM_STREAMS=1000 MEM_CHUNKS=100 MEM_CHUNK_DELAY_MS=50
 #     FLOOD_KEYS=1000 FLOOD_CONNS=64
 #     CHART=bench/latency.svg (scenario a's percentiles drawn by tollgate-chart)
 #     LOADGEN_THREADS=1 SKIP_BUILD= CARGO_TARGET_DIR=target BIN=$CARGO_TARGET_DIR/release
@@ -48,7 +49,6 @@ LOADGEN_THREADS=${LOADGEN_THREADS:-1}
 MEM_STREAMS=${MEM_STREAMS:-1000}
 MEM_CHUNKS=${MEM_CHUNKS:-100}
 MEM_CHUNK_DELAY_MS=${MEM_CHUNK_DELAY_MS:-50}
-FEATURE_RATE=${FEATURE_RATE:-2000}
 FLOOD_KEYS=${FLOOD_KEYS:-1000}
 FLOOD_CONNS=${FLOOD_CONNS:-64}
 SCENARIOS=${SCENARIOS:-a b c d e f}
@@ -307,7 +307,7 @@ for m in mem:
 PY
 fi
 if [[ " $SCENARIOS " == *" e "* ]]; then
-  echo; echo "## (e) features, open loop at $FEATURE_RATE req/s, proxy threads $THREADS: proxy CPU per request"
+  echo; echo "## (e) features, saturation (closed loop, $SAT_CONNS connections), proxy threads 1: CPU per request"
   variants=("all on" "access log off" "metrics off" "queue off" "no limits" "no prices (free)" "all optional off")
   for v in "${variants[@]}"; do
     FEATURES=$FEATURES_ON
@@ -324,9 +324,9 @@ queue: { enabled: false }
 limits: { default: {}, ip: { failed_auth_per_min: 0 } }
 pricing: { unpriced: free }' ;;
     esac
-    start_proxies "$THREADS"
-    [ "$v" = "all on" ] && load "e:floor:passthrough" passthrough --rate "$FEATURE_RATE" --connections "$CONNS"
-    load "e:$v:tollgate" tollgate --rate "$FEATURE_RATE" --connections "$CONNS"
+    start_proxies 1
+    [ "$v" = "all on" ] && load "e:floor:passthrough" passthrough --connections "$SAT_CONNS"
+    load "e:$v:tollgate" tollgate --connections "$SAT_CONNS"
   done
   FEATURES=$FEATURES_ON
   python3 - "$RESULTS" "$CPU" "$DURATION" "$WARMUP" <<'PY'
@@ -335,22 +335,22 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip() and json.loads(l)[
 cpu = {c["label"]: c for c in (json.loads(l) for l in open(sys.argv[2]) if l.strip())}
 secs = lambda d: float(d[:-2]) / 1000 if d.endswith("ms") else float(d.rstrip("s"))
 span = secs(sys.argv[3]) + secs(sys.argv[4])
-def per_req(r):  # proxy CPU share over warm-up + run, divided by the requests in that span
+def per_req(r):  # saturated: CPU seconds per second over requests per second
     c = cpu.get(r["label"], {}).get("proxy_cpu_pct")
-    rate = r["rate"] or r["rps"]
-    return None if c is None else c / 100 * 1e6 / rate
+    return None if c is None or not r["rps"] else c / 100 * 1e6 / r["rps"]
 base = None
-print("| configuration | req/s | p50 | proxy CPU per request | cost of the part switched off | run |")
+print("| configuration | req/s | vs pass-through | proxy CPU per request | cost of the part switched off | run |")
 print("|---|---|---|---|---|---|")
+floor = next((r for r in rows if r["label"] == "e:floor:passthrough"), None)
 for r in rows:
     name = r["label"].split(":")[1]
     u = per_req(r)
     if name == "all on": base = u
     cost = "" if name in ("floor", "all on") or u is None or base is None else f"{base - u:+.1f} us"
-    p50 = (r.get("latency_us") or {}).get("p50")
+    ratio = f"{r['rps'] / floor['rps']:.2f}x" if floor and floor["rps"] else "-"
     valid = "ok" if r["valid"] else "INVALID " + ",".join(f"{k}={v}" for k, v in r["errors"].items())
     label = "pass-through (floor)" if name == "floor" else name
-    print(f"| {label} | {r['rps']:.0f} | {p50} us | {'-' if u is None else f'{u:.1f} us'} | {cost} | {valid} |")
+    print(f"| {label} | {r['rps']:.0f} | {ratio} | {'-' if u is None else f'{u:.1f} us'} | {cost} | {valid} |")
 PY
 fi
 if [[ " $SCENARIOS " == *" f "* ]]; then
@@ -360,10 +360,11 @@ if [[ " $SCENARIOS " == *" f "* ]]; then
     curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" \
       | awk '/^tollgate_key_store_lookups_total/ { n += $2 } END { print n + 0 }'
   }
-  for guard in on off; do
+  for guard in on off "off, access log off"; do
     FEATURES=$FEATURES_ON
     [ "$guard" = on ] && FEATURES=${FEATURES/"failed_auth_per_min: 100000000"/"failed_auth_per_min: 120"}
-    [ "$guard" = off ] && FEATURES=${FEATURES/"failed_auth_per_min: 100000000"/"failed_auth_per_min: 0"}
+    [ "$guard" != on ] && FEATURES=${FEATURES/"failed_auth_per_min: 100000000"/"failed_auth_per_min: 0"}
+    [ "$guard" = "off, access log off" ] && FEATURES=${FEATURES/"log: { access: true }"/"log: { access: false }"}
     start_proxies "$THREADS"
     [ "$guard" = on ] && KEY=sk-tg-flood load "f:floor:passthrough" passthrough --connections "$FLOOD_CONNS" --distinct-keys "$FLOOD_KEYS"
     before=$(lookups)
@@ -388,7 +389,7 @@ for r in rows:
     name = r["label"].split(":")[1]
     st = ", ".join(f"{k}: {v}" for k, v in sorted(r.get("status", {}).items()))
     ratio = f"{r['rps']/pt['rps']:.2f}x" if pt and name != "floor" else ""
-    g = name.replace("guard ", "")
+    g = name.replace("guard ", "", 1)
     lk = look.get(g, "")
     b = bound if g in look else ""
     valid = "ok" if r["valid"] else "INVALID " + ",".join(f"{k}={v}" for k, v in r["errors"].items())
