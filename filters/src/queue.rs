@@ -183,6 +183,19 @@ impl Admission {
     }
 }
 
+/// What one admission asks for.
+struct Ask<'a> {
+    /// Channels any of which will do, this attempt's first.
+    candidates: &'a [usize],
+    /// The concurrency caps to take a place under; `None` when the request holds its places.
+    caps: Option<Vec<(Scope, u32)>>,
+    class: u8,
+    account: i64,
+    /// Estimated tokens, for fair share.
+    cost: u64,
+    deadline: Instant,
+}
+
 /// A waiter's place in line: class (highest first), fair-share pass, arrival.
 type Rank = (std::cmp::Reverse<u8>, u64, u64);
 
@@ -515,37 +528,20 @@ impl Scheduler {
         "a channel slot"
     }
 
-    /// Waits for a slot on one of `candidates` (and, when `caps` is given, a place under
-    /// each cap) until `deadline`. Dropping the future leaves the queue.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one waiter's fields, passed once"
-    )]
-    async fn admit(
-        self: &Arc<Self>,
-        candidates: &[usize],
-        caps: Option<Vec<(Scope, u32)>>,
-        class: u8,
-        account: i64,
-        cost: u64,
-        deadline: Instant,
-    ) -> (Result<Grant, GatewayError>, Duration) {
+    /// Waits for a slot on one of `ask.candidates` (and, when `ask.caps` is given, a place
+    /// under each cap) until `ask.deadline`. Dropping the future leaves the queue.
+    async fn admit(self: &Arc<Self>, mut ask: Ask<'_>) -> (Result<Grant, GatewayError>, Duration) {
         // Nobody waits anywhere: a free slot is taken at once, with no place in a line.
         if self.waiting.load(Ordering::SeqCst) == 0 {
-            match self.grant_now(candidates, caps) {
+            match self.grant_now(ask.candidates, ask.caps.take()) {
                 Ok(g) => {
                     self.metrics.immediate.inc();
                     return (Ok(g), Duration::ZERO);
                 }
-                Err(back) => {
-                    return self
-                        .wait(candidates, back, class, account, cost, deadline)
-                        .await
-                }
+                Err(back) => ask.caps = back,
             }
         }
-        self.wait(candidates, caps, class, account, cost, deadline)
-            .await
+        self.wait(ask).await
     }
 
     /// The fast path, taken while nobody waits: a free slot on one of `candidates` and a
@@ -616,19 +612,15 @@ impl Scheduler {
     }
 
     /// The slow path: a place in the pool's line until a grant or the deadline.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one waiter's fields, passed once"
-    )]
-    async fn wait(
-        self: &Arc<Self>,
-        candidates: &[usize],
-        caps: Option<Vec<(Scope, u32)>>,
-        class: u8,
-        account: i64,
-        cost: u64,
-        deadline: Instant,
-    ) -> (Result<Grant, GatewayError>, Duration) {
+    async fn wait(self: &Arc<Self>, ask: Ask<'_>) -> (Result<Grant, GatewayError>, Duration) {
+        let Ask {
+            candidates,
+            caps,
+            class,
+            account,
+            cost,
+            deadline,
+        } = ask;
         let mut key: Vec<usize> = candidates.to_vec();
         key.sort_unstable();
         let key: Box<[usize]> = key.into();
@@ -910,7 +902,14 @@ impl Filter for Queue {
         let class = adm.priority.unwrap_or(self.cfg().default_priority);
         let (granted, waited) = self
             .scheduler
-            .admit(&candidates, caps, class, account, cost, deadline)
+            .admit(Ask {
+                candidates: &candidates,
+                caps,
+                class,
+                account,
+                cost,
+                deadline,
+            })
             .await;
         adm.waited += waited;
         ctx.response_headers
