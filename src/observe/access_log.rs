@@ -71,9 +71,13 @@ pub fn init(level: &str, cfg: &LogConfig) -> BatchWriter {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .try_init(),
     };
-    if installed.is_ok() {
-        *WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    if installed.is_err() {
+        eprintln!(
+            "a log subscriber was already installed; tollgate's log settings are not applied"
+        );
     }
+    // Kept either way: the access log writes through this writer too.
+    *WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
     writer
 }
 
