@@ -17,6 +17,7 @@
 
 pub mod auth;
 pub mod billing;
+pub mod cache;
 pub mod chain;
 pub mod channel;
 mod ctx;
@@ -35,7 +36,8 @@ pub mod usage;
 pub use chain::{Attempt, AttemptOutcome, Chain, Filter, Phases};
 pub use channel::{Channel, Channels};
 pub use ctx::{
-    Ctx, Endpoint, EstimateReason, Outcome, RequestHead, ResponseHeaders, Settlement, UsageReport,
+    CacheHit, Ctx, Endpoint, EstimateReason, Outcome, RequestHead, ResponseHeaders, Settlement,
+    UsageReport,
 };
 pub use error::{error_json, GatewayError, Limit, LimitScope};
 pub use request::{RequestBody, RequestFacts};

@@ -29,6 +29,7 @@ pub use crate::observe::{LogConfig, LogFormat, MetricsConfig};
 pub use crate::profiling::ProfilingConfig;
 pub use crate::tls::{H2Limits, TlsConfig};
 pub use tollgate_filters::auth::AuthConfig;
+pub use tollgate_filters::cache::{Backend as CacheBackend, CacheConfig, ResponseCacheConfig};
 pub use tollgate_filters::channel::{
     ChannelConfig, ChannelKind, PrivateUpstreams, UpstreamPolicy, UpstreamUrl,
 };
@@ -127,6 +128,9 @@ pub struct Config {
     /// Admission: the priority queue for channel slots and concurrency caps.
     #[serde(default)]
     pub queue: QueueConfig,
+    /// The response cache; absent: nothing is cached.
+    #[serde(default)]
+    pub cache: CacheConfig,
 }
 impl Config {
     /// Reads, interpolates, parses and validates a file.
