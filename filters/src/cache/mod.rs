@@ -327,9 +327,8 @@ impl ResponseCache {
             .usage
             .usage
             .filter(|u| u.prompt_tokens > 0 || u.completion_tokens > 0);
-        let complete = !(o.client_gone || o.upstream_cut || o.drain_limited || rec.too_big)
-            && !ctx.usage.saw_error
-            && (200..300).contains(&o.status);
+        let broken = o.client_gone || o.upstream_cut || o.drain_limited || rec.too_big;
+        let complete = !broken && !ctx.usage.saw_error && (200..300).contains(&o.status);
         let (Some(usage), true) = (usage, complete) else {
             return;
         };
@@ -428,8 +427,7 @@ impl Filter for ResponseCache {
             return Ok(());
         }
         let ask = ctx.ext.get::<Ask>().copied().unwrap_or_default();
-        let model_listed =
-            self.cfg.models.is_empty() || self.cfg.models.iter().any(|m| *m == facts.model);
+        let model_listed = self.cfg.models.is_empty() || self.cfg.models.contains(&facts.model);
         if ask.mode == Mode::Off || !model_listed {
             return self.bypass(ctx);
         }
