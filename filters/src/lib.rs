@@ -7,11 +7,12 @@
 //!
 //! ```text
 //! on_request_head   ip_guard → auth(key, ip) → limits(rpm, concurrency)
-//! on_request_body   auth(model) → limits(tpm) → route(plan) → billing(reserve) → usage(inject?)
+//! on_request_body   auth(model) → limits(tpm) → cache(lookup, coalesce) → route(plan)
+//!                   → billing(reserve) → usage(inject?)
 //! on_attempt_start  route(channel slot, health probe)
 //! on_attempt_end    route(channel health)                                  (reverse order)
 //! on_response_head  usage(pick the scanner)                                (reverse order)
-//! on_chunk          usage(scan, strip the injected usage event)            (reverse order)
+//! on_chunk          usage(scan, strip the injected usage event) → cache(record) (reverse)
 //! on_done           billing(settle, ledger) → limits(free) → metrics → access_log
 //! ```
 

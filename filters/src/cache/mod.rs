@@ -471,6 +471,15 @@ impl Filter for ResponseCache {
                     }
                 }
             };
+            // A leader that stored between the lookup and taking the lead: its answer.
+            if leader.is_some() {
+                if let Some(e) = self.lookup(&k) {
+                    if self.hit(ctx, &e, form) {
+                        self.metrics.hit.inc();
+                        return Ok(());
+                    }
+                }
+            }
             if let Some(mut rx) = waiting {
                 let wait = ask.wait.map_or(self.wait_limit, |w| w.min(self.wait_limit));
                 let got = tokio::time::timeout(wait, rx.wait_for(Option::is_some))
