@@ -446,3 +446,78 @@ async fn hits_are_billed_free_full_or_by_ratio_exactly_and_marked_in_the_ledger(
         assert!(text.contains("CACHE_HITS"), "{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_takes_no_channel_slot_and_still_counts_against_limits() {
+    let mock = MockServer::start().await;
+    let ch = format!(
+        "  - {{ name: main, base_url: \"{}\", api_key: sk-up, models: [m1], max_concurrency: 1 }}\n",
+        mock.base_url()
+    );
+    let extra = format!("{PRICING}queue: {{ timeout_ms: 300 }}\n{}", memory(""));
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, &extra))
+        .await
+        .unwrap();
+    let key = gw.new_key("acme", &["--rpm", "4"]);
+    assert_eq!(send(&gw, &key, &chat("slot"), &[]).await.cache, "miss");
+    // A gated stream holds the channel's one slot.
+    let hold = json!({"model": "m1", "stream": true, "messages": [],
+                      "x_mock": {"chunks": 3, "gate": true}});
+    let holder = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&hold)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(holder.status(), 200);
+    // The hit is served while the slot is held; an uncached request waits and times out.
+    let hit = send(&gw, &key, &chat("slot"), &[]).await;
+    assert_eq!((hit.status, hit.cache.as_str()), (200, "hit"));
+    let other = send(&gw, &key, &chat("not cached"), &[]).await;
+    assert_eq!(
+        (other.status, other.json()["error"]["code"].clone()),
+        (429, json!("queue_timeout"))
+    );
+    // requests/min counts hits: the key's 4 are used up.
+    let limited = send(&gw, &key, &chat("slot"), &[]).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.json()["error"]["code"], "rate_limit_exceeded");
+    mock.open_gate();
+    let _ = holder.text().await;
+    assert_eq!(mock.requests().len(), 2, "the miss and the holder only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_whose_client_left_is_not_stored() {
+    use futures_util::StreamExt;
+    let (mock, gw) = start(&memory("")).await;
+    let key = gw.new_key("acme", &[]);
+    let mut b = chat("leaving");
+    b["stream"] = json!(true);
+    b["x_mock"] = json!({"chunks": 20, "delay_ms": 20});
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&b)
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let _ = body.next().await;
+    drop(body);
+    // The gateway reads on for the usage (the mock serves all 20 chunks), then stores nothing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mock.served().is_empty() {
+        assert!(Instant::now() < deadline, "the mock never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = send(&gw, &key, &b, &[]).await;
+    assert_eq!((again.status, again.cache.as_str()), (200, "miss"));
+    assert_eq!(mock.requests().len(), 2);
+    assert_eq!(
+        send(&gw, &key, &b, &[]).await.cache,
+        "hit",
+        "the complete answer is"
+    );
+}
