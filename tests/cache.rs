@@ -383,6 +383,10 @@ async fn entries_expire_by_ttl_and_the_least_recently_used_go_first() {
     assert_eq!(mock.requests().len(), n + 1);
     let bytes = metric(&gw, "tollgate_response_cache_bytes").await.unwrap();
     assert!(bytes > 0.0 && bytes <= 2500.0, "{bytes}");
+    let evicted = metric(&gw, "tollgate_response_cache_evictions_total")
+        .await
+        .unwrap();
+    assert!(evicted >= 3.0, "{evicted}");
 }
 
 /// `(prompt, completion, cost_nano, cache_hit)` of every row, in time order.

@@ -223,6 +223,7 @@ struct CacheMetrics {
     stored: IntCounter,
     coalesced: IntCounter,
     bytes: IntGauge,
+    evictions: IntCounter,
     family: IntCounterVec,
 }
 
@@ -238,7 +239,18 @@ pub struct ResponseCache {
 
 impl ResponseCache {
     pub fn new(cfg: ResponseCacheConfig, wait_limit: Duration) -> Self {
+        let evictions = IntCounter::new(
+            "tollgate_response_cache_evictions_total",
+            "Response cache entries evicted to stay under max_bytes",
+        )
+        .expect("valid metric");
+        let evicted = evictions.clone();
         let store = moka::sync::Cache::builder()
+            .eviction_listener(move |_, _, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evicted.inc();
+                }
+            })
             .max_capacity(cfg.max_bytes)
             // Least recently used out first (moka's default, TinyLFU, may refuse a new
             // answer instead of evicting an old one).
@@ -266,6 +278,7 @@ impl ResponseCache {
                 "Bytes held by the response cache",
             )
             .expect("valid metric"),
+            evictions,
             family,
         };
         ResponseCache {
@@ -281,6 +294,7 @@ impl ResponseCache {
         vec![
             Box::new(self.metrics.family.clone()),
             Box::new(self.metrics.bytes.clone()),
+            Box::new(self.metrics.evictions.clone()),
         ]
     }
 
@@ -598,6 +612,11 @@ mod tests {
         }
         assert!(c.store.weighted_size() <= 10_000);
         assert!(c.store.entry_count() <= 10);
+        assert!(
+            c.metrics.evictions.get() >= 10,
+            "{}",
+            c.metrics.evictions.get()
+        );
         c.insert([99; 32], entry(10, Duration::from_millis(30)));
         assert!(c.lookup(&[99; 32]).is_some());
         std::thread::sleep(Duration::from_millis(60));
