@@ -100,9 +100,9 @@ pub async fn write_json(
     }
 }
 
-/// Writes an answer from the response cache: a 200 with `content_type` (JSON with its
-/// length; an event stream chunked on HTTP/1.1), decorated like every response, and records
-/// its status and first byte.
+/// Writes an answer from the response cache: a 200 with `content_type` (a JSON head as
+/// [`json_head`] makes it; an event stream chunked on HTTP/1.1), decorated like every
+/// response, and records its status and first byte.
 pub async fn write_replay(
     session: &mut ServerSession,
     ctx: &mut Ctx,
@@ -110,19 +110,17 @@ pub async fn write_replay(
     body: Vec<Bytes>,
 ) {
     let build = || -> Option<ResponseHeader> {
+        if content_type != "text/event-stream" {
+            return json_head(200, body.iter().map(Bytes::len).sum(), &[], ctx);
+        }
         let mut resp =
             ResponseHeader::build_no_case(200, Some(6 + ctx.response_headers.len())).ok()?;
         resp.insert_header(header::CONTENT_TYPE, content_type)
             .ok()?;
-        if content_type == "text/event-stream" {
-            resp.insert_header(header::CACHE_CONTROL, "no-cache").ok()?;
-            if !session.is_http2() {
-                resp.insert_header(header::TRANSFER_ENCODING, "chunked")
-                    .ok()?;
-            }
-        } else {
-            let len: usize = body.iter().map(Bytes::len).sum();
-            resp.insert_header(header::CONTENT_LENGTH, len).ok()?;
+        resp.insert_header(header::CACHE_CONTROL, "no-cache").ok()?;
+        if !session.is_http2() {
+            resp.insert_header(header::TRANSFER_ENCODING, "chunked")
+                .ok()?;
         }
         decorate(&mut resp, ctx);
         Some(resp)

@@ -84,21 +84,19 @@ impl Billing {
             channels,
         }
     }
-}
 
-/// The upstream model a cache hit is priced as: the first planned channel's (a hit never
-/// reaches one, but a `model_map` alias is priced as what it maps to).
-fn hit_upstream(ctx: &Ctx) -> Option<&str> {
-    ctx.plan.first().and_then(|a| a.upstream_model.as_deref())
-}
-
-impl Billing {
     /// A cache hit: the stored usage at the full price, times the bill policy's share
     /// (rounded half up, see [`crate::cache::BillPolicy::apply`]).
     fn hit_cost(&self, rate: &ModelRate, group: &str, hit: &crate::CacheHit) -> i64 {
         let full = self.prices.cost(rate, group, &hit.usage);
         crate::cache::BillPolicy { ppm: hit.bill_ppm }.apply(full)
     }
+}
+
+/// The upstream model a cache hit is priced as: the first planned channel's (a hit never
+/// reaches one, but a `model_map` alias is priced as what it maps to).
+fn hit_upstream(ctx: &Ctx) -> Option<&str> {
+    ctx.plan.first().and_then(|a| a.upstream_model.as_deref())
 }
 
 /// Completion tokens for a response whose usage never came: text bytes / 4, rounded up,
