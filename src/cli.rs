@@ -278,18 +278,19 @@ pub fn run(cli: Cli) -> CliResult {
             let (total, groups) = usage::summary(&pool, &filter, by)?;
             let line = |name: &str, t: &usage::UsageTotals| {
                 println!(
-                    "{:<28} {:>10} {:>14} {:>14} {:>12} {:>18}",
+                    "{:<28} {:>10} {:>14} {:>14} {:>12} {:>10} {:>18}",
                     name,
                     t.requests,
                     t.prompt_tokens,
                     t.completion_tokens,
                     t.cached_tokens,
+                    t.cache_hits,
                     t.cost_usd
                 )
             };
             println!(
-                "{:<28} {:>10} {:>14} {:>14} {:>12} {:>18}",
-                "GROUP", "REQUESTS", "PROMPT", "COMPLETION", "CACHED", "COST_USD"
+                "{:<28} {:>10} {:>14} {:>14} {:>12} {:>10} {:>18}",
+                "GROUP", "REQUESTS", "PROMPT", "COMPLETION", "CACHED", "CACHE_HITS", "COST_USD"
             );
             for g in &groups {
                 line(&g.group, &g.totals);
@@ -455,6 +456,7 @@ fn bench_ledger(cfg: &Config, rows: usize, n_accounts: usize) -> CliResult {
             latency_ms: 800,
             ttft_ms: Some(200),
             stream: true,
+            cache_hit: false,
         });
     }
     let queued = started.elapsed();

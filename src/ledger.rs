@@ -372,8 +372,8 @@ fn commit(conn: &mut Connection, batch: &[LedgerRow]) -> Result<Committed, rusql
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR IGNORE INTO usage_ledger (request_id, ts, key_id, account_id, model, upstream_model, channel, status,
-               prompt_tokens, completion_tokens, cached_tokens, cost_nano, latency_ms, ttft_ms, stream, estimated)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+               prompt_tokens, completion_tokens, cached_tokens, cost_nano, latency_ms, ttft_ms, stream, estimated, cache_hit)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )?;
         let mut by_account: HashMap<i64, i64> = HashMap::new();
         let mut by_key: HashMap<i64, i64> = HashMap::new();
@@ -395,6 +395,7 @@ fn commit(conn: &mut Connection, batch: &[LedgerRow]) -> Result<Committed, rusql
                 r.ttft_ms.map(|t| t as i64),
                 r.stream,
                 r.usage.estimated,
+                r.cache_hit,
             ])?;
             if r.cost_nano == 0 {
                 continue;
@@ -454,6 +455,7 @@ mod tests {
             latency_ms: 3,
             ttft_ms: Some(1),
             stream: false,
+            cache_hit: false,
         }
     }
 

@@ -100,6 +100,57 @@ pub async fn write_json(
     }
 }
 
+/// Writes an answer from the response cache: a 200 with `content_type` (a JSON head as
+/// [`json_head`] makes it; an event stream chunked on HTTP/1.1), decorated like every
+/// response, and records its status and first byte.
+pub async fn write_replay(
+    session: &mut ServerSession,
+    ctx: &mut Ctx,
+    content_type: &'static str,
+    body: Vec<Bytes>,
+) {
+    let build = || -> Option<ResponseHeader> {
+        if content_type != "text/event-stream" {
+            return json_head(200, body.iter().map(Bytes::len).sum(), &[], ctx);
+        }
+        let mut resp =
+            ResponseHeader::build_no_case(200, Some(6 + ctx.response_headers.len())).ok()?;
+        resp.insert_header(header::CONTENT_TYPE, content_type)
+            .ok()?;
+        resp.insert_header(header::CACHE_CONTROL, "no-cache").ok()?;
+        if !session.is_http2() {
+            resp.insert_header(header::TRANSFER_ENCODING, "chunked")
+                .ok()?;
+        }
+        decorate(&mut resp, ctx);
+        Some(resp)
+    };
+    let Some(resp) = build() else {
+        return;
+    };
+    ctx.outcome.status = 200;
+    if session.write_response_header(Box::new(resp)).await.is_err() {
+        ctx.outcome.client_gone = true;
+        return;
+    }
+    for chunk in body {
+        if ctx.outcome.first_byte.is_none() {
+            ctx.outcome.first_byte = Some(ctx.started.elapsed());
+        }
+        if session.write_response_body(chunk, false).await.is_err() {
+            ctx.outcome.client_gone = true;
+            return;
+        }
+    }
+    if session
+        .write_response_body(Bytes::new(), true)
+        .await
+        .is_err()
+    {
+        ctx.outcome.client_gone = true;
+    }
+}
+
 /// Renders a gateway error: OpenAI's JSON shape, `retry-after`/`retry-after-ms`,
 /// `x-should-retry`.
 pub async fn write_error(session: &mut ServerSession, ctx: &mut Ctx, e: &GatewayError) {

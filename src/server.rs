@@ -11,6 +11,7 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use tollgate_filters::auth::{Auth, KeyCache};
 use tollgate_filters::billing::{Billing, ModelRate, PriceTable, UnpricedPolicy, Wallets};
+use tollgate_filters::cache::ResponseCache;
 use tollgate_filters::channel::build_channels_with;
 use tollgate_filters::ip_guard::IpGuard;
 use tollgate_filters::limits::{Limits, LimitsConfig};
@@ -54,6 +55,8 @@ pub struct Parts {
     pub limits: Arc<Limits>,
     /// The admission queue's scheduler: channel slots and concurrency places.
     pub scheduler: Arc<Scheduler>,
+    /// The response cache (`cache.responses`), when configured.
+    pub cache: Option<Arc<ResponseCache>>,
 }
 
 /// **The filter chain, in request order.** This is the one place it is assembled.
@@ -78,7 +81,7 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
             parts.summary.clone(),
         )));
     }
-    filters.extend::<[Arc<dyn Filter>; 7]>([
+    filters.extend::<[Arc<dyn Filter>; 3]>([
         // pre-auth guard: refuses an address after too many failed authentications
         Arc::new(IpGuard::new(cfg.limits.ip)),
         // key → account; status, expiry, IP allow-list; then the model allow-list
@@ -92,6 +95,13 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
         // key and account requests/min before the body; model scopes, tokens/min and media
         // units after it; on_done: gives back what the settlement says was not used
         parts.limits.clone(),
+    ]);
+    if let Some(cache) = &parts.cache {
+        // a stored answer → ctx.cache_hit (no provider, no slot), identical misses coalesced;
+        // records complete 2xx answers as they stream past
+        filters.push(cache.clone());
+    }
+    filters.extend::<[Arc<dyn Filter>; 4]>([
         // reads x-tollgate-priority; per attempt: waits for a channel slot and a place under
         // the concurrency caps, by priority, fair share and deadline (before route, which
         // marks the probe of the channel granted)
@@ -213,8 +223,15 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
         summary: summary.clone(),
         limits: Arc::new(Limits::new(limits_config(&cfg))),
         scheduler: Scheduler::new(cfg.queue.clone(), channels.clone()),
+        cache: cfg.cache.responses.clone().map(|c| {
+            let wait = Duration::from_millis(cfg.queue.timeout_ms);
+            Arc::new(ResponseCache::new(c, wait))
+        }),
     };
     for c in parts.scheduler.collectors() {
+        metrics.register(c);
+    }
+    for c in parts.cache.iter().flat_map(|c| c.collectors()) {
         metrics.register(c);
     }
     let limits = ClientLimits {

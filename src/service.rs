@@ -26,7 +26,7 @@ use crate::connections::ConnectionLimits;
 use crate::metrics::Metrics;
 use crate::pricing_page::PricingPage;
 use crate::relay::{Outbound, Relay};
-use crate::respond::{write_error, write_json, write_malformed};
+use crate::respond::{write_error, write_json, write_malformed, write_replay};
 
 /// Counts requests in flight so shutdown can wait for them, and says when draining began.
 #[derive(Default)]
@@ -200,6 +200,7 @@ impl Gateway {
                 let raw = self.read_body(session, p).await?;
                 let (body, facts) = RequestBody::parse_for_path(&path, raw)?;
                 ctx.facts = Some(facts);
+                ctx.body = body.raw.clone();
                 Some(body)
             }
             // Body-less calls (`GET /v1/files/{id}`, `DELETE /v1/files/{id}`,
@@ -209,6 +210,13 @@ impl Gateway {
             _ => return Err(GatewayError::MethodNotAllowed(method.to_string())),
         };
         p.chain.request_body(ctx).await?;
+        // Answered from the response cache: no provider, no channel slot.
+        if let Some(hit) = &ctx.cache_hit {
+            let (content_type, body) = (hit.content_type, hit.body.clone());
+            ctx.usage.usage = Some(hit.usage);
+            write_replay(session, ctx, content_type, body).await;
+            return Ok(());
+        }
         let out = Outbound {
             chain: &p.chain,
             channels: &p.channels,

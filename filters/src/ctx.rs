@@ -178,6 +178,21 @@ impl ResponseHeaders {
     }
 }
 
+/// A request answered from the response cache instead of a provider. Written by `cache`
+/// in `on_request_body`; the service writes `body` instead of forwarding, billing prices
+/// `usage` by `bill_ppm`, and the settlement takes `usage` as reported.
+#[derive(Debug, Clone)]
+pub struct CacheHit {
+    /// `application/json` or `text/event-stream`: the form the client asked for.
+    pub content_type: &'static str,
+    /// The answer, already in that form.
+    pub body: Vec<bytes::Bytes>,
+    /// The usage the original answer reported.
+    pub usage: Usage,
+    /// The share of the full price charged, in parts per million (0: free).
+    pub bill_ppm: u64,
+}
+
 /// One request's state. Created when the request head arrives, dropped after `logging`.
 pub struct Ctx {
     /// tollgate's own id: returned as `x-request-id` and the ledger's key.
@@ -191,6 +206,10 @@ pub struct Ctx {
     pub key: Option<Arc<KeyRecord>>,
     /// Written by the service after the one body parse.
     pub facts: Option<RequestFacts>,
+    /// Written by the service: the request body as the client sent it (empty without one).
+    pub body: bytes::Bytes,
+    /// Written by `cache`: the request is answered from the response cache.
+    pub cache_hit: Option<CacheHit>,
     /// Written by `route`: the upstream attempts, in order.
     pub plan: Vec<PlannedAttempt>,
     /// Written by the relay when it commits to a channel: the model name sent upstream,
@@ -232,6 +251,8 @@ impl Ctx {
             endpoint: Endpoint::Unknown,
             key: None,
             facts: None,
+            body: bytes::Bytes::new(),
+            cache_hit: None,
             plan: Vec::new(),
             upstream_model: None,
             inject_stream_usage: false,

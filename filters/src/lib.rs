@@ -7,16 +7,18 @@
 //!
 //! ```text
 //! on_request_head   ip_guard → auth(key, ip) → limits(rpm, concurrency)
-//! on_request_body   auth(model) → limits(tpm) → route(plan) → billing(reserve) → usage(inject?)
+//! on_request_body   auth(model) → limits(tpm) → cache(lookup, coalesce) → route(plan)
+//!                   → billing(reserve) → usage(inject?)
 //! on_attempt_start  route(channel slot, health probe)
 //! on_attempt_end    route(channel health)                                  (reverse order)
 //! on_response_head  usage(pick the scanner)                                (reverse order)
-//! on_chunk          usage(scan, strip the injected usage event)            (reverse order)
+//! on_chunk          usage(scan, strip the injected usage event) → cache(record) (reverse)
 //! on_done           billing(settle, ledger) → limits(free) → metrics → access_log
 //! ```
 
 pub mod auth;
 pub mod billing;
+pub mod cache;
 pub mod chain;
 pub mod channel;
 mod ctx;
@@ -35,7 +37,8 @@ pub mod usage;
 pub use chain::{Attempt, AttemptOutcome, Chain, Filter, Phases};
 pub use channel::{Channel, Channels};
 pub use ctx::{
-    Ctx, Endpoint, EstimateReason, Outcome, RequestHead, ResponseHeaders, Settlement, UsageReport,
+    CacheHit, Ctx, Endpoint, EstimateReason, Outcome, RequestHead, ResponseHeaders, Settlement,
+    UsageReport,
 };
 pub use error::{error_json, GatewayError, Limit, LimitScope};
 pub use request::{RequestBody, RequestFacts};

@@ -29,6 +29,7 @@ pub use crate::observe::{LogConfig, LogFormat, MetricsConfig};
 pub use crate::profiling::ProfilingConfig;
 pub use crate::tls::{H2Limits, TlsConfig};
 pub use tollgate_filters::auth::AuthConfig;
+pub use tollgate_filters::cache::{Backend as CacheBackend, CacheConfig, ResponseCacheConfig};
 pub use tollgate_filters::channel::{
     ChannelConfig, ChannelKind, PrivateUpstreams, UpstreamPolicy, UpstreamUrl,
 };
@@ -127,6 +128,9 @@ pub struct Config {
     /// Admission: the priority queue for channel slots and concurrency caps.
     #[serde(default)]
     pub queue: QueueConfig,
+    /// The response cache; absent: nothing is cached.
+    #[serde(default)]
+    pub cache: CacheConfig,
 }
 impl Config {
     /// Reads, interpolates, parses and validates a file.
@@ -237,6 +241,46 @@ mod tests {
         let cfg = Config::from_yaml(text, |_| None).unwrap();
         assert_eq!(cfg.database.journal_mode, JournalMode::Wal);
         assert!(cfg.redis.is_none());
+    }
+
+    #[test]
+    fn the_response_cache_is_checked_with_field_paths() {
+        let ch = "channels:\n  - { name: a, base_url: \"http://127.0.0.1:9\", api_key: k, models: [m] }\n";
+        let cfg = parse(&format!(
+            "{MIN}{ch}cache:\n  responses: {{ backend: memory, models: [m], bill: \"ratio:0.25\" }}\n"
+        ))
+        .unwrap();
+        let r = cfg.cache.responses.unwrap();
+        assert_eq!((r.ttl_s, r.bill.ppm), (300, 250_000));
+        assert!(parse(&format!("{MIN}{ch}"))
+            .unwrap()
+            .cache
+            .responses
+            .is_none());
+        let e = parse(&format!(
+            "{MIN}{ch}cache:\n  responses: {{ backend: redis, ttl_s: 0, models: [x] }}\n"
+        ))
+        .unwrap_err();
+        let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "cache.responses.backend",
+                "cache.responses.ttl_s",
+                "cache.responses.models[0]"
+            ]
+        );
+        assert!(e[0].message.contains("Redis backend"), "{}", e[0].message);
+        let e = parse(&format!(
+            "{MIN}{ch}cache:\n  responses: {{ backend: memory, bill: half }}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e[0].path, "cache.responses.bill");
+        let e = parse(&format!(
+            "{MIN}{ch}cache:\n  responses: {{ backend: memory, tll_s: 5 }}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e[0].path, "cache.responses.tll_s");
     }
 
     #[test]

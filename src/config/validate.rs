@@ -284,6 +284,40 @@ impl Config {
         if p.cpu_monitor && p.dir.as_os_str().is_empty() {
             err("profiling.dir".into(), "must be set".into());
         }
+        if let Some(c) = &self.cache.responses {
+            let p = |f: &str| format!("cache.responses.{f}");
+            if c.backend == super::CacheBackend::Redis {
+                err(
+                    p("backend"),
+                    "`redis` needs the Redis backend of the response cache, which is not built yet; use `memory`".into(),
+                );
+            }
+            if c.ttl_s == 0 {
+                err(p("ttl_s"), "must be at least 1".into());
+            }
+            if c.max_entry_bytes == 0 {
+                err(p("max_entry_bytes"), "must be at least 1".into());
+            }
+            if c.max_bytes < c.max_entry_bytes {
+                err(p("max_bytes"), "must be at least max_entry_bytes".into());
+            }
+            if c.max_entry_bytes > u64::from(u32::MAX) {
+                err(p("max_entry_bytes"), "must be below 4 GiB".into());
+            }
+            let served = |m: &String| {
+                self.channels
+                    .iter()
+                    .any(|ch| ch.models.contains(m) || ch.model_map.contains_key(m))
+            };
+            for (i, m) in c.models.iter().enumerate() {
+                if !served(m) {
+                    err(
+                        format!("cache.responses.models[{i}]"),
+                        format!("`{m}` is not served by any channel"),
+                    );
+                }
+            }
+        }
         drop(err);
         errs.extend(self.validate_admission());
         errs

@@ -44,6 +44,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key_priority_and_model_limits",
         include_str!("../../migrations/0002_key_priority_and_model_limits.sql"),
     ),
+    (
+        3,
+        "usage_cache_hit",
+        include_str!("../../migrations/0003_usage_cache_hit.sql"),
+    ),
 ];
 
 /// The PRAGMAs for one connection, from config.

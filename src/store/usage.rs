@@ -42,6 +42,8 @@ pub struct UsageTotals {
     pub completion_tokens: i64,
     pub cached_tokens: i64,
     pub estimated_requests: i64,
+    /// Rows answered from the response cache.
+    pub cache_hits: i64,
     pub cost_nano: i64,
     pub cost_usd: String,
 }
@@ -55,13 +57,14 @@ pub struct UsageGroup {
 }
 
 fn totals(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageTotals> {
-    let cost: i64 = r.get(at + 5)?;
+    let cost: i64 = r.get(at + 6)?;
     Ok(UsageTotals {
         requests: r.get(at)?,
         prompt_tokens: r.get(at + 1)?,
         completion_tokens: r.get(at + 2)?,
         cached_tokens: r.get(at + 3)?,
         estimated_requests: r.get(at + 4)?,
+        cache_hits: r.get(at + 5)?,
         cost_nano: cost,
         cost_usd: money::format_usd(cost),
     })
@@ -69,7 +72,8 @@ fn totals(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageTotals> {
 
 const SUMS: &str =
     "COUNT(*), COALESCE(SUM(u.prompt_tokens),0), COALESCE(SUM(u.completion_tokens),0), \
-    COALESCE(SUM(u.cached_tokens),0), COALESCE(SUM(u.estimated),0), COALESCE(SUM(u.cost_nano),0)";
+    COALESCE(SUM(u.cached_tokens),0), COALESCE(SUM(u.estimated),0), COALESCE(SUM(u.cache_hit),0), \
+    COALESCE(SUM(u.cost_nano),0)";
 
 fn where_clause(f: &UsageFilter) -> (String, Vec<Value>) {
     let mut conds = Vec::new();

@@ -44,6 +44,8 @@ pub struct LedgerRow {
     pub latency_ms: u64,
     pub ttft_ms: Option<u64>,
     pub stream: bool,
+    /// Answered from the response cache (`cost_nano` follows `cache.responses.bill`).
+    pub cache_hit: bool,
 }
 
 /// Where settled rows go: the server's group-committing writer. Must not block.
@@ -82,6 +84,19 @@ impl Billing {
             channels,
         }
     }
+
+    /// A cache hit: the stored usage at the full price, times the bill policy's share
+    /// (rounded half up, see [`crate::cache::BillPolicy::apply`]).
+    fn hit_cost(&self, rate: &ModelRate, group: &str, hit: &crate::CacheHit) -> i64 {
+        let full = self.prices.cost(rate, group, &hit.usage);
+        crate::cache::BillPolicy { ppm: hit.bill_ppm }.apply(full)
+    }
+}
+
+/// The upstream model a cache hit is priced as: the first planned channel's (a hit never
+/// reaches one, but a `model_map` alias is priced as what it maps to).
+fn hit_upstream(ctx: &Ctx) -> Option<&str> {
+    ctx.plan.first().and_then(|a| a.upstream_model.as_deref())
 }
 
 /// Completion tokens for a response whose usage never came: text bytes / 4, rounded up,
@@ -119,6 +134,18 @@ impl Filter for Billing {
         // the queue stops growing; what is already admitted is still recorded.
         if !self.ledger.has_room() {
             return Err(GatewayError::LedgerBacklogged);
+        }
+        // A cache hit's price is known exactly: its stored usage by the bill policy.
+        if let Some(hit) = &ctx.cache_hit {
+            let cost = match self.prices.rate(&facts.model, hit_upstream(ctx))? {
+                Some(rate) => self.hit_cost(rate, &key.group, hit),
+                None => 0,
+            };
+            if cost > 0 {
+                let budget = key.budget_nano.map(|b| (key.id, b));
+                ctx.reservation = Some(self.wallets.reserve(key.account_id, budget, cost).await?);
+            }
+            return Ok(());
         }
         // Any planned channel may serve the request, and `model_map` may send each a
         // different model: reserve for the dearest.
@@ -161,13 +188,15 @@ impl Filter for Billing {
         };
         let out = &ctx.outcome;
         let usage = ctx.settlement.usage;
-        let cost = match self
-            .prices
-            .rate(&facts.model, ctx.upstream_model.as_deref())
-        {
-            Ok(Some(rate)) if usage != Usage::default() => {
-                self.prices.cost(rate, &key.group, &usage)
-            }
+        let upstream = match ctx.cache_hit {
+            Some(_) => hit_upstream(ctx),
+            None => ctx.upstream_model.as_deref(),
+        };
+        let cost = match self.prices.rate(&facts.model, upstream) {
+            Ok(Some(rate)) if usage != Usage::default() => match &ctx.cache_hit {
+                Some(hit) => self.hit_cost(rate, &key.group, hit),
+                None => self.prices.cost(rate, &key.group, &usage),
+            },
             _ => 0,
         };
         let (charged, budget_key) = match ctx.reservation.take() {
@@ -192,6 +221,7 @@ impl Filter for Billing {
             latency_ms: ctx.started.elapsed().as_millis() as u64,
             ttft_ms: out.first_byte.map(|d| d.as_millis() as u64),
             stream: facts.stream,
+            cache_hit: ctx.cache_hit.is_some(),
         });
         ctx.charged_nano = Some(charged);
     }

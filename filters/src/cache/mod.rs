@@ -1,0 +1,641 @@
+//! `cache`: the exact-match response cache (`cache.responses`), memory backend.
+//!
+//! - **Lookup** (`on_request_body`, after auth and limits, before queue, route and
+//!   billing): a cacheable request (chat, completions, embeddings; a configured model; not
+//!   sampling unless asked) is keyed by [`replay::key`]. A stored answer becomes
+//!   [`Ctx::cache_hit`], which the service writes instead of forwarding: no provider, no
+//!   channel slot. Billing prices it by `bill`; limits count its usage.
+//! - **Coalescing**: the first miss for a key is the leader; identical requests arriving
+//!   while it is out wait (bounded by their queue timeout) and are answered from what it
+//!   stores. If it stores nothing, they go upstream themselves.
+//! - **Recording** (`on_response_head`, `on_chunk`): a complete 2xx answer with reported
+//!   usage, up to `max_entry_bytes`, from a client still there, is stored: JSON as its body,
+//!   a stream (ended by `[DONE]`) as its events.
+//! - **Store**: `moka`, weighted by entry bytes up to `max_bytes` (least recently used
+//!   evicted first), each entry with its own TTL.
+
+mod replay;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_http::ResponseHeader;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+use crate::billing::Usage;
+use crate::chain::Phases;
+use crate::usage::is_event_stream;
+use crate::{CacheHit, Ctx, Endpoint, Filter, GatewayError, RequestHead};
+
+pub use replay::{Form, Key, Stored};
+
+/// The client's switch: `on`, `off` or `refresh`.
+pub const CACHE_HEADER: &str = "x-tollgate-cache";
+/// The client's TTL for what its request stores, in seconds (at most `ttl_s`).
+pub const TTL_HEADER: &str = "x-tollgate-cache-ttl";
+const QUEUE_TIMEOUT_HEADER: &str = "x-tollgate-queue-timeout-ms";
+
+/// `cache:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// The exact-match response cache; absent: no cache filter in the chain.
+    #[serde(default)]
+    pub responses: Option<ResponseCacheConfig>,
+}
+
+/// Where entries live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Memory,
+    /// Refused at validation until the Redis backend exists.
+    Redis,
+}
+
+/// `cache.responses`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseCacheConfig {
+    pub backend: Backend,
+    #[serde(default = "default_ttl_s")]
+    pub ttl_s: u64,
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    #[serde(default = "default_max_entry_bytes")]
+    pub max_entry_bytes: u64,
+    /// Models whose answers are cached; empty: every model.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Also cache requests that sample (temperature above 0 or unset, no seed).
+    #[serde(default)]
+    pub cache_sampled: bool,
+    #[serde(default)]
+    pub bill: BillPolicy,
+}
+
+fn default_ttl_s() -> u64 {
+    300
+}
+fn default_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_max_entry_bytes() -> u64 {
+    1024 * 1024
+}
+
+/// How a hit is billed: `free`, `full` (the original usage at today's price) or
+/// `ratio:R` (the full price × R, 0 ≤ R ≤ 1, up to 6 decimals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct BillPolicy {
+    /// The share of the full price, in parts per million.
+    pub ppm: u64,
+}
+
+impl Default for BillPolicy {
+    fn default() -> Self {
+        BillPolicy { ppm: PPM }
+    }
+}
+
+const PPM: u64 = 1_000_000;
+
+impl TryFrom<String> for BillPolicy {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad =
+            || format!("`{s}`: expected free, full or ratio:R with 0 <= R <= 1 (e.g. ratio:0.1)");
+        let ppm = match s.as_str() {
+            "free" => 0,
+            "full" => PPM,
+            r => {
+                let r = r.strip_prefix("ratio:").ok_or_else(bad)?;
+                let (int, frac) = r.split_once('.').unwrap_or((r, ""));
+                let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+                if !digits(int) || (!frac.is_empty() && !digits(frac)) || frac.len() > 6 {
+                    return Err(bad());
+                }
+                let int: u64 = int.parse().map_err(|_| bad())?;
+                let frac: u64 = format!("{frac:0<6}").parse().map_err(|_| bad())?;
+                let ppm = int.saturating_mul(PPM).saturating_add(frac);
+                if ppm > PPM {
+                    return Err(bad());
+                }
+                ppm
+            }
+        };
+        Ok(BillPolicy { ppm })
+    }
+}
+
+impl BillPolicy {
+    /// The price of a hit: `full × ppm / 10⁶`, rounded half up (exact integers).
+    pub fn apply(self, full_nano: i64) -> i64 {
+        let v = (full_nano as i128 * self.ppm as i128 + (PPM / 2) as i128) / PPM as i128;
+        v.clamp(0, i64::MAX as i128) as i64
+    }
+}
+
+/// One stored answer.
+#[derive(Debug)]
+pub struct Entry {
+    stored: Stored,
+    usage: Usage,
+    at: Instant,
+    ttl: Duration,
+    weight: u32,
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<Key, Arc<Entry>> for PerEntryTtl {
+    fn expire_after_create(
+        &self,
+        _: &Key,
+        e: &Arc<Entry>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(e.ttl)
+    }
+}
+
+type Flights = Arc<Mutex<HashMap<Key, watch::Receiver<Option<Arc<Entry>>>>>>;
+
+/// The leader of a key's misses: what it stores is sent to the waiters; dropped without
+/// storing, the waiters go upstream themselves.
+struct Leader {
+    key: Key,
+    tx: watch::Sender<Option<Arc<Entry>>>,
+    flights: Flights,
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        let mut f = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if f.get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
+        {
+            f.remove(&self.key);
+        }
+    }
+}
+
+/// What a client asked for in its headers.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+enum Mode {
+    #[default]
+    Config,
+    On,
+    Off,
+    Refresh,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Ask {
+    mode: Mode,
+    ttl: Option<Duration>,
+    wait: Option<Duration>,
+}
+
+/// A miss being recorded.
+#[derive(Clone)]
+struct Recorder {
+    key: Key,
+    ttl: Duration,
+    sse: bool,
+    active: bool,
+    too_big: bool,
+    buf: BytesMut,
+    leader: Option<Arc<Leader>>,
+}
+
+struct CacheMetrics {
+    hit: IntCounter,
+    miss: IntCounter,
+    bypass: IntCounter,
+    stored: IntCounter,
+    coalesced: IntCounter,
+    bytes: IntGauge,
+    evictions: IntCounter,
+    family: IntCounterVec,
+}
+
+/// The `cache` filter and its memory store.
+pub struct ResponseCache {
+    cfg: ResponseCacheConfig,
+    store: moka::sync::Cache<Key, Arc<Entry>>,
+    flights: Flights,
+    /// The longest a waiter waits for its leader: `queue.timeout_ms`.
+    wait_limit: Duration,
+    metrics: CacheMetrics,
+}
+
+impl ResponseCache {
+    pub fn new(cfg: ResponseCacheConfig, wait_limit: Duration) -> Self {
+        let evictions = IntCounter::new(
+            "tollgate_response_cache_evictions_total",
+            "Response cache entries evicted to stay under max_bytes",
+        )
+        .expect("valid metric");
+        let evicted = evictions.clone();
+        let store = moka::sync::Cache::builder()
+            .eviction_listener(move |_, _, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evicted.inc();
+                }
+            })
+            .max_capacity(cfg.max_bytes)
+            // Least recently used out first (moka's default, TinyLFU, may refuse a new
+            // answer instead of evicting an old one).
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .weigher(|_: &Key, e: &Arc<Entry>| e.weight)
+            .expire_after(PerEntryTtl)
+            .build();
+        let family = IntCounterVec::new(
+            Opts::new(
+                "tollgate_response_cache_total",
+                "Response cache lookups and stores by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let c = |r: &str| family.with_label_values(&[r]);
+        let metrics = CacheMetrics {
+            hit: c("hit"),
+            miss: c("miss"),
+            bypass: c("bypass"),
+            stored: c("stored"),
+            coalesced: c("coalesced"),
+            bytes: IntGauge::new(
+                "tollgate_response_cache_bytes",
+                "Bytes held by the response cache",
+            )
+            .expect("valid metric"),
+            evictions,
+            family,
+        };
+        ResponseCache {
+            cfg,
+            store,
+            flights: Arc::default(),
+            wait_limit,
+            metrics,
+        }
+    }
+
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.metrics.family.clone()),
+            Box::new(self.metrics.bytes.clone()),
+            Box::new(self.metrics.evictions.clone()),
+        ]
+    }
+
+    fn lookup(&self, key: &Key) -> Option<Arc<Entry>> {
+        let e = self.store.get(key);
+        self.metrics.bytes.set(self.store.weighted_size() as i64);
+        e
+    }
+
+    fn insert(&self, key: Key, e: Arc<Entry>) {
+        self.store.insert(key, e);
+        self.store.run_pending_tasks();
+        self.metrics.bytes.set(self.store.weighted_size() as i64);
+        self.metrics.stored.inc();
+    }
+
+    /// Answers the request from `e` if it can be shown in the form the client asked for.
+    fn hit(&self, ctx: &mut Ctx, e: &Entry, form: Form) -> bool {
+        let Some((content_type, body)) = replay::render(&e.stored, &e.usage, form) else {
+            return false;
+        };
+        ctx.cache_hit = Some(CacheHit {
+            content_type,
+            body,
+            usage: e.usage,
+            bill_ppm: self.cfg.bill.ppm,
+        });
+        ctx.response_headers.set(CACHE_HEADER, "hit".into());
+        ctx.response_headers
+            .set("age", e.at.elapsed().as_secs().to_string());
+        true
+    }
+
+    fn bypass(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        self.metrics.bypass.inc();
+        ctx.response_headers.set(CACHE_HEADER, "bypass".into());
+        Ok(())
+    }
+
+    /// The end of a recorded answer: stored if it is complete, else dropped.
+    fn finish(&self, ctx: &Ctx, mut rec: Recorder) {
+        let o = &ctx.outcome;
+        let usage = ctx
+            .usage
+            .usage
+            .filter(|u| u.prompt_tokens > 0 || u.completion_tokens > 0);
+        let broken = o.client_gone || o.upstream_cut || o.drain_limited || rec.too_big;
+        let complete = !broken && !ctx.usage.saw_error && (200..300).contains(&o.status);
+        let (Some(usage), true) = (usage, complete) else {
+            return;
+        };
+        let body = rec.buf.split().freeze();
+        let stored = if rec.sse {
+            match replay::parse_sse(&body) {
+                Some(s) => s,
+                None => return,
+            }
+        } else if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() {
+            Stored::Json(body)
+        } else {
+            return;
+        };
+        let weight = (stored.bytes() + 128).min(u32::MAX as usize) as u32;
+        let entry = Arc::new(Entry {
+            stored,
+            usage: Usage {
+                estimated: false,
+                ..usage
+            },
+            at: Instant::now(),
+            ttl: rec.ttl,
+            weight,
+        });
+        self.insert(rec.key, entry.clone());
+        if let Some(l) = rec.leader.take() {
+            let _ = l.tx.send(Some(entry));
+        }
+    }
+}
+
+fn header<'a>(head: &'a RequestHead<'_>, name: &str) -> Option<&'a str> {
+    head.headers
+        .get(name)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").trim())
+}
+
+#[async_trait]
+impl Filter for ResponseCache {
+    fn name(&self) -> &'static str {
+        "cache"
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST_HEAD | Phases::REQUEST_BODY | Phases::RESPONSE_HEAD | Phases::CHUNK
+    }
+
+    /// Reads `x-tollgate-cache` and `x-tollgate-cache-ttl` (a bad value is a 400 before the
+    /// body is read), and the queue timeout that bounds waiting for a leader.
+    async fn on_request_head(
+        &self,
+        ctx: &mut Ctx,
+        head: &RequestHead<'_>,
+    ) -> Result<(), GatewayError> {
+        let mode = match header(head, CACHE_HEADER) {
+            None => Mode::Config,
+            Some(v) if v.eq_ignore_ascii_case("on") => Mode::On,
+            Some(v) if v.eq_ignore_ascii_case("off") => Mode::Off,
+            Some(v) if v.eq_ignore_ascii_case("refresh") => Mode::Refresh,
+            Some(_) => {
+                return Err(GatewayError::invalid(format!(
+                    "`{CACHE_HEADER}` must be on, off or refresh."
+                )))
+            }
+        };
+        let ttl = match header(head, TTL_HEADER) {
+            None => None,
+            Some(v) => match v.parse::<u64>() {
+                Ok(s) if s >= 1 => Some(Duration::from_secs(s.min(self.cfg.ttl_s))),
+                _ => {
+                    return Err(GatewayError::invalid(format!(
+                        "`{TTL_HEADER}` must be a whole number of seconds, at least 1."
+                    )))
+                }
+            },
+        };
+        // The queue refuses a malformed value itself; here it only bounds the wait.
+        let wait = header(head, QUEUE_TIMEOUT_HEADER)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis);
+        if mode != Mode::Config || ttl.is_some() || wait.is_some() {
+            ctx.ext.insert(Ask { mode, ttl, wait });
+        }
+        Ok(())
+    }
+
+    async fn on_request_body(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        let (Some(key), Some(facts)) = (&ctx.key, &ctx.facts) else {
+            return Ok(());
+        };
+        if !matches!(
+            ctx.endpoint,
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Embeddings
+        ) {
+            return Ok(());
+        }
+        let ask = ctx.ext.get::<Ask>().copied().unwrap_or_default();
+        let model_listed = self.cfg.models.is_empty() || self.cfg.models.contains(&facts.model);
+        if ask.mode == Mode::Off || !model_listed {
+            return self.bypass(ctx);
+        }
+        let Ok(body) = serde_json::from_slice::<Map<String, Value>>(&ctx.body) else {
+            return self.bypass(ctx);
+        };
+        if ask.mode == Mode::Config
+            && !self.cfg.cache_sampled
+            && replay::samples(ctx.endpoint, &body)
+        {
+            return self.bypass(ctx);
+        }
+        let k = replay::key(key.account_id, &ctx.path, &body);
+        let form = Form {
+            endpoint: ctx.endpoint,
+            stream: facts.stream,
+            include_usage: facts.include_usage,
+        };
+        let ttl = ask.ttl.unwrap_or(Duration::from_secs(self.cfg.ttl_s));
+        let mut leader = None;
+        if ask.mode != Mode::Refresh {
+            if let Some(e) = self.lookup(&k) {
+                if self.hit(ctx, &e, form) {
+                    self.metrics.hit.inc();
+                    return Ok(());
+                }
+            }
+            let waiting = {
+                let mut f = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+                match f.get(&k) {
+                    Some(rx) => Some(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        f.insert(k, rx);
+                        leader = Some(Arc::new(Leader {
+                            key: k,
+                            tx,
+                            flights: self.flights.clone(),
+                        }));
+                        None
+                    }
+                }
+            };
+            // A leader that stored between the lookup and taking the lead: its answer.
+            if leader.is_some() {
+                if let Some(e) = self.lookup(&k) {
+                    if self.hit(ctx, &e, form) {
+                        self.metrics.hit.inc();
+                        return Ok(());
+                    }
+                }
+            }
+            if let Some(mut rx) = waiting {
+                let wait = ask.wait.map_or(self.wait_limit, |w| w.min(self.wait_limit));
+                let got = tokio::time::timeout(wait, rx.wait_for(Option::is_some))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok().and_then(|e| e.clone()));
+                if let Some(e) = got {
+                    if self.hit(ctx, &e, form) {
+                        self.metrics.coalesced.inc();
+                        return Ok(());
+                    }
+                }
+                // The leader stored nothing (or not in time): go upstream like any miss.
+            }
+        }
+        self.metrics.miss.inc();
+        ctx.response_headers.set(CACHE_HEADER, "miss".into());
+        ctx.ext.insert(Recorder {
+            key: k,
+            ttl,
+            sse: false,
+            active: false,
+            too_big: false,
+            buf: BytesMut::new(),
+            leader,
+        });
+        Ok(())
+    }
+
+    fn on_response_head(&self, ctx: &mut Ctx, head: &mut ResponseHeader) {
+        if let Some(rec) = ctx.ext.get_mut::<Recorder>() {
+            rec.active = true;
+            rec.sse = is_event_stream(head);
+        }
+    }
+
+    fn on_chunk(&self, ctx: &mut Ctx, chunk: &mut Bytes, end: bool) {
+        let Some(rec) = ctx.ext.get_mut::<Recorder>().filter(|r| r.active) else {
+            return;
+        };
+        if !rec.too_big {
+            if (rec.buf.len() + chunk.len()) as u64 > self.cfg.max_entry_bytes {
+                rec.too_big = true;
+                rec.buf = BytesMut::new();
+            } else {
+                rec.buf.extend_from_slice(chunk);
+            }
+        }
+        if end {
+            if let Some(rec) = ctx.ext.remove::<Recorder>() {
+                self.finish(ctx, rec);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bill_policies_parse_exactly_and_round_half_up() {
+        let p = |s: &str| BillPolicy::try_from(s.to_string());
+        assert_eq!(p("free").unwrap().ppm, 0);
+        assert_eq!(p("full").unwrap().ppm, 1_000_000);
+        assert_eq!(p("ratio:0.1").unwrap().ppm, 100_000);
+        assert_eq!(p("ratio:1").unwrap().ppm, 1_000_000);
+        assert_eq!(p("ratio:0.000001").unwrap().ppm, 1);
+        for bad in [
+            "ratio:1.5",
+            "ratio:-0.1",
+            "ratio:0.0000001",
+            "ratio:",
+            "half",
+            "ratio:.5",
+        ] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+        let r = p("ratio:0.1").unwrap();
+        assert_eq!(r.apply(15), 2, "1.5 rounds half up");
+        assert_eq!(r.apply(14), 1);
+        assert_eq!(p("free").unwrap().apply(999), 0);
+        assert_eq!(p("full").unwrap().apply(999), 999);
+    }
+
+    fn cache(max_bytes: u64) -> ResponseCache {
+        ResponseCache::new(
+            ResponseCacheConfig {
+                backend: Backend::Memory,
+                ttl_s: 60,
+                max_bytes,
+                max_entry_bytes: 1 << 20,
+                models: Vec::new(),
+                cache_sampled: false,
+                bill: BillPolicy::default(),
+            },
+            Duration::from_secs(1),
+        )
+    }
+
+    fn entry(bytes: usize, ttl: Duration) -> Arc<Entry> {
+        Arc::new(Entry {
+            stored: Stored::Json(Bytes::from(vec![b' '; bytes])),
+            usage: Usage::default(),
+            at: Instant::now(),
+            ttl,
+            weight: bytes as u32,
+        })
+    }
+
+    #[test]
+    fn the_store_is_bounded_by_bytes_and_entries_expire_by_their_own_ttl() {
+        let c = cache(10_000);
+        for i in 0..20u8 {
+            c.insert([i; 32], entry(1_000, Duration::from_secs(60)));
+        }
+        assert!(c.store.weighted_size() <= 10_000);
+        assert!(c.store.entry_count() <= 10);
+        assert!(
+            c.metrics.evictions.get() >= 10,
+            "{}",
+            c.metrics.evictions.get()
+        );
+        c.insert([99; 32], entry(10, Duration::from_millis(30)));
+        assert!(c.lookup(&[99; 32]).is_some());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(c.lookup(&[99; 32]).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_stores_nothing_releases_its_waiters() {
+        let c = cache(10_000);
+        let (tx, rx) = watch::channel(None);
+        c.flights.lock().unwrap().insert([1; 32], rx.clone());
+        let leader = Leader {
+            key: [1; 32],
+            tx,
+            flights: c.flights.clone(),
+        };
+        let mut waiter = rx;
+        drop(leader);
+        assert!(waiter.wait_for(Option::is_some).await.is_err());
+        assert!(c.flights.lock().unwrap().is_empty());
+    }
+}
