@@ -100,6 +100,59 @@ pub async fn write_json(
     }
 }
 
+/// Writes one of tollgate's own JSON pages (`GET /v1/models`, `GET /api/pricing`) with a
+/// strong `ETag` (a digest of the body), or `304 Not Modified` and no body when the client's
+/// `If-None-Match` already names it (`*`, or any tag in its list, weak or strong).
+pub async fn write_page(
+    session: &mut ServerSession,
+    ctx: &mut Ctx,
+    body: Bytes,
+    extra: &[(&'static str, String)],
+) {
+    let tag = etag(&body);
+    let fresh = session
+        .req_header()
+        .headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == "*" || t == tag);
+    let mut extra = extra.to_vec();
+    extra.push(("etag", tag));
+    if !fresh {
+        return write_json(session, ctx, 200, body, &extra).await;
+    }
+    let Some(mut resp) = ResponseHeader::build_no_case(304, Some(4 + extra.len())).ok() else {
+        return;
+    };
+    set_all(&mut resp, extra.iter().map(|(k, v)| (*k, v.as_str())));
+    decorate(&mut resp, ctx);
+    ctx.outcome.status = 304;
+    if session.write_response_header(Box::new(resp)).await.is_err()
+        || session
+            .write_response_body(Bytes::new(), true)
+            .await
+            .is_err()
+    {
+        ctx.outcome.client_gone = true;
+    }
+}
+
+/// A strong entity tag for a body: the first 16 bytes of its SHA-256, quoted.
+fn etag(body: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(body);
+    let mut tag = String::with_capacity(34);
+    tag.push('"');
+    for b in &digest[..16] {
+        let _ = write!(tag, "{b:02x}");
+    }
+    tag.push('"');
+    tag
+}
+
 /// Writes an answer from the response cache: a 200 with `content_type` (a JSON head as
 /// [`json_head`] makes it; an event stream chunked on HTTP/1.1), decorated like every
 /// response, and records its status and first byte.

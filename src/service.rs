@@ -26,7 +26,7 @@ use crate::connections::ConnectionLimits;
 use crate::metrics::Metrics;
 use crate::pricing_page::PricingPage;
 use crate::relay::{Outbound, Relay};
-use crate::respond::{write_error, write_json, write_malformed, write_replay};
+use crate::respond::{write_error, write_malformed, write_page, write_replay};
 
 /// Counts requests in flight so shutdown can wait for them, and says when draining began.
 #[derive(Default)]
@@ -300,10 +300,9 @@ impl Gateway {
                 truncate(&group.unwrap_or_default(), 64)
             ))
         })?;
-        write_json(
+        write_page(
             session,
             ctx,
-            200,
             body,
             &[("cache-control", "public, max-age=60".into())],
         )
@@ -340,7 +339,14 @@ impl Gateway {
             }
         };
         let body = Bytes::from(serde_json::to_vec(&body).map_err(|_| GatewayError::Internal)?);
-        write_json(session, ctx, 200, body, &[]).await;
+        // Per key (its model allow-list), so only the key's own client may reuse it.
+        write_page(
+            session,
+            ctx,
+            body,
+            &[("cache-control", "private, no-cache".into())],
+        )
+        .await;
         Ok(())
     }
 

@@ -198,8 +198,12 @@ async fn a_repeat_is_a_hit_that_never_reaches_the_provider_and_accounts_never_sh
     }
     assert_eq!(mock.requests().len(), 7);
 
-    let hits = metric(&gw, "tollgate_response_cache_total{result=\"hit\"}").await;
-    let bytes = metric(&gw, "tollgate_response_cache_bytes").await;
+    let hits = metric(
+        &gw,
+        "tollgate_cache_requests_total{cache=\"responses\",result=\"hit\"}",
+    )
+    .await;
+    let bytes = metric(&gw, "tollgate_cache_bytes{cache=\"responses\"}").await;
     assert_eq!(hits, Some(4.0));
     assert!(bytes.is_some_and(|b| b > 0.0), "{bytes:?}");
 }
@@ -381,9 +385,11 @@ async fn entries_expire_by_ttl_and_the_least_recently_used_go_first() {
     assert_eq!(send(&gw, &key, &chat("entry 7"), &[]).await.cache, "hit");
     assert_eq!(send(&gw, &key, &chat("entry 1"), &[]).await.cache, "miss");
     assert_eq!(mock.requests().len(), n + 1);
-    let bytes = metric(&gw, "tollgate_response_cache_bytes").await.unwrap();
+    let bytes = metric(&gw, "tollgate_cache_bytes{cache=\"responses\"}")
+        .await
+        .unwrap();
     assert!(bytes > 0.0 && bytes <= 2500.0, "{bytes}");
-    let evicted = metric(&gw, "tollgate_response_cache_evictions_total")
+    let evicted = metric(&gw, "tollgate_cache_evictions_total{cache=\"responses\"}")
         .await
         .unwrap();
     assert!(evicted >= 3.0, "{evicted}");
@@ -524,4 +530,105 @@ async fn an_answer_whose_client_left_is_not_stored() {
         "hit",
         "the complete answer is"
     );
+}
+
+/// `GET` a page of tollgate's own with an optional `If-None-Match`: status, ETag, body.
+async fn page(gw: &Gateway, path: &str, key: &str, tag: Option<&str>) -> (u16, String, String) {
+    let mut rb = reqwest::Client::new().get(gw.url(path)).bearer_auth(key);
+    if let Some(t) = tag {
+        rb = rb.header("if-none-match", t);
+    }
+    let r = rb.send().await.expect("gateway answers");
+    let status = r.status().as_u16();
+    let etag = r
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, etag, r.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_and_pricing_pages_carry_an_etag_and_answer_304_when_it_matches() {
+    let (_mock, gw) = start("  expose: true\n").await;
+    let key = gw.new_key("acme", &[]);
+    for path in ["/v1/models", "/api/pricing"] {
+        let (status, tag, body) = page(&gw, path, &key, None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(
+            tag.len() == 34 && tag.starts_with('"'),
+            "{path}: strong tag {tag:?}"
+        );
+        let (status, again, _) = page(&gw, path, &key, None).await;
+        assert_eq!(
+            (status, again.as_str()),
+            (200, tag.as_str()),
+            "{path}: stable"
+        );
+        // The tag (in a list, weak or strong) or `*`: 304 and no body.
+        for asked in [tag.clone(), format!("\"x\", W/{tag}"), "*".to_string()] {
+            let (status, etag, body) = page(&gw, path, &key, Some(&asked)).await;
+            assert_eq!(status, 304, "{path} with If-None-Match {asked}");
+            assert_eq!(etag, tag);
+            assert!(body.is_empty(), "{path}: a 304 has no body");
+        }
+        // Another tag: the page again.
+        let (status, _, body) = page(&gw, path, &key, Some("\"0000\"")).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(!body.is_empty());
+    }
+    // Another key sees another model list: another tag.
+    let narrow = gw.new_key("acme", &["--models", "m1"]);
+    let (_, wide_tag, _) = page(&gw, "/v1/models", &key, None).await;
+    let (status, _, _) = page(&gw, "/v1/models", &narrow, Some(&wide_tag)).await;
+    let (_, narrow_tag, _) = page(&gw, "/v1/models", &narrow, None).await;
+    assert_eq!(status == 304, narrow_tag == wide_tag);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_new_keys_reach_the_store_once_however_many_ask_at_once() {
+    // The pre-auth guard off, so every request reaches the key lookup.
+    let (mock, gw) = start(
+        "limits: { ip: { failed_auth_per_min: 0 } }\nauth: { negative_cache_ttl_ms: 30000 }\n",
+    )
+    .await;
+    let lookups = |result: &'static str| {
+        let gw = &gw;
+        async move {
+            let line = format!("tollgate_key_store_lookups_total{{result=\"{result}\"}}");
+            metric(gw, &line).await.unwrap_or(0.0)
+        }
+    };
+    // 1,000 requests with one unknown key, 50 at a time: one store lookup.
+    let client = reqwest::Client::new();
+    let mut answered = 0;
+    for _ in 0..20 {
+        let batch = (0..50).map(|_| {
+            client
+                .post(gw.url("/v1/chat/completions"))
+                .bearer_auth("sk-tg-unknownunknownunknown0000")
+                .json(&chat("hello"))
+                .send()
+        });
+        for r in futures_util::future::join_all(batch).await {
+            assert_eq!(r.expect("answered").status(), 401);
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 1000);
+    assert_eq!(
+        lookups("unknown").await,
+        1.0,
+        "negative caching and single flight"
+    );
+    // 100 concurrent first requests with a new key: one store lookup, 100 answers.
+    let key = gw.new_key("acme", &[]);
+    let bodies: Vec<Value> = (0..100).map(|i| chat(&format!("q{i}"))).collect();
+    let all = bodies.iter().map(|b| send(&gw, &key, b, &[]));
+    for a in futures_util::future::join_all(all).await {
+        assert_eq!(a.status, 200, "{}", a.text);
+    }
+    assert_eq!(lookups("found").await, 1.0);
+    assert_eq!(mock.requests().len(), 100);
 }

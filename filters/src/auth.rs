@@ -113,19 +113,25 @@ pub trait KeyLookup: Send + Sync {
 /// A cached answer: the key, or `None` for "no such key".
 type Cached = Option<Arc<KeyRecord>>;
 
-/// Found keys live `cache_ttl`; unknown ones the shorter `negative_ttl`.
+/// Found keys live `cache_ttl`; unknown ones the shorter `negative_ttl`. Each entry's TTL is
+/// spread by up to ±10 % (by its key's hash), so keys loaded together (a restart, a cache
+/// flush after an admin change) do not all expire, and go back to the store, together.
 struct KeyExpiry {
     positive: Duration,
     negative: Duration,
 }
 
+impl KeyExpiry {
+    fn ttl(&self, hash: &KeyHash, found: bool) -> Duration {
+        let base = if found { self.positive } else { self.negative };
+        // 0..=255 → 0.90..=1.10 of the base.
+        base.mul_f64(0.9 + 0.2 * f64::from(hash[0]) / 255.0)
+    }
+}
+
 impl moka::Expiry<KeyHash, Cached> for KeyExpiry {
-    fn expire_after_create(&self, _: &KeyHash, value: &Cached, _: Instant) -> Option<Duration> {
-        Some(if value.is_some() {
-            self.positive
-        } else {
-            self.negative
-        })
+    fn expire_after_create(&self, hash: &KeyHash, value: &Cached, _: Instant) -> Option<Duration> {
+        Some(self.ttl(hash, value.is_some()))
     }
 }
 
@@ -484,5 +490,29 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert("x-api-key", "sk-tg-1".parse().unwrap());
         assert_eq!(presented_key(&h), Some("sk-tg-1"));
+    }
+
+    #[test]
+    fn cache_lifetimes_are_spread_by_key_within_a_tenth_of_the_ttl() {
+        let e = KeyExpiry {
+            positive: Duration::from_secs(30),
+            negative: Duration::from_secs(2),
+        };
+        let ttls: Vec<Duration> = (0..=255u8)
+            .map(|b| {
+                let mut h = [0u8; 32];
+                h[0] = b;
+                e.ttl(&h, true)
+            })
+            .collect();
+        assert!(ttls
+            .iter()
+            .all(|t| *t >= Duration::from_secs(27) && *t <= Duration::from_secs(33)));
+        assert_eq!(ttls[0], Duration::from_secs(27));
+        assert_eq!(ttls[255], Duration::from_secs(33));
+        let distinct: std::collections::BTreeSet<_> = ttls.iter().collect();
+        assert!(distinct.len() > 200, "spread, not one value");
+        let neg = e.ttl(&[128; 32], false);
+        assert!(neg > Duration::from_millis(1800) && neg < Duration::from_millis(2200));
     }
 }

@@ -239,10 +239,12 @@ pub struct ResponseCache {
 
 impl ResponseCache {
     pub fn new(cfg: ResponseCacheConfig, wait_limit: Duration) -> Self {
-        let evictions = IntCounter::new(
-            "tollgate_response_cache_evictions_total",
-            "Response cache entries evicted to stay under max_bytes",
-        )
+        // The `cache` label names this cache among the gateway's caches.
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("cache", "responses");
+        let evictions = IntCounter::with_opts(opts(
+            "tollgate_cache_evictions_total",
+            "Cache entries evicted to stay under the cache's size bound",
+        ))
         .expect("valid metric");
         let evicted = evictions.clone();
         let store = moka::sync::Cache::builder()
@@ -259,9 +261,9 @@ impl ResponseCache {
             .expire_after(PerEntryTtl)
             .build();
         let family = IntCounterVec::new(
-            Opts::new(
-                "tollgate_response_cache_total",
-                "Response cache lookups and stores by result",
+            opts(
+                "tollgate_cache_requests_total",
+                "Cache lookups and stores by result",
             ),
             &["result"],
         )
@@ -273,11 +275,8 @@ impl ResponseCache {
             bypass: c("bypass"),
             stored: c("stored"),
             coalesced: c("coalesced"),
-            bytes: IntGauge::new(
-                "tollgate_response_cache_bytes",
-                "Bytes held by the response cache",
-            )
-            .expect("valid metric"),
+            bytes: IntGauge::with_opts(opts("tollgate_cache_bytes", "Bytes held by the cache"))
+                .expect("valid metric"),
             evictions,
             family,
         };
