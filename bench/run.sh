@@ -17,7 +17,10 @@
 #   (f) a flood of unknown keys (FLOOD_KEYS distinct ones, cycled), with the pre-auth guard
 #       on and off: req/s refused, and the key lookups that reached SQLite
 #       (tollgate_key_store_lookups_total) against the bound (distinct keys per
-#       negative-cache TTL).
+#       negative-cache TTL);
+#   (g) the response cache (memory backend): the same request answered from the cache
+#       (`x-tollgate-cache: on`, every answer after the first a hit) against the uncached
+#       path (`x-tollgate-cache: off`) and the pass-through, closed loop and one at a time.
 # Every answer must be a 2xx: a run with any non-2xx, transport error, timeout, truncated
 # stream or (open loop) slot it could not send in time is marked INVALID, and the script
 # then exits 1 after printing every table.
@@ -51,7 +54,7 @@ MEM_CHUNKS=${MEM_CHUNKS:-100}
 MEM_CHUNK_DELAY_MS=${MEM_CHUNK_DELAY_MS:-50}
 FLOOD_KEYS=${FLOOD_KEYS:-1000}
 FLOOD_CONNS=${FLOOD_CONNS:-64}
-SCENARIOS=${SCENARIOS:-a b c d e f}
+SCENARIOS=${SCENARIOS:-a b c d e f g}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 BIN=${BIN:-$TARGET_DIR/release}
 
@@ -395,6 +398,29 @@ for r in rows:
     valid = "ok" if r["valid"] else "INVALID " + ",".join(f"{k}={v}" for k, v in r["errors"].items())
     label = "pass-through (answers 200)" if name == "floor" else f"tollgate, pre-auth guard {g}"
     print(f"| {label} | {r['rps']:.0f} | {st} | {ratio} | {lk} | {b} | {valid} |")
+PY
+fi
+if [[ " $SCENARIOS " == *" g "* ]]; then
+  echo; echo "## (g) response cache, memory backend, proxy threads $THREADS"
+  FEATURES="$FEATURES_ON
+cache: { responses: { backend: memory, ttl_s: 600 } }"
+  start_proxies "$THREADS"
+  for conns in "$SAT_CONNS" 1; do
+    load "g:c=$conns:passthrough" passthrough --connections "$conns"
+    load "g:c=$conns:tollgate, uncached" tollgate --connections "$conns" -H "x-tollgate-cache: off"
+    load "g:c=$conns:tollgate, cache hits" tollgate --connections "$conns" -H "x-tollgate-cache: on"
+  done
+  FEATURES=$FEATURES_ON
+  python3 - "$RESULTS" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip() and json.loads(l)["label"].startswith("g:")]
+print("| connections | target | req/s | p50 | p99 | run |")
+print("|---|---|---|---|---|---|")
+for r in rows:
+    _, conns, target = r["label"].split(":")
+    lat = r.get("latency_us") or {}
+    valid = "ok" if r["valid"] else "INVALID " + ",".join(f"{k}={v}" for k, v in r["errors"].items())
+    print(f"| {conns.split('=')[1]} | {target} | {r['rps']:.0f} | {lat.get('p50')} us | {lat.get('p99')} us | {valid} |")
 PY
 fi
 if grep -q '"valid":false' "$RESULTS"; then
