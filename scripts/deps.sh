@@ -14,6 +14,7 @@ tollgate_deps() {
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     command -v cmake >/dev/null || pkgs+=(cmake)            # pingora-core builds zlib-ng
     command -v cc >/dev/null || pkgs+=(build-essential)
+    command -v make >/dev/null || pkgs+=(make)             # jemalloc (the default allocator) builds with it
     command -v curl >/dev/null || pkgs+=(curl ca-certificates)
     # The protocol tests drive curl with --http2 and --http2-prior-knowledge.
     if [ "$mode" = test ] && command -v curl >/dev/null && ! curl -V | grep -q HTTP2; then
