@@ -144,6 +144,16 @@ async fn a_repeat_is_a_hit_that_never_reaches_the_provider_and_accounts_never_sh
         "the same answer, id and created included"
     );
     assert_eq!(mock.requests().len(), 1, "a hit never reaches the provider");
+    // The access line says what the cache did (the log is written every 50 ms).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw.log().contains("cache=\"hit\"") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = gw.log();
+    assert!(
+        log.contains("cache=\"miss\"") && log.contains("cache=\"hit\""),
+        "{log}"
+    );
 
     // Key order and fields that cannot change the answer do not make another entry.
     let reordered = json!({"messages": [{"content": "hello", "role": "user"}], "user": "u-9", "temperature": 0, "model": "m1"});

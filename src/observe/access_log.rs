@@ -138,6 +138,14 @@ impl AccessLog {
         line.ms("upstream_ms", ms(t.upstream));
         line.ms("gateway_ms", ms(t.gateway));
         line.ms("ttft_ms", t.ttft.map_or(-1.0, ms));
+        // What the response cache did (`hit`, `miss`, `bypass`), `-` when it was not asked.
+        line.str(
+            "cache",
+            ctx.response_headers
+                .iter()
+                .find(|(k, _)| *k == tollgate_filters::cache::CACHE_HEADER)
+                .map_or("-", |(_, v)| v),
+        );
         line.bool("client_gone", ctx.outcome.client_gone);
         line.str(
             "error",
@@ -314,6 +322,7 @@ mod tests {
         assert_eq!(v["cost_nano"], 1_250_000);
         assert_eq!(v["ttft_ms"], -1.0);
         assert_eq!(v["error"], "-");
+        assert_eq!(v["cache"], "-");
     }
 
     #[tokio::test]
