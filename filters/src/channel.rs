@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora_core::protocols::tls::CaType;
 use pingora_core::upstreams::peer::{HttpPeer, Peer, ALPN};
 use pingora_core::utils::tls::{parse_x509, WrappedX509};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
+use crate::azure::{Azure, AzureConfig};
 use crate::dial::alpn_for;
 pub use crate::dial::{Dial, Http2Mode};
 pub use crate::health::{Health, HealthConfig};
@@ -29,7 +30,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChannelKind {
+    /// OpenAI and every provider that speaks its API at `base_url` + `/v1/…`, with the key
+    /// as `Authorization: Bearer`.
     Openai,
+    /// Azure OpenAI: its deployment (or v1) URLs and the `api-key` header (`azure:`).
+    Azure,
 }
 
 /// One `channels:` entry in the YAML.
@@ -80,6 +85,9 @@ pub struct ChannelConfig {
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` may lower it).
     #[serde(default = "d_h2_streams")]
     pub max_h2_streams: usize,
+    /// With `kind: azure`: how the resource is addressed (see [`crate::azure`]).
+    #[serde(default)]
+    pub azure: Option<AzureConfig>,
 }
 
 /// `security.private_upstreams`: whether a channel may resolve to a loopback or private
@@ -364,8 +372,11 @@ pub struct Channel {
     pub inject_stream_usage: bool,
     pub url: UpstreamUrl,
     pub host_header: HeaderValue,
-    /// `Bearer <key>`, marked sensitive so it is never printed by `Debug`.
-    pub auth_header: Option<HeaderValue>,
+    /// The key's header (`Authorization: Bearer <key>`, or `api-key: <key>` on Azure), the
+    /// value marked sensitive so it is never printed by `Debug`.
+    pub auth_header: Option<(HeaderName, HeaderValue)>,
+    /// `kind: azure`: its URLs.
+    pub azure: Option<Azure>,
     /// The key itself, only to scrub it out of what providers send back.
     pub secret: String,
     pub connect_timeout: Duration,
@@ -385,6 +396,23 @@ pub struct Channel {
     pub health: Health,
     /// How the relay opens connections to this provider (HTTP/2 or HTTP/1.1).
     pub dial: Dial,
+}
+
+impl Channel {
+    /// The path and query sent upstream for a client's `path` and `query`: the channel's
+    /// base path in front (`/v1` not doubled), or Azure's URLs; `model` is the model sent
+    /// upstream (Azure's deployment follows it).
+    pub fn upstream_target(&self, path: &str, query: Option<&str>, model: Option<&str>) -> String {
+        if let Some(azure) = &self.azure {
+            return azure.target(&self.url.base_path, path, query, model);
+        }
+        let mut target = self.url.upstream_path(path);
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
+        target
+    }
 }
 
 /// The table every part of the gateway reads.
@@ -419,15 +447,34 @@ impl Channel {
         let url_tls = url.tls;
         let host_header = HeaderValue::from_str(&url.host_header())
             .map_err(|_| format!("channel {}: bad host", cfg.name))?;
+        let azure = match (cfg.kind, &cfg.azure) {
+            (ChannelKind::Azure, a) => Some(
+                Azure::new(&a.clone().unwrap_or_default())
+                    .map_err(|(f, e)| format!("channel {}: azure.{f} {e}", cfg.name))?,
+            ),
+            (ChannelKind::Openai, None) => None,
+            (ChannelKind::Openai, Some(_)) => {
+                return Err(format!(
+                    "channel {}: `azure:` is for `kind: azure` channels",
+                    cfg.name
+                ))
+            }
+        };
         let auth_header = if cfg.api_key.is_empty() {
             None
         } else {
-            let mut v =
-                HeaderValue::from_str(&format!("Bearer {}", cfg.api_key)).map_err(|_| {
-                    format!("channel {}: api_key is not a valid header value", cfg.name)
-                })?;
+            let (name, value) = match cfg.kind {
+                ChannelKind::Openai => (
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", cfg.api_key),
+                ),
+                ChannelKind::Azure => (HeaderName::from_static("api-key"), cfg.api_key.clone()),
+            };
+            let mut v = HeaderValue::from_str(&value).map_err(|_| {
+                format!("channel {}: api_key is not a valid header value", cfg.name)
+            })?;
             v.set_sensitive(true);
-            Some(v)
+            Some((name, v))
         };
         Ok(Channel {
             index,
@@ -442,6 +489,7 @@ impl Channel {
             host_header,
             auth_header,
             secret: cfg.api_key.clone(),
+            azure,
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             read_timeout: Duration::from_millis(cfg.read_timeout_ms),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),

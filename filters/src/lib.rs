@@ -17,6 +17,7 @@
 //! ```
 
 pub mod auth;
+pub mod azure;
 pub mod billing;
 pub mod cache;
 pub mod chain;

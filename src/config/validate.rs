@@ -2,7 +2,8 @@
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
-use tollgate_filters::channel::{is_numeric_host, AddrClass};
+use tollgate_filters::azure::Azure;
+use tollgate_filters::channel::{is_numeric_host, AddrClass, ChannelKind};
 
 use super::{Config, ConfigError, UpstreamPolicy, UpstreamUrl};
 
@@ -129,6 +130,17 @@ impl Config {
             }
             if c.api_key.chars().any(|ch| ch.is_control()) {
                 err(p("api_key"), "contains control characters".into());
+            }
+            match (c.kind, &c.azure) {
+                (ChannelKind::Azure, a) => {
+                    if let Err((f, e)) = Azure::new(&a.clone().unwrap_or_default()) {
+                        err(p(&format!("azure.{f}")), e);
+                    }
+                }
+                (ChannelKind::Openai, Some(_)) => {
+                    err(p("azure"), "is for `kind: azure` channels".into());
+                }
+                (ChannelKind::Openai, None) => {}
             }
         }
         for (m, price) in &self.pricing.models {

@@ -66,13 +66,10 @@ pub fn upstream_request(
     client: &RequestHeader,
     ch: &Channel,
     path: &str,
+    model: Option<&str>,
     body_len: usize,
 ) -> Result<RequestHeader, GatewayError> {
-    let mut upath = ch.url.upstream_path(path);
-    if let Some(q) = client.uri.query() {
-        upath.push('?');
-        upath.push_str(q);
-    }
+    let upath = ch.upstream_target(path, client.uri.query(), model);
     // No case map: providers take any header case.
     let req = RequestHeader::build_no_case(
         client.method.clone(),
@@ -115,8 +112,8 @@ pub fn upstream_request(
         h.append(name.clone(), value.clone());
     }
     h.insert(header::HOST, ch.host_header.clone());
-    if let Some(auth) = &ch.auth_header {
-        h.insert(header::AUTHORIZATION, auth.clone());
+    if let Some((name, value)) = &ch.auth_header {
+        h.insert(name.clone(), value.clone());
     }
     if body_len > 0 || client.method == http::Method::POST {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));

@@ -123,7 +123,9 @@ impl Relay {
                     body
                 }
             };
-            let req = headers::upstream_request(session.req_header(), ch, out.path, body.len())?;
+            let model = planned.upstream_model.as_deref().or(ctx.model());
+            let req =
+                headers::upstream_request(session.req_header(), ch, out.path, model, body.len())?;
             let started = Instant::now();
             let ex = attempt::exchange(&self.connector, ch, req, body).await;
             ctx.outcome.upstream_time += started.elapsed();
