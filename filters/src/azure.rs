@@ -148,7 +148,7 @@ fn push_segment(out: &mut String, s: &str) {
 mod tests {
     use super::*;
 
-    fn azure(api: AzureApi, version: Option<&str>) -> Result<Azure, String> {
+    fn azure(api: AzureApi, version: Option<&str>) -> Result<Azure, (String, String)> {
         Azure::new(&AzureConfig {
             api,
             api_version: version.map(str::to_owned),
