@@ -1,12 +1,15 @@
 //! The command line: `serve`, `check-config`, `migrate`, `accounts …`, `keys …`.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+
+mod bench;
+mod status;
+
+use bench::bench_ledger;
+use status::{admin_request, render_status};
 
 use crate::config::{Config, LimitSet};
 use crate::store::{self, accounts, keys, money, usage, Pool};
@@ -404,86 +407,6 @@ fn keys_cmd(cfg: &Config, pool: &Pool, cmd: KeysCmd) -> CliResult {
     Ok(())
 }
 
-fn bench_ledger(cfg: &Config, rows: usize, n_accounts: usize) -> CliResult {
-    use std::sync::Arc;
-    use tollgate_filters::billing::{LedgerRow, LedgerSink, Usage, Wallets};
-
-    let path =
-        std::env::temp_dir().join(format!("tollgate-bench-ledger-{}.db", std::process::id()));
-    let db = crate::config::DatabaseConfig {
-        path: path.clone(),
-        ..cfg.database.clone()
-    };
-    let pool = store::open_and_migrate(&db)?;
-    let mut ids = Vec::with_capacity(n_accounts);
-    for i in 0..n_accounts {
-        let name = format!("bench-{i}");
-        let a = accounts::create(&pool, &name, "default", 1_000_000 * money::NANO_PER_USD)?;
-        let (k, _) = keys::create(
-            &pool,
-            &keys::NewKey {
-                account: name,
-                ..Default::default()
-            },
-        )?;
-        ids.push((a.id, k.id));
-    }
-    let wallets = Arc::new(Wallets::new(Arc::new(accounts::SqliteBalances(
-        pool.clone(),
-    ))));
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let ledger = crate::ledger::Ledger::start(&db, &cfg.accounting, wallets, metrics)?;
-    let started = std::time::Instant::now();
-    for i in 0..rows {
-        let (account_id, key_id) = ids[i % ids.len()];
-        ledger.record(LedgerRow {
-            request_id: format!("req_bench_{i:010}"),
-            ts_ms: store::now_ms(),
-            key_id,
-            account_id,
-            model: "gpt-4o-mini".into(),
-            upstream_model: None,
-            channel: Some("bench".into()),
-            status: 200,
-            usage: Usage {
-                prompt_tokens: 500,
-                completion_tokens: 120,
-                cached_tokens: 0,
-                estimated: false,
-            },
-            cost_nano: 147_000,
-            budget_key: None,
-            latency_ms: 800,
-            ttft_ms: Some(200),
-            stream: true,
-            cache_hit: false,
-        });
-    }
-    let queued = started.elapsed();
-    ledger.shutdown();
-    let took = started.elapsed();
-    let c = pool.get()?;
-    let n: i64 = c.query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))?;
-    drop(c);
-    drop(pool);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
-    if n as usize != rows {
-        return Err(format!("wrote {n} of {rows} rows").into());
-    }
-    println!(
-        "ledger: {rows} rows over {n_accounts} accounts in {:.3}s (queued in {:.3}s): {:.0} rows/s; flush_interval_ms={} max_batch={} synchronous={:?}",
-        took.as_secs_f64(),
-        queued.as_secs_f64(),
-        rows as f64 / took.as_secs_f64(),
-        cfg.accounting.flush_interval_ms,
-        cfg.accounting.max_batch,
-        cfg.database.synchronous
-    );
-    Ok(())
-}
-
 /// A bare address counts as a single host (`/32` or `/128`).
 fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
@@ -507,107 +430,6 @@ fn notify_gateway(cfg: &Config) -> Result<(), String> {
     }
 }
 
-/// One request to an admin listener (`Connection: close`; the admin answers with a
-/// `Content-Length` body): its status and body. An unspecified listen address
-/// (`0.0.0.0:8081`) is reached on loopback.
-fn admin_request(
-    addr: &str,
-    token: &str,
-    method: &str,
-    path: &str,
-) -> Result<(u16, Vec<u8>), String> {
-    let mut addr: SocketAddr = addr
-        .parse()
-        .map_err(|e| format!("admin address `{addr}`: {e}"))?;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
-        .map_err(|e| format!("cannot reach the admin listener at {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    let auth = if token.is_empty() {
-        String::new()
-    } else {
-        format!("Authorization: Bearer {token}\r\n")
-    };
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let split = memchr::memmem::find(&raw, b"\r\n\r\n").ok_or("truncated admin answer")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("unreadable admin answer")?;
-    Ok((code, raw[split + 4..].to_vec()))
-}
-
-/// `tollgate status`: one screen from `GET /admin/status`.
-fn render_status(addr: &str, v: &serde_json::Value) -> String {
-    use std::fmt::Write as _;
-    let num = |f: &str| v[f].as_f64();
-    let ms = |f: &str| num(f).map_or("-".to_string(), |x| format!("{x:.1} ms"));
-    let uptime = v["uptime_s"].as_u64().unwrap_or(0);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "tollgate {} ({}) at {addr}: {}",
-        v["version"].as_str().unwrap_or("?"),
-        v["commit"].as_str().unwrap_or("?"),
-        v["ready"].as_str().unwrap_or("?")
-    );
-    let _ = writeln!(
-        out,
-        "uptime      {}d {:02}h {:02}m {:02}s",
-        uptime / 86_400,
-        uptime % 86_400 / 3600,
-        uptime % 3600 / 60,
-        uptime % 60
-    );
-    let _ = writeln!(
-        out,
-        "traffic     {:.1} req/s over the last {} s ({} requests), {} in flight",
-        num("requests_per_s").unwrap_or(0.0),
-        v["window_s"].as_u64().unwrap_or(0),
-        v["requests_in_window"].as_u64().unwrap_or(0),
-        v["in_flight"].as_u64().unwrap_or(0)
-    );
-    let _ = writeln!(
-        out,
-        "latency     p99 {}, gateway overhead p99 {}",
-        ms("p99_ms"),
-        ms("overhead_p99_ms")
-    );
-    let channels = v["channels"].as_array().cloned().unwrap_or_default();
-    let up = channels.iter().filter(|c| c["up"] == true).count();
-    let _ = writeln!(out, "channels    {up}/{} up", channels.len());
-    for c in &channels {
-        let _ = writeln!(
-            out,
-            "  {:<24} {:<5} {}/{} slots in use",
-            c["name"].as_str().unwrap_or("?"),
-            if c["up"] == true { "up" } else { "DOWN" },
-            c["in_use"].as_u64().unwrap_or(0),
-            c["max_concurrency"].as_u64().unwrap_or(0)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "ledger lag  {} rows not yet committed",
-        v["ledger_lag_rows"].as_u64().unwrap_or(0)
-    );
-    out
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -621,7 +443,7 @@ mod tests {
                 {"name": "b", "up": false, "in_use": 0, "max_concurrency": 8}
             ]
         });
-        let s = super::render_status("127.0.0.1:8081", &v);
+        let s = super::status::render_status("127.0.0.1:8081", &v);
         assert!(s.contains("uptime      1d 01h 01m 01s"), "{s}");
         assert!(s.contains("10.0 req/s"), "{s}");
         assert!(s.contains("p99 12.5 ms"), "{s}");
