@@ -70,13 +70,13 @@ pub fn upstream_request(
     body_len: usize,
 ) -> Result<RequestHeader, GatewayError> {
     let upath = ch.upstream_target(path, client.uri.query(), model);
-    // No case map: providers take any header case.
-    let req = RequestHeader::build_no_case(
-        client.method.clone(),
-        upath.as_bytes(),
-        Some(client.headers.len() + 3),
-    )
-    .map_err(|_| GatewayError::Internal)?;
+    // Built as plain parts (pingora gives no mutable access to a head's map, and its
+    // case-preserving inserts re-parse and copy each name), then made a head without a
+    // case map: providers take any header case.
+    let mut parts = http::Request::new(()).into_parts().0;
+    parts.method = client.method.clone();
+    let h = &mut parts.headers;
+    h.reserve(client.headers.len() + 3);
     let named_by_connection: Vec<&str> = client
         .headers
         .get_all(header::CONNECTION)
@@ -86,7 +86,6 @@ pub fn upstream_request(
         .map(str::trim)
         .collect();
     let mut budget = MAX_FORWARDED_HEADER_BYTES;
-    let mut forwarded = Vec::with_capacity(client.headers.len());
     for (name, value) in client.headers.iter() {
         let n = name.as_str();
         if DROP_REQUEST.contains(&n)
@@ -102,13 +101,6 @@ pub fn upstream_request(
             continue;
         }
         budget -= size;
-        forwarded.push((name, value));
-    }
-    // Pingora gives no mutable access to a head's map (its inserts re-parse and copy each
-    // name); the parts are filled directly and the target set again after.
-    let mut parts: http::request::Parts = req.into();
-    let h = &mut parts.headers;
-    for (name, value) in forwarded {
         h.append(name.clone(), value.clone());
     }
     h.insert(header::HOST, ch.host_header.clone());
