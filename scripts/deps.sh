@@ -3,7 +3,7 @@
 # shellcheck shell=bash
 
 # Oldest Rust that builds pingora 0.9.1 and this workspace.
-TOLLGATE_MIN_RUST=1.85.0
+TOLLGATE_MIN_RUST=1.88.0
 # The OpenAI SDK version the compatibility test is written against.
 TOLLGATE_OPENAI_SDK=3.57.0
 # HTTP/2 for the SDK's httpx client (`http2=True`) in the compatibility test.

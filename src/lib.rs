@@ -20,5 +20,6 @@ pub mod relay;
 pub mod respond;
 pub mod server;
 pub mod service;
+pub mod shared;
 pub mod store;
 pub mod tls;

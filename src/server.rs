@@ -14,7 +14,7 @@ use tollgate_filters::billing::{Billing, ModelRate, PriceTable, UnpricedPolicy, 
 use tollgate_filters::cache::ResponseCache;
 use tollgate_filters::channel::build_channels_with;
 use tollgate_filters::ip_guard::IpGuard;
-use tollgate_filters::limits::{Limits, LimitsConfig};
+use tollgate_filters::limits::{Limits, LimitsConfig, Shared};
 use tollgate_filters::queue::{Queue, Scheduler};
 use tollgate_filters::route::{ChannelPicker, Route};
 use tollgate_filters::usage::UsageFilter;
@@ -32,6 +32,7 @@ use crate::pricing_page::PricingPage;
 use crate::profiling::CpuMonitor;
 use crate::relay::{ClientLimits, Relay};
 use crate::service::{Gateway, InFlight, Pipeline};
+use crate::shared::{SharedParts, SharedService};
 use crate::store::{self, accounts::SqliteBalances, keys::SqliteKeys, Pool};
 use crate::tls;
 
@@ -57,6 +58,8 @@ pub struct Parts {
     pub scheduler: Arc<Scheduler>,
     /// The response cache (`cache.responses`), when configured.
     pub cache: Option<Arc<ResponseCache>>,
+    /// `redis:`, when configured.
+    pub shared: Option<SharedParts>,
 }
 
 /// **The filter chain, in request order.** This is the one place it is assembled.
@@ -105,10 +108,10 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
         // reads x-tollgate-priority; per attempt: waits for a channel slot and a place under
         // the concurrency caps, by priority, fair share and deadline (before route, which
         // marks the probe of the channel granted)
-        Arc::new(Queue::new(
-            parts.scheduler.clone(),
-            cfg.pricing.default_max_output,
-        )),
+        Arc::new(
+            Queue::new(parts.scheduler.clone(), cfg.pricing.default_max_output)
+                .with_shared(parts.limits.shared().cloned()),
+        ),
         // model → ordered channel attempts; per attempt: channel health
         Arc::new(Route::new(parts.picker.clone())),
         // worst case → reservation; on_done: the settlement's cost → ledger row
@@ -199,6 +202,21 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
         wallets.clone(),
         metrics.clone(),
     )?);
+    let shared = cfg
+        .redis
+        .as_ref()
+        .map(|r| SharedParts::new(r, &cfg.server.listen, &cfg.server.admin_listen))
+        .transpose()?;
+    let limits = match &shared {
+        Some(sh) => Limits::with_shared(
+            limits_config(&cfg),
+            Shared {
+                backend: sh.limits.clone(),
+                on_error: sh.redis.cfg.on_error,
+            },
+        ),
+        None => Limits::new(limits_config(&cfg)),
+    };
     let channels = build_channels_with(
         &cfg.channels,
         cfg.routing.health(),
@@ -221,17 +239,21 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
         ledger: ledger.clone(),
         metrics: metrics.clone(),
         summary: summary.clone(),
-        limits: Arc::new(Limits::new(limits_config(&cfg))),
+        limits: Arc::new(limits),
         scheduler: Scheduler::new(cfg.queue.clone(), channels.clone()),
         cache: cfg.cache.responses.clone().map(|c| {
             let wait = Duration::from_millis(cfg.queue.timeout_ms);
             Arc::new(ResponseCache::new(c, wait))
         }),
+        shared,
     };
     for c in parts.scheduler.collectors() {
         metrics.register(c);
     }
     for c in parts.cache.iter().flat_map(|c| c.collectors()) {
+        metrics.register(c);
+    }
+    for c in parts.shared.iter().flat_map(|s| s.redis.collectors()) {
         metrics.register(c);
     }
     let limits = ClientLimits {
@@ -316,6 +338,7 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
             limits: parts.limits.clone(),
             wallets: parts.wallets.clone(),
         }),
+        shared: parts.shared.clone(),
     };
     let mut admin = Service::new("tollgate-admin".to_string(), admin_app);
     match &cfg.server.admin_tls {
@@ -328,6 +351,21 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
     }
     admin.threads = Some(1);
 
+    if let Some(sh) = &parts.shared {
+        server.add_service(background_service(
+            "tollgate-redis",
+            SharedService {
+                redis: sh.redis.clone(),
+                limits_backend: sh.limits.clone(),
+                limits: parts.limits.clone(),
+                nodes: sh.nodes.clone(),
+                events: sh.events.clone(),
+                keys: parts.keys.clone(),
+                wallets: parts.wallets.clone(),
+                in_flight: in_flight.clone(),
+            },
+        ));
+    }
     let maintenance = background_service(
         "tollgate-maintenance",
         Maintenance {

@@ -66,6 +66,9 @@ pub enum GatewayError {
     ShuttingDown,
     #[error("The gateway's usage ledger is behind; retry shortly.")]
     LedgerBacklogged,
+    /// The shared limits (Redis) cannot be reached and `redis.on_error` is `deny`.
+    #[error("The gateway cannot check its shared rate limits right now; retry shortly.")]
+    LimitsUnavailable,
     #[error("Internal gateway error.")]
     Internal,
     /// The request waited in the admission queue until its deadline.
@@ -203,7 +206,7 @@ impl GatewayError {
             ClientGone => 499,
             UpstreamRateLimited { .. } => 429,
             UpstreamFailed(_) => 502,
-            NoChannelAvailable | ShuttingDown | LedgerBacklogged => 503,
+            NoChannelAvailable | ShuttingDown | LedgerBacklogged | LimitsUnavailable => 503,
             UpstreamTimeout => 504,
             Internal => 500,
         }
@@ -233,7 +236,7 @@ impl GatewayError {
             UpstreamFailed(_) | UpstreamTimeout | NoChannelAvailable | ShuttingDown => {
                 "upstream_error"
             }
-            LedgerBacklogged => "server_error",
+            LedgerBacklogged | LimitsUnavailable => "server_error",
             Internal => "server_error",
         }
     }
@@ -261,6 +264,7 @@ impl GatewayError {
             NoChannelAvailable => "no_channel_available",
             ShuttingDown => "shutting_down",
             LedgerBacklogged => "ledger_backlogged",
+            LimitsUnavailable => "limits_unavailable",
             Internal => "internal_error",
             QueueTimeout { .. } => "queue_timeout",
             QueueFull { .. } => "queue_full",
@@ -323,9 +327,9 @@ impl GatewayError {
             GatewayError::UpstreamRateLimited { retry_after } => *retry_after,
             GatewayError::QueueTimeout { retry_after, .. }
             | GatewayError::QueueFull { retry_after, .. } => Some(*retry_after),
-            GatewayError::NoChannelAvailable | GatewayError::LedgerBacklogged => {
-                Some(Duration::from_secs(1))
-            }
+            GatewayError::NoChannelAvailable
+            | GatewayError::LedgerBacklogged
+            | GatewayError::LimitsUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -341,6 +345,7 @@ impl GatewayError {
             OverTokenLimit { .. } => Some(false),
             RequestTooLarge { .. } | InvalidRequest { .. } | ModelNotFound(_) => Some(false),
             RateLimited { .. } | UpstreamRateLimited { .. } | LedgerBacklogged => Some(true),
+            LimitsUnavailable => Some(true),
             QueueTimeout { .. } | QueueFull { .. } => Some(true),
             _ => None,
         }

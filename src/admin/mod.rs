@@ -56,6 +56,8 @@ pub struct Admin {
     pub channels: Channels,
     /// The queue, the limits and the reservations, for /readyz.
     pub admission: Arc<crate::admission::AdmissionView>,
+    /// `redis:`: pushed changes, the node registry, and Redis's state for /readyz.
+    pub shared: Option<crate::shared::SharedParts>,
 }
 
 /// An admin failure: status, code, message.
@@ -180,6 +182,13 @@ impl Admin {
                 "ledger backlogged: {} rows not committed",
                 self.ledger.queued_rows()
             ));
+        }
+        if let Some(sh) = &self.shared {
+            // Under `allow` and `local_share` the node serves without Redis; under `deny` it
+            // refuses every limited request, so it is not ready.
+            if !sh.redis.up() && sh.redis.cfg.on_error == tollgate_filters::limits::OnError::Deny {
+                return Err("redis unreachable and redis.on_error is deny".into());
+            }
         }
         database_ready(&self.pool).await
     }
@@ -350,9 +359,15 @@ impl Admin {
             .map_err(Fail::from)
     }
 
-    fn key_changed(&self, key_id: i64) {
+    /// Applies a key change here at once, and on every other node through Redis.
+    async fn key_changed(&self, key_id: i64) {
         self.keys.invalidate_all();
         self.wallets.forget_key(key_id);
+        if let Some(sh) = &self.shared {
+            sh.events
+                .publish(crate::shared::events::Change::Key(key_id))
+                .await;
+        }
     }
 
     async fn route(&self, session: &mut ServerSession, method: &Method, path: &str) -> Reply {
@@ -361,7 +376,27 @@ impl Admin {
         match (method.as_str(), segs.as_slice()) {
             ("POST", ["admin", "cache", "keys", "invalidate"]) => {
                 self.keys.invalidate_all();
+                if let Some(sh) = &self.shared {
+                    sh.events.publish(crate::shared::events::Change::Keys).await;
+                }
                 Ok((StatusCode::OK, json!({"invalidated": true})))
+            }
+            ("GET", ["admin", "nodes"]) => {
+                let Some(sh) = &self.shared else {
+                    // One node, no registry: this one.
+                    return Ok((
+                        StatusCode::OK,
+                        json!({"data": [{"this_node": true, "in_flight": self.in_flight.count()}], "registry": false}),
+                    ));
+                };
+                let nodes = sh.nodes.list().await.map_err(|()| {
+                    Fail(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "redis_unavailable",
+                        "The node registry (Redis) cannot be reached.".into(),
+                    )
+                })?;
+                Ok((StatusCode::OK, json!({"data": nodes, "registry": true})))
             }
             ("GET", ["admin", "accounts"]) => {
                 let list = self.store(accounts::list).await?;
@@ -422,13 +457,13 @@ impl Admin {
                 let v = self.body(session).await?;
                 let patch = key_patch(&v)?;
                 let info = self.store(move |p| keys::update(p, id, &patch)).await?;
-                self.key_changed(id);
+                self.key_changed(id).await;
                 Ok((StatusCode::OK, key_json(&info)))
             }
             ("DELETE", ["admin", "keys", id]) => {
                 let id_s = id.to_string();
                 let info = self.store(move |p| keys::revoke(p, &id_s)).await?;
-                self.key_changed(info.id);
+                self.key_changed(info.id).await;
                 Ok((StatusCode::OK, key_json(&info)))
             }
             ("GET", ["admin", "usage"]) => {
@@ -518,7 +553,7 @@ impl ServeHttp for Admin {
                             .collect();
                         json_response(
                             StatusCode::OK,
-                            &json!({"status": "ready", "channels": channels, "admission": self.admission.json()}),
+                            &json!({"status": "ready", "channels": channels, "admission": self.admission.json(), "redis": self.shared.as_ref().map(|s| s.redis.readiness())}),
                         )
                     }
                     Err(why) => json_response(

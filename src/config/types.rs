@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+pub use tollgate_filters::limits::OnError;
 
 use super::{ConnectionLimits, H2Limits, IpLimit, LimitSet, PrivateUpstreams, TlsConfig};
 
@@ -121,23 +122,28 @@ impl Default for DatabaseConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnError {
-    Allow,
-    Deny,
-}
-
+/// `redis:`: the state gateway nodes share (limits, concurrency places, pushed changes, the
+/// node registry).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     pub url: String,
+    /// Multiplexed connections per node; calls are spread over them.
     #[serde(default = "d_redis_pool")]
     pub pool_size: u32,
+    /// Every call's deadline; past it the call counts as an error.
     #[serde(default = "d_redis_timeout")]
     pub timeout_ms: u64,
-    #[serde(default = "d_on_error")]
+    /// While Redis cannot be reached: `local_share` (each node enforces limit ÷ live nodes),
+    /// `allow` or `deny`.
+    #[serde(default)]
     pub on_error: OnError,
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    #[serde(default = "d_redis_namespace")]
+    pub namespace: String,
+    /// This node's name in the registry (`GET /admin/nodes`); default `hostname-pid`.
+    #[serde(default)]
+    pub node_id: Option<String>,
 }
 
 fn d_redis_pool() -> u32 {
@@ -146,8 +152,8 @@ fn d_redis_pool() -> u32 {
 fn d_redis_timeout() -> u64 {
     50
 }
-fn d_on_error() -> OnError {
-    OnError::Allow
+fn d_redis_namespace() -> String {
+    "tollgate".into()
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -79,8 +79,20 @@ impl Config {
                     "must start with redis:// or rediss://".into(),
                 );
             }
-            if r.pool_size == 0 {
-                err("redis.pool_size".into(), "must be at least 1".into());
+            if r.pool_size == 0 || r.pool_size > 64 {
+                err("redis.pool_size".into(), "must be between 1 and 64".into());
+            }
+            if r.timeout_ms == 0 || r.timeout_ms > 10_000 {
+                err(
+                    "redis.timeout_ms".into(),
+                    "must be between 1 and 10000".into(),
+                );
+            }
+            if r.namespace.is_empty() || r.namespace.contains(char::is_whitespace) {
+                err(
+                    "redis.namespace".into(),
+                    "must be a non-empty word without spaces".into(),
+                );
             }
         }
         let mut names = std::collections::HashSet::new();

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 pub use tollgate_bench::mock::{Behaviour, ConnectionStats, MockProtocols, MockServer};
 
 pub mod certs;
+pub mod redis;
 
 /// The binary under test: this build's, or `TOLLGATE_BIN` (to show a test fails against
 /// an older build).

@@ -41,6 +41,15 @@ fn route(method: &Method, path: &str) -> Route {
     }
 }
 
+/// Counts a request out of [`Shared::in_flight`] however the handler ends.
+struct InFlightGuard(Arc<Shared>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub(super) async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
@@ -59,6 +68,9 @@ pub(super) async fn handle(
         let stats = serde_json::to_vec(&shared.connection_stats()).unwrap_or_default();
         return Ok(json_response(StatusCode::OK, stats));
     }
+    let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _counted = InFlightGuard(shared.clone());
     let auth = ["authorization", "x-api-key", "api-key"]
         .iter()
         .find_map(|h| parts.headers.get(*h))

@@ -67,6 +67,10 @@ struct Shared {
     /// Connections open now, and the most ever open at once.
     open_conns: AtomicU64,
     peak_conns: AtomicU64,
+    /// Requests being handled now (JSON answers until written, streams until their head),
+    /// and the most at once.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
 }
 
 /// What the mock counts of its connections.
@@ -80,6 +84,9 @@ pub struct ConnectionStats {
     pub open: u64,
     /// The most open at once.
     pub peak: u64,
+    /// Requests being handled at once, at most (a JSON answer counts until it is written).
+    #[serde(default)]
+    pub peak_requests: u64,
 }
 
 impl Shared {
@@ -89,6 +96,7 @@ impl Shared {
             h2: self.h2_conns.load(Ordering::SeqCst),
             open: self.open_conns.load(Ordering::SeqCst),
             peak: self.peak_conns.load(Ordering::SeqCst),
+            peak_requests: self.peak_in_flight.load(Ordering::SeqCst),
         }
     }
 
@@ -193,6 +201,8 @@ impl MockServer {
             h2_conns: AtomicU64::new(0),
             open_conns: AtomicU64::new(0),
             peak_conns: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone(), acceptor, h2));
         Ok(MockServer {

@@ -30,8 +30,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 mod config;
+pub mod shared;
 
 pub use config::{LimitSet, LimitsConfig};
+use shared::{lease_size, local_share, Credit};
+pub use shared::{Lease, OnError, SharedLimits, Unreachable};
 
 use crate::chain::Phases;
 use crate::ctx::ResponseHeaders;
@@ -63,16 +66,56 @@ impl Scope {
     }
 }
 
+impl Scope {
+    /// The scope's name in the shared state (`redis:`): the store's ids and model names are
+    /// the same on every node.
+    fn shared_name(&self, dim: Dim) -> String {
+        let d = dim.code();
+        match self {
+            Scope::Key(id) => format!("key:{id}:{d}"),
+            Scope::Account(id) => format!("account:{id}:{d}"),
+            Scope::Model(m) => format!("model:{m}:{d}"),
+            Scope::KeyModel(id, m) => format!("key_model:{id}:{m}:{d}"),
+        }
+    }
+
+    /// The name of the scope's shared concurrency places.
+    pub fn concurrency_name(&self) -> String {
+        match self {
+            Scope::Key(id) => format!("key:{id}"),
+            Scope::Account(id) => format!("account:{id}"),
+            Scope::Model(m) => format!("model:{m}"),
+            Scope::KeyModel(id, m) => format!("key_model:{id}:{m}"),
+        }
+    }
+}
+
 /// The dimensions counted per minute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dim {
-    Requests,
-    Tokens,
-    Images,
-    AudioSeconds,
+    Requests = 0,
+    Tokens = 1,
+    Images = 2,
+    AudioSeconds = 3,
 }
 
+const DIMS: [Dim; 4] = [Dim::Requests, Dim::Tokens, Dim::Images, Dim::AudioSeconds];
+
 impl Dim {
+    fn code(self) -> &'static str {
+        match self {
+            Dim::Requests => "rpm",
+            Dim::Tokens => "tpm",
+            Dim::Images => "ipm",
+            Dim::AudioSeconds => "aspm",
+        }
+    }
+
+    /// This dimension's bit in [`Held::local`].
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
     fn per_minute(self, l: &LimitSet) -> Option<u32> {
         match self {
             Dim::Requests => l.rpm,
@@ -105,6 +148,8 @@ struct ScopeState {
     tokens: Gcra,
     images: Gcra,
     audio: Gcra,
+    /// Units leased from the shared buckets (`redis:`), per dimension.
+    credits: [Credit; 4],
 }
 
 impl ScopeState {
@@ -117,10 +162,15 @@ impl ScopeState {
         }
     }
 
+    fn credit(&mut self, d: Dim) -> &mut Credit {
+        &mut self.credits[d as usize]
+    }
+
     fn idle(&self, now: Duration) -> bool {
         [self.requests, self.tokens, self.images, self.audio]
             .iter()
             .all(|g| g.tat <= now)
+            && self.credits.iter().all(|c| c.units == 0 && !c.refilling)
     }
 }
 
@@ -132,6 +182,22 @@ pub struct Held {
     pub tokens: u64,
     pub images: u64,
     pub audio_seconds: u64,
+    /// Dimensions taken from this node's own buckets while the shared state was unreachable
+    /// (one bit per dimension): they go back there, not to the shared credit.
+    pub local: u8,
+}
+
+impl Held {
+    pub fn new(scope: Scope, limits: LimitSet) -> Held {
+        Held {
+            scope,
+            limits,
+            tokens: 0,
+            images: 0,
+            audio_seconds: 0,
+            local: 0,
+        }
+    }
 }
 
 /// What a request holds, to give back in `on_done`.
@@ -152,14 +218,42 @@ impl LimitHold {
     }
 }
 
+/// Per-scope state, sharded by scope so that keys rarely share a lock. Shared with the
+/// background refills of the credit.
+struct State {
+    shards: Box<[Mutex<HashMap<Scope, ScopeState>>]>,
+    epoch: Instant,
+}
+
+impl State {
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// The shard holding `scope`'s state.
+    fn lock(&self, scope: &Scope) -> std::sync::MutexGuard<'_, HashMap<Scope, ScopeState>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        scope.hash(&mut h);
+        let shard = (h.finish() % SHARDS as u64) as usize;
+        self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The shared state and what to do when it cannot be reached.
+#[derive(Clone)]
+pub struct Shared {
+    pub backend: Arc<dyn SharedLimits>,
+    pub on_error: OnError,
+}
+
 /// The `limits` filter.
 pub struct Limits {
     cfg: LimitsConfig,
-    /// Per-scope state, sharded by scope so that keys rarely share a lock.
-    shards: Box<[Mutex<HashMap<Scope, ScopeState>>]>,
-    epoch: Instant,
+    state: Arc<State>,
     /// Tokens counted for requests not yet done, over every scope (a leak check for /readyz).
     tokens_held: AtomicU64,
+    /// Limits held across nodes, when `redis:` is configured.
+    shared: Option<Shared>,
 }
 
 /// What a dimension reports in the headers: the scope with the least room wins.
@@ -183,14 +277,34 @@ impl Limits {
     pub fn new(cfg: LimitsConfig) -> Self {
         Limits {
             cfg,
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            epoch: Instant::now(),
+            state: Arc::new(State {
+                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                epoch: Instant::now(),
+            }),
             tokens_held: AtomicU64::new(0),
+            shared: None,
         }
     }
 
+    /// Limits held across nodes through `shared` (see [`shared`]).
+    pub fn with_shared(cfg: LimitsConfig, shared: Shared) -> Self {
+        Limits {
+            shared: Some(shared),
+            ..Limits::new(cfg)
+        }
+    }
+
+    /// The shared state, for the admission queue's shared concurrency places.
+    pub fn shared(&self) -> Option<&Shared> {
+        self.shared.as_ref()
+    }
+
     fn now(&self) -> Duration {
-        self.epoch.elapsed()
+        self.state.now()
+    }
+
+    fn lock(&self, scope: &Scope) -> std::sync::MutexGuard<'_, HashMap<Scope, ScopeState>> {
+        self.state.lock(scope)
     }
 
     /// Tokens counted for requests in flight (0 when idle: nothing leaked).
@@ -218,14 +332,6 @@ impl Limits {
             .unwrap_or(self.cfg.account_default)
     }
 
-    /// The shard holding `scope`'s state.
-    fn lock(&self, scope: &Scope) -> std::sync::MutexGuard<'_, HashMap<Scope, ScopeState>> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        scope.hash(&mut h);
-        let shard = (h.finish() % SHARDS as u64) as usize;
-        self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn refused(limit: Limit, wait: Duration) -> GatewayError {
         GatewayError::RateLimited {
             limit,
@@ -235,43 +341,224 @@ impl Limits {
 
     /// Takes `n` of `dim` in every held scope that limits it, all or nothing. Returns the
     /// tightest scope's report (for the headers) and the refusal, if any.
-    fn take_all(
+    async fn take_all(
         &self,
-        scopes: &[Held],
+        scopes: &mut [Held],
         dim: Dim,
         amounts: &[u64],
     ) -> (Option<Report>, Result<(), GatewayError>) {
-        let now = self.now();
         let mut report: Option<Report> = None;
-        for (i, h) in scopes.iter().enumerate() {
-            let Some(pm) = dim.per_minute(&h.limits) else {
+        for i in 0..scopes.len() {
+            let Some(pm) = dim.per_minute(&scopes[i].limits) else {
                 continue;
             };
-            let n = amounts[i];
-            let mut map = self.lock(&h.scope);
-            let g = map.entry(h.scope.clone()).or_default().bucket(dim);
-            let taken = g.take(now, n, pm);
-            let r = Report {
-                limit: pm,
-                remaining: g.remaining(now, pm),
-                reset: g.reset(now),
-            };
-            drop(map);
-            if let Err(wait) = taken {
-                // All or nothing: what the looser scopes gave goes back.
-                for (j, back) in scopes[..i].iter().enumerate() {
-                    if let Some(pm) = dim.per_minute(&back.limits) {
-                        let mut map = self.lock(&back.scope);
-                        if let Some(st) = map.get_mut(&back.scope) {
-                            st.bucket(dim).give_back(now, amounts[j], pm);
-                        }
+            match self.take_one(&scopes[i].scope, dim, amounts[i], pm).await {
+                Ok((r, local)) => {
+                    if local {
+                        scopes[i].local |= dim.bit();
+                    }
+                    if let Some(r) = r {
+                        report = Some(r.tighter(report));
                     }
                 }
-                return (Some(r), Err(Self::refused(dim.limit(&h.scope), wait)));
+                Err((r, e)) => {
+                    // All or nothing: what the looser scopes gave goes back.
+                    for (j, back) in scopes[..i].iter().enumerate() {
+                        self.give_back_dim(back, dim, amounts[j]);
+                    }
+                    return (r.or(report), Err(e));
+                }
             }
-            report = Some(r.tighter(report));
         }
         (report, Ok(()))
+    }
+
+    /// Takes `n` of `dim` in one scope: from this node's bucket, or with `redis:` from the
+    /// credit leased from the shared one. `Ok(true)` when taken locally because the shared
+    /// state was unreachable.
+    async fn take_one(
+        &self,
+        scope: &Scope,
+        dim: Dim,
+        n: u64,
+        pm: u32,
+    ) -> Result<(Option<Report>, bool), (Option<Report>, GatewayError)> {
+        let Some(shared) = &self.shared else {
+            return self.take_local(scope, dim, n, pm).map(|r| (Some(r), false));
+        };
+        let lease = lease_size(pm);
+        let now = self.now();
+        let stale = {
+            let mut map = self.lock(scope);
+            let c = map.entry(scope.clone()).or_default().credit(dim);
+            let stale = c.take_stale(now);
+            if c.units >= n {
+                c.units -= n;
+                let report = Report {
+                    limit: pm,
+                    remaining: c.remaining,
+                    reset: c.reset,
+                };
+                let refill = c.units < lease.div_ceil(2) && !c.refilling;
+                c.refilling |= refill;
+                drop(map);
+                if refill {
+                    self.refill(shared, scope, dim, pm, lease);
+                }
+                return Ok((Some(report), false));
+            }
+            stale
+        };
+        let name = scope.shared_name(dim);
+        if stale > 0 {
+            let backend = shared.backend.clone();
+            let name = name.clone();
+            tokio::spawn(async move { backend.give_back(&name, pm, stale).await });
+        }
+        let answer = if shared.backend.reachable() {
+            shared.backend.lease(&name, pm, n, n + lease).await
+        } else {
+            Err(Unreachable)
+        };
+        match answer {
+            Ok(Lease::Granted {
+                units,
+                remaining,
+                reset,
+            }) => {
+                let now = self.now();
+                let mut map = self.lock(scope);
+                let c = map.entry(scope.clone()).or_default().credit(dim);
+                c.add(units.saturating_sub(n), now, remaining, reset);
+                c.per_minute = pm;
+                Ok((
+                    Some(Report {
+                        limit: pm,
+                        remaining,
+                        reset,
+                    }),
+                    false,
+                ))
+            }
+            Ok(Lease::Refused { retry_after, reset }) => {
+                let r = Report {
+                    limit: pm,
+                    remaining: 0,
+                    reset,
+                };
+                Err((Some(r), Self::refused(dim.limit(scope), retry_after)))
+            }
+            Err(Unreachable) => match shared.on_error {
+                OnError::Allow => Ok((None, true)),
+                OnError::Deny => Err((None, GatewayError::LimitsUnavailable)),
+                OnError::LocalShare => {
+                    let pm = local_share(pm, shared.backend.live_nodes());
+                    self.take_local(scope, dim, n, pm).map(|r| (Some(r), true))
+                }
+            },
+        }
+    }
+
+    /// Takes `n` from this node's own bucket.
+    fn take_local(
+        &self,
+        scope: &Scope,
+        dim: Dim,
+        n: u64,
+        pm: u32,
+    ) -> Result<Report, (Option<Report>, GatewayError)> {
+        let now = self.now();
+        let mut map = self.lock(scope);
+        let g = map.entry(scope.clone()).or_default().bucket(dim);
+        let taken = g.take(now, n, pm);
+        let r = Report {
+            limit: pm,
+            remaining: g.remaining(now, pm),
+            reset: g.reset(now),
+        };
+        match taken {
+            Ok(()) => Ok(r),
+            Err(wait) => Err((Some(r), Self::refused(dim.limit(scope), wait))),
+        }
+    }
+
+    /// Tops the credit up in the background (a take left it under half a lease).
+    fn refill(&self, shared: &Shared, scope: &Scope, dim: Dim, pm: u32, lease: u64) {
+        let (state, backend, scope) = (self.state.clone(), shared.backend.clone(), scope.clone());
+        tokio::spawn(async move {
+            let got = if backend.reachable() {
+                backend.lease(&scope.shared_name(dim), pm, 1, lease).await
+            } else {
+                Err(Unreachable)
+            };
+            let now = state.now();
+            let mut map = state.lock(&scope);
+            let c = map.entry(scope.clone()).or_default().credit(dim);
+            c.refilling = false;
+            if let Ok(Lease::Granted {
+                units,
+                remaining,
+                reset,
+            }) = got
+            {
+                c.add(units, now, remaining, reset);
+                c.per_minute = pm;
+            }
+        });
+    }
+
+    /// Puts `n` of `dim` back where `h` took it from.
+    fn give_back_dim(&self, h: &Held, dim: Dim, n: u64) {
+        let Some(pm) = dim.per_minute(&h.limits) else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        let now = self.now();
+        let mut map = self.lock(&h.scope);
+        let Some(st) = map.get_mut(&h.scope) else {
+            return;
+        };
+        if self.shared.is_some() && h.local & dim.bit() == 0 {
+            // Into the credit: used by this node's next request, or returned with it.
+            let c = st.credit(dim);
+            c.units += n;
+            c.per_minute = pm;
+            c.until = c.until.max(now + shared::CREDIT_LIFE);
+        } else {
+            st.bucket(dim).give_back(now, n, pm);
+        }
+    }
+
+    /// Returns credit past its life to the shared buckets (run every few hundred ms by the
+    /// server with `redis:`; idle scopes are dropped). Returns the units given back.
+    pub async fn return_stale_credit(&self) -> u64 {
+        let Some(shared) = &self.shared else {
+            return 0;
+        };
+        let now = self.now();
+        let mut stale = Vec::new();
+        for shard in self.state.shards.iter() {
+            let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            map.retain(|scope, st| {
+                for d in DIMS {
+                    let c = st.credit(d);
+                    let units = c.take_stale(now);
+                    if units > 0 {
+                        stale.push((scope.shared_name(d), c.per_minute, units));
+                    }
+                }
+                !st.idle(now)
+            });
+        }
+        let mut returned = 0;
+        for (name, pm, units) in stale {
+            if shared.backend.give_back(&name, pm, units).await.is_ok() {
+                returned += units;
+            }
+        }
+        returned
     }
 
     fn set_headers(h: &mut ResponseHeaders, names: [&'static str; 3], r: Option<Report>) {
@@ -283,28 +570,19 @@ impl Limits {
     }
 
     fn give_back(&self, hold: &LimitHold, ctx_settlement: &crate::Settlement) {
-        let now = self.now();
         let used = ctx_settlement.tokens();
         for h in &hold.scopes {
-            let mut map = self.lock(&h.scope);
-            let Some(st) = map.get_mut(&h.scope) else {
-                continue;
-            };
-            if let Some(tpm) = h.limits.tpm {
-                // The settlement (the same one billing charges) settles the count: reported
-                // or estimated usage for a served request; nothing for one that was not.
-                st.tokens.give_back(now, h.tokens.saturating_sub(used), tpm);
-            }
+            // The settlement (the same one billing charges) settles the count: reported
+            // or estimated usage for a served request; nothing for one that was not.
+            self.give_back_dim(h, Dim::Tokens, h.tokens.saturating_sub(used));
             if !ctx_settlement.served {
-                if let Some(pm) = h.limits.images_per_min {
-                    st.images.give_back(now, h.images, pm);
-                }
-                if let Some(pm) = h.limits.audio_seconds_per_min {
-                    st.audio.give_back(now, h.audio_seconds, pm);
-                }
+                self.give_back_dim(h, Dim::Images, h.images);
+                self.give_back_dim(h, Dim::AudioSeconds, h.audio_seconds);
             }
             // Idle scopes with full buckets are dropped so the map stays small.
-            if st.idle(now) {
+            let now = self.now();
+            let mut map = self.lock(&h.scope);
+            if map.get(&h.scope).is_some_and(|st| st.idle(now)) {
                 map.remove(&h.scope);
             }
         }
@@ -343,23 +621,11 @@ impl Filter for Limits {
         let Some(key) = &ctx.key else {
             return Ok(());
         };
-        let scopes = vec![
-            Held {
-                scope: Scope::Key(key.id),
-                limits: self.key_limits(key),
-                tokens: 0,
-                images: 0,
-                audio_seconds: 0,
-            },
-            Held {
-                scope: Scope::Account(key.account_id),
-                limits: self.account_limits(key),
-                tokens: 0,
-                images: 0,
-                audio_seconds: 0,
-            },
+        let mut scopes = vec![
+            Held::new(Scope::Key(key.id), self.key_limits(key)),
+            Held::new(Scope::Account(key.account_id), self.account_limits(key)),
         ];
-        let (report, taken) = self.take_all(&scopes, Dim::Requests, &[1, 1]);
+        let (report, taken) = self.take_all(&mut scopes, Dim::Requests, &[1, 1]).await;
         Self::set_headers(&mut ctx.response_headers, REQUEST_HEADERS, report);
         taken?;
         ctx.limit_hold = Some(LimitHold { scopes, tokens: 0 });
@@ -378,26 +644,14 @@ impl Filter for Limits {
         let model: Arc<str> = Arc::from(facts.model.as_str());
         let mut added = Vec::new();
         if let Some(l) = self.cfg.models.get(&*model) {
-            added.push(Held {
-                scope: Scope::Model(model.clone()),
-                limits: *l,
-                tokens: 0,
-                images: 0,
-                audio_seconds: 0,
-            });
+            added.push(Held::new(Scope::Model(model.clone()), *l));
         }
         if let Some((_, l)) = key.model_limits.iter().find(|(m, _)| **m == *model) {
-            added.push(Held {
-                scope: Scope::KeyModel(key.id, model.clone()),
-                limits: *l,
-                tokens: 0,
-                images: 0,
-                audio_seconds: 0,
-            });
+            added.push(Held::new(Scope::KeyModel(key.id, model.clone()), *l));
         }
         if !added.is_empty() {
             let ones = vec![1; added.len()];
-            let (report, taken) = self.take_all(&added, Dim::Requests, &ones);
+            let (report, taken) = self.take_all(&mut added, Dim::Requests, &ones).await;
             if let Err(e) = taken {
                 Self::set_headers(&mut ctx.response_headers, REQUEST_HEADERS, report);
                 ctx.limit_hold = Some(hold);
@@ -409,15 +663,22 @@ impl Filter for Limits {
             for h in &hold.scopes {
                 if let Some(pm) = h.limits.rpm {
                     let mut map = self.lock(&h.scope);
-                    let g = map.entry(h.scope.clone()).or_default().requests;
-                    all = Some(
+                    let st = map.entry(h.scope.clone()).or_default();
+                    let r = if self.shared.is_some() && h.local & Dim::Requests.bit() == 0 {
+                        let c = st.credit(Dim::Requests);
                         Report {
                             limit: pm,
-                            remaining: g.remaining(now, pm),
-                            reset: g.reset(now),
+                            remaining: c.remaining,
+                            reset: c.reset,
                         }
-                        .tighter(all),
-                    );
+                    } else {
+                        Report {
+                            limit: pm,
+                            remaining: st.requests.remaining(now, pm),
+                            reset: st.requests.reset(now),
+                        }
+                    };
+                    all = Some(r.tighter(all));
                 }
             }
             Self::set_headers(&mut ctx.response_headers, REQUEST_HEADERS, all);
@@ -439,20 +700,17 @@ impl Filter for Limits {
             });
         }
         let n = hold.scopes.len();
-        let (report, taken) = self.take_all(&hold.scopes, Dim::Tokens, &vec![tokens; n]);
+        let (report, taken) = self
+            .take_all(&mut hold.scopes, Dim::Tokens, &vec![tokens; n])
+            .await;
         Self::set_headers(&mut ctx.response_headers, TOKEN_HEADERS, report);
         if let Err(e) = taken {
             ctx.limit_hold = Some(hold);
             return Err(e);
         }
         let give_tokens_back = |hold: &LimitHold| {
-            let now = self.now();
             for h in &hold.scopes {
-                if let Some(tpm) = h.limits.tpm {
-                    if let Some(st) = self.lock(&h.scope).get_mut(&h.scope) {
-                        st.tokens.give_back(now, tokens, tpm);
-                    }
-                }
+                self.give_back_dim(h, Dim::Tokens, tokens);
             }
         };
         let media = facts.media;
@@ -477,19 +735,13 @@ impl Filter for Limits {
                     param: Some("messages"),
                 });
             }
-            let (_, taken) = self.take_all(&hold.scopes, dim, &vec![amount; n]);
+            let (_, taken) = self.take_all(&mut hold.scopes, dim, &vec![amount; n]).await;
             if let Err(e) = taken {
                 give_tokens_back(&hold);
                 if dim == Dim::AudioSeconds {
                     // The images taken a moment ago go back too.
-                    let imgs = u64::from(media.images);
-                    let now = self.now();
                     for h in &hold.scopes {
-                        if let Some(pm) = h.limits.images_per_min {
-                            if let Some(st) = self.lock(&h.scope).get_mut(&h.scope) {
-                                st.images.give_back(now, imgs, pm);
-                            }
-                        }
+                        self.give_back_dim(h, Dim::Images, u64::from(media.images));
                     }
                 }
                 ctx.limit_hold = Some(LimitHold { tokens: 0, ..hold });

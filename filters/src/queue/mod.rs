@@ -42,6 +42,8 @@ use scheduler::Ask;
 pub use scheduler::{ChannelSlot, ConcurrencyHold, QueueSnapshot, Scheduler};
 
 use crate::chain::{Attempt, Phases};
+use crate::limits::shared::local_share;
+use crate::limits::{OnError, Scope, Shared, SharedLimits, Unreachable};
 use crate::{Ctx, Filter, GatewayError, RequestHead};
 
 /// Client header: the priority asked for (0–9).
@@ -109,6 +111,8 @@ pub struct Admission {
     priority: Option<u8>,
     deadline: Option<Instant>,
     hold: Option<ConcurrencyHold>,
+    /// The places taken under shared concurrency caps (`redis:`), with `hold`.
+    places: Option<SharedPlaces>,
     /// Channels granted to earlier attempts.
     tried: Vec<usize>,
     /// Time spent waiting, over every attempt.
@@ -122,11 +126,33 @@ impl Admission {
     }
 }
 
+/// Places held under shared concurrency caps; given back when dropped (or, if this node
+/// dies, when their TTL runs out).
+pub struct SharedPlaces {
+    backend: Arc<dyn SharedLimits>,
+    held: Vec<String>,
+    holder: String,
+}
+
+impl Drop for SharedPlaces {
+    fn drop(&mut self) {
+        for scope in &self.held {
+            self.backend.leave(scope, &self.holder);
+        }
+    }
+}
+
+/// How long a request at a shared concurrency cap waits before it asks again. (Places freed
+/// on other nodes are not announced; one freed here wakes the local queue at once.)
+const SHARED_RETRY: Duration = Duration::from_millis(25);
+
 /// The `queue` filter.
 pub struct Queue {
     scheduler: Arc<Scheduler>,
     /// Output cap assumed for the cost estimate when a request sets none.
     default_max_output: u64,
+    /// Concurrency caps held across nodes, when `redis:` is configured.
+    shared: Option<Shared>,
 }
 
 impl Queue {
@@ -134,7 +160,36 @@ impl Queue {
         Queue {
             scheduler,
             default_max_output,
+            shared: None,
         }
+    }
+
+    /// Concurrency caps also held across nodes through `shared`.
+    pub fn with_shared(mut self, shared: Option<Shared>) -> Queue {
+        self.shared = shared;
+        self
+    }
+
+    /// Takes a shared place under every cap, all or nothing. `Ok(None)`: one is full.
+    async fn enter_shared(
+        shared: &Shared,
+        caps: &[(Scope, u32)],
+        holder: &str,
+    ) -> Result<Option<SharedPlaces>, Unreachable> {
+        let mut places = SharedPlaces {
+            backend: shared.backend.clone(),
+            held: Vec::with_capacity(caps.len()),
+            holder: holder.to_string(),
+        };
+        for (scope, cap) in caps {
+            let name = scope.concurrency_name();
+            // On a refusal or an error, `places` gives back what it holds when dropped.
+            if !shared.backend.enter(&name, *cap, holder).await? {
+                return Ok(None);
+            }
+            places.held.push(name);
+        }
+        Ok(Some(places))
     }
 
     fn cfg(&self) -> &QueueConfig {
@@ -266,41 +321,89 @@ impl Filter for Queue {
                     .filter(|c| !adm.tried.contains(c) && *c != channel),
             );
         }
-        let caps = adm.hold.is_none().then(|| {
+        let mut caps = adm.hold.is_none().then(|| {
             ctx.limit_hold
                 .as_ref()
                 .map(|h| h.concurrency_caps())
                 .unwrap_or_default()
         });
+        let shared = self
+            .shared
+            .as_ref()
+            .filter(|_| caps.as_ref().is_some_and(|c| !c.is_empty()));
+        if let (Some(sh), Some(caps)) = (shared, caps.as_mut()) {
+            if !sh.backend.reachable() && sh.on_error == OnError::LocalShare {
+                // The shared places cannot be counted: each node takes its share.
+                let live = sh.backend.live_nodes();
+                for (_, cap) in caps.iter_mut() {
+                    *cap = local_share(*cap, live);
+                }
+            }
+        }
         let account = ctx.key.as_ref().map_or(0, |k| k.account_id);
         let cost = self.cost(ctx);
         let deadline = adm.deadline.unwrap_or(now);
         let class = adm.priority.unwrap_or(self.cfg().default_priority);
-        let (granted, waited) = self
-            .scheduler
-            .admit(Ask {
-                candidates: &candidates,
-                caps,
-                class,
-                account,
-                cost,
-                deadline,
-            })
-            .await;
-        adm.waited += waited;
-        ctx.response_headers
-            .set(WAITED_HEADER, adm.waited.as_millis().to_string());
-        let grant = match granted {
-            Ok(g) => g,
-            Err(e) => {
-                ctx.admission = Some(adm);
-                // A retry that finds no slot reports the earlier failure's kind, not a queue
-                // refusal for a request that did reach a provider.
-                return Err(if first {
-                    e
-                } else {
-                    GatewayError::NoChannelAvailable
-                });
+        let grant = loop {
+            let (granted, waited) = self
+                .scheduler
+                .admit(Ask {
+                    candidates: &candidates,
+                    caps: caps.clone(),
+                    class,
+                    account,
+                    cost,
+                    deadline,
+                })
+                .await;
+            adm.waited += waited;
+            ctx.response_headers
+                .set(WAITED_HEADER, adm.waited.as_millis().to_string());
+            let grant = match granted {
+                Ok(g) => g,
+                Err(e) => {
+                    ctx.admission = Some(adm);
+                    // A retry that finds no slot reports the earlier failure's kind, not a
+                    // queue refusal for a request that did reach a provider.
+                    return Err(if first {
+                        e
+                    } else {
+                        GatewayError::NoChannelAvailable
+                    });
+                }
+            };
+            let (Some(sh), Some(caps), Some(_)) = (shared, caps.as_ref(), grant.hold.as_ref())
+            else {
+                break grant;
+            };
+            match Self::enter_shared(sh, caps, &ctx.request_id).await {
+                Ok(Some(places)) => {
+                    adm.places = Some(places);
+                    break grant;
+                }
+                Err(Unreachable) if sh.on_error == OnError::Deny => {
+                    ctx.admission = Some(adm);
+                    return Err(GatewayError::LimitsUnavailable);
+                }
+                // Local caps only until the shared state is back.
+                Err(Unreachable) => break grant,
+                Ok(None) => {
+                    // Full on other nodes: the local grant goes back while this one waits.
+                    drop(grant);
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let waited = adm.waited;
+                        ctx.admission = Some(adm);
+                        return Err(GatewayError::QueueTimeout {
+                            what: "a concurrency place",
+                            waited,
+                            retry_after: Duration::from_millis(100),
+                        });
+                    }
+                    let pause = SHARED_RETRY.min(deadline - now);
+                    tokio::time::sleep(pause).await;
+                    adm.waited += pause;
+                }
             }
         };
         if let Some(h) = grant.hold {
@@ -330,6 +433,7 @@ impl Filter for Queue {
         ctx.channel_slot = None;
         if let Some(a) = ctx.admission.as_mut() {
             a.hold = None;
+            a.places = None;
         }
     }
 
@@ -337,6 +441,7 @@ impl Filter for Queue {
         ctx.channel_slot = None;
         if let Some(a) = ctx.admission.as_mut() {
             a.hold = None;
+            a.places = None;
         }
     }
 }
@@ -640,6 +745,7 @@ mod tests {
                     tokens: 0,
                     images: 0,
                     audio_seconds: 0,
+                    local: 0,
                 }],
                 tokens: 10,
             });

@@ -1,0 +1,344 @@
+//! Several `tollgate` nodes sharing one database and one Redis (`redis:`): limits and
+//! concurrency caps hold across the nodes, a revoke reaches every node within a second, the
+//! registry lists the nodes, and a Redis that is killed, paused and brought back never hangs
+//! a request and is used again without a restart. Each test starts its own `redis-server`
+//! on a free port, so it can kill it.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::redis::RedisServer;
+use support::{channel, Gateway, MockServer};
+
+const PROVIDER_KEY: &str = "sk-provider-scaleout";
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// `n` nodes on one SQLite file and one Redis; `extra` is more YAML for every node.
+fn fleet(mock: &MockServer, redis: &RedisServer, n: usize, extra: &str) -> Vec<Gateway> {
+    let ch = channel("main", &mock.base_url(), PROVIDER_KEY, &["m"], 1);
+    let mut nodes: Vec<Gateway> = Vec::new();
+    for i in 0..n {
+        let redis_yaml = format!(
+            "redis: {{ url: \"{}\", timeout_ms: 50, namespace: \"t{}\", node_id: node{i} }}\n{extra}",
+            redis.url(),
+            redis.port
+        );
+        let gw = Gateway::configure(&ch, &redis_yaml);
+        if let Some(first) = nodes.first() {
+            // Every node on the first one's database.
+            let db = first.dir.path().join("tollgate.db");
+            let own = gw.dir.path().join("tollgate.db");
+            let yaml = std::fs::read_to_string(&gw.config).unwrap();
+            let yaml = yaml.replace(&own.display().to_string(), &db.display().to_string());
+            std::fs::write(&gw.config, yaml).unwrap();
+        }
+        nodes.push(gw.launch());
+    }
+    nodes
+}
+
+fn body(x_mock: Value) -> Value {
+    json!({"model": "m", "max_tokens": 5,
+           "messages": [{"role": "user", "content": "hello"}], "x_mock": x_mock})
+}
+
+async fn send(gw: &Gateway, key: &str, x_mock: Value) -> (u16, Value, Duration) {
+    let started = Instant::now();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&body(x_mock))
+        .send()
+        .await
+        .expect("gateway answers");
+    let status = r.status().as_u16();
+    let v = r.json().await.unwrap_or(Value::Null);
+    (status, v, started.elapsed())
+}
+
+async fn admin(gw: &Gateway, method: reqwest::Method, path: &str) -> (u16, Value) {
+    let r = client()
+        .request(method, gw.admin_url(path))
+        .bearer_auth(&gw.admin_token)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn key_id(gw: &Gateway, account: &str) -> i64 {
+    let (_, v) = admin(gw, reqwest::Method::GET, "/admin/keys").await;
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["account"] == account)
+        .and_then(|k| k["id"].as_i64())
+        .expect("the key is listed")
+}
+
+/// The sum of a counter over its label sets, from the node's /metrics.
+async fn metric_sum(gw: &Gateway, name: &str) -> f64 {
+    let text = client()
+        .get(gw.admin_url("/metrics"))
+        .bearer_auth(&gw.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_per_minute_hold_across_three_nodes() {
+    let mock = MockServer::start().await;
+    let redis = RedisServer::start();
+    let nodes = fleet(&mock, &redis, 3, "");
+    let key = nodes[0].new_key("acme", &["--rpm", "60"]);
+
+    // The registry lists the three nodes (each heartbeats at start).
+    wait_for(
+        "three nodes in the registry",
+        Duration::from_secs(10),
+        || async {
+            let (s, v) = admin(&nodes[0], reqwest::Method::GET, "/admin/nodes").await;
+            s == 200 && v["data"].as_array().is_some_and(|a| a.len() == 3)
+        },
+    )
+    .await;
+
+    // 150 requests spread over the nodes, 6 at a time. One node alone would admit 60, three
+    // independent ones 180; shared, the fleet admits 60 plus at most one lease per node and
+    // what the bucket refills meanwhile (1 per second).
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let nodes = std::sync::Arc::new(nodes);
+    for w in 0..6 {
+        let (nodes, key) = (nodes.clone(), key.clone());
+        tasks.spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..25 {
+                let gw = &nodes[(w + i) % 3];
+                statuses.push(send(gw, &key, json!({})).await.0);
+            }
+            statuses
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        statuses.extend(r.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!(ok + limited, 150, "{statuses:?}");
+    let most = 60 + 3 + elapsed.ceil() as usize + 1;
+    assert!(
+        (57..=most).contains(&ok),
+        "admitted {ok} in {elapsed:.1}s (expected 57..={most})"
+    );
+    assert_eq!(
+        mock.requests().len(),
+        ok,
+        "refused requests never reach the provider"
+    );
+    // The bucket lives in Redis under the deployment's namespace.
+    let keys = redis.cli(&["--scan", "--pattern", &format!("t{}:rl:*", redis.port)]);
+    assert!(keys.contains(":rpm"), "{keys}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_concurrency_cap_holds_across_nodes_and_frees_its_places() {
+    let mock = MockServer::start().await;
+    let redis = RedisServer::start();
+    let nodes = std::sync::Arc::new(fleet(&mock, &redis, 3, ""));
+    let key = nodes[0].new_key("acme", &["--concurrency", "3"]);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let (nodes, key) = (nodes.clone(), key.clone());
+        tasks.spawn(async move { send(&nodes[i % 3], &key, json!({"delay_ms": 250})).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let (status, v, _) = r.unwrap();
+        assert_eq!(status, 200, "{v}");
+    }
+    let peak = mock.connections().peak_requests;
+    assert!(
+        peak <= 3,
+        "{peak} requests at the provider at once; the cap is 3"
+    );
+    assert!(
+        peak >= 2,
+        "the nodes did run requests side by side ({peak})"
+    );
+    // Every place was given back.
+    let id = key_id(&nodes[0], "acme").await;
+    let set = format!("t{}:cc:key:{id}", redis.port);
+    wait_for(
+        "the places to be given back",
+        Duration::from_secs(5),
+        || async { redis.cli(&["ZCARD", &set]).trim() == "0" },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_revoked_on_one_node_is_refused_on_the_others_within_a_second() {
+    let mock = MockServer::start().await;
+    let redis = RedisServer::start();
+    let nodes = fleet(&mock, &redis, 3, "");
+    let key = nodes[0].new_key("acme", &[]);
+    // Every node has the key in its cache.
+    for gw in &nodes {
+        assert_eq!(send(gw, &key, json!({})).await.0, 200);
+    }
+    let id = key_id(&nodes[0], "acme").await;
+    let (s, _) = admin(
+        &nodes[0],
+        reqwest::Method::DELETE,
+        &format!("/admin/keys/{id}"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let revoked = Instant::now();
+    for gw in &nodes[1..] {
+        loop {
+            let (status, _, _) = send(gw, &key, json!({})).await;
+            if status == 401 {
+                break;
+            }
+            assert!(
+                revoked.elapsed() < Duration::from_secs(1),
+                "node still admits a revoked key after {:?}",
+                revoked.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_paused_and_back_never_hangs_a_request() {
+    let mock = MockServer::start().await;
+    let mut redis = RedisServer::start();
+    let nodes = fleet(&mock, &redis, 2, "");
+    let key = nodes[0].new_key("acme", &["--rpm", "6000"]);
+    for i in 0..10 {
+        assert_eq!(send(&nodes[i % 2], &key, json!({})).await.0, 200);
+    }
+
+    // Killed: every request is answered at once under local_share (6000 ÷ 2 per node).
+    redis.kill();
+    for i in 0..20 {
+        let (status, v, took) = send(&nodes[i % 2], &key, json!({})).await;
+        assert_eq!(status, 200, "{v}");
+        assert!(took < Duration::from_secs(2), "a request took {took:?}");
+    }
+    assert!(metric_sum(&nodes[0], "tollgate_redis_errors_total").await > 0.0);
+    // The heartbeat fails too; after three failures the breaker is open.
+    wait_for("the breaker to open", Duration::from_secs(10), || async {
+        let (s, v) = admin(&nodes[0], reqwest::Method::GET, "/readyz").await;
+        assert_eq!(s, 200, "local_share keeps the node ready: {v}");
+        v["redis"]["up"] == false && v["redis"]["breaker_open"] == true
+    })
+    .await;
+
+    // Back (empty, on the same port): used again without a restart.
+    redis.restart();
+    wait_for("redis reachable again", Duration::from_secs(10), || async {
+        let _ = send(&nodes[0], &key, json!({})).await;
+        let (_, v) = admin(&nodes[0], reqwest::Method::GET, "/readyz").await;
+        v["redis"]["up"] == true
+    })
+    .await;
+    wait_for(
+        "the bucket back in redis",
+        Duration::from_secs(10),
+        || async {
+            let _ = send(&nodes[1], &key, json!({})).await;
+            redis
+                .cli(&["--scan", "--pattern", &format!("t{}:rl:*", redis.port)])
+                .contains(":rpm")
+        },
+    )
+    .await;
+
+    // Paused: calls time out (50 ms) and the breaker opens; nothing waits for Redis.
+    let pause = redis.pause(2.0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..10 {
+        let (status, v, took) = send(&nodes[i % 2], &key, json!({})).await;
+        assert_eq!(status, 200, "{v}");
+        assert!(
+            took < Duration::from_millis(1500),
+            "a request took {took:?}"
+        );
+    }
+    pause.join().unwrap();
+    for gw in &nodes {
+        assert!(gw.log().find("panicked").is_none(), "{}", gw.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_on_error_deny_limited_requests_are_refused_while_redis_is_down() {
+    let mock = MockServer::start().await;
+    let mut redis = RedisServer::start();
+    let ch = channel("main", &mock.base_url(), PROVIDER_KEY, &["m"], 1);
+    let gw = Gateway::start(
+        &ch,
+        &format!(
+            "redis: {{ url: \"{}\", timeout_ms: 50, on_error: deny }}\n",
+            redis.url()
+        ),
+    );
+    let limited = gw.new_key("limited", &["--rpm", "100"]);
+    let free = gw.new_key("free", &[]);
+    assert_eq!(send(&gw, &limited, json!({})).await.0, 200);
+    redis.kill();
+    // What the node had leased is spent first; then it refuses.
+    let mut refused = None;
+    for _ in 0..5 {
+        let (status, v, _) = send(&gw, &limited, json!({})).await;
+        if status != 200 {
+            refused = Some((status, v));
+            break;
+        }
+    }
+    let (status, v) = refused.expect("refused once its lease is spent");
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "limits_unavailable");
+    // A key under no limit needs no Redis.
+    assert_eq!(send(&gw, &free, json!({})).await.0, 200);
+    let (s, v) = admin(&gw, reqwest::Method::GET, "/readyz").await;
+    assert_eq!(s, 503, "{v}");
+}
