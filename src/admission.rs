@@ -7,10 +7,12 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use tollgate_filters::billing::Wallets;
 use tollgate_filters::limits::Limits;
-use tollgate_filters::queue::Scheduler;
+
+use crate::reload::Reloader;
 
 pub struct AdmissionView {
-    pub scheduler: Arc<Scheduler>,
+    /// The queue's scheduler is the reloader's current one.
+    pub reloader: Arc<Reloader>,
     pub limits: Arc<Limits>,
     pub wallets: Arc<Wallets>,
 }
@@ -19,7 +21,7 @@ impl AdmissionView {
     /// `{"queue": {"waiting", "by_class", "concurrency_held"}, "tokens_held", "reserved_nano"}`.
     pub fn json(&self) -> Value {
         json!({
-            "queue": self.scheduler.snapshot(),
+            "queue": self.reloader.scheduler().snapshot(),
             "tokens_held": self.limits.tokens_held(),
             "reserved_nano": self.wallets.reserved_total(),
         })

@@ -17,6 +17,7 @@ pub mod observe;
 pub mod pricing_page;
 pub mod profiling;
 pub mod relay;
+pub mod reload;
 pub mod respond;
 pub mod server;
 pub mod service;

@@ -213,7 +213,8 @@ pub struct Metrics {
     /// Process CPU as the monitor last sampled it, in percent of one core.
     pub cpu_percent: Gauge,
     pub accounts: Option<AccountSeries>,
-    channels: OnceLock<Channels>,
+    /// The channel table the scrape-time gauges read (replaced by a reload).
+    channels: arc_swap::ArcSwapOption<Channels>,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -494,7 +495,7 @@ impl Metrics {
             ),
             cpu_percent,
             accounts,
-            channels: OnceLock::new(),
+            channels: arc_swap::ArcSwapOption::empty(),
             registry,
         }
     }
@@ -502,7 +503,7 @@ impl Metrics {
     /// The channel table whose state (`channel_up`, `channel_inflight`) is read at each
     /// scrape.
     pub fn watch_channels(&self, channels: Channels) {
-        let _ = self.channels.set(channels);
+        self.channels.store(Some(Arc::new(channels)));
     }
 
     /// Counts one finished request. `channel`: an index into the channel table.
@@ -563,9 +564,14 @@ impl Metrics {
         }
     }
 
+    /// Takes a family out of the registry (a reload replacing the cache that owns it).
+    pub fn unregister(&self, c: Box<dyn prometheus::core::Collector>) {
+        let _ = self.registry.unregister(c);
+    }
+
     /// The text exposition format. Brings the scrape-time series up to date first.
     pub fn render(&self) -> Vec<u8> {
-        if let Some(channels) = self.channels.get() {
+        if let Some(channels) = self.channels.load_full() {
             for (c, s) in channels.iter().zip(&self.per_channel) {
                 s.up.set(i64::from(c.peer().is_some() && c.health.is_available()));
                 s.inflight.set(c.in_use() as i64);

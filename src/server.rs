@@ -31,6 +31,7 @@ use crate::observe::{AccessLog, LatencySummary, MetricsFilter};
 use crate::pricing_page::PricingPage;
 use crate::profiling::CpuMonitor;
 use crate::relay::{ClientLimits, Relay};
+use crate::reload::{ReloadOnHangup, Reloader};
 use crate::service::{Gateway, InFlight, Pipeline};
 use crate::shared::{SharedParts, SharedService};
 use crate::store::{self, accounts::SqliteBalances, keys::SqliteKeys, Pool};
@@ -39,7 +40,9 @@ use crate::tls;
 /// Seconds Pingora waits beyond `server.grace_period_s` before it stops the runtimes.
 const SHUTDOWN_MARGIN_S: u64 = 10;
 
-/// The shared pieces the filters are built from.
+/// The shared pieces the filters are built from. A reload ([`crate::reload`]) builds a new
+/// set from the old one, replacing what the new YAML changed.
+#[derive(Clone)]
 pub struct Parts {
     pub pool: Pool,
     /// Where log lines go (the access log writes its own).
@@ -127,6 +130,41 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
     Chain::new(filters)
 }
 
+/// The channel table and the picker over it.
+pub fn channel_table(cfg: &Config) -> Result<(Channels, Arc<ChannelPicker>), String> {
+    let channels = build_channels_with(
+        &cfg.channels,
+        cfg.routing.health(),
+        cfg.security.private_upstreams,
+    )?;
+    let picker = Arc::new(ChannelPicker::with_paths(
+        channels.clone(),
+        cfg.routing.max_attempts,
+        &cfg.routes,
+    ));
+    Ok((channels, picker))
+}
+
+/// The response cache of `cache.responses`, if configured.
+pub fn response_cache(cfg: &Config) -> Option<Arc<ResponseCache>> {
+    cfg.cache.responses.clone().map(|c| {
+        let wait = Duration::from_millis(cfg.queue.timeout_ms);
+        Arc::new(ResponseCache::new(c, wait))
+    })
+}
+
+/// What one request runs with: the chain and the tables it reads.
+pub fn pipeline(cfg: &Config, parts: &Parts) -> Pipeline {
+    Pipeline {
+        chain: build_chain(cfg, parts),
+        channels: parts.channels.clone(),
+        picker: parts.picker.clone(),
+        max_body_bytes: cfg.server.max_body_bytes,
+        connections: cfg.server.connections,
+        pricing: cfg.pricing.expose.then(|| PricingPage::new(&parts.prices)),
+    }
+}
+
 pub fn price_table(cfg: &Config) -> PriceTable {
     let p = &cfg.pricing;
     PriceTable {
@@ -183,8 +221,13 @@ pub fn limits_config(cfg: &Config) -> LimitsConfig {
     }
 }
 
-/// Runs the gateway until SIGTERM (graceful) or SIGINT (immediate).
-pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Error>> {
+/// Runs the gateway until SIGTERM (graceful) or SIGINT (immediate). `path` is the YAML a
+/// reload (SIGHUP, `POST /admin/reload`) reads again.
+pub fn run(
+    cfg: Config,
+    path: &std::path::Path,
+    log: BatchWriter,
+) -> Result<(), Box<dyn std::error::Error>> {
     let pool = store::open_and_migrate(&cfg.database)?;
     let metrics = Arc::new(Metrics::with_labels(
         model_labels(&cfg),
@@ -217,22 +260,14 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
         ),
         None => Limits::new(limits_config(&cfg)),
     };
-    let channels = build_channels_with(
-        &cfg.channels,
-        cfg.routing.health(),
-        cfg.security.private_upstreams,
-    )?;
+    let (channels, picker) = channel_table(&cfg)?;
     refresh_dns(&channels);
     metrics.watch_channels(channels.clone());
     let parts = Parts {
         log,
         pool: pool.clone(),
         keys: Arc::new(KeyCache::new(cfg.auth.clone())),
-        picker: Arc::new(ChannelPicker::with_paths(
-            channels.clone(),
-            cfg.routing.max_attempts,
-            &cfg.routes,
-        )),
+        picker,
         channels: channels.clone(),
         prices: Arc::new(price_table(&cfg)),
         wallets,
@@ -241,10 +276,7 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
         summary: summary.clone(),
         limits: Arc::new(limits),
         scheduler: Scheduler::new(cfg.queue.clone(), channels.clone()),
-        cache: cfg.cache.responses.clone().map(|c| {
-            let wait = Duration::from_millis(cfg.queue.timeout_ms);
-            Arc::new(ResponseCache::new(c, wait))
-        }),
+        cache: response_cache(&cfg),
         shared,
     };
     for c in parts.scheduler.collectors() {
@@ -263,8 +295,15 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
     };
     let relay = Arc::new(Relay::new(cfg.server.upstream_keepalive_pool_size, limits));
     let in_flight = Arc::new(InFlight::default());
-    let chain = build_chain(&cfg, &parts);
-    tracing::info!(filters = ?chain.names(), channels = channels.len(), "filter chain built");
+    let first = pipeline(&cfg, &parts);
+    tracing::info!(filters = ?first.chain.names(), channels = channels.len(), "filter chain built");
+    let pipeline = Arc::new(ArcSwap::from_pointee(first));
+    let reloader = Arc::new(Reloader::new(
+        path.to_path_buf(),
+        cfg.clone(),
+        parts.clone(),
+        pipeline.clone(),
+    ));
 
     let conf = ServerConf {
         threads: cfg.server.threads,
@@ -278,14 +317,6 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let pipeline = Pipeline {
-        chain,
-        channels: channels.clone(),
-        picker: parts.picker.clone(),
-        max_body_bytes: cfg.server.max_body_bytes,
-        connections: cfg.server.connections,
-        pricing: cfg.pricing.expose.then(|| PricingPage::new(&parts.prices)),
-    };
     let mut http_options = HttpServerOptions::default();
     http_options.h2c = cfg.server.h2c;
     // An HTTP/2 connection with no stream open is closed like an idle kept-alive one.
@@ -293,7 +324,7 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
         cfg.server.connections.keepalive_timeout_s,
     ));
     let gateway = Gateway {
-        pipeline: ArcSwap::from_pointee(pipeline),
+        pipeline: pipeline.clone(),
         relay,
         metrics: metrics.clone(),
         in_flight: in_flight.clone(),
@@ -330,15 +361,14 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
         keys: parts.keys.clone(),
         wallets: parts.wallets.clone(),
         ledger: parts.ledger.clone(),
-        prices: parts.prices.clone(),
         in_flight: in_flight.clone(),
-        channels: channels.clone(),
         admission: Arc::new(crate::admission::AdmissionView {
-            scheduler: parts.scheduler.clone(),
+            reloader: reloader.clone(),
             limits: parts.limits.clone(),
             wallets: parts.wallets.clone(),
         }),
         shared: parts.shared.clone(),
+        reloader: reloader.clone(),
     };
     let mut admin = Service::new("tollgate-admin".to_string(), admin_app);
     match &cfg.server.admin_tls {
@@ -378,6 +408,10 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
             retention_days: cfg.accounting.retention_days,
         },
     );
+    server.add_service(background_service(
+        "tollgate-reload",
+        ReloadOnHangup { reloader },
+    ));
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(maintenance);

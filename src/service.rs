@@ -105,7 +105,8 @@ impl Drop for RequestCtx {
 
 /// The gateway service.
 pub struct Gateway {
-    pub pipeline: ArcSwap<Pipeline>,
+    /// Swapped by a reload ([`crate::reload`]); each request loads it once.
+    pub pipeline: Arc<ArcSwap<Pipeline>>,
     pub relay: Arc<Relay>,
     pub metrics: Arc<Metrics>,
     pub in_flight: Arc<InFlight>,

@@ -18,8 +18,8 @@ use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tollgate_filters::auth::KeyCache;
-use tollgate_filters::billing::{PriceTable, Wallets};
-use tollgate_filters::{error_json, Channels};
+use tollgate_filters::billing::Wallets;
+use tollgate_filters::error_json;
 
 mod body;
 
@@ -51,13 +51,13 @@ pub struct Admin {
     pub keys: Arc<KeyCache>,
     pub wallets: Arc<Wallets>,
     pub ledger: Arc<Ledger>,
-    pub prices: Arc<PriceTable>,
     pub in_flight: Arc<InFlight>,
-    pub channels: Channels,
     /// The queue, the limits and the reservations, for /readyz.
     pub admission: Arc<crate::admission::AdmissionView>,
     /// `redis:`: pushed changes, the node registry, and Redis's state for /readyz.
     pub shared: Option<crate::shared::SharedParts>,
+    /// The live config: prices, channels, and `POST /admin/reload`.
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 /// An admin failure: status, code, message.
@@ -198,7 +198,8 @@ impl Admin {
         let (count, covered_s) = self.summary.rate();
         let summary = self.summary.json();
         let channels: Vec<Value> = self
-            .channels
+            .reloader
+            .channels()
             .iter()
             .map(|c| {
                 json!({
@@ -381,6 +382,21 @@ impl Admin {
                 }
                 Ok((StatusCode::OK, json!({"invalidated": true})))
             }
+            ("POST", ["admin", "reload"]) => {
+                let r = self.reloader.clone();
+                match tokio::task::spawn_blocking(move || r.reload_json()).await {
+                    Ok(Ok(v)) => Ok((StatusCode::OK, v)),
+                    Ok(Err(errors)) => Ok((
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        json!({"error": {"message": "The new configuration is refused; nothing changed.", "type": "invalid_request_error", "code": "invalid_config", "errors": errors}}),
+                    )),
+                    Err(_) => Err(Fail(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal_error",
+                        "Internal error.".into(),
+                    )),
+                }
+            }
             ("GET", ["admin", "nodes"]) => {
                 let Some(sh) = &self.shared else {
                     // One node, no registry: this one.
@@ -501,7 +517,7 @@ impl Admin {
             }
             ("GET", ["admin", "status"]) => Ok((StatusCode::OK, self.status().await)),
             ("GET", ["admin", "pricing"]) => {
-                let page = crate::pricing_page::PricingPage::new(&self.prices);
+                let page = crate::pricing_page::PricingPage::new(&self.reloader.prices());
                 let group = query.get("group").map(String::as_str);
                 let body = page.page(group).ok_or_else(|| bad("unknown group"))?;
                 Ok((
@@ -547,7 +563,8 @@ impl ServeHttp for Admin {
                 return match self.ready().await {
                     Ok(()) => {
                         let channels: serde_json::Map<String, Value> = self
-                            .channels
+                            .reloader
+                            .channels()
                             .iter()
                             .map(|c| (c.name.clone(), json!({"in_use": c.in_use(), "available": c.health.is_available()})))
                             .collect();

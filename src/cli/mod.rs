@@ -213,7 +213,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Serve => {
             let cfg = load(&cli.config)?;
             let log = crate::observe::access_log::init(&cfg.server.log_level, &cfg.log);
-            crate::server::run(cfg, log)
+            crate::server::run(cfg, &cli.config, log)
         }
         Command::Accounts(cmd) => {
             let cfg = load(&cli.config)?;

@@ -248,7 +248,8 @@ pub struct Shared {
 
 /// The `limits` filter.
 pub struct Limits {
-    cfg: LimitsConfig,
+    /// Swapped whole by a reload ([`Limits::set_config`]); the counts carry over.
+    cfg: arc_swap::ArcSwap<LimitsConfig>,
     state: Arc<State>,
     /// Tokens counted for requests not yet done, over every scope (a leak check for /readyz).
     tokens_held: AtomicU64,
@@ -276,7 +277,7 @@ impl Report {
 impl Limits {
     pub fn new(cfg: LimitsConfig) -> Self {
         Limits {
-            cfg,
+            cfg: arc_swap::ArcSwap::from_pointee(cfg),
             state: Arc::new(State {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 epoch: Instant::now(),
@@ -292,6 +293,12 @@ impl Limits {
             shared: Some(shared),
             ..Limits::new(cfg)
         }
+    }
+
+    /// New limits from a reloaded config. What every scope has counted carries over, so a
+    /// reload neither refills nor empties a bucket.
+    pub fn set_config(&self, cfg: LimitsConfig) {
+        self.cfg.store(Arc::new(cfg));
     }
 
     /// The shared state, for the admission queue's shared concurrency places.
@@ -313,7 +320,8 @@ impl Limits {
     }
 
     fn key_limits(&self, key: &crate::auth::KeyRecord) -> LimitSet {
-        let group = self.cfg.groups.get(&key.group).copied().unwrap_or_default();
+        let cfg = self.cfg.load();
+        let group = cfg.groups.get(&key.group).copied().unwrap_or_default();
         LimitSet {
             rpm: key.rpm,
             tpm: key.tpm,
@@ -321,15 +329,15 @@ impl Limits {
             ..LimitSet::default()
         }
         .or(group)
-        .or(self.cfg.default)
+        .or(cfg.default)
     }
 
     fn account_limits(&self, key: &crate::auth::KeyRecord) -> LimitSet {
-        self.cfg
-            .accounts
+        let cfg = self.cfg.load();
+        cfg.accounts
             .get(&key.account)
             .copied()
-            .unwrap_or(self.cfg.account_default)
+            .unwrap_or(cfg.account_default)
     }
 
     fn refused(limit: Limit, wait: Duration) -> GatewayError {
@@ -643,7 +651,8 @@ impl Filter for Limits {
         };
         let model: Arc<str> = Arc::from(facts.model.as_str());
         let mut added = Vec::new();
-        if let Some(l) = self.cfg.models.get(&*model) {
+        let cfg = self.cfg.load();
+        if let Some(l) = cfg.models.get(&*model) {
             added.push(Held::new(Scope::Model(model.clone()), *l));
         }
         if let Some((_, l)) = key.model_limits.iter().find(|(m, _)| **m == *model) {
@@ -685,7 +694,7 @@ impl Filter for Limits {
             hold.scopes.extend(added);
         }
         // Embeddings and other non-generating routes count no output.
-        let cap = facts.output_cap().unwrap_or(self.cfg.default_max_output);
+        let cap = facts.output_cap().unwrap_or(cfg.default_max_output);
         // Saturating: a sum that wrapped would admit anything.
         let tokens = facts
             .prompt_tokens_estimate

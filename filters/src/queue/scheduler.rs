@@ -156,6 +156,18 @@ impl Scheduler {
         })
     }
 
+    /// A scheduler for a reloaded config that counts into `old`'s metric families (already
+    /// registered); `old`'s waiters finish on it.
+    pub fn succeed(old: &Scheduler, cfg: QueueConfig, channels: Channels) -> Arc<Scheduler> {
+        Arc::new(Scheduler {
+            cfg,
+            channels,
+            state: Mutex::default(),
+            waiting: AtomicUsize::new(0),
+            metrics: old.metrics.clone(),
+        })
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

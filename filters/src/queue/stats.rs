@@ -54,6 +54,7 @@ impl Drain {
 }
 
 /// The queue's metrics, resolved once.
+#[derive(Clone)]
 pub(super) struct QueueMetrics {
     pub(super) depth: IntGaugeVec,
     pub(super) depth_by_class: Vec<IntGauge>,
