@@ -163,7 +163,7 @@ impl Reloader {
             for c in p.cache.iter().flat_map(|c| c.collectors()) {
                 p.metrics.unregister(c);
             }
-            p.cache = server::response_cache(&new);
+            p.cache = server::response_cache(&new, p.shared.as_ref());
             for c in p.cache.iter().flat_map(|c| c.collectors()) {
                 p.metrics.register(c);
             }

@@ -9,9 +9,9 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use tollgate_filters::auth::{Auth, KeyCache};
+use tollgate_filters::auth::{Auth, KeyCache, KeyLookup};
 use tollgate_filters::billing::{Billing, ModelRate, PriceTable, UnpricedPolicy, Wallets};
-use tollgate_filters::cache::ResponseCache;
+use tollgate_filters::cache::{Backend as CacheBackend, ResponseCache};
 use tollgate_filters::channel::build_channels_with;
 use tollgate_filters::ip_guard::IpGuard;
 use tollgate_filters::limits::{Limits, LimitsConfig, Shared};
@@ -33,6 +33,7 @@ use crate::profiling::CpuMonitor;
 use crate::relay::{ClientLimits, Relay};
 use crate::reload::{ReloadOnHangup, Reloader};
 use crate::service::{Gateway, InFlight, Pipeline};
+use crate::shared::entries::RedisEntries;
 use crate::shared::{SharedParts, SharedService};
 use crate::store::{self, accounts::SqliteBalances, keys::SqliteKeys, Pool};
 use crate::tls;
@@ -91,13 +92,7 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
         // pre-auth guard: refuses an address after too many failed authentications
         Arc::new(IpGuard::new(cfg.limits.ip)),
         // key → account; status, expiry, IP allow-list; then the model allow-list
-        Arc::new(Auth::new(
-            Arc::new(SqliteKeys {
-                pool: parts.pool.clone(),
-                lookups: parts.metrics.key_store_lookups.clone(),
-            }),
-            parts.keys.clone(),
-        )),
+        Arc::new(Auth::new(key_lookup(parts), parts.keys.clone())),
         // key and account requests/min before the body; model scopes, tokens/min and media
         // units after it; on_done: gives back what the settlement says was not used
         parts.limits.clone(),
@@ -130,6 +125,22 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
     Chain::new(filters)
 }
 
+/// Where a key the node's own cache does not hold is looked up: the store, behind Redis's
+/// shared tier when `redis:` is configured.
+fn key_lookup(parts: &Parts) -> Arc<dyn KeyLookup> {
+    match &parts.shared {
+        Some(sh) => sh.keys.clone(),
+        None => store_keys(parts),
+    }
+}
+
+fn store_keys(parts: &Parts) -> Arc<dyn KeyLookup> {
+    Arc::new(SqliteKeys {
+        pool: parts.pool.clone(),
+        lookups: parts.metrics.key_store_lookups.clone(),
+    })
+}
+
 /// The channel table and the picker over it.
 pub fn channel_table(cfg: &Config) -> Result<(Channels, Arc<ChannelPicker>), String> {
     let channels = build_channels_with(
@@ -145,11 +156,22 @@ pub fn channel_table(cfg: &Config) -> Result<(Channels, Arc<ChannelPicker>), Str
     Ok((channels, picker))
 }
 
-/// The response cache of `cache.responses`, if configured.
-pub fn response_cache(cfg: &Config) -> Option<Arc<ResponseCache>> {
+/// The response cache of `cache.responses`, if configured; with `backend: redis` its
+/// shared tier is `redis:`'s.
+pub fn response_cache(cfg: &Config, shared: Option<&SharedParts>) -> Option<Arc<ResponseCache>> {
     cfg.cache.responses.clone().map(|c| {
         let wait = Duration::from_millis(cfg.queue.timeout_ms);
-        Arc::new(ResponseCache::new(c, wait))
+        let redis = (c.backend == CacheBackend::Redis)
+            .then_some(shared)
+            .flatten();
+        let cache = ResponseCache::new(c, wait);
+        Arc::new(match redis {
+            Some(sh) => {
+                let errors = cache.shared_error_counter();
+                cache.with_shared(RedisEntries::new(sh.redis.clone(), errors))
+            }
+            None => cache,
+        })
     })
 }
 
@@ -245,10 +267,14 @@ pub fn run(
         wallets.clone(),
         metrics.clone(),
     )?);
+    let store: Arc<dyn KeyLookup> = Arc::new(SqliteKeys {
+        pool: pool.clone(),
+        lookups: metrics.key_store_lookups.clone(),
+    });
     let shared = cfg
         .redis
         .as_ref()
-        .map(|r| SharedParts::new(r, &cfg.server.listen, &cfg.server.admin_listen))
+        .map(|r| SharedParts::new(&cfg, r, store))
         .transpose()?;
     let limits = match &shared {
         Some(sh) => Limits::with_shared(
@@ -276,7 +302,7 @@ pub fn run(
         summary: summary.clone(),
         limits: Arc::new(limits),
         scheduler: Scheduler::new(cfg.queue.clone(), channels.clone()),
-        cache: response_cache(&cfg),
+        cache: response_cache(&cfg, shared.as_ref()),
         shared,
     };
     for c in parts.scheduler.collectors() {
@@ -285,7 +311,7 @@ pub fn run(
     for c in parts.cache.iter().flat_map(|c| c.collectors()) {
         metrics.register(c);
     }
-    for c in parts.shared.iter().flat_map(|s| s.redis.collectors()) {
+    for c in parts.shared.iter().flat_map(|s| s.collectors()) {
         metrics.register(c);
     }
     let limits = ClientLimits {
@@ -391,6 +417,7 @@ pub fn run(
                 nodes: sh.nodes.clone(),
                 events: sh.events.clone(),
                 keys: parts.keys.clone(),
+                shared_keys: sh.keys.clone(),
                 wallets: parts.wallets.clone(),
                 in_flight: in_flight.clone(),
             },

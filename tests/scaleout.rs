@@ -21,28 +21,10 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// `n` nodes on one SQLite file and one Redis; `extra` is more YAML for every node.
+/// `n` nodes serving `m` from the mock, on one database and one Redis.
 fn fleet(mock: &MockServer, redis: &RedisServer, n: usize, extra: &str) -> Vec<Gateway> {
     let ch = channel("main", &mock.base_url(), PROVIDER_KEY, &["m"], 1);
-    let mut nodes: Vec<Gateway> = Vec::new();
-    for i in 0..n {
-        let redis_yaml = format!(
-            "redis: {{ url: \"{}\", timeout_ms: 50, namespace: \"t{}\", node_id: node{i} }}\n{extra}",
-            redis.url(),
-            redis.port
-        );
-        let gw = Gateway::configure(&ch, &redis_yaml);
-        if let Some(first) = nodes.first() {
-            // Every node on the first one's database.
-            let db = first.dir.path().join("tollgate.db");
-            let own = gw.dir.path().join("tollgate.db");
-            let yaml = std::fs::read_to_string(&gw.config).unwrap();
-            let yaml = yaml.replace(&own.display().to_string(), &db.display().to_string());
-            std::fs::write(&gw.config, yaml).unwrap();
-        }
-        nodes.push(gw.launch());
-    }
-    nodes
+    support::redis::fleet(&ch, redis, n, extra)
 }
 
 fn body(x_mock: Value) -> Value {

@@ -43,8 +43,9 @@ impl Default for AuthConfig {
     }
 }
 
-/// A key as the gateway needs it on the request path. Never holds the secret.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// A key as the gateway needs it on the request path. Never holds the secret. Serialised
+/// (JSON) for the shared key cache in Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct KeyRecord {
     pub id: i64,
     pub account_id: i64,

@@ -365,8 +365,7 @@ impl Admin {
         self.keys.invalidate_all();
         self.wallets.forget_key(key_id);
         if let Some(sh) = &self.shared {
-            sh.events
-                .publish(crate::shared::events::Change::Key(key_id))
+            sh.key_changed(crate::shared::events::Change::Key(key_id))
                 .await;
         }
     }
@@ -378,7 +377,7 @@ impl Admin {
             ("POST", ["admin", "cache", "keys", "invalidate"]) => {
                 self.keys.invalidate_all();
                 if let Some(sh) = &self.shared {
-                    sh.events.publish(crate::shared::events::Change::Keys).await;
+                    sh.key_changed(crate::shared::events::Change::Keys).await;
                 }
                 Ok((StatusCode::OK, json!({"invalidated": true})))
             }

@@ -270,7 +270,16 @@ mod tests {
                 "cache.responses.models[0]"
             ]
         );
-        assert!(e[0].message.contains("Redis backend"), "{}", e[0].message);
+        assert!(
+            e[0].message.contains("`redis:` section"),
+            "{}",
+            e[0].message
+        );
+        // With `redis:`, the Redis backend is accepted.
+        let ok = parse(&format!(
+            "{MIN}{ch}redis: {{ url: \"redis://127.0.0.1:6379/0\" }}\ncache:\n  responses: {{ backend: redis }}\n"
+        ));
+        assert!(ok.is_ok(), "{:?}", ok.err());
         let e = parse(&format!(
             "{MIN}{ch}cache:\n  responses: {{ backend: memory, bill: half }}\n"
         ))

@@ -310,10 +310,11 @@ impl Config {
         }
         if let Some(c) = &self.cache.responses {
             let p = |f: &str| format!("cache.responses.{f}");
-            if c.backend == super::CacheBackend::Redis {
+            if c.backend == super::CacheBackend::Redis && self.redis.is_none() {
                 err(
                     p("backend"),
-                    "`redis` needs the Redis backend of the response cache, which is not built yet; use `memory`".into(),
+                    "`redis` needs a `redis:` section (the Redis the nodes share); or use `memory`"
+                        .into(),
                 );
             }
             if c.ttl_s == 0 {

@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 use tollgate_filters::auth::KeyCache;
 use tollgate_filters::billing::Wallets;
 
+use super::keys::SharedKeys;
 use super::{Op, Redis};
 
 /// A change another node announced.
@@ -68,7 +69,12 @@ impl Events {
     }
 
     /// Subscribes and applies changes until the process ends; resubscribes after a failure.
-    pub async fn run(self: Arc<Self>, keys: Arc<KeyCache>, wallets: Arc<Wallets>) {
+    pub async fn run(
+        self: Arc<Self>,
+        keys: Arc<KeyCache>,
+        wallets: Arc<Wallets>,
+        shared_keys: Arc<SharedKeys>,
+    ) {
         let apply = |c: Change| match c {
             Change::Key(id) => {
                 keys.invalidate_all();
@@ -94,6 +100,7 @@ impl Events {
                 continue;
             }
             // Anything may have changed while this node was not listening.
+            shared_keys.refresh_generation().await;
             apply(Change::Keys);
             tracing::debug!(channel = %self.channel, "subscribed to pushed changes");
             let mut stream = pubsub.on_message();
@@ -101,6 +108,9 @@ impl Events {
                 let text: String = msg.get_payload().unwrap_or_default();
                 if let Some(change) = Change::decode(&text) {
                     tracing::debug!(?change, "pushed change");
+                    // The shared tier's new generation first, so the next miss does not
+                    // read an entry from before the change.
+                    shared_keys.refresh_generation().await;
                     apply(change);
                 }
             }

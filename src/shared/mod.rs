@@ -15,7 +15,9 @@
 //! connections are redis-rs connection managers: multiplexed, and reconnecting by
 //! themselves, so a Redis that comes back is used again without a restart.
 
+pub mod entries;
 pub mod events;
+pub mod keys;
 pub mod limits;
 pub mod nodes;
 mod service;
@@ -41,21 +43,43 @@ pub struct SharedParts {
     pub limits: Arc<limits::RedisLimits>,
     pub events: Arc<events::Events>,
     pub nodes: Arc<nodes::Nodes>,
+    /// The key cache's shared tier, in front of `store`.
+    pub keys: Arc<keys::SharedKeys>,
 }
 
 impl SharedParts {
+    /// `store`: where keys are looked up when Redis does not have them.
     pub fn new(
-        cfg: &RedisConfig,
-        listen: &str,
-        admin_listen: &str,
+        cfg: &crate::config::Config,
+        redis_cfg: &RedisConfig,
+        store: Arc<dyn tollgate_filters::auth::KeyLookup>,
     ) -> Result<SharedParts, RedisError> {
-        let redis = Redis::new(cfg)?;
+        let redis = Redis::new(redis_cfg)?;
         Ok(SharedParts {
             limits: limits::RedisLimits::new(redis.clone()),
             events: events::Events::new(redis.clone()),
-            nodes: Arc::new(nodes::Nodes::new(redis.clone(), listen, admin_listen)),
+            nodes: Arc::new(nodes::Nodes::new(
+                redis.clone(),
+                &cfg.server.listen,
+                &cfg.server.admin_listen,
+            )),
+            keys: keys::SharedKeys::new(redis.clone(), store, &cfg.auth),
             redis,
         })
+    }
+
+    /// Every metric family of `redis:`.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        let mut c = self.redis.collectors();
+        c.extend(self.keys.collectors());
+        c
+    }
+
+    /// A key changed here: every node's caches drop it (the shared tier by generation, each
+    /// node's own through pub/sub).
+    pub async fn key_changed(&self, change: events::Change) {
+        self.keys.bump_generation().await;
+        self.events.publish(change).await;
     }
 }
 
@@ -75,6 +99,10 @@ pub enum Op {
     Publish,
     Heartbeat,
     Nodes,
+    CacheGet,
+    CachePut,
+    KeyGet,
+    KeyPut,
 }
 
 impl Op {
@@ -88,6 +116,10 @@ impl Op {
             Op::Publish => "publish",
             Op::Heartbeat => "heartbeat",
             Op::Nodes => "nodes",
+            Op::CacheGet => "cache_get",
+            Op::CachePut => "cache_put",
+            Op::KeyGet => "key_get",
+            Op::KeyPut => "key_put",
         }
     }
 }

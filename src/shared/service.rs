@@ -27,6 +27,7 @@ pub struct SharedService {
     pub nodes: Arc<Nodes>,
     pub events: Arc<Events>,
     pub keys: Arc<KeyCache>,
+    pub shared_keys: Arc<super::keys::SharedKeys>,
     pub wallets: Arc<Wallets>,
     pub in_flight: Arc<InFlight>,
 }
@@ -36,11 +37,11 @@ impl BackgroundService for SharedService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         // The connections' tasks run on this runtime, which lasts as long as the server.
         self.redis.connect();
-        let listener = tokio::spawn(
-            self.events
-                .clone()
-                .run(self.keys.clone(), self.wallets.clone()),
-        );
+        let listener = tokio::spawn(self.events.clone().run(
+            self.keys.clone(),
+            self.wallets.clone(),
+            self.shared_keys.clone(),
+        ));
         let mut beat = tokio::time::interval(HEARTBEAT);
         let mut renew = tokio::time::interval(PLACE_TTL / 3);
         let mut sweep = tokio::time::interval(SWEEP);

@@ -4,7 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::free_port;
+use super::{free_port, Gateway};
 
 pub struct RedisServer {
     pub port: u16,
@@ -100,4 +100,27 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `n` gateways on the first one's SQLite file and on `redis` (namespace `t{port}`, node ids
+/// `node0`…), each with `channels_yaml` and `extra` YAML.
+pub fn fleet(channels_yaml: &str, redis: &RedisServer, n: usize, extra: &str) -> Vec<Gateway> {
+    let mut nodes: Vec<Gateway> = Vec::new();
+    for i in 0..n {
+        let redis_yaml = format!(
+            "redis: {{ url: \"{}\", timeout_ms: 50, namespace: \"t{}\", node_id: node{i} }}\n{extra}",
+            redis.url(),
+            redis.port
+        );
+        let gw = Gateway::configure(channels_yaml, &redis_yaml);
+        if let Some(first) = nodes.first() {
+            let db = first.dir.path().join("tollgate.db");
+            let own = gw.dir.path().join("tollgate.db");
+            let yaml = std::fs::read_to_string(&gw.config).unwrap();
+            let yaml = yaml.replace(&own.display().to_string(), &db.display().to_string());
+            std::fs::write(&gw.config, yaml).unwrap();
+        }
+        nodes.push(gw.launch());
+    }
+    nodes
 }

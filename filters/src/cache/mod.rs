@@ -12,7 +12,12 @@
 //!   usage, up to `max_entry_bytes`, from a client still there, is stored: JSON as its body,
 //!   a stream (ended by `[DONE]`) as its events.
 //! - **Store**: `moka`, weighted by entry bytes up to `max_bytes` (least recently used
-//!   evicted first), each entry with its own TTL.
+//!   evicted first), each entry with its own TTL. With `backend: redis` the same memory
+//!   store is this node's first tier, and a [`SharedEntries`] store (Redis) the second,
+//!   shared by every node: a local miss asks it (within `redis.timeout_ms`), a stored answer
+//!   is written to both. Redis entries are [`replay::encode`]d with a version byte, so a
+//!   node of another version never misreads one; when Redis cannot be reached, the node
+//!   goes on with its own tier and counts `tollgate_cache_errors_total`.
 
 mod replay;
 
@@ -35,6 +40,11 @@ use crate::{CacheHit, Ctx, Endpoint, Filter, GatewayError, RequestHead};
 
 pub use replay::{Form, Key, Stored};
 
+/// The shared tier's format version (part of its Redis keys).
+pub fn replay_format_version() -> u8 {
+    replay::FORMAT_VERSION
+}
+
 /// The client's switch: `on`, `off` or `refresh`.
 pub const CACHE_HEADER: &str = "x-tollgate-cache";
 /// The client's TTL for what its request stores, in seconds (at most `ttl_s`).
@@ -55,7 +65,7 @@ pub struct CacheConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     Memory,
-    /// Refused at validation until the Redis backend exists.
+    /// This node's memory, then Redis (`redis:` must be configured).
     Redis,
 }
 
@@ -168,6 +178,15 @@ impl moka::Expiry<Key, Arc<Entry>> for PerEntryTtl {
 
 type Flights = Arc<Mutex<HashMap<Key, watch::Receiver<Option<Arc<Entry>>>>>>;
 
+/// The shared tier (`backend: redis`). Redis in the server; a map in tests.
+#[async_trait]
+pub trait SharedEntries: Send + Sync {
+    /// The encoded entry under `key`; `Err` when the store cannot be reached.
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>, ()>;
+    /// Stores an encoded entry for `ttl` (in the background).
+    fn put(&self, key: &Key, value: Bytes, ttl: Duration);
+}
+
 /// The leader of a key's misses: what it stores is sent to the waiters; dropped without
 /// storing, the waiters go upstream themselves.
 struct Leader {
@@ -217,6 +236,8 @@ struct Recorder {
 }
 
 struct CacheMetrics {
+    /// The shared tier could not be reached (a lookup or a store).
+    errors: IntCounter,
     hit: IntCounter,
     miss: IntCounter,
     bypass: IntCounter,
@@ -235,6 +256,8 @@ pub struct ResponseCache {
     /// The longest a waiter waits for its leader: `queue.timeout_ms`.
     wait_limit: Duration,
     metrics: CacheMetrics,
+    /// The second tier, with `backend: redis`.
+    shared: Option<Arc<dyn SharedEntries>>,
 }
 
 impl ResponseCache {
@@ -270,6 +293,11 @@ impl ResponseCache {
         .expect("valid metric");
         let c = |r: &str| family.with_label_values(&[r]);
         let metrics = CacheMetrics {
+            errors: IntCounter::with_opts(opts(
+                "tollgate_cache_errors_total",
+                "Lookups and stores the cache's shared tier (Redis) did not answer",
+            ))
+            .expect("valid metric"),
             hit: c("hit"),
             miss: c("miss"),
             bypass: c("bypass"),
@@ -286,7 +314,14 @@ impl ResponseCache {
             flights: Arc::default(),
             wait_limit,
             metrics,
+            shared: None,
         }
+    }
+
+    /// With a shared second tier (`backend: redis`).
+    pub fn with_shared(mut self, shared: Arc<dyn SharedEntries>) -> Self {
+        self.shared = Some(shared);
+        self
     }
 
     pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
@@ -294,20 +329,53 @@ impl ResponseCache {
             Box::new(self.metrics.family.clone()),
             Box::new(self.metrics.bytes.clone()),
             Box::new(self.metrics.evictions.clone()),
+            Box::new(self.metrics.errors.clone()),
         ]
     }
 
-    fn lookup(&self, key: &Key) -> Option<Arc<Entry>> {
+    /// This node's tier, then the shared one; an entry found there is kept here too, for
+    /// what is left of its TTL.
+    async fn lookup(&self, key: &Key) -> Option<Arc<Entry>> {
         let e = self.store.get(key);
         self.metrics.bytes.set(self.store.weighted_size() as i64);
-        e
+        if e.is_some() {
+            return e;
+        }
+        let shared = self.shared.as_ref()?;
+        let raw = match shared.get(key).await {
+            Ok(raw) => raw?,
+            Err(()) => {
+                self.metrics.errors.inc();
+                return None;
+            }
+        };
+        let (stored, usage, age, ttl) = replay::decode(&raw)?;
+        let left = ttl.checked_sub(age).filter(|l| !l.is_zero())?;
+        let weight = (stored.bytes() + 128).min(u32::MAX as usize) as u32;
+        let entry = Arc::new(Entry {
+            stored,
+            usage,
+            at: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            ttl: left,
+            weight,
+        });
+        self.store.insert(*key, entry.clone());
+        Some(entry)
     }
 
     fn insert(&self, key: Key, e: Arc<Entry>) {
+        if let Some(shared) = &self.shared {
+            shared.put(&key, replay::encode(&e.stored, &e.usage, e.ttl), e.ttl);
+        }
         self.store.insert(key, e);
         self.store.run_pending_tasks();
         self.metrics.bytes.set(self.store.weighted_size() as i64);
         self.metrics.stored.inc();
+    }
+
+    /// Counts a store the shared tier did not take (called by its implementation).
+    pub fn shared_error_counter(&self) -> IntCounter {
+        self.metrics.errors.clone()
     }
 
     /// Answers the request from `e` if it can be shown in the form the client asked for.
@@ -462,7 +530,7 @@ impl Filter for ResponseCache {
         let ttl = ask.ttl.unwrap_or(Duration::from_secs(self.cfg.ttl_s));
         let mut leader = None;
         if ask.mode != Mode::Refresh {
-            if let Some(e) = self.lookup(&k) {
+            if let Some(e) = self.lookup(&k).await {
                 if self.hit(ctx, &e, form) {
                     self.metrics.hit.inc();
                     return Ok(());
@@ -486,7 +554,7 @@ impl Filter for ResponseCache {
             };
             // A leader that stored between the lookup and taking the lead: its answer.
             if leader.is_some() {
-                if let Some(e) = self.lookup(&k) {
+                if let Some(e) = self.store.get(&k) {
                     if self.hit(ctx, &e, form) {
                         self.metrics.hit.inc();
                         return Ok(());
@@ -617,9 +685,46 @@ mod tests {
             c.metrics.evictions.get()
         );
         c.insert([99; 32], entry(10, Duration::from_millis(30)));
-        assert!(c.lookup(&[99; 32]).is_some());
+        assert!(c.store.get(&[99; 32]).is_some());
         std::thread::sleep(Duration::from_millis(60));
-        assert!(c.lookup(&[99; 32]).is_none());
+        assert!(c.store.get(&[99; 32]).is_none());
+    }
+
+    /// A shared tier in a map; `down` makes every call fail.
+    #[derive(Default)]
+    struct MapTier {
+        entries: Mutex<HashMap<Key, Bytes>>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl SharedEntries for MapTier {
+        async fn get(&self, key: &Key) -> Result<Option<Bytes>, ()> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(());
+            }
+            Ok(self.entries.lock().unwrap().get(key).cloned())
+        }
+        fn put(&self, key: &Key, value: Bytes, _: Duration) {
+            if !self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                self.entries.lock().unwrap().insert(*key, value);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_node_finds_an_entry_in_the_shared_tier_and_a_failing_tier_is_a_miss() {
+        let tier = Arc::new(MapTier::default());
+        let a = cache(10_000).with_shared(tier.clone());
+        let b = cache(10_000).with_shared(tier.clone());
+        a.insert([7; 32], entry(100, Duration::from_secs(60)));
+        let got = b.lookup(&[7; 32]).await.expect("found in the shared tier");
+        assert!(got.ttl <= Duration::from_secs(60) && got.ttl > Duration::from_secs(50));
+        // Now in b's own tier too.
+        assert!(b.store.get(&[7; 32]).is_some());
+        tier.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(b.lookup(&[8; 32]).await.is_none());
+        assert_eq!(b.metrics.errors.get(), 1);
     }
 
     #[tokio::test]

@@ -379,6 +379,71 @@ fn sse_to_json(events: &[Bytes], chat: bool, usage: Value) -> Option<Value> {
     Some(Value::Object(out))
 }
 
+/// The shared tier's format version: the first byte of every encoded entry. A node that
+/// reads another version treats the entry as a miss.
+pub const FORMAT_VERSION: u8 = 1;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An entry for the shared tier: [`FORMAT_VERSION`], then one JSON object with when it was
+/// stored (`at_ms`, Unix ms), its `ttl_ms`, the `usage` the provider reported, and either
+/// the JSON answer's text (`json`) or the stream's event payloads (`events`, with the
+/// stream's usage object as `sse_usage`).
+pub fn encode(stored: &Stored, usage: &Usage, ttl: std::time::Duration) -> Bytes {
+    let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
+    let mut v = json!({
+        "at_ms": unix_ms(),
+        "ttl_ms": ttl.as_millis() as u64,
+        "usage": [usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens],
+    });
+    match stored {
+        Stored::Json(b) => v["json"] = Value::String(text(b)),
+        Stored::Sse { events, usage } => {
+            v["events"] = Value::Array(events.iter().map(|e| Value::String(text(e))).collect());
+            v["sse_usage"] = usage.clone().unwrap_or(Value::Null);
+        }
+    }
+    let mut out = vec![FORMAT_VERSION];
+    out.extend_from_slice(v.to_string().as_bytes());
+    Bytes::from(out)
+}
+
+/// Reads an [`encode`]d entry: the answer, its usage, its age and its TTL. `None` for
+/// another version or anything malformed.
+pub fn decode(raw: &[u8]) -> Option<(Stored, Usage, std::time::Duration, std::time::Duration)> {
+    let (&version, rest) = raw.split_first()?;
+    if version != FORMAT_VERSION {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(rest).ok()?;
+    let n = |i: usize| v["usage"].get(i).and_then(Value::as_u64);
+    let usage = Usage {
+        prompt_tokens: n(0)?,
+        completion_tokens: n(1)?,
+        cached_tokens: n(2)?,
+        estimated: false,
+    };
+    let stored = if let Some(j) = v["json"].as_str() {
+        Stored::Json(Bytes::from(j.to_string()))
+    } else {
+        let events = v["events"]
+            .as_array()?
+            .iter()
+            .map(|e| e.as_str().map(|s| Bytes::from(s.to_string())))
+            .collect::<Option<Vec<_>>>()?;
+        let usage = Some(v["sse_usage"].clone()).filter(|u| !u.is_null());
+        Stored::Sse { events, usage }
+    };
+    let at = v["at_ms"].as_u64()?;
+    let age = std::time::Duration::from_millis(unix_ms().saturating_sub(at));
+    let ttl = std::time::Duration::from_millis(v["ttl_ms"].as_u64()?);
+    Some((stored, usage, age, ttl))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,5 +598,38 @@ data: [DONE]\n\n";
         assert_eq!(v["choices"][0]["text"], "abc");
         assert_eq!(v["choices"][0]["finish_reason"], "length");
         assert_eq!(v["usage"]["completion_tokens"], 2, "from the settled usage");
+    }
+
+    #[test]
+    fn shared_entries_round_trip_and_other_versions_are_misses() {
+        let usage = Usage {
+            prompt_tokens: 7,
+            completion_tokens: 3,
+            cached_tokens: 2,
+            estimated: false,
+        };
+        let ttl = std::time::Duration::from_secs(60);
+        for stored in [
+            Stored::Json(Bytes::from_static(b"{\"id\":\"x\",\"choices\":[]}")),
+            Stored::Sse {
+                events: vec![
+                    Bytes::from_static(b"{\"a\":1}"),
+                    Bytes::from("{\"b\":\"\u{e9}\"}"),
+                ],
+                usage: Some(json!({"prompt_tokens": 7})),
+            },
+        ] {
+            let raw = encode(&stored, &usage, ttl);
+            assert_eq!(raw[0], FORMAT_VERSION);
+            let (back, u, age, t) = decode(&raw).unwrap();
+            assert_eq!(format!("{back:?}"), format!("{stored:?}"));
+            assert_eq!((u, t), (usage, ttl));
+            assert!(age < std::time::Duration::from_secs(5));
+            let mut other = raw.to_vec();
+            other[0] = FORMAT_VERSION + 1;
+            assert!(decode(&other).is_none());
+        }
+        assert!(decode(b"").is_none());
+        assert!(decode(b"\x01not json").is_none());
     }
 }
