@@ -100,6 +100,7 @@ impl Reloader {
             || s.0.threads != s.1.threads
             || s.0.admin_token != s.1.admin_token
             || s.0.h2c != s.1.h2c
+            || s.0.upgrade_sock != s.1.upgrade_sock
             || s.0.upstream_keepalive_pool_size != s.1.upstream_keepalive_pool_size
             || s.0.log_level != s.1.log_level
             || !same(&s.0.tls, &s.1.tls)

@@ -249,6 +249,7 @@ pub fn run(
     cfg: Config,
     path: &std::path::Path,
     log: BatchWriter,
+    upgrade: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let pool = store::open_and_migrate(&cfg.database)?;
     let metrics = Arc::new(Metrics::with_labels(
@@ -338,9 +339,15 @@ pub fn run(
         grace_period_seconds: Some(cfg.server.grace_period_s + SHUTDOWN_MARGIN_S),
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: cfg.server.upstream_keepalive_pool_size,
+        upgrade_sock: cfg.server.upgrade_sock.clone(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    // `--upgrade`: the listeners come from the running process over `upgrade_sock`.
+    let opt = upgrade.then(|| pingora::server::configuration::Opt {
+        upgrade: true,
+        ..Default::default()
+    });
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     let mut http_options = HttpServerOptions::default();

@@ -214,6 +214,7 @@ impl Admin {
             "version": env!("CARGO_PKG_VERSION"),
             "commit": env!("TOLLGATE_COMMIT"),
             "uptime_s": self.started.elapsed().as_secs(),
+            "pid": std::process::id(),
             "ready": self.ready().await.err().map_or(Value::String("ready".into()), Value::String),
             "window_s": self.summary.window().as_secs(),
             "requests_in_window": count,

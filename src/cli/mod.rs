@@ -31,7 +31,12 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the gateway.
-    Serve,
+    Serve {
+        /// Take the listening sockets of a running tollgate over `server.upgrade_sock`
+        /// (start this, then send SIGQUIT to the old process): a zero-downtime upgrade.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate the config and print every error.
     CheckConfig,
     /// Apply pending database migrations.
@@ -210,10 +215,10 @@ pub fn run(cli: Cli) -> CliResult {
             println!("applied {} migration(s): {:?}", applied.len(), applied);
             Ok(())
         }
-        Command::Serve => {
+        Command::Serve { upgrade } => {
             let cfg = load(&cli.config)?;
             let log = crate::observe::access_log::init(&cfg.server.log_level, &cfg.log);
-            crate::server::run(cfg, &cli.config, log)
+            crate::server::run(cfg, &cli.config, log, upgrade)
         }
         Command::Accounts(cmd) => {
             let cfg = load(&cli.config)?;

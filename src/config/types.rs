@@ -45,6 +45,10 @@ pub struct ServerConfig {
     /// Limits for HTTP/2 client connections.
     #[serde(default)]
     pub h2: H2Limits,
+    /// The Unix socket a new process (`tollgate serve --upgrade`) takes the listening
+    /// sockets from when this one gets SIGQUIT.
+    #[serde(default = "d_upgrade_sock")]
+    pub upgrade_sock: String,
 }
 
 fn d_threads() -> usize {
@@ -58,6 +62,9 @@ fn d_grace() -> u64 {
 }
 fn d_pool() -> usize {
     128
+}
+fn d_upgrade_sock() -> String {
+    "/tmp/tollgate_upgrade.sock".into()
 }
 fn d_client_write() -> u64 {
     30_000
