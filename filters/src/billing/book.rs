@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use super::lease::AccountLeases;
 use crate::GatewayError;
 
 /// Reads stored amounts for [`Wallets`]. SQLite in the server; a map in tests.
@@ -29,11 +30,16 @@ pub trait BalanceSource: Send + Sync {
 /// One holder's money as the gateway sees it.
 #[derive(Debug, Clone, Copy, Default)]
 struct Purse {
-    /// Account: stored balance. Key: stored spend.
+    /// Account: stored balance (in lease mode: this node's slice). Key: stored spend.
     stored: i64,
     /// Settled here, not yet committed by the ledger writer.
     unflushed: i64,
     reserved: i64,
+    /// Lease mode: charged here since `window_start` (the lease size), and the last
+    /// reservation (for returning an idle slice).
+    recent: i64,
+    window_start: Option<Instant>,
+    touched: Option<Instant>,
 }
 
 /// Whose stored amount a read is for.
@@ -109,6 +115,8 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Wallets {
     book: Mutex<Book>,
     source: Arc<dyn BalanceSource>,
+    /// Lease mode ([`super::lease`]): accounts are spent from this node's slice.
+    leases: Option<Arc<dyn AccountLeases>>,
     /// At most one re-read of the store per holder per this interval.
     reload_interval: Duration,
 }
@@ -126,8 +134,79 @@ impl Wallets {
         Wallets {
             book: Mutex::new(Book::default()),
             source,
+            leases: None,
             reload_interval,
         }
+    }
+
+    /// A book in lease mode: several nodes spend one balance through slices `leases` takes
+    /// from the store (keys' budgets are still read from `source`).
+    pub fn with_leases(source: Arc<dyn BalanceSource>, leases: Arc<dyn AccountLeases>) -> Self {
+        Wallets {
+            leases: Some(leases),
+            ..Self::new(source)
+        }
+    }
+
+    /// Lease mode: takes more of the account's balance when `amount` does not fit in this
+    /// node's slice. One take at a time per account; the others wait and use it.
+    async fn grow(
+        &self,
+        leases: &Arc<dyn AccountLeases>,
+        account_id: i64,
+        amount: i64,
+    ) -> Result<(), GatewayError> {
+        let gate = self.lock().gate(Holder::Account(account_id));
+        let _one = gate.lock().await;
+        let (short, want) = {
+            let mut b = self.lock();
+            let p = b.accounts.entry(account_id).or_default();
+            let short = amount - (p.stored - p.unflushed - p.reserved);
+            (short, super::lease::want(short, p.recent))
+        };
+        if short <= 0 {
+            return Ok(());
+        }
+        let got = leases.take(account_id, short, want).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot take a balance lease");
+            GatewayError::Internal
+        })?;
+        if got > 0 {
+            self.lock().accounts.entry(account_id).or_default().stored += got;
+        }
+        Ok(())
+    }
+
+    /// Lease mode: the slices of accounts idle here for `idle` (nothing reserved since),
+    /// taken out of the book, to be given back to the store. What a commit still has to
+    /// move stays.
+    pub fn take_idle_leases(&self, idle: Duration) -> Vec<(i64, i64)> {
+        if self.leases.is_none() {
+            return Vec::new();
+        }
+        let mut b = self.lock();
+        let now = Instant::now();
+        b.accounts
+            .iter_mut()
+            .filter(|(_, p)| p.reserved == 0 && p.touched.is_none_or(|t| now - t >= idle))
+            .filter_map(|(&id, p)| {
+                let spare = p.stored - p.unflushed;
+                (spare > 0).then(|| {
+                    p.stored -= spare;
+                    (id, spare)
+                })
+            })
+            .collect()
+    }
+
+    /// Lease mode: a slice that could not be given back is this node's again.
+    pub fn keep_lease(&self, account_id: i64, amount: i64) {
+        self.lock().accounts.entry(account_id).or_default().stored += amount;
+    }
+
+    /// Lease mode: the store calls for giving slices back.
+    pub fn leases(&self) -> Option<&Arc<dyn AccountLeases>> {
+        self.leases.as_ref()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
@@ -190,7 +269,11 @@ impl Wallets {
             }
             b.keys.get_mut(&k)?.reserved += amount;
         }
-        b.accounts.get_mut(&account_id)?.reserved += amount;
+        let acct = b.accounts.get_mut(&account_id)?;
+        acct.reserved += amount;
+        if self.leases.is_some() {
+            acct.touched = Some(Instant::now());
+        }
         Some(Reservation {
             account_id,
             key_id: key.map(|(k, _)| k),
@@ -211,7 +294,14 @@ impl Wallets {
             return Ok(r);
         }
         let key_id = key.map(|(k, _)| k);
-        let read_account = self.load(Holder::Account(account_id), false).await?;
+        let read_account = match &self.leases {
+            // A slice starts empty: never read as a balance.
+            Some(_) => {
+                self.lock().accounts.entry(account_id).or_default();
+                true
+            }
+            None => self.load(Holder::Account(account_id), false).await?,
+        };
         let read_key = match key_id {
             Some(k) => self.load(Holder::Key(k), false).await?,
             None => false,
@@ -220,8 +310,11 @@ impl Wallets {
             return Ok(r);
         }
         // Maybe a top-up landed in the store since the book last read it. What this call has
-        // just read is current; the rest is re-read at most once per interval.
-        if !read_account {
+        // just read is current; the rest is re-read at most once per interval. In lease
+        // mode: take more of the balance.
+        if let Some(leases) = &self.leases {
+            self.grow(leases, account_id, amount).await?;
+        } else if !read_account {
             self.load(Holder::Account(account_id), true).await?;
         }
         if let Some(k) = key_id.filter(|_| !read_key) {
@@ -259,6 +352,17 @@ impl Wallets {
             );
         }
         acct.unflushed += charged;
+        if self.leases.is_some() {
+            let now = Instant::now();
+            if acct
+                .window_start
+                .is_none_or(|t| now - t >= super::lease::LEASE_WINDOW)
+            {
+                acct.window_start = Some(now);
+                acct.recent = 0;
+            }
+            acct.recent += charged;
+        }
         if let Some(k) = r.key_id.and_then(|k| b.keys.get_mut(&k)) {
             k.reserved -= r.amount;
             k.unflushed += charged;
@@ -272,15 +376,20 @@ impl Wallets {
     pub fn committed(&self, c: &Committed) {
         let mut b = self.lock();
         b.generation += 1;
+        let leased = self.leases.is_some();
         for &(account, budget_key, charged) in &c.charges {
             if let Some(a) = b.accounts.get_mut(&account) {
                 a.unflushed -= charged;
+                if leased {
+                    // The commit moved this node's slice down by the charge.
+                    a.stored -= charged;
+                }
             }
             if let Some(k) = budget_key.and_then(|k| b.keys.get_mut(&k)) {
                 k.unflushed -= charged;
             }
         }
-        for &(account, balance) in &c.balances {
+        for &(account, balance) in c.balances.iter().filter(|_| !leased) {
             if let Some(a) = b.accounts.get_mut(&account) {
                 a.stored = balance;
             }

@@ -12,6 +12,7 @@
 //! refusing, at most once per account and per key budget per reload interval.
 
 mod book;
+pub mod lease;
 mod price;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::channel::Channels;
 use crate::{Ctx, Filter, GatewayError};
 
 pub use book::{BalanceSource, Committed, Reservation, Wallets, DEFAULT_RELOAD_INTERVAL};
+pub use lease::AccountLeases;
 pub use price::{usd_to_nano, ModelRate, PriceTable, UnpricedPolicy, Usage, NANO_PER_USD};
 
 /// One request's ledger row.
