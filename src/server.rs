@@ -32,7 +32,7 @@ use crate::pricing_page::PricingPage;
 use crate::profiling::CpuMonitor;
 use crate::relay::{ClientLimits, Relay};
 use crate::service::{Gateway, InFlight, Pipeline};
-use crate::store::{self, accounts::SqliteBalances, keys::SqliteKeys, Pool};
+use crate::store::{self, accounts::StoreBalances, keys::StoreKeys, Store};
 use crate::tls;
 
 /// Seconds Pingora waits beyond `server.grace_period_s` before it stops the runtimes.
@@ -40,7 +40,8 @@ const SHUTDOWN_MARGIN_S: u64 = 10;
 
 /// The shared pieces the filters are built from.
 pub struct Parts {
-    pub pool: Pool,
+    /// The store (SQLite or PostgreSQL).
+    pub pool: Store,
     /// Where log lines go (the access log writes its own).
     pub log: BatchWriter,
     pub keys: Arc<KeyCache>,
@@ -86,7 +87,7 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
         Arc::new(IpGuard::new(cfg.limits.ip)),
         // key → account; status, expiry, IP allow-list; then the model allow-list
         Arc::new(Auth::new(
-            Arc::new(SqliteKeys {
+            Arc::new(StoreKeys {
                 pool: parts.pool.clone(),
                 lookups: parts.metrics.key_store_lookups.clone(),
             }),
@@ -192,7 +193,7 @@ pub fn run(cfg: Config, log: BatchWriter) -> Result<(), Box<dyn std::error::Erro
         Duration::from_secs(cfg.metrics.summary_window_s),
         model_labels(&cfg),
     ));
-    let wallets = Arc::new(Wallets::new(Arc::new(SqliteBalances(pool.clone()))));
+    let wallets = Arc::new(Wallets::new(Arc::new(StoreBalances(pool.clone()))));
     let ledger = Arc::new(Ledger::start(
         &cfg.database,
         &cfg.accounting,
