@@ -500,6 +500,33 @@ mod tests {
         });
     }
 
+    /// Two gateways on one database (PostgreSQL's use; SQLite serialises them the same way)
+    /// writing the same request ids: each row lands once and moves its money once.
+    #[test]
+    fn two_writers_on_one_database_move_money_once() {
+        store::testing::each_db(|db| {
+            let (store, a, k) = setup(db);
+            let start = || {
+                Ledger::start_with(
+                    db,
+                    &AccountingConfig::default(),
+                    Arc::new(|_| {}),
+                    Arc::new(Metrics::new()),
+                )
+                .unwrap()
+            };
+            let (one, two) = (start(), start());
+            for i in 0..200 {
+                one.record(row(&format!("r{i}"), a, k, 10));
+                two.record(row(&format!("r{}", 199 - i), a, k, 10));
+            }
+            one.shutdown();
+            two.shutdown();
+            assert_eq!(rows_and_balance(&store, a), (200, 1_000_000 - 2000));
+            assert_eq!(store::accounts::key_spent_by_id(&store, k).unwrap(), 2000);
+        });
+    }
+
     #[test]
     fn the_balance_stops_at_zero() {
         store::testing::each_db(|db| {

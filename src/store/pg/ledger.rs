@@ -3,8 +3,9 @@
 //! request_id`, so that only the rows that took effect move money, in the same transaction
 //! as the balance and spend updates.
 //!
-//! Several gateways may share the database: each account and key is updated once per
-//! transaction, in id order, so two writers never wait on each other in a cycle.
+//! Several gateways may share the database: rows are inserted in request-id order and each
+//! account and key is updated once per transaction, in id order, so two writers never wait
+//! on each other in a cycle.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -55,10 +56,13 @@ pub fn commit(w: &mut Writer, batch: &[LedgerRow]) -> Result<Committed, StoreErr
     // The first row of each request id in the batch is written; a later one is a duplicate
     // and moves no money, as with SQLite's one-by-one `INSERT OR IGNORE`.
     let mut seen = HashSet::new();
-    let firsts: Vec<&LedgerRow> = batch
+    let mut firsts: Vec<&LedgerRow> = batch
         .iter()
         .filter(|r| seen.insert(r.request_id.as_str()))
         .collect();
+    // Inserted in request-id order: two nodes writing the same ids (a retried request
+    // answered by both) then wait on each other in one order and never deadlock.
+    firsts.sort_unstable_by(|a, b| a.request_id.cmp(&b.request_id));
     let mut took = HashSet::new();
     for chunk in firsts.chunks(ROWS_PER_INSERT) {
         let vals: Vec<Values> = chunk.iter().map(|r| values(r)).collect();
