@@ -28,8 +28,9 @@ pub type Pool = r2d2::Pool<SqliteConnectionManager>;
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// The client's errors name no URL and no password.
-    #[error("postgres: {0}")]
+    /// The client's errors name no URL and no password; their cause (the refused
+    /// connection, the server's message) is shown too.
+    #[error("postgres: {}", pg::explain(.0))]
     Postgres(#[from] postgres::Error),
     #[error("connection pool: {0}")]
     Pool(#[from] r2d2::Error),

@@ -127,6 +127,22 @@ pub fn redact(url: &str) -> String {
     out
 }
 
+/// An error with its causes (`error connecting to server: Connection refused …`): the
+/// client's own text stops at the first. None of them holds the URL.
+pub fn explain(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// The client config from a URL, with a connect timeout and an application name unless the
 /// URL sets them.
 pub fn client_config(url: &str, timeout: Duration) -> Result<postgres::Config, StoreError> {
@@ -147,6 +163,8 @@ fn timeout(cfg: &DatabaseConfig) -> Duration {
 /// Opens the pool on `url` (connecting `pool_size` connections now, so a wrong URL or an
 /// unreachable server fails the start).
 pub fn open(cfg: &DatabaseConfig, url: &str) -> Result<PgPool, StoreError> {
+    // One direct connection first: the pool's error would only say that it timed out.
+    connect(cfg, url)?;
     let manager = PostgresConnectionManager::new(client_config(url, timeout(cfg))?, NoTls);
     let pool = r2d2::Pool::builder()
         .max_size(cfg.pool_size)
