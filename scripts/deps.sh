@@ -25,6 +25,8 @@ tollgate_deps() {
         # `python3 -m venv` needs ensurepip, which Debian ships separately.
         python3 -c 'import ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)
         command -v redis-server >/dev/null || pkgs+=(redis-server)
+        # The store tests run on SQLite and on PostgreSQL (a server, not only psql).
+        compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || pkgs+=(postgresql)
     fi
     if [ ${#pkgs[@]} -gt 0 ]; then
         echo "installing: ${pkgs[*]}"
@@ -33,6 +35,7 @@ tollgate_deps() {
     fi
     tollgate_rust "$mode"
     if [ "$mode" = test ]; then
+        tollgate_pg || return 1
         # The official OpenAI SDK for the compatibility test, in a venv of its own.
         local venv=".venv-test"
         if ! "$venv/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$TOLLGATE_OPENAI_SDK')" >/dev/null 2>&1; then
@@ -45,6 +48,33 @@ tollgate_deps() {
         PYTHON="$PWD/$venv/bin/python"
         export PYTHON
     fi
+}
+
+# PostgreSQL for the tests: a server on 127.0.0.1:5432 that lets `postgres` in without a
+# password (as the dev machines' does), started when it is not answering. Tests create and
+# drop their own databases. `TOLLGATE_TEST_PG` (a URL without a database) points them at
+# another server instead.
+tollgate_pg() {
+    [ -n "${TOLLGATE_TEST_PG:-}" ] && return 0
+    local probe=(psql -h 127.0.0.1 -U postgres -d postgres -Atqc 'SELECT 1') sudo="" ver hba
+    "${probe[@]}" >/dev/null 2>&1 && return 0
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    ver=$(ls /usr/lib/postgresql | sort -V | tail -n1)
+    hba="/etc/postgresql/$ver/main/pg_hba.conf"
+    if [ -f "$hba" ] && ! $sudo grep -q '^host all postgres 127.0.0.1/32 trust' "$hba"; then
+        $sudo sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+    fi
+    if $sudo pg_ctlcluster "$ver" main status >/dev/null 2>&1; then
+        $sudo pg_ctlcluster "$ver" main reload
+    else
+        $sudo pg_ctlcluster "$ver" main start
+    fi
+    for _ in $(seq 1 30); do
+        "${probe[@]}" >/dev/null 2>&1 && return 0
+        sleep 1
+    done
+    echo "PostgreSQL does not answer on 127.0.0.1:5432 as user postgres" >&2
+    return 1
 }
 
 # A recent enough Rust (a distro's old cargo cannot build pingora), plus rustfmt and clippy

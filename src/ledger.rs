@@ -1,4 +1,5 @@
-//! The ledger writer: one thread, one SQLite connection, group commits.
+//! The ledger writer: one thread, one connection (SQLite, or PostgreSQL with
+//! `database.url`: see `store::pg::ledger`), group commits.
 //!
 //! Rows arrive over a channel from the request path (never blocking it, and never waking
 //! the writer: it sleeps through each window instead of waiting on the channel). The
@@ -16,7 +17,6 @@
 //! writer (a full disk, a locked database) so costs bounded memory, not an unbounded queue.
 //! Top-ups wait for the writer at most [`JOB_TIMEOUT`], and one that timed out never lands.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -24,16 +24,18 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use rusqlite::{params, Connection, TransactionBehavior};
 use tollgate_filters::billing::{Committed, LedgerRow, LedgerSink, Wallets};
 
 use crate::config::{AccountingConfig, DatabaseConfig};
 use crate::metrics::Metrics;
-use crate::store::{self, accounts, StoreError};
+use crate::store::{accounts, StoreError};
+
+mod conn;
+pub use conn::WriterConn;
 
 /// Work run on the writer thread right after the rows queued before it are committed, so
 /// every change to stored balances happens in one order.
-type Job = Box<dyn FnOnce(&mut Connection, &OnCommit) + Send>;
+type Job = Box<dyn FnOnce(&mut WriterConn, &OnCommit) + Send>;
 
 enum Msg {
     Row(Box<LedgerRow>),
@@ -84,7 +86,7 @@ impl Ledger {
         on_commit: OnCommit,
         metrics: Arc<Metrics>,
     ) -> Result<Ledger, StoreError> {
-        let conn = store::open_connection(db)?;
+        let conn = WriterConn::open(db)?;
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let nudge = Arc::new(AtomicBool::new(false));
@@ -128,7 +130,7 @@ impl Ledger {
     /// Runs `job` on the writer thread after the rows queued before it; waits for its answer.
     fn run<T: Send + 'static>(
         &self,
-        job: impl FnOnce(&mut Connection, &OnCommit) -> T + Send + 'static,
+        job: impl FnOnce(&mut WriterConn, &OnCommit) -> T + Send + 'static,
     ) -> Option<T> {
         let (tx, rx) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |conn, on_commit| {
@@ -145,7 +147,7 @@ impl Ledger {
     /// `Err(true)` on time-out, `Err(false)` when the writer has stopped.
     fn run_within<T: Send + 'static>(
         &self,
-        job: impl FnOnce(&mut Connection, &OnCommit) -> T + Send + 'static,
+        job: impl FnOnce(&mut WriterConn, &OnCommit) -> T + Send + 'static,
     ) -> Result<T, bool> {
         let (tx, rx) = mpsc::sync_channel(1);
         let state = Arc::new(AtomicU8::new(PENDING));
@@ -198,7 +200,7 @@ impl Ledger {
     pub fn topup(&self, account: &str, delta_nano: i64) -> Result<accounts::Account, StoreError> {
         let account = account.to_string();
         self.run_within(move |conn, on_commit| {
-            let a = accounts::topup_on(conn, &account, delta_nano)?;
+            let a = conn.topup(&account, delta_nano)?;
             on_commit(&Committed {
                 balances: vec![(a.id, a.balance_nano)],
                 ..Committed::default()
@@ -258,7 +260,7 @@ struct WriterConfig {
     nudge: Arc<AtomicBool>,
 }
 
-fn writer(mut conn: Connection, rx: Receiver<Msg>, cfg: WriterConfig, on_commit: OnCommit) {
+fn writer(mut conn: WriterConn, rx: Receiver<Msg>, cfg: WriterConfig, on_commit: OnCommit) {
     let WriterConfig {
         window,
         max_batch,
@@ -330,7 +332,7 @@ fn take(m: Msg, batch: &mut Vec<LedgerRow>, jobs: &mut Vec<Job>) {
 }
 
 fn commit_with_retry(
-    conn: &mut Connection,
+    conn: &mut WriterConn,
     batch: &mut Vec<LedgerRow>,
     on_commit: &OnCommit,
     metrics: &Metrics,
@@ -342,7 +344,7 @@ fn commit_with_retry(
     let mut delay = Duration::from_millis(10);
     loop {
         let started = Instant::now();
-        match commit(conn, batch) {
+        match conn.commit(batch) {
             Ok(committed) => {
                 metrics
                     .ledger_commit
@@ -364,74 +366,11 @@ fn commit_with_retry(
     }
 }
 
-/// One transaction: the rows, then one balance and one spend update per account and key,
-/// each reading back the stored value it leaves.
-fn commit(conn: &mut Connection, batch: &[LedgerRow]) -> Result<Committed, rusqlite::Error> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut out = Committed::default();
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO usage_ledger (request_id, ts, key_id, account_id, model, upstream_model, channel, status,
-               prompt_tokens, completion_tokens, cached_tokens, cost_nano, latency_ms, ttft_ms, stream, estimated, cache_hit)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-        )?;
-        let mut by_account: HashMap<i64, i64> = HashMap::new();
-        let mut by_key: HashMap<i64, i64> = HashMap::new();
-        for r in batch {
-            let n = insert.execute(params![
-                r.request_id,
-                r.ts_ms,
-                r.key_id,
-                r.account_id,
-                r.model,
-                r.upstream_model,
-                r.channel,
-                r.status,
-                r.usage.prompt_tokens as i64,
-                r.usage.completion_tokens as i64,
-                r.usage.cached_tokens as i64,
-                r.cost_nano,
-                r.latency_ms as i64,
-                r.ttft_ms.map(|t| t as i64),
-                r.stream,
-                r.usage.estimated,
-                r.cache_hit,
-            ])?;
-            if r.cost_nano == 0 {
-                continue;
-            }
-            // The book's unflushed charge is released either way; a duplicate request id
-            // moves no money.
-            out.charges.push((r.account_id, r.budget_key, r.cost_nano));
-            if n == 1 {
-                *by_account.entry(r.account_id).or_default() += r.cost_nano;
-                *by_key.entry(r.key_id).or_default() += r.cost_nano;
-            }
-        }
-        let now = store::now_ms();
-        let mut debit = tx.prepare_cached(
-            "UPDATE accounts SET balance_nano = MAX(balance_nano - ?1, 0), updated_at = ?2 WHERE id = ?3
-             RETURNING balance_nano",
-        )?;
-        for (account, charged) in by_account {
-            let balance: i64 = debit.query_row(params![charged, now, account], |r| r.get(0))?;
-            out.balances.push((account, balance));
-        }
-        let mut spend = tx.prepare_cached(
-            "UPDATE api_keys SET spent_nano = spent_nano + ?1 WHERE id = ?2 RETURNING spent_nano",
-        )?;
-        for (key, charged) in by_key {
-            let spent: i64 = spend.query_row(params![charged, key], |r| r.get(0))?;
-            out.spends.push((key, spent));
-        }
-    }
-    tx.commit()?;
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store;
+    use rusqlite::Connection;
     use tollgate_filters::billing::Usage;
 
     fn row(id: &str, account: i64, key: i64, cost: i64) -> LedgerRow {
@@ -459,139 +398,221 @@ mod tests {
         }
     }
 
-    fn setup() -> (tempfile::TempDir, store::Pool, DatabaseConfig, i64, i64) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = DatabaseConfig {
-            path: dir.path().join("l.db"),
-            ..Default::default()
-        };
-        let pool = store::open_and_migrate(&db).unwrap();
-        let a = store::accounts::create(&pool, "acme", "default", 1_000_000).unwrap();
+    /// A migrated store on `db` with an account holding 1,000,000 nano-USD and a key.
+    fn setup(db: &DatabaseConfig) -> (store::Store, i64, i64) {
+        let store = store::open_and_migrate(db).unwrap();
+        let a = store::accounts::create(&store, "acme", "default", 1_000_000).unwrap();
         let (k, _) = store::keys::create(
-            &pool,
+            &store,
             &store::keys::NewKey {
                 account: "acme".into(),
                 ..Default::default()
             },
         )
         .unwrap();
-        (dir, pool, db, a.id, k.id)
+        (store, a.id, k.id)
     }
 
     /// Ledger rows, and the account's stored balance.
-    fn rows_and_balance(pool: &crate::store::Pool, account: i64) -> (i64, i64) {
-        let c = pool.get().unwrap();
-        let n = c
-            .query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))
-            .unwrap();
-        let bal = c
-            .query_row(
-                "SELECT balance_nano FROM accounts WHERE id = ?1",
-                [account],
-                |r| r.get(0),
-            )
-            .unwrap();
-        (n, bal)
+    fn rows_and_balance(store: &store::Store, account: i64) -> (i64, i64) {
+        (
+            store::testing::scalar(store, "SELECT COUNT(*) FROM usage_ledger"),
+            store::accounts::balance_by_id(store, account).unwrap(),
+        )
+    }
+
+    /// Holds the ledger's table locked from another connection until dropped: every commit
+    /// fails (SQLite, as on a full disk) or waits (PostgreSQL, as on a stalled server).
+    enum Blocker {
+        Sqlite(Connection),
+        Postgres(postgres::Client),
+    }
+
+    impl Blocker {
+        fn lock(db: &DatabaseConfig) -> Blocker {
+            match db.postgres_url() {
+                None => {
+                    let c = store::open_connection(db).unwrap();
+                    c.execute_batch("BEGIN EXCLUSIVE").unwrap();
+                    Blocker::Sqlite(c)
+                }
+                Some(url) => {
+                    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+                    c.batch_execute("BEGIN; LOCK TABLE usage_ledger IN EXCLUSIVE MODE")
+                        .unwrap();
+                    Blocker::Postgres(c)
+                }
+            }
+        }
+
+        fn release(self) {
+            match self {
+                Blocker::Sqlite(c) => c.execute_batch("ROLLBACK").unwrap(),
+                Blocker::Postgres(mut c) => c.batch_execute("ROLLBACK").unwrap(),
+            }
+        }
     }
 
     #[test]
     fn rows_and_money_commit_together_and_duplicates_change_nothing() {
-        let (_d, pool, db, a, k) = setup();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s2 = seen.clone();
-        let ledger = Ledger::start_with(
-            &db,
-            &AccountingConfig::default(),
-            Arc::new(move |c: &Committed| s2.lock().unwrap().extend_from_slice(&c.charges)),
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
-        ledger.record(row("r1", a, k, 100));
-        ledger.record(row("r2", a, k, 50));
-        ledger.record(row("r1", a, k, 100));
-        ledger.flush();
-        ledger.record(row("r2", a, k, 50));
-        ledger.shutdown();
-        let (n, bal) = rows_and_balance(&pool, a);
-        let spent: i64 = pool
-            .get()
-            .unwrap()
-            .query_row("SELECT spent_nano FROM api_keys WHERE id = ?1", [k], |r| {
-                r.get(0)
-            })
+        store::testing::each_db(|db| {
+            let (store, a, k) = setup(db);
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let s2 = seen.clone();
+            let balances = Arc::new(Mutex::new(Vec::new()));
+            let b2 = balances.clone();
+            let ledger = Ledger::start_with(
+                db,
+                &AccountingConfig::default(),
+                Arc::new(move |c: &Committed| {
+                    s2.lock().unwrap().extend_from_slice(&c.charges);
+                    b2.lock().unwrap().extend_from_slice(&c.balances);
+                }),
+                Arc::new(Metrics::new()),
+            )
             .unwrap();
-        assert_eq!((n, bal, spent), (2, 1_000_000 - 150, 150));
-        // The book hears of every charge, duplicates included, so its unflushed amounts drain;
-        // only the two first writes moved money.
-        assert_eq!(seen.lock().unwrap().iter().map(|x| x.2).sum::<i64>(), 300);
+            ledger.record(row("r1", a, k, 100));
+            ledger.record(row("r2", a, k, 50));
+            ledger.record(row("r1", a, k, 100));
+            ledger.flush();
+            ledger.record(row("r2", a, k, 50));
+            ledger.record(row("r3", a, k, 0));
+            // A top-up runs in order with the commits, and the book hears the balance.
+            assert_eq!(
+                ledger.topup("acme", 7).unwrap().balance_nano,
+                1_000_000 - 150 + 7
+            );
+            assert!(matches!(
+                ledger.topup("nobody", 7),
+                Err(StoreError::NotFound(_))
+            ));
+            ledger.shutdown();
+            let (n, bal) = rows_and_balance(&store, a);
+            let spent = store::accounts::key_spent_by_id(&store, k).unwrap();
+            assert_eq!((n, bal, spent), (3, 1_000_000 - 150 + 7, 150));
+            // The book hears of every charge, duplicates included, so its unflushed amounts
+            // drain; only the two first writes moved money.
+            assert_eq!(seen.lock().unwrap().iter().map(|x| x.2).sum::<i64>(), 300);
+            assert_eq!(
+                balances.lock().unwrap().last(),
+                Some(&(a, 1_000_000 - 150 + 7))
+            );
+        });
+    }
+
+    /// Two gateways on one database (PostgreSQL's use; SQLite serialises them the same way)
+    /// writing the same request ids: each row lands once and moves its money once.
+    #[test]
+    fn two_writers_on_one_database_move_money_once() {
+        store::testing::each_db(|db| {
+            let (store, a, k) = setup(db);
+            let start = || {
+                Ledger::start_with(
+                    db,
+                    &AccountingConfig::default(),
+                    Arc::new(|_| {}),
+                    Arc::new(Metrics::new()),
+                )
+                .unwrap()
+            };
+            let (one, two) = (start(), start());
+            for i in 0..200 {
+                one.record(row(&format!("r{i}"), a, k, 10));
+                two.record(row(&format!("r{}", 199 - i), a, k, 10));
+            }
+            one.shutdown();
+            two.shutdown();
+            assert_eq!(rows_and_balance(&store, a), (200, 1_000_000 - 2000));
+            assert_eq!(store::accounts::key_spent_by_id(&store, k).unwrap(), 2000);
+        });
+    }
+
+    #[test]
+    fn the_balance_stops_at_zero() {
+        store::testing::each_db(|db| {
+            let (store, a, k) = setup(db);
+            let ledger = Ledger::start_with(
+                db,
+                &AccountingConfig::default(),
+                Arc::new(|_| {}),
+                Arc::new(Metrics::new()),
+            )
+            .unwrap();
+            ledger.record(row("big", a, k, 3_000_000));
+            ledger.shutdown();
+            assert_eq!(rows_and_balance(&store, a), (1, 0));
+            assert_eq!(
+                store::accounts::key_spent_by_id(&store, k).unwrap(),
+                3_000_000
+            );
+        });
     }
 
     #[test]
     fn a_stuck_writer_bounds_the_queue_refuses_new_work_and_loses_no_row() {
-        let (_d, pool, mut db, a, k) = setup();
-        db.busy_timeout_ms = 10;
-        let cfg = AccountingConfig {
-            flush_interval_ms: 1,
-            max_queue_rows: 10,
-            ..Default::default()
-        };
-        // Another connection holds the write lock: every commit fails, as on a full disk.
-        let blocker = store::open_connection(&db).unwrap();
-        blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
-        let metrics = Arc::new(Metrics::new());
-        let mut ledger = Ledger::start_with(&db, &cfg, Arc::new(|_| {}), metrics.clone()).unwrap();
-        ledger.job_timeout = Duration::from_millis(300);
-        assert!(ledger.has_room());
-        // Admitted requests finish: their rows are queued even past the bound.
-        for i in 0..15 {
-            ledger.record(row(&format!("r{i}"), a, k, 1));
-        }
-        assert!(!ledger.has_room(), "new requests are refused");
-        assert!(ledger.backlogged(), "/readyz fails");
-        assert_eq!(metrics.ledger_refused.get(), 1);
-        // A refused request's row (nothing served, no money) is not queued past the bound.
-        ledger.record(LedgerRow {
-            channel: None,
-            ..row("refused", a, k, 0)
+        store::testing::each_db(|db| {
+            let (store, a, k) = setup(db);
+            let mut db = db.clone();
+            db.busy_timeout_ms = 10;
+            let cfg = AccountingConfig {
+                flush_interval_ms: 1,
+                max_queue_rows: 10,
+                ..Default::default()
+            };
+            let blocker = Blocker::lock(&db);
+            let metrics = Arc::new(Metrics::new());
+            let mut ledger =
+                Ledger::start_with(&db, &cfg, Arc::new(|_| {}), metrics.clone()).unwrap();
+            ledger.job_timeout = Duration::from_millis(300);
+            assert!(ledger.has_room());
+            // Admitted requests finish: their rows are queued even past the bound.
+            for i in 0..15 {
+                ledger.record(row(&format!("r{i}"), a, k, 1));
+            }
+            assert!(!ledger.has_room(), "new requests are refused");
+            assert!(ledger.backlogged(), "/readyz fails");
+            assert_eq!(metrics.ledger_refused.get(), 1);
+            // A refused request's row (nothing served, no money) is not queued past the bound.
+            ledger.record(LedgerRow {
+                channel: None,
+                ..row("refused", a, k, 0)
+            });
+            assert_eq!(
+                (metrics.ledger_skipped.get(), ledger.queued_rows()),
+                (1, 15)
+            );
+            // A top-up answers with an error instead of waiting forever, and never lands later.
+            let asked = Instant::now();
+            assert!(ledger.topup("acme", 5).is_err());
+            assert!(asked.elapsed() < Duration::from_secs(3));
+            // The database is writable again: everything queued commits.
+            blocker.release();
+            ledger.flush();
+            assert!(ledger.has_room());
+            ledger.shutdown();
+            let (n, bal) = rows_and_balance(&store, a);
+            assert_eq!((n, bal), (15, 1_000_000 - 15));
         });
-        assert_eq!(
-            (metrics.ledger_skipped.get(), ledger.queued_rows()),
-            (1, 15)
-        );
-        // A top-up answers with an error instead of waiting forever, and never lands later.
-        let asked = Instant::now();
-        assert!(ledger.topup("acme", 5).is_err());
-        assert!(asked.elapsed() < Duration::from_secs(3));
-        // The database is writable again: everything queued commits.
-        blocker.execute_batch("ROLLBACK").unwrap();
-        ledger.flush();
-        assert!(ledger.has_room());
-        ledger.shutdown();
-        let (n, bal) = rows_and_balance(&pool, a);
-        assert_eq!((n, bal), (15, 1_000_000 - 15));
     }
 
     #[test]
     fn shutdown_commits_everything_queued() {
-        let (_d, pool, db, a, k) = setup();
-        let cfg = AccountingConfig {
-            flush_interval_ms: 60_000,
-            max_batch: 1_000_000,
-            ..Default::default()
-        };
-        let metrics = Arc::new(Metrics::new());
-        let ledger = Ledger::start_with(&db, &cfg, Arc::new(|_| {}), metrics.clone()).unwrap();
-        for i in 0..5000 {
-            ledger.record(row(&format!("r{i}"), a, k, 1));
-        }
-        ledger.shutdown();
-        let n: i64 = pool
-            .get()
-            .unwrap()
-            .query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, 5000);
-        assert_eq!(metrics.ledger_rows.get(), 5000);
-        assert_eq!(metrics.ledger_queue.get(), 0);
+        store::testing::each_db(|db| {
+            let (store, a, k) = setup(db);
+            let cfg = AccountingConfig {
+                flush_interval_ms: 60_000,
+                max_batch: 1_000_000,
+                ..Default::default()
+            };
+            let metrics = Arc::new(Metrics::new());
+            let ledger = Ledger::start_with(db, &cfg, Arc::new(|_| {}), metrics.clone()).unwrap();
+            for i in 0..5000 {
+                ledger.record(row(&format!("r{i}"), a, k, 1));
+            }
+            ledger.shutdown();
+            assert_eq!(rows_and_balance(&store, a), (5000, 1_000_000 - 5000));
+            assert_eq!(metrics.ledger_rows.get(), 5000);
+            assert_eq!(metrics.ledger_queue.get(), 0);
+        });
     }
 }

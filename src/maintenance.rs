@@ -18,7 +18,7 @@ use tollgate_filters::auth::KeyCache;
 
 use crate::ledger::Ledger;
 use crate::service::InFlight;
-use crate::store::{self, Pool};
+use crate::store::{self, Store};
 use tollgate_filters::Channels;
 
 const DNS_REFRESH: Duration = Duration::from_secs(30);
@@ -28,7 +28,7 @@ const RETENTION_BATCH: usize = 5000;
 
 pub struct Maintenance {
     pub channels: Channels,
-    pub pool: Pool,
+    pub pool: Store,
     pub keys: Arc<KeyCache>,
     pub in_flight: Arc<InFlight>,
     pub ledger: Arc<Ledger>,

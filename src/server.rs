@@ -35,7 +35,7 @@ use crate::reload::{ReloadOnHangup, Reloader};
 use crate::service::{Gateway, InFlight, Pipeline};
 use crate::shared::entries::RedisEntries;
 use crate::shared::{SharedParts, SharedService};
-use crate::store::{self, accounts::SqliteBalances, keys::SqliteKeys, Pool};
+use crate::store::{self, accounts::StoreBalances, keys::StoreKeys, Store};
 use crate::tls;
 
 /// Seconds Pingora waits beyond `server.grace_period_s` before it stops the runtimes.
@@ -45,7 +45,8 @@ const SHUTDOWN_MARGIN_S: u64 = 10;
 /// set from the old one, replacing what the new YAML changed.
 #[derive(Clone)]
 pub struct Parts {
-    pub pool: Pool,
+    /// The store (SQLite or PostgreSQL).
+    pub pool: Store,
     /// Where log lines go (the access log writes its own).
     pub log: BatchWriter,
     pub keys: Arc<KeyCache>,
@@ -135,7 +136,7 @@ fn key_lookup(parts: &Parts) -> Arc<dyn KeyLookup> {
 }
 
 fn store_keys(parts: &Parts) -> Arc<dyn KeyLookup> {
-    Arc::new(SqliteKeys {
+    Arc::new(StoreKeys {
         pool: parts.pool.clone(),
         lookups: parts.metrics.key_store_lookups.clone(),
     })
@@ -261,14 +262,14 @@ pub fn run(
         Duration::from_secs(cfg.metrics.summary_window_s),
         model_labels(&cfg),
     ));
-    let wallets = Arc::new(Wallets::new(Arc::new(SqliteBalances(pool.clone()))));
+    let wallets = Arc::new(Wallets::new(Arc::new(StoreBalances(pool.clone()))));
     let ledger = Arc::new(Ledger::start(
         &cfg.database,
         &cfg.accounting,
         wallets.clone(),
         metrics.clone(),
     )?);
-    let store: Arc<dyn KeyLookup> = Arc::new(SqliteKeys {
+    let store: Arc<dyn KeyLookup> = Arc::new(StoreKeys {
         pool: pool.clone(),
         lookups: metrics.key_store_lookups.clone(),
     });

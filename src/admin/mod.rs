@@ -34,7 +34,7 @@ use crate::observe::LatencySummary;
 use crate::profiling::{self, ProfileError};
 use crate::service::InFlight;
 use crate::store::usage::{self, GroupBy, UsageFilter};
-use crate::store::{accounts, keys, Pool, StoreError};
+use crate::store::{accounts, keys, Store, StoreError};
 
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
@@ -46,7 +46,7 @@ pub struct Admin {
     pub summary: Arc<LatencySummary>,
     /// Default sampling frequency of on-demand profiles (`profiling.frequency_hz`).
     pub profile_hz: u32,
-    pub pool: Pool,
+    pub pool: Store,
     pub metrics: Arc<Metrics>,
     pub keys: Arc<KeyCache>,
     pub wallets: Arc<Wallets>,
@@ -90,16 +90,11 @@ impl From<StoreError> for Fail {
 
 /// One query through the pool, run off the async workers: waiting for a connection from an
 /// exhausted pool (or a slow disk) must not stall the runtime serving other admin requests.
-async fn database_ready(pool: &Pool) -> Result<(), String> {
+async fn database_ready(pool: &Store) -> Result<(), String> {
     let pool = pool.clone();
-    tokio::task::spawn_blocking(move || {
-        let conn = pool.get().map_err(|e| format!("database: {e}"))?;
-        conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
-            .map_err(|e| format!("database: {e}"))?;
-        Ok(())
-    })
-    .await
-    .map_err(|e| format!("database: {e}"))?
+    tokio::task::spawn_blocking(move || pool.ping().map_err(|e| format!("database: {e}")))
+        .await
+        .map_err(|e| format!("database: {e}"))?
 }
 
 /// `localhost` or a loopback IP literal, with an optional port. A name that merely starts
@@ -346,7 +341,7 @@ impl Admin {
     /// Runs a blocking store call off the async workers.
     async fn store<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Pool) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, Fail> {
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || f(&pool))
@@ -616,13 +611,16 @@ mod tests {
         use std::sync::Arc;
         let dir = tempfile::tempdir().unwrap();
         let db = crate::config::DatabaseConfig {
-            path: dir.path().join("r.db"),
+            path: Some(dir.path().join("r.db")),
             pool_size: 1,
             busy_timeout_ms: 1000,
             ..Default::default()
         };
         let pool = crate::store::open_and_migrate(&db).unwrap();
-        let held = pool.get().unwrap();
+        let crate::store::Store::Sqlite(sqlite) = &pool else {
+            unreachable!("a path is SQLite")
+        };
+        let held = sqlite.get().unwrap();
         let ticks = Arc::new(AtomicU32::new(0));
         let t = ticks.clone();
         let ticker = tokio::spawn(async move {

@@ -10,10 +10,7 @@ pub(super) fn bench_ledger(cfg: &Config, rows: usize, n_accounts: usize) -> CliR
 
     let path =
         std::env::temp_dir().join(format!("tollgate-bench-ledger-{}.db", std::process::id()));
-    let db = crate::config::DatabaseConfig {
-        path: path.clone(),
-        ..cfg.database.clone()
-    };
+    let db = cfg.database.with_sqlite_path(path.clone());
     let pool = store::open_and_migrate(&db)?;
     let mut ids = Vec::with_capacity(n_accounts);
     for i in 0..n_accounts {
@@ -28,7 +25,7 @@ pub(super) fn bench_ledger(cfg: &Config, rows: usize, n_accounts: usize) -> CliR
         )?;
         ids.push((a.id, k.id));
     }
-    let wallets = Arc::new(Wallets::new(Arc::new(accounts::SqliteBalances(
+    let wallets = Arc::new(Wallets::new(Arc::new(accounts::StoreBalances(
         pool.clone(),
     ))));
     let metrics = Arc::new(crate::metrics::Metrics::new());
@@ -62,9 +59,9 @@ pub(super) fn bench_ledger(cfg: &Config, rows: usize, n_accounts: usize) -> CliR
     let queued = started.elapsed();
     ledger.shutdown();
     let took = started.elapsed();
-    let c = pool.get()?;
-    let n: i64 = c.query_row("SELECT COUNT(*) FROM usage_ledger", [], |r| r.get(0))?;
-    drop(c);
+    let n = store::usage::summary(&pool, &Default::default(), None)?
+        .0
+        .requests;
     drop(pool);
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));

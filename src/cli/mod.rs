@@ -12,7 +12,7 @@ use bench::bench_ledger;
 use status::{admin_request, render_status};
 
 use crate::config::{Config, LimitSet};
-use crate::store::{self, accounts, keys, money, usage, Pool};
+use crate::store::{self, accounts, keys, money, usage, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,8 +39,16 @@ pub enum Command {
     },
     /// Validate the config and print every error.
     CheckConfig,
-    /// Apply pending database migrations.
-    Migrate,
+    /// Apply pending database migrations to the configured store; or, with `--from` and
+    /// `--to`, copy an SQLite store into an empty PostgreSQL database.
+    Migrate {
+        /// The store to copy from: `sqlite:PATH`.
+        #[arg(long, requires = "to", value_name = "sqlite:PATH")]
+        from: Option<String>,
+        /// The PostgreSQL database to copy into (`postgres://…`), migrated and empty.
+        #[arg(long, requires = "from", value_name = "postgres://…")]
+        to: Option<String>,
+    },
     /// Manage accounts.
     #[command(subcommand)]
     Accounts(AccountsCmd),
@@ -170,7 +178,7 @@ fn load(path: &std::path::Path) -> Result<Config, Box<dyn std::error::Error>> {
     Ok(Config::load(path)?)
 }
 
-fn open(cfg: &Config) -> Result<Pool, Box<dyn std::error::Error>> {
+fn open(cfg: &Config) -> Result<Store, Box<dyn std::error::Error>> {
     Ok(store::open_and_migrate(&cfg.database)?)
 }
 
@@ -208,10 +216,13 @@ pub fn run(cli: Cli) -> CliResult {
             );
             Ok(())
         }
-        Command::Migrate => {
+        Command::Migrate {
+            from: Some(from),
+            to: Some(to),
+        } => copy_store(&cli.config, &from, &to),
+        Command::Migrate { .. } => {
             let cfg = load(&cli.config)?;
-            let pool = store::open(&cfg.database)?;
-            let applied = store::migrate(&mut *pool.get()?)?;
+            let applied = store::open(&cfg.database)?.migrate()?;
             println!("applied {} migration(s): {:?}", applied.len(), applied);
             Ok(())
         }
@@ -309,7 +320,33 @@ pub fn run(cli: Cli) -> CliResult {
     }
 }
 
-fn accounts_cmd(pool: &Pool, cmd: AccountsCmd) -> CliResult {
+/// `migrate --from sqlite:PATH --to postgres://…`. The config is optional here (its
+/// `database` timeouts are used when it loads); the URL is never printed with its password.
+fn copy_store(config: &std::path::Path, from: &str, to: &str) -> CliResult {
+    let Some(path) = from.strip_prefix("sqlite:") else {
+        return Err("--from must be sqlite:PATH".into());
+    };
+    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
+        return Err("--to must be a postgres:// or postgresql:// URL".into());
+    }
+    let db = if config.exists() {
+        load(config)?.database
+    } else {
+        crate::config::DatabaseConfig::default()
+    };
+    let c = store::pg::copy::sqlite_to_postgres(&db, std::path::Path::new(path), to)?;
+    println!(
+        "copied {} account(s), {} key(s), {} ledger row(s) ({} USD in balances) from {path} to {}",
+        c.accounts,
+        c.keys,
+        c.ledger_rows,
+        money::format_usd(c.balance_nano),
+        store::pg::redact(to)
+    );
+    Ok(())
+}
+
+fn accounts_cmd(pool: &Store, cmd: AccountsCmd) -> CliResult {
     match cmd {
         AccountsCmd::Create {
             name,
@@ -344,7 +381,7 @@ fn parse_expiry(s: &str) -> Result<i64, String> {
         .map_err(|e| format!("--expires `{s}`: {e} (expected RFC 3339, e.g. 2027-01-01T00:00:00Z)"))
 }
 
-fn keys_cmd(cfg: &Config, pool: &Pool, cmd: KeysCmd) -> CliResult {
+fn keys_cmd(cfg: &Config, pool: &Store, cmd: KeysCmd) -> CliResult {
     match cmd {
         KeysCmd::Create(k) => {
             let allow_ips = k

@@ -101,10 +101,17 @@ pub enum TempStore {
     Memory,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The durable store: an SQLite file (`path`, the default) or a PostgreSQL server (`url`),
+/// exactly one of the two. The PRAGMA fields apply to SQLite only; `pool_size` and
+/// `busy_timeout_ms` (the wait for a pooled connection) to both.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    pub path: PathBuf,
+    /// The SQLite file; `None` is [`DEFAULT_DB_PATH`] unless `url` is set.
+    pub path: Option<PathBuf>,
+    /// `postgres://user:password@host:port/db` (or `postgresql://`): PostgreSQL instead of
+    /// SQLite. Never printed whole: see [`crate::store::pg::redact`].
+    pub url: Option<String>,
     pub journal_mode: JournalMode,
     pub synchronous: Synchronous,
     pub cache_size_kib: i64,
@@ -114,10 +121,62 @@ pub struct DatabaseConfig {
     pub pool_size: u32,
 }
 
+/// Where the SQLite file is when `database` names neither a path nor a URL.
+pub const DEFAULT_DB_PATH: &str = "data/tollgate.db";
+
+impl DatabaseConfig {
+    /// The PostgreSQL URL when one is configured (then `path` is unused).
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.url.as_deref()
+    }
+
+    /// The SQLite file: `path`, or the default.
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DB_PATH))
+    }
+
+    /// A config for the SQLite file at `path`, the other fields as in `self`.
+    pub fn with_sqlite_path(&self, path: PathBuf) -> DatabaseConfig {
+        DatabaseConfig {
+            path: Some(path),
+            url: None,
+            ..self.clone()
+        }
+    }
+
+    /// Where the store is, fit for a log line (a URL's password is replaced).
+    pub fn describe(&self) -> String {
+        match self.postgres_url() {
+            Some(url) => crate::store::pg::redact(url),
+            None => self.sqlite_path().display().to_string(),
+        }
+    }
+}
+
+/// Written by hand so that a password in `url` never reaches a log through `{:?}`.
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("path", &self.path)
+            .field("url", &self.url.as_deref().map(crate::store::pg::redact))
+            .field("journal_mode", &self.journal_mode)
+            .field("synchronous", &self.synchronous)
+            .field("cache_size_kib", &self.cache_size_kib)
+            .field("mmap_size_bytes", &self.mmap_size_bytes)
+            .field("temp_store", &self.temp_store)
+            .field("busy_timeout_ms", &self.busy_timeout_ms)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
-            path: PathBuf::from("data/tollgate.db"),
+            path: None,
+            url: None,
             journal_mode: JournalMode::Wal,
             synchronous: Synchronous::Normal,
             cache_size_kib: 65536,

@@ -69,8 +69,28 @@ impl Config {
         if d.pool_size == 0 {
             err("database.pool_size".into(), "must be at least 1".into());
         }
-        if d.path.as_os_str().is_empty() {
+        if d.path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             err("database.path".into(), "must not be empty".into());
+        }
+        if let Some(url) = &d.url {
+            // The URL itself is not echoed: it may carry a password.
+            if d.path.is_some() {
+                err(
+                    "database.url".into(),
+                    "set either database.url (PostgreSQL) or database.path (SQLite), not both"
+                        .into(),
+                );
+            } else if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                err(
+                    "database.url".into(),
+                    "must start with postgres:// or postgresql://".into(),
+                );
+            } else if let Err(e) = url.parse::<postgres::Config>() {
+                err(
+                    "database.url".into(),
+                    format!("is not a valid PostgreSQL URL: {e}"),
+                );
+            }
         }
         if let Some(r) = &self.redis {
             if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
@@ -436,6 +456,47 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::super::tests::parse;
+
+    #[test]
+    fn database_is_a_path_or_a_url_never_both_and_the_url_is_never_echoed() {
+        let min = "server:\n  listen: 127.0.0.1:8080\n  admin_listen: 127.0.0.1:8081\n";
+        let cfg = parse(min).unwrap();
+        assert_eq!(
+            cfg.database.sqlite_path(),
+            std::path::Path::new("data/tollgate.db")
+        );
+        assert!(cfg.database.postgres_url().is_none());
+        for url in [
+            "postgres://u:hunter22@127.0.0.1/db",
+            "postgresql://127.0.0.1:5432/db",
+        ] {
+            let cfg = parse(&format!(
+                "{min}database: {{ url: \"{url}\", pool_size: 3 }}\n"
+            ))
+            .unwrap();
+            assert_eq!(
+                (cfg.database.postgres_url(), cfg.database.pool_size),
+                (Some(url), 3)
+            );
+            assert!(!format!("{:?}", cfg.database).contains("hunter22"));
+        }
+        for (db, want) in [
+            (
+                "{ url: \"postgres://u:hunter22@h/db\", path: x.db }",
+                "not both",
+            ),
+            ("{ url: \"mysql://u:hunter22@h/db\" }", "postgres://"),
+            (
+                "{ url: \"postgres://u:hunter22@h:port/db\" }",
+                "not a valid",
+            ),
+        ] {
+            let e = parse(&format!("{min}database: {db}\n")).unwrap_err();
+            assert_eq!(e[0].path, "database.url", "{db}");
+            assert!(e[0].message.contains(want), "{}", e[0].message);
+            assert!(!e[0].message.contains("hunter22"), "{}", e[0].message);
+        }
+    }
 
     #[test]
     fn every_semantic_error_is_reported_with_its_path() {

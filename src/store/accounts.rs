@@ -3,7 +3,7 @@
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
-use super::{money, now_ms, Pool, StoreError};
+use super::{money, now_ms, pg, Pool, Store, StoreError};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Account {
@@ -30,10 +30,10 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
     })
 }
 
-const COLS: &str = "id, name, grp, balance_nano, created_at";
+pub(super) const COLS: &str = "id, name, grp, balance_nano, created_at";
 
 pub fn create(
-    pool: &Pool,
+    store: &Store,
     name: &str,
     group: &str,
     balance_nano: i64,
@@ -44,6 +44,18 @@ pub fn create(
     if balance_nano < 0 {
         return Err(StoreError::Invalid("balance must not be negative".into()));
     }
+    match store {
+        Store::Sqlite(pool) => create_sqlite(pool, name, group, balance_nano),
+        Store::Postgres(pool) => pg::accounts::create(pool, name, group, balance_nano),
+    }
+}
+
+fn create_sqlite(
+    pool: &Pool,
+    name: &str,
+    group: &str,
+    balance_nano: i64,
+) -> Result<Account, StoreError> {
     let c = pool.get()?;
     let now = now_ms();
     let res = c.execute(
@@ -69,7 +81,11 @@ pub fn create(
     })
 }
 
-pub fn get(pool: &Pool, name: &str) -> Result<Account, StoreError> {
+pub fn get(store: &Store, name: &str) -> Result<Account, StoreError> {
+    let pool = match store {
+        Store::Sqlite(pool) => pool,
+        Store::Postgres(pool) => return pg::accounts::get(pool, name),
+    };
     pool.get()?
         .query_row(
             &format!("SELECT {COLS} FROM accounts WHERE name = ?1"),
@@ -80,7 +96,11 @@ pub fn get(pool: &Pool, name: &str) -> Result<Account, StoreError> {
         .ok_or_else(|| StoreError::NotFound(format!("no account named `{name}`")))
 }
 
-pub fn list(pool: &Pool) -> Result<Vec<Account>, StoreError> {
+pub fn list(store: &Store) -> Result<Vec<Account>, StoreError> {
+    let pool = match store {
+        Store::Sqlite(pool) => pool,
+        Store::Postgres(pool) => return pg::accounts::list(pool),
+    };
     let c = pool.get()?;
     let mut st = c.prepare(&format!("SELECT {COLS} FROM accounts ORDER BY name"))?;
     let rows = st.query_map([], row)?.collect::<Result<Vec<_>, _>>()?;
@@ -88,9 +108,11 @@ pub fn list(pool: &Pool) -> Result<Vec<Account>, StoreError> {
 }
 
 /// Adds `delta_nano` (positive) to the balance; returns the account as the update left it.
-pub fn topup(pool: &Pool, name: &str, delta_nano: i64) -> Result<Account, StoreError> {
-    let c = pool.get()?;
-    topup_on(&c, name, delta_nano)
+pub fn topup(store: &Store, name: &str, delta_nano: i64) -> Result<Account, StoreError> {
+    match store {
+        Store::Sqlite(pool) => topup_on(&*pool.get()?, name, delta_nano),
+        Store::Postgres(pool) => pg::accounts::topup_on(&mut *pool.get()?, name, delta_nano),
+    }
 }
 
 /// [`topup`] on a given connection (the ledger writer's, inside a running gateway).
@@ -111,36 +133,59 @@ pub fn topup_on(
     .ok_or_else(|| StoreError::NotFound(format!("no account named `{name}`")))
 }
 
-/// The [`tollgate_filters::billing::BalanceSource`] port over SQLite.
-pub struct SqliteBalances(pub Pool);
+/// An account's stored balance by id.
+pub fn balance_by_id(store: &Store, id: i64) -> Result<i64, StoreError> {
+    match store {
+        Store::Sqlite(pool) => Ok(pool.get()?.query_row(
+            "SELECT balance_nano FROM accounts WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )?),
+        Store::Postgres(pool) => {
+            pg::accounts::scalar_by_id(pool, "SELECT balance_nano FROM accounts WHERE id = $1", id)
+        }
+    }
+}
 
-impl SqliteBalances {
-    /// One integer column by id, on the blocking pool.
-    async fn read(&self, sql: &'static str, id: i64) -> Result<i64, String> {
-        let pool = self.0.clone();
-        tokio::task::spawn_blocking(move || -> Result<i64, String> {
-            let c = pool.get().map_err(|e| e.to_string())?;
-            c.query_row(sql, [id], |r| r.get(0))
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?
+/// A key's stored spend by id.
+pub fn key_spent_by_id(store: &Store, id: i64) -> Result<i64, StoreError> {
+    match store {
+        Store::Sqlite(pool) => Ok(pool.get()?.query_row(
+            "SELECT spent_nano FROM api_keys WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )?),
+        Store::Postgres(pool) => {
+            pg::accounts::scalar_by_id(pool, "SELECT spent_nano FROM api_keys WHERE id = $1", id)
+        }
+    }
+}
+
+/// The [`tollgate_filters::billing::BalanceSource`] port over the store.
+pub struct StoreBalances(pub Store);
+
+impl StoreBalances {
+    /// One integer by id, on the blocking pool.
+    async fn read(
+        &self,
+        f: fn(&Store, i64) -> Result<i64, StoreError>,
+        id: i64,
+    ) -> Result<i64, String> {
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || f(&store, id).map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| e.to_string())?
     }
 }
 
 #[async_trait::async_trait]
-impl tollgate_filters::billing::BalanceSource for SqliteBalances {
+impl tollgate_filters::billing::BalanceSource for StoreBalances {
     async fn account_balance(&self, account_id: i64) -> Result<i64, String> {
-        self.read(
-            "SELECT balance_nano FROM accounts WHERE id = ?1",
-            account_id,
-        )
-        .await
+        self.read(balance_by_id, account_id).await
     }
 
     async fn key_spent(&self, key_id: i64) -> Result<i64, String> {
-        self.read("SELECT spent_nano FROM api_keys WHERE id = ?1", key_id)
-            .await
+        self.read(key_spent_by_id, key_id).await
     }
 }
 
@@ -150,16 +195,24 @@ mod tests {
 
     #[test]
     fn create_get_list_and_topup() {
-        let (_d, pool) = crate::store::test_pool();
-        create(&pool, "acme", "default", 5).unwrap();
-        assert!(matches!(
-            create(&pool, "acme", "default", 0),
-            Err(StoreError::Conflict(_))
-        ));
-        let a = topup(&pool, "acme", 10).unwrap();
-        assert_eq!(a.balance_nano, 15);
-        assert_eq!(list(&pool).unwrap().len(), 1);
-        assert!(matches!(get(&pool, "nope"), Err(StoreError::NotFound(_))));
-        assert!(topup(&pool, "acme", -1).is_err());
+        crate::store::testing::each_store(|store| {
+            let a = create(store, "acme", "default", 5).unwrap();
+            assert!(matches!(
+                create(store, "acme", "default", 0),
+                Err(StoreError::Conflict(_))
+            ));
+            let t = topup(store, "acme", 10).unwrap();
+            assert_eq!((t.id, t.balance_nano), (a.id, 15));
+            assert_eq!(get(store, "acme").unwrap(), t);
+            assert_eq!(list(store).unwrap(), [t]);
+            assert_eq!(balance_by_id(store, a.id).unwrap(), 15);
+            assert!(matches!(get(store, "nope"), Err(StoreError::NotFound(_))));
+            assert!(matches!(
+                topup(store, "nope", 1),
+                Err(StoreError::NotFound(_))
+            ));
+            assert!(topup(store, "acme", -1).is_err());
+            assert!(create(store, "neg", "default", -1).is_err());
+        });
     }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tollgate_filters::auth::{hash_secret, KeyHash, KeyRecord};
 use tollgate_filters::limits::LimitSet;
 
-use super::{now_ms, Pool, StoreError};
+use super::{now_ms, pg, Pool, Store, StoreError};
 
 /// What `keys create` accepts (the CLI flags and the admin API fields).
 #[derive(Debug, Clone, Default)]
@@ -70,7 +70,26 @@ fn model_limits_json(m: &BTreeMap<String, LimitSet>) -> String {
     serde_json::to_string(m).unwrap_or_else(|_| "{}".into())
 }
 
-pub fn create(pool: &Pool, new: &NewKey) -> Result<(KeyInfo, String), StoreError> {
+/// A new key's columns as stored, the same on both backends.
+pub(super) struct KeyRow<'a> {
+    pub account: &'a str,
+    pub name: &'a str,
+    pub prefix: String,
+    pub hash: KeyHash,
+    pub expires_at: Option<i64>,
+    pub budget_nano: Option<i64>,
+    pub models: String,
+    pub allow_ips: String,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub concurrency: Option<i64>,
+    pub created_at: i64,
+    pub priority: Option<i64>,
+    pub max_priority: Option<i64>,
+    pub model_limits: String,
+}
+
+pub fn create(store: &Store, new: &NewKey) -> Result<(KeyInfo, String), StoreError> {
     if new.budget_nano.is_some_and(|b| b < 0) {
         return Err(StoreError::Invalid("budget must not be negative".into()));
     }
@@ -80,36 +99,59 @@ pub fn create(pool: &Pool, new: &NewKey) -> Result<(KeyInfo, String), StoreError
         "{SECRET_PREFIX}{}",
         Alphanumeric.sample_string(&mut rand::rng(), 40)
     );
-    let prefix = secret[..PREFIX_LEN].to_string();
-    let hash = hash_secret(&secret);
+    let ips: Vec<String> = new.allow_ips.iter().map(|n| n.to_string()).collect();
+    let row = KeyRow {
+        account: &new.account,
+        name: &new.name,
+        prefix: secret[..PREFIX_LEN].to_string(),
+        hash: hash_secret(&secret),
+        expires_at: new.expires_at,
+        budget_nano: new.budget_nano,
+        models: serde_json::to_string(&new.models).unwrap_or_else(|_| "[]".into()),
+        allow_ips: serde_json::to_string(&ips).unwrap_or_else(|_| "[]".into()),
+        rpm: new.rpm.map(i64::from),
+        tpm: new.tpm.map(i64::from),
+        concurrency: new.concurrency.map(i64::from),
+        created_at: now_ms(),
+        priority: new.priority.map(i64::from),
+        max_priority: new.max_priority.map(i64::from),
+        model_limits: model_limits_json(&new.model_limits),
+    };
+    let id = match store {
+        Store::Sqlite(pool) => insert_sqlite(pool, &row)?,
+        Store::Postgres(pool) => pg::keys::insert(pool, &row)?,
+    };
+    let info = get(store, id)?;
+    Ok((info, secret))
+}
+
+fn no_account(name: &str) -> StoreError {
+    StoreError::NotFound(format!("no account named `{name}`"))
+}
+
+fn insert_sqlite(pool: &Pool, k: &KeyRow<'_>) -> Result<i64, StoreError> {
     let c = pool.get()?;
     let account_id: i64 = c
         .query_row(
             "SELECT id FROM accounts WHERE name = ?1",
-            [&new.account],
+            [k.account],
             |r| r.get(0),
         )
         .optional()?
-        .ok_or_else(|| StoreError::NotFound(format!("no account named `{}`", new.account)))?;
-    let models = serde_json::to_string(&new.models).unwrap_or_else(|_| "[]".into());
-    let ips: Vec<String> = new.allow_ips.iter().map(|n| n.to_string()).collect();
-    let ips = serde_json::to_string(&ips).unwrap_or_else(|_| "[]".into());
+        .ok_or_else(|| no_account(k.account))?;
     c.execute(
         "INSERT INTO api_keys(account_id, name, prefix, hash, expires_at, budget_nano, models, allow_ips, rpm, tpm, concurrency, created_at, priority, max_priority, model_limits)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
-            account_id, new.name, prefix, &hash[..], new.expires_at, new.budget_nano, models, ips,
-            new.rpm, new.tpm, new.concurrency, now_ms(), new.priority, new.max_priority,
-            model_limits_json(&new.model_limits)
+            account_id, k.name, k.prefix, &k.hash[..], k.expires_at, k.budget_nano, k.models,
+            k.allow_ips, k.rpm, k.tpm, k.concurrency, k.created_at, k.priority, k.max_priority,
+            k.model_limits
         ],
     )?;
-    let id = c.last_insert_rowid();
-    drop(c);
-    let info = get(pool, id)?;
-    Ok((info, secret))
+    Ok(c.last_insert_rowid())
 }
 
-const INFO_COLS: &str =
+pub(super) const INFO_COLS: &str =
     "k.id, a.name, k.name, k.prefix, k.revoked_at IS NOT NULL, k.expires_at, k.budget_nano, \
      k.spent_nano, k.models, k.allow_ips, k.rpm, k.tpm, k.concurrency, k.created_at, \
      k.priority, k.max_priority, k.model_limits";
@@ -149,7 +191,11 @@ fn info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
     })
 }
 
-pub fn get(pool: &Pool, id: i64) -> Result<KeyInfo, StoreError> {
+pub fn get(store: &Store, id: i64) -> Result<KeyInfo, StoreError> {
+    let pool = match store {
+        Store::Sqlite(pool) => pool,
+        Store::Postgres(pool) => return pg::keys::get(pool, id),
+    };
     pool.get()?
         .query_row(
             &format!("SELECT {INFO_COLS} FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = ?1"),
@@ -160,7 +206,11 @@ pub fn get(pool: &Pool, id: i64) -> Result<KeyInfo, StoreError> {
         .ok_or_else(|| StoreError::NotFound(format!("no key with id {id}")))
 }
 
-pub fn list(pool: &Pool, account: Option<&str>) -> Result<Vec<KeyInfo>, StoreError> {
+pub fn list(store: &Store, account: Option<&str>) -> Result<Vec<KeyInfo>, StoreError> {
+    let pool = match store {
+        Store::Sqlite(pool) => pool,
+        Store::Postgres(pool) => return pg::keys::list(pool, account),
+    };
     let c = pool.get()?;
     let mut st = c.prepare(&format!(
         "SELECT {INFO_COLS} FROM api_keys k JOIN accounts a ON a.id = k.account_id
@@ -173,7 +223,20 @@ pub fn list(pool: &Pool, account: Option<&str>) -> Result<Vec<KeyInfo>, StoreErr
 }
 
 /// Revokes a key by id or by its display prefix. Idempotent.
-pub fn revoke(pool: &Pool, id_or_prefix: &str) -> Result<KeyInfo, StoreError> {
+pub fn revoke(store: &Store, id_or_prefix: &str) -> Result<KeyInfo, StoreError> {
+    let (id, n) = match store {
+        Store::Sqlite(pool) => revoke_sqlite(pool, id_or_prefix)?,
+        Store::Postgres(pool) => pg::keys::revoke(pool, id_or_prefix)?,
+    };
+    let info = get(store, id)?;
+    if n == 0 && !info.revoked {
+        return Err(StoreError::NotFound(format!("no key `{id_or_prefix}`")));
+    }
+    Ok(info)
+}
+
+/// The key's id, and how many rows the revoke changed.
+fn revoke_sqlite(pool: &Pool, id_or_prefix: &str) -> Result<(i64, u64), StoreError> {
     let c = pool.get()?;
     let id: i64 = match id_or_prefix.parse::<i64>() {
         Ok(id) => id,
@@ -190,12 +253,7 @@ pub fn revoke(pool: &Pool, id_or_prefix: &str) -> Result<KeyInfo, StoreError> {
         "UPDATE api_keys SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
         params![now_ms(), id],
     )?;
-    drop(c);
-    let info = get(pool, id)?;
-    if n == 0 && !info.revoked {
-        return Err(StoreError::NotFound(format!("no key `{id_or_prefix}`")));
-    }
-    Ok(info)
+    Ok((id, n as u64))
 }
 
 /// A partial update (`PATCH /admin/keys/{id}`). `Some(None)` clears a nullable field.
@@ -216,29 +274,41 @@ pub struct KeyPatch {
     pub revoked: Option<bool>,
 }
 
-pub fn update(pool: &Pool, id: i64, p: &KeyPatch) -> Result<KeyInfo, StoreError> {
+pub fn update(store: &Store, id: i64, p: &KeyPatch) -> Result<KeyInfo, StoreError> {
+    let sets = patch_sets(p)?;
+    if !sets.is_empty() {
+        let n = match store {
+            Store::Sqlite(pool) => update_sqlite(pool, id, sets)?,
+            Store::Postgres(pool) => pg::keys::update(pool, id, sets)?,
+        };
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("no key with id {id}")));
+        }
+    }
+    get(store, id)
+}
+
+/// The columns a patch sets, with their values, checked.
+pub(super) fn patch_sets(
+    p: &KeyPatch,
+) -> Result<Vec<(&'static str, rusqlite::types::Value)>, StoreError> {
     use rusqlite::types::Value;
-    let mut sets: Vec<String> = Vec::new();
-    let mut args: Vec<Value> = Vec::new();
-    let mut set = |col: &str, v: Value| {
-        args.push(v);
-        sets.push(format!("{col} = ?{}", args.len()));
-    };
+    let mut sets: Vec<(&'static str, Value)> = Vec::new();
     let opt_int = |v: Option<i64>| v.map_or(Value::Null, Value::Integer);
     if let Some(n) = &p.name {
-        set("name", Value::Text(n.clone()));
+        sets.push(("name", Value::Text(n.clone())));
     }
     if let Some(b) = p.budget_nano {
         if b.is_some_and(|b| b < 0) {
             return Err(StoreError::Invalid("budget must not be negative".into()));
         }
-        set("budget_nano", opt_int(b));
+        sets.push(("budget_nano", opt_int(b)));
     }
     if let Some(m) = &p.models {
-        set(
+        sets.push((
             "models",
             Value::Text(serde_json::to_string(m).unwrap_or_else(|_| "[]".into())),
-        );
+        ));
     }
     for (col, v) in [
         ("rpm", p.rpm),
@@ -246,57 +316,71 @@ pub fn update(pool: &Pool, id: i64, p: &KeyPatch) -> Result<KeyInfo, StoreError>
         ("concurrency", p.concurrency),
     ] {
         if let Some(v) = v {
-            set(col, opt_int(v.map(i64::from)));
+            sets.push((col, opt_int(v.map(i64::from))));
         }
     }
     if let Some(e) = p.expires_at {
-        set("expires_at", opt_int(e));
+        sets.push(("expires_at", opt_int(e)));
     }
     for (col, v) in [("priority", p.priority), ("max_priority", p.max_priority)] {
         if let Some(v) = v {
             check_priority(v)?;
-            set(col, opt_int(v.map(i64::from)));
+            sets.push((col, opt_int(v.map(i64::from))));
         }
     }
     if let Some(m) = &p.model_limits {
-        set("model_limits", Value::Text(model_limits_json(m)));
+        sets.push(("model_limits", Value::Text(model_limits_json(m))));
     }
     if let Some(ips) = &p.allow_ips {
         let ips: Vec<String> = ips.iter().map(|n| n.to_string()).collect();
-        set(
+        sets.push((
             "allow_ips",
             Value::Text(serde_json::to_string(&ips).unwrap_or_else(|_| "[]".into())),
-        );
+        ));
     }
     if let Some(r) = p.revoked {
-        set(
+        sets.push((
             "revoked_at",
             if r {
                 Value::Integer(now_ms())
             } else {
                 Value::Null
             },
-        );
+        ));
     }
-    if !sets.is_empty() {
-        args.push(Value::Integer(id));
-        let sql = format!(
-            "UPDATE api_keys SET {} WHERE id = ?{}",
-            sets.join(", "),
-            args.len()
-        );
-        let n = pool
-            .get()?
-            .execute(&sql, rusqlite::params_from_iter(args.iter()))?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("no key with id {id}")));
-        }
+    Ok(sets)
+}
+
+/// `UPDATE api_keys SET …`; returns the rows changed.
+fn update_sqlite(
+    pool: &Pool,
+    id: i64,
+    sets: Vec<(&'static str, rusqlite::types::Value)>,
+) -> Result<u64, StoreError> {
+    let mut cols = Vec::with_capacity(sets.len());
+    let mut args = Vec::with_capacity(sets.len() + 1);
+    for (col, v) in sets {
+        args.push(v);
+        cols.push(format!("{col} = ?{}", args.len()));
     }
-    get(pool, id)
+    args.push(rusqlite::types::Value::Integer(id));
+    let sql = format!(
+        "UPDATE api_keys SET {} WHERE id = ?{}",
+        cols.join(", "),
+        args.len()
+    );
+    let n = pool
+        .get()?
+        .execute(&sql, rusqlite::params_from_iter(args.iter()))?;
+    Ok(n as u64)
 }
 
 /// The request-path lookup: the key with this hash, with its account.
-pub fn find_by_hash(pool: &Pool, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+pub fn find_by_hash(store: &Store, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+    let pool = match store {
+        Store::Sqlite(pool) => pool,
+        Store::Postgres(pool) => return pg::keys::find_by_hash(pool, hash),
+    };
     let c = pool.get()?;
     let mut st = c.prepare_cached(
         "SELECT k.id, k.account_id, a.name, a.grp, k.name, k.prefix, k.revoked_at IS NOT NULL, k.expires_at,
@@ -334,17 +418,16 @@ pub fn find_by_hash(pool: &Pool, hash: &KeyHash) -> Result<Option<KeyRecord>, St
     Ok(rec)
 }
 
-/// The [`tollgate_filters::auth::KeyLookup`] port over SQLite. Lookups run on the blocking
-/// pool; the key cache in front keeps them rare.
-/// The auth filter's key store: SQLite, each read counted by its result
+/// The [`tollgate_filters::auth::KeyLookup`] port over the store. Lookups run on the
+/// blocking pool; the key cache in front keeps them rare. Each read is counted by its result
 /// (`[found, unknown, error]`, `tollgate_key_store_lookups_total`).
-pub struct SqliteKeys {
-    pub pool: Pool,
+pub struct StoreKeys {
+    pub pool: Store,
     pub lookups: [prometheus::IntCounter; 3],
 }
 
 #[async_trait::async_trait]
-impl tollgate_filters::auth::KeyLookup for SqliteKeys {
+impl tollgate_filters::auth::KeyLookup for StoreKeys {
     async fn find_key(&self, hash: KeyHash) -> Result<Option<KeyRecord>, String> {
         let pool = self.pool.clone();
         let found = tokio::task::spawn_blocking(move || find_by_hash(&pool, &hash))
@@ -364,102 +447,169 @@ impl tollgate_filters::auth::KeyLookup for SqliteKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::each_store;
+
+    /// Rows holding `secret` anywhere in a text column or in the hash.
+    fn rows_holding(store: &Store, secret: &str) -> i64 {
+        match store {
+            Store::Sqlite(p) => p
+                .get()
+                .unwrap()
+                .query_row(
+                    "SELECT COUNT(*) FROM api_keys WHERE instr(hash, ?1) > 0 OR instr(prefix || name || models, ?1) > 0",
+                    [secret],
+                    |r| r.get(0),
+                )
+                .unwrap(),
+            Store::Postgres(p) => p
+                .get()
+                .unwrap()
+                .query_one(
+                    "SELECT COUNT(*) FROM api_keys WHERE position(convert_to($1, 'UTF8') in hash) > 0 OR strpos(prefix || name || models, $1) > 0",
+                    &[&secret],
+                )
+                .unwrap()
+                .get(0),
+        }
+    }
 
     #[test]
     fn secret_is_shown_once_and_only_its_hash_is_stored() {
-        let (_d, pool) = crate::store::test_pool();
-        crate::store::accounts::create(&pool, "acme", "default", 0).unwrap();
-        let (info, secret) = create(
-            &pool,
-            &NewKey {
-                account: "acme".into(),
-                models: vec!["m".into()],
-                allow_ips: vec!["10.0.0.0/8".parse().unwrap()],
-                rpm: Some(5),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        assert!(secret.starts_with("sk-tg-") && secret.len() == 46);
-        assert!(secret.starts_with(&info.prefix));
-        let c = pool.get().unwrap();
-        let stored: i64 = c
-            .query_row(
-                "SELECT COUNT(*) FROM api_keys WHERE instr(hash, ?1) > 0 OR instr(prefix || name || models, ?1) > 0",
-                [&secret],
-                |r| r.get(0),
+        each_store(|store| {
+            crate::store::accounts::create(store, "acme", "default", 0).unwrap();
+            let mut limits = BTreeMap::new();
+            limits.insert(
+                "m".to_string(),
+                LimitSet {
+                    rpm: Some(3),
+                    ..Default::default()
+                },
+            );
+            let (info, secret) = create(
+                store,
+                &NewKey {
+                    account: "acme".into(),
+                    models: vec!["m".into()],
+                    allow_ips: vec!["10.0.0.0/8".parse().unwrap()],
+                    rpm: Some(5),
+                    priority: Some(7),
+                    expires_at: Some(4_000_000),
+                    model_limits: limits.clone(),
+                    ..Default::default()
+                },
             )
             .unwrap();
-        assert_eq!(stored, 0);
-        drop(c);
-        let rec = find_by_hash(&pool, &hash_secret(&secret)).unwrap().unwrap();
-        assert_eq!(rec.models, ["m"]);
-        assert_eq!(rec.rpm, Some(5));
-        assert_eq!(rec.allow_ips.len(), 1);
-        assert!(find_by_hash(&pool, &hash_secret("sk-tg-other"))
-            .unwrap()
-            .is_none());
+            assert!(secret.starts_with("sk-tg-") && secret.len() == 46);
+            assert!(secret.starts_with(&info.prefix));
+            assert_eq!(
+                (info.priority, info.model_limits.clone()),
+                (Some(7), limits)
+            );
+            assert_eq!(rows_holding(store, &secret), 0);
+            let rec = find_by_hash(store, &hash_secret(&secret)).unwrap().unwrap();
+            assert_eq!(rec.models, ["m"]);
+            assert_eq!(
+                (rec.rpm, rec.priority, rec.expires_at),
+                (Some(5), Some(7), Some(4_000))
+            );
+            assert_eq!(rec.allow_ips.len(), 1);
+            assert_eq!(rec.model_limits.len(), 1);
+            assert!(find_by_hash(store, &hash_secret("sk-tg-other"))
+                .unwrap()
+                .is_none());
+            let nobody = NewKey {
+                account: "nobody".into(),
+                ..Default::default()
+            };
+            assert!(matches!(
+                create(store, &nobody),
+                Err(StoreError::NotFound(_))
+            ));
+        });
     }
 
     #[test]
     fn revoke_by_id_or_prefix_bumps_the_key_epoch() {
-        let (_d, pool) = crate::store::test_pool();
-        crate::store::accounts::create(&pool, "acme", "default", 0).unwrap();
-        let new = NewKey {
-            account: "acme".into(),
-            ..Default::default()
-        };
-        let (a, _) = create(&pool, &new).unwrap();
-        let (b, _) = create(&pool, &new).unwrap();
-        let e0 = crate::store::key_epoch(&pool).unwrap();
-        assert!(revoke(&pool, &a.id.to_string()).unwrap().revoked);
-        assert!(revoke(&pool, &b.prefix).unwrap().revoked);
-        assert!(crate::store::key_epoch(&pool).unwrap() > e0);
-        assert!(matches!(revoke(&pool, "999"), Err(StoreError::NotFound(_))));
-        assert_eq!(list(&pool, Some("acme")).unwrap().len(), 2);
+        each_store(|store| {
+            crate::store::accounts::create(store, "acme", "default", 0).unwrap();
+            let new = NewKey {
+                account: "acme".into(),
+                ..Default::default()
+            };
+            let (a, _) = create(store, &new).unwrap();
+            let (b, _) = create(store, &new).unwrap();
+            let e0 = crate::store::key_epoch(store).unwrap();
+            assert!(e0 >= 2, "inserts bump the epoch");
+            assert!(revoke(store, &a.id.to_string()).unwrap().revoked);
+            assert!(revoke(store, &b.prefix).unwrap().revoked);
+            assert!(crate::store::key_epoch(store).unwrap() > e0);
+            // Idempotent.
+            assert!(revoke(store, &a.id.to_string()).unwrap().revoked);
+            assert!(matches!(revoke(store, "999"), Err(StoreError::NotFound(_))));
+            assert!(matches!(
+                revoke(store, "sk-tg-nope"),
+                Err(StoreError::NotFound(_))
+            ));
+            assert_eq!(list(store, Some("acme")).unwrap().len(), 2);
+            assert_eq!(list(store, None).unwrap().len(), 2);
+            assert!(list(store, Some("other")).unwrap().is_empty());
+        });
     }
 
     #[test]
     fn patch_changes_only_what_it_names() {
-        let (_d, pool) = crate::store::test_pool();
-        crate::store::accounts::create(&pool, "acme", "default", 0).unwrap();
-        let new = NewKey {
-            account: "acme".into(),
-            rpm: Some(5),
-            budget_nano: Some(10),
-            ..Default::default()
-        };
-        let (k, _) = create(&pool, &new).unwrap();
-        let p = KeyPatch {
-            budget_nano: Some(None),
-            models: Some(vec!["m".into()]),
-            ..Default::default()
-        };
-        let k2 = update(&pool, k.id, &p).unwrap();
-        assert_eq!(
-            (k2.budget_nano, k2.rpm, k2.models.clone()),
-            (None, Some(5), vec!["m".to_string()])
-        );
-        let k3 = update(
-            &pool,
-            k.id,
-            &KeyPatch {
-                revoked: Some(true),
+        each_store(|store| {
+            crate::store::accounts::create(store, "acme", "default", 0).unwrap();
+            let new = NewKey {
+                account: "acme".into(),
+                rpm: Some(5),
+                budget_nano: Some(10),
                 ..Default::default()
-            },
-        )
-        .unwrap();
-        assert!(k3.revoked);
-        assert!(matches!(
-            update(
-                &pool,
-                999,
+            };
+            let (k, _) = create(store, &new).unwrap();
+            let e0 = crate::store::key_epoch(store).unwrap();
+            let p = KeyPatch {
+                budget_nano: Some(None),
+                models: Some(vec!["m".into()]),
+                priority: Some(Some(3)),
+                ..Default::default()
+            };
+            let k2 = update(store, k.id, &p).unwrap();
+            assert_eq!(
+                (k2.budget_nano, k2.rpm, k2.models.clone(), k2.priority),
+                (None, Some(5), vec!["m".to_string()], Some(3))
+            );
+            assert!(crate::store::key_epoch(store).unwrap() > e0);
+            let k3 = update(
+                store,
+                k.id,
                 &KeyPatch {
-                    name: Some("x".into()),
+                    revoked: Some(true),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert!(k3.revoked);
+            assert!(matches!(
+                update(
+                    store,
+                    999,
+                    &KeyPatch {
+                        name: Some("x".into()),
+                        ..Default::default()
+                    }
+                ),
+                Err(StoreError::NotFound(_))
+            ));
+            assert!(update(
+                store,
+                k.id,
+                &KeyPatch {
+                    priority: Some(Some(10)),
                     ..Default::default()
                 }
-            ),
-            Err(StoreError::NotFound(_))
-        ));
+            )
+            .is_err());
+        });
     }
 }

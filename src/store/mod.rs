@@ -1,11 +1,18 @@
-//! SQLite: the pool, its PRAGMAs, the migrations, and the tables' typed access.
+//! The durable store: SQLite (the default) or PostgreSQL (`database.url`), behind one
+//! [`Store`] port. This module holds the SQLite pool, its PRAGMAs and migrations; `pg/` the
+//! PostgreSQL side; `accounts`, `keys` and `usage` the typed access, which dispatches on
+//! the backend.
 //!
-//! Reads go through an r2d2 pool. Every connection gets the PRAGMAs from `database:` when it
-//! is opened. Writes made on the request path go through the ledger's single group-committing
-//! writer; the rarely-run admin writes (accounts, keys) use the pool directly.
+//! Reads go through an r2d2 pool (both backends). Every SQLite connection gets the PRAGMAs
+//! from `database:` when it is opened. Writes made on the request path go through the
+//! ledger's single group-committing writer; the rarely-run admin writes (accounts, keys) use
+//! the pool directly.
 
 pub mod accounts;
 pub mod keys;
+pub mod pg;
+#[cfg(test)]
+pub mod testing;
 pub mod usage;
 
 use std::time::Duration;
@@ -21,6 +28,10 @@ pub type Pool = r2d2::Pool<SqliteConnectionManager>;
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The client's errors name no URL and no password; their cause (the refused
+    /// connection, the server's message) is shown too.
+    #[error("postgres: {}", pg::explain(.0))]
+    Postgres(#[from] postgres::Error),
     #[error("connection pool: {0}")]
     Pool(#[from] r2d2::Error),
     #[error("{0}")]
@@ -81,14 +92,60 @@ pub fn pragmas(cfg: &DatabaseConfig) -> String {
     )
 }
 
-/// Opens the pool (creating the file and its folder), applying PRAGMAs on every connection.
-pub fn open(cfg: &DatabaseConfig) -> Result<Pool, StoreError> {
-    if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+/// The store port: every typed access in `accounts`, `keys` and `usage` takes one and runs
+/// the backend's SQL. Cheap to clone (both are pools).
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(Pool),
+    Postgres(pg::PgPool),
+}
+
+impl Store {
+    /// "sqlite" or "postgres", for logs and messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Applies the migrations not yet recorded. Returns the versions applied now.
+    pub fn migrate(&self) -> Result<Vec<i64>, StoreError> {
+        match self {
+            Store::Sqlite(p) => migrate(&mut *p.get()?),
+            Store::Postgres(p) => pg::migrate(&mut *p.get()?),
+        }
+    }
+
+    /// One query, for /readyz.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(p) => {
+                p.get()?.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
+                Ok(())
+            }
+            Store::Postgres(p) => pg::ping(p),
+        }
+    }
+}
+
+/// Opens the configured store (`database.url` or `database.path`) without migrating.
+pub fn open(cfg: &DatabaseConfig) -> Result<Store, StoreError> {
+    Ok(match cfg.postgres_url() {
+        Some(url) => Store::Postgres(pg::open(cfg, url)?),
+        None => Store::Sqlite(open_sqlite(cfg)?),
+    })
+}
+
+/// Opens the SQLite pool (creating the file and its folder), applying PRAGMAs on every
+/// connection.
+pub fn open_sqlite(cfg: &DatabaseConfig) -> Result<Pool, StoreError> {
+    let path = cfg.sqlite_path();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     let init = pragmas(cfg);
-    let manager =
-        SqliteConnectionManager::file(&cfg.path).with_init(move |c| c.execute_batch(&init));
+    let manager = SqliteConnectionManager::file(&path).with_init(move |c| c.execute_batch(&init));
     let pool = r2d2::Pool::builder()
         .max_size(cfg.pool_size)
         .connection_timeout(Duration::from_millis(cfg.busy_timeout_ms.max(1000)))
@@ -96,14 +153,14 @@ pub fn open(cfg: &DatabaseConfig) -> Result<Pool, StoreError> {
     Ok(pool)
 }
 
-/// Opens one connection outside the pool (the ledger writer owns one).
+/// Opens one SQLite connection outside the pool (the ledger writer owns one).
 pub fn open_connection(cfg: &DatabaseConfig) -> Result<Connection, StoreError> {
-    let c = Connection::open(&cfg.path)?;
+    let c = Connection::open(cfg.sqlite_path())?;
     c.execute_batch(&pragmas(cfg))?;
     Ok(c)
 }
 
-/// Applies the migrations not yet recorded. Returns the versions applied now.
+/// Applies the SQLite migrations not yet recorded. Returns the versions applied now.
 pub fn migrate(conn: &mut Connection) -> Result<Vec<i64>, StoreError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -130,15 +187,14 @@ pub fn migrate(conn: &mut Connection) -> Result<Vec<i64>, StoreError> {
     Ok(applied)
 }
 
-/// Opens the pool and brings the schema up to date.
-pub fn open_and_migrate(cfg: &DatabaseConfig) -> Result<Pool, StoreError> {
-    let pool = open(cfg)?;
-    let mut conn = pool.get()?;
-    let applied = migrate(&mut conn)?;
+/// Opens the configured store and brings its schema up to date.
+pub fn open_and_migrate(cfg: &DatabaseConfig) -> Result<Store, StoreError> {
+    let store = open(cfg)?;
+    let applied = store.migrate()?;
     if !applied.is_empty() {
-        tracing::info!(?applied, db = %cfg.path.display(), "migrations applied");
+        tracing::info!(?applied, db = %cfg.describe(), "migrations applied");
     }
-    Ok(pool)
+    Ok(store)
 }
 
 pub fn now_ms() -> i64 {
@@ -149,12 +205,15 @@ pub fn now_ms() -> i64 {
 }
 
 /// The key-change counter maintained by triggers.
-pub fn key_epoch(pool: &Pool) -> Result<i64, StoreError> {
-    Ok(pool
-        .get()?
-        .query_row("SELECT value FROM meta WHERE name = 'key_epoch'", [], |r| {
-            r.get(0)
-        })?)
+pub fn key_epoch(store: &Store) -> Result<i64, StoreError> {
+    match store {
+        Store::Sqlite(pool) => Ok(pool.get()?.query_row(
+            "SELECT value FROM meta WHERE name = 'key_epoch'",
+            [],
+            |r| r.get(0),
+        )?),
+        Store::Postgres(pool) => pg::key_epoch(pool),
+    }
 }
 
 /// Exact money: nano-USD in an i64. Conversions from the decimal USD users type are done
@@ -225,25 +284,13 @@ pub mod money {
     }
 }
 
-/// A scratch database for unit tests.
-#[cfg(test)]
-pub fn test_pool() -> (tempfile::TempDir, Pool) {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = DatabaseConfig {
-        path: dir.path().join("t.db"),
-        ..Default::default()
-    };
-    let pool = open_and_migrate(&cfg).unwrap();
-    (dir, pool)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn pragmas_from_config_are_applied_and_migrations_run_once() {
-        let (_dir, pool) = test_pool();
+    fn pragmas_from_config_are_applied() {
+        let (_dir, pool) = testing::sqlite_pool();
         let c = pool.get().unwrap();
         let mode: String = c
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -255,12 +302,28 @@ mod tests {
             .query_row("PRAGMA busy_timeout", [], |r| r.get(0))
             .unwrap();
         assert_eq!(busy, 5000);
-        drop(c);
-        let mut c = pool.get().unwrap();
-        assert!(migrate(&mut c).unwrap().is_empty());
-        let n: i64 = c
-            .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn migrations_run_once_on_either_store() {
+        testing::each_store(|store| {
+            assert!(store.migrate().unwrap().is_empty());
+            let n: i64 = match store {
+                Store::Sqlite(p) => p
+                    .get()
+                    .unwrap()
+                    .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
+                    .unwrap(),
+                Store::Postgres(p) => p
+                    .get()
+                    .unwrap()
+                    .query_one("SELECT COUNT(*) FROM schema_migrations", &[])
+                    .unwrap()
+                    .get(0),
+            };
+            assert_eq!(n, MIGRATIONS.len() as i64);
+            store.ping().unwrap();
+            assert_eq!(key_epoch(store).unwrap(), 0);
+        });
     }
 }

@@ -3,7 +3,7 @@
 use rusqlite::types::Value;
 use serde::Serialize;
 
-use super::{money, Pool, StoreError};
+use super::{money, pg, Store, StoreError};
 
 #[derive(Debug, Clone, Default)]
 pub struct UsageFilter {
@@ -57,17 +57,31 @@ pub struct UsageGroup {
 }
 
 fn totals(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageTotals> {
-    let cost: i64 = r.get(at + 6)?;
-    Ok(UsageTotals {
-        requests: r.get(at)?,
-        prompt_tokens: r.get(at + 1)?,
-        completion_tokens: r.get(at + 2)?,
-        cached_tokens: r.get(at + 3)?,
-        estimated_requests: r.get(at + 4)?,
-        cache_hits: r.get(at + 5)?,
-        cost_nano: cost,
-        cost_usd: money::format_usd(cost),
-    })
+    Ok(UsageTotals::from_sums([
+        r.get(at)?,
+        r.get(at + 1)?,
+        r.get(at + 2)?,
+        r.get(at + 3)?,
+        r.get(at + 4)?,
+        r.get(at + 5)?,
+        r.get(at + 6)?,
+    ]))
+}
+
+impl UsageTotals {
+    /// From the seven sums of [`SUMS`], in order.
+    pub(super) fn from_sums(v: [i64; 7]) -> UsageTotals {
+        UsageTotals {
+            requests: v[0],
+            prompt_tokens: v[1],
+            completion_tokens: v[2],
+            cached_tokens: v[3],
+            estimated_requests: v[4],
+            cache_hits: v[5],
+            cost_nano: v[6],
+            cost_usd: money::format_usd(v[6]),
+        }
+    }
 }
 
 const SUMS: &str =
@@ -75,31 +89,33 @@ const SUMS: &str =
     COALESCE(SUM(u.cached_tokens),0), COALESCE(SUM(u.estimated),0), COALESCE(SUM(u.cache_hit),0), \
     COALESCE(SUM(u.cost_nano),0)";
 
-fn where_clause(f: &UsageFilter) -> (String, Vec<Value>) {
+/// The `WHERE` clause and its arguments; `ph` is the placeholder's sigil (`?` for SQLite,
+/// `$` for PostgreSQL).
+pub(super) fn where_clause(f: &UsageFilter, ph: char) -> (String, Vec<Value>) {
     let mut conds = Vec::new();
     let mut args: Vec<Value> = Vec::new();
     if let Some(a) = &f.account {
         args.push(Value::Text(a.clone()));
         conds.push(format!(
-            "u.account_id = (SELECT id FROM accounts WHERE name = ?{})",
+            "u.account_id = (SELECT id FROM accounts WHERE name = {ph}{})",
             args.len()
         ));
     }
     if let Some(k) = f.key_id {
         args.push(Value::Integer(k));
-        conds.push(format!("u.key_id = ?{}", args.len()));
+        conds.push(format!("u.key_id = {ph}{}", args.len()));
     }
     if let Some(m) = &f.model {
         args.push(Value::Text(m.clone()));
-        conds.push(format!("u.model = ?{}", args.len()));
+        conds.push(format!("u.model = {ph}{}", args.len()));
     }
     if let Some(s) = f.since {
         args.push(Value::Integer(s));
-        conds.push(format!("u.ts >= ?{}", args.len()));
+        conds.push(format!("u.ts >= {ph}{}", args.len()));
     }
     if let Some(u) = f.until {
         args.push(Value::Integer(u));
-        conds.push(format!("u.ts < ?{}", args.len()));
+        conds.push(format!("u.ts < {ph}{}", args.len()));
     }
     let w = if conds.is_empty() {
         String::new()
@@ -110,12 +126,16 @@ fn where_clause(f: &UsageFilter) -> (String, Vec<Value>) {
 }
 
 pub fn summary(
-    pool: &Pool,
+    store: &Store,
     f: &UsageFilter,
     by: Option<GroupBy>,
 ) -> Result<(UsageTotals, Vec<UsageGroup>), StoreError> {
+    let pool = match store {
+        Store::Sqlite(pool) => pool,
+        Store::Postgres(pool) => return pg::usage::summary(pool, f, by),
+    };
     let c = pool.get()?;
-    let (w, args) = where_clause(f);
+    let (w, args) = where_clause(f, '?');
     let total = c.query_row(
         &format!("SELECT {SUMS} FROM usage_ledger u {w}"),
         rusqlite::params_from_iter(args.iter()),
@@ -167,7 +187,11 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
 
 /// Deletes ledger rows older than `before_ms`, `batch` rows per transaction, so the writer
 /// is never locked out for long. Returns how many went.
-pub fn delete_older_than(pool: &Pool, before_ms: i64, batch: usize) -> Result<usize, StoreError> {
+pub fn delete_older_than(store: &Store, before_ms: i64, batch: usize) -> Result<usize, StoreError> {
+    let pool = match store {
+        Store::Sqlite(pool) => pool,
+        Store::Postgres(pool) => return pg::usage::delete_older_than(pool, before_ms, batch),
+    };
     let c = pool.get()?;
     let mut total = 0;
     loop {
@@ -186,56 +210,93 @@ pub fn delete_older_than(pool: &Pool, before_ms: i64, batch: usize) -> Result<us
 mod tests {
     use super::*;
 
+    /// A ledger row written directly (the ledger writer has tests of its own).
+    fn insert(store: &Store, id: &str, ts: i64, account: i64, model: &str, cost: i64) {
+        let sql = "INSERT INTO usage_ledger(request_id, ts, key_id, account_id, model, status, prompt_tokens, completion_tokens, cost_nano) VALUES (?1, ?2, 1, ?3, ?4, 200, 5, 7, ?5)";
+        match store {
+            Store::Sqlite(p) => {
+                p.get()
+                    .unwrap()
+                    .execute(sql, rusqlite::params![id, ts, account, model, cost])
+                    .unwrap();
+            }
+            Store::Postgres(p) => {
+                let sql = sql.replace('?', "$");
+                p.get()
+                    .unwrap()
+                    .execute(&sql, &[&id, &ts, &account, &model, &cost])
+                    .unwrap();
+            }
+        }
+    }
+
     #[test]
     fn totals_breakdowns_and_retention() {
-        let (_d, pool) = crate::store::test_pool();
-        let a = crate::store::accounts::create(&pool, "acme", "default", 0).unwrap();
-        let c = pool.get().unwrap();
-        let day = 86_400_000i64;
-        for (id, ts, model, cost) in [
-            ("a", day, "m1", 10),
-            ("b", day + 5, "m2", 20),
-            ("c", 3 * day, "m1", 30),
-        ] {
-            c.execute(
-                "INSERT INTO usage_ledger(request_id, ts, key_id, account_id, model, status, prompt_tokens, completion_tokens, cost_nano) VALUES (?1, ?2, 1, ?3, ?4, 200, 5, 7, ?5)",
-                rusqlite::params![id, ts, a.id, model, cost],
-            )
-            .unwrap();
-        }
-        drop(c);
-        let f = UsageFilter {
-            account: Some("acme".into()),
-            ..Default::default()
-        };
-        let (t, g) = summary(&pool, &f, Some(GroupBy::Model)).unwrap();
-        assert_eq!(
-            (
-                t.requests,
-                t.prompt_tokens,
-                t.completion_tokens,
-                t.cost_nano
-            ),
-            (3, 15, 21, 60)
-        );
-        assert_eq!(
-            g.iter()
-                .map(|g| (g.group.as_str(), g.totals.cost_nano))
-                .collect::<Vec<_>>(),
-            [("m1", 40), ("m2", 20)]
-        );
-        let (_, g) = summary(&pool, &f, Some(GroupBy::Day)).unwrap();
-        assert_eq!(
-            g.iter().map(|g| g.group.as_str()).collect::<Vec<_>>(),
-            ["1970-01-02", "1970-01-04"]
-        );
-        let since = UsageFilter {
-            since: Some(2 * day),
-            ..f.clone()
-        };
-        assert_eq!(summary(&pool, &since, None).unwrap().0.cost_nano, 30);
-        assert_eq!(delete_older_than(&pool, 2 * day, 1).unwrap(), 2);
-        assert_eq!(summary(&pool, &f, None).unwrap().0.requests, 1);
-        assert_eq!(parse_time("1970-01-02").unwrap(), day);
+        crate::store::testing::each_store(|store| {
+            let a = crate::store::accounts::create(store, "acme", "default", 0).unwrap();
+            let day = 86_400_000i64;
+            for (id, ts, model, cost) in [
+                ("a", day, "m1", 10),
+                ("b", day + 5, "m2", 20),
+                ("c", 3 * day, "m1", 30),
+            ] {
+                insert(store, id, ts, a.id, model, cost);
+            }
+            let f = UsageFilter {
+                account: Some("acme".into()),
+                ..Default::default()
+            };
+            let (t, g) = summary(store, &f, Some(GroupBy::Model)).unwrap();
+            assert_eq!(
+                (
+                    t.requests,
+                    t.prompt_tokens,
+                    t.completion_tokens,
+                    t.cost_nano
+                ),
+                (3, 15, 21, 60)
+            );
+            assert_eq!(
+                g.iter()
+                    .map(|g| (g.group.as_str(), g.totals.cost_nano))
+                    .collect::<Vec<_>>(),
+                [("m1", 40), ("m2", 20)]
+            );
+            let (_, g) = summary(store, &f, Some(GroupBy::Day)).unwrap();
+            assert_eq!(
+                g.iter().map(|g| g.group.as_str()).collect::<Vec<_>>(),
+                ["1970-01-02", "1970-01-04"]
+            );
+            let (_, g) = summary(store, &f, Some(GroupBy::Key)).unwrap();
+            assert_eq!(
+                g.iter()
+                    .map(|g| (g.group.as_str(), g.totals.requests))
+                    .collect::<Vec<_>>(),
+                [("1", 3)]
+            );
+            let since = UsageFilter {
+                since: Some(2 * day),
+                ..f.clone()
+            };
+            assert_eq!(summary(store, &since, None).unwrap().0.cost_nano, 30);
+            let m2 = UsageFilter {
+                model: Some("m2".into()),
+                until: Some(2 * day),
+                key_id: Some(1),
+                ..f.clone()
+            };
+            assert_eq!(summary(store, &m2, None).unwrap().0.cost_usd, "0.00000002");
+            let none = UsageFilter {
+                account: Some("nobody".into()),
+                ..Default::default()
+            };
+            assert_eq!(
+                summary(store, &none, None).unwrap().0,
+                UsageTotals::from_sums([0; 7])
+            );
+            assert_eq!(delete_older_than(store, 2 * day, 1).unwrap(), 2);
+            assert_eq!(summary(store, &f, None).unwrap().0.requests, 1);
+            assert_eq!(parse_time("1970-01-02").unwrap(), day);
+        });
     }
 }

@@ -1,6 +1,7 @@
-//! Integration-test harness: the real `tollgate` binary, a real SQLite file in a temp dir,
-//! and the in-repo mock upstream (`tollgate_bench::mock`). Only 127.0.0.1 is used, and every
-//! wait is bounded.
+//! Integration-test harness: the real `tollgate` binary, a real SQLite file in a temp dir
+//! (or a fresh PostgreSQL database: [`pg::TestDb`], [`Gateway::start_on_postgres`]), and the
+//! in-repo mock upstream (`tollgate_bench::mock`). Only 127.0.0.1 is used, and every wait is
+//! bounded.
 
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 pub use tollgate_bench::mock::{Behaviour, ConnectionStats, MockProtocols, MockServer};
 
 pub mod certs;
+pub mod pg;
 pub mod redis;
 
 /// The binary under test: this build's, or `TOLLGATE_BIN` (to show a test fails against
@@ -60,6 +62,32 @@ impl Gateway {
     pub fn start(channels_yaml: &str, extra_yaml: &str) -> Gateway {
         let gw = Gateway::configure(channels_yaml, extra_yaml);
         gw.launch()
+    }
+
+    /// Like [`Gateway::start`], on the PostgreSQL database at `url` (`database: { url }`).
+    pub fn start_on_postgres(channels_yaml: &str, extra_yaml: &str, url: &str) -> Gateway {
+        let gw = Gateway::configure_on_postgres(channels_yaml, extra_yaml, url);
+        gw.launch()
+    }
+
+    /// Like [`Gateway::configure`], with `database: { url }` instead of the SQLite file.
+    pub fn configure_on_postgres(channels_yaml: &str, extra_yaml: &str, url: &str) -> Gateway {
+        let gw = Gateway::configure(channels_yaml, extra_yaml);
+        let yaml = std::fs::read_to_string(&gw.config).unwrap();
+        let sqlite = format!("database:\n  path: \"{}\"\n", gw.db_path().display());
+        assert!(yaml.contains(&sqlite));
+        let yaml = yaml.replacen(
+            &sqlite,
+            &format!("database:\n  url: \"{url}\"\n  pool_size: 4\n"),
+            1,
+        );
+        std::fs::write(&gw.config, yaml).unwrap();
+        gw
+    }
+
+    /// The SQLite file of a gateway configured with one.
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("tollgate.db")
     }
 
     pub fn configure(channels_yaml: &str, extra_yaml: &str) -> Gateway {
