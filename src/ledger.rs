@@ -76,21 +76,44 @@ impl Ledger {
         wallets: Arc<Wallets>,
         metrics: Arc<Metrics>,
     ) -> Result<Ledger, StoreError> {
-        let on_commit: OnCommit = Arc::new(move |c| wallets.committed(c));
-        Ledger::start_with(db, cfg, on_commit, metrics)
+        Ledger::start_leased(db, cfg, wallets, metrics, None)
     }
 
+    /// [`Self::start`]; with `lease_node` (lease mode), commits also move that node's slices.
+    pub fn start_leased(
+        db: &DatabaseConfig,
+        cfg: &AccountingConfig,
+        wallets: Arc<Wallets>,
+        metrics: Arc<Metrics>,
+        lease_node: Option<String>,
+    ) -> Result<Ledger, StoreError> {
+        let on_commit: OnCommit = Arc::new(move |c| wallets.committed(c));
+        Ledger::start_with_lease(db, cfg, on_commit, metrics, lease_node)
+    }
+
+    #[cfg(test)]
     fn start_with(
         db: &DatabaseConfig,
         cfg: &AccountingConfig,
         on_commit: OnCommit,
         metrics: Arc<Metrics>,
     ) -> Result<Ledger, StoreError> {
+        Ledger::start_with_lease(db, cfg, on_commit, metrics, None)
+    }
+
+    fn start_with_lease(
+        db: &DatabaseConfig,
+        cfg: &AccountingConfig,
+        on_commit: OnCommit,
+        metrics: Arc<Metrics>,
+        lease_node: Option<String>,
+    ) -> Result<Ledger, StoreError> {
         let conn = WriterConn::open(db)?;
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let nudge = Arc::new(AtomicBool::new(false));
         let writer_cfg = WriterConfig {
+            lease_node,
             window: Duration::from_millis(cfg.flush_interval_ms),
             max_batch: cfg.max_batch,
             metrics: metrics.clone(),
@@ -253,6 +276,8 @@ impl LedgerSink for Ledger {
 }
 
 struct WriterConfig {
+    /// Lease mode: the node whose slices the charges come out of.
+    lease_node: Option<String>,
     window: Duration,
     max_batch: usize,
     metrics: Arc<Metrics>,
@@ -262,6 +287,7 @@ struct WriterConfig {
 
 fn writer(mut conn: WriterConn, rx: Receiver<Msg>, cfg: WriterConfig, on_commit: OnCommit) {
     let WriterConfig {
+        lease_node,
         window,
         max_batch,
         metrics,
@@ -304,7 +330,14 @@ fn writer(mut conn: WriterConn, rx: Receiver<Msg>, cfg: WriterConfig, on_commit:
                 }
             }
             let full = batch.len() >= max_batch;
-            commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics, &queued);
+            commit_with_retry(
+                &mut conn,
+                lease_node.as_deref(),
+                &mut batch,
+                &on_commit,
+                &metrics,
+                &queued,
+            );
             for job in waiters.drain(..) {
                 job(&mut conn, &on_commit);
             }
@@ -317,7 +350,14 @@ fn writer(mut conn: WriterConn, rx: Receiver<Msg>, cfg: WriterConfig, on_commit:
     while let Ok(m) = rx.try_recv() {
         take(m, &mut batch, &mut waiters);
     }
-    commit_with_retry(&mut conn, &mut batch, &on_commit, &metrics, &queued);
+    commit_with_retry(
+        &mut conn,
+        lease_node.as_deref(),
+        &mut batch,
+        &on_commit,
+        &metrics,
+        &queued,
+    );
     for job in waiters.drain(..) {
         job(&mut conn, &on_commit);
     }
@@ -333,6 +373,7 @@ fn take(m: Msg, batch: &mut Vec<LedgerRow>, jobs: &mut Vec<Job>) {
 
 fn commit_with_retry(
     conn: &mut WriterConn,
+    lease_node: Option<&str>,
     batch: &mut Vec<LedgerRow>,
     on_commit: &OnCommit,
     metrics: &Metrics,
@@ -344,7 +385,7 @@ fn commit_with_retry(
     let mut delay = Duration::from_millis(10);
     loop {
         let started = Instant::now();
-        match conn.commit(batch) {
+        match conn.commit(batch, lease_node) {
             Ok(committed) => {
                 metrics
                     .ledger_commit

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod fuzzing;
+pub mod leases;
 pub mod ledger;
 pub mod loadtest;
 pub mod maintenance;

@@ -6,7 +6,9 @@
 //! - on SIGTERM: waits for in-flight requests (bounded by `server.grace_period_s`), then
 //!   commits every queued ledger row, and exits. Pingora itself would sleep the whole grace
 //!   period even when idle;
-//! - deletes ledger rows older than `accounting.retention_days`, in small batches, hourly.
+//! - deletes ledger rows older than `accounting.retention_days`, in small batches, hourly;
+//! - with balance leases: renews this node's slices, hands idle ones back, reclaims expired
+//!   ones, and hands everything back after the ledger's last commit at shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +37,8 @@ pub struct Maintenance {
     pub grace: Duration,
     /// Ledger rows older than this are deleted (0 keeps everything).
     pub retention_days: u32,
+    /// Balance leases (`accounting.leases`).
+    pub leases: Option<crate::leases::LeaseKeeper>,
 }
 
 #[async_trait]
@@ -44,9 +48,19 @@ impl BackgroundService for Maintenance {
         let mut keys = tokio::time::interval(KEY_POLL);
         let mut retention = tokio::time::interval(RETENTION_EVERY);
         let mut epoch = None;
+        let mut lease_round = tokio::time::interval(
+            self.leases
+                .as_ref()
+                .map_or(Duration::from_secs(3600), |l| l.every()),
+        );
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
+                _ = lease_round.tick(), if self.leases.is_some() => {
+                    if let Some(l) = &self.leases {
+                        l.tick().await;
+                    }
+                }
                 _ = dns.tick() => {
                     let channels = self.channels.clone();
                     let _ = tokio::task::spawn_blocking(move || refresh_dns(&channels)).await;
@@ -89,6 +103,10 @@ impl BackgroundService for Maintenance {
         }
         let ledger = self.ledger.clone();
         let _ = tokio::task::spawn_blocking(move || ledger.shutdown()).await;
+        if let Some(l) = &self.leases {
+            // Every charge is committed: what is left of this node's slices goes back.
+            l.hand_back(Duration::ZERO).await;
+        }
         tracing::info!("shutdown complete");
         crate::observe::access_log::flush();
         std::process::exit(0);

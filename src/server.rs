@@ -21,8 +21,10 @@ use tollgate_filters::usage::UsageFilter;
 use tollgate_filters::{Chain, Channels, Filter};
 
 use crate::admin::Admin;
+use crate::config::LeaseMode;
 use crate::config::{Config, Unpriced};
 use crate::connections::Capped;
+use crate::leases::{LeaseKeeper, StoreLeases};
 use crate::ledger::Ledger;
 use crate::maintenance::{refresh_dns, Maintenance};
 use crate::metrics::{Metrics, ModelLabels};
@@ -262,13 +264,6 @@ pub fn run(
         Duration::from_secs(cfg.metrics.summary_window_s),
         model_labels(&cfg),
     ));
-    let wallets = Arc::new(Wallets::new(Arc::new(StoreBalances(pool.clone()))));
-    let ledger = Arc::new(Ledger::start(
-        &cfg.database,
-        &cfg.accounting,
-        wallets.clone(),
-        metrics.clone(),
-    )?);
     let store: Arc<dyn KeyLookup> = Arc::new(StoreKeys {
         pool: pool.clone(),
         lookups: metrics.key_store_lookups.clone(),
@@ -278,6 +273,37 @@ pub fn run(
         .as_ref()
         .map(|r| SharedParts::new(&cfg, r, store))
         .transpose()?;
+    // Credit leases: several nodes spend one balance through slices (on with PostgreSQL).
+    let leased = match cfg.accounting.leases {
+        LeaseMode::Auto => matches!(pool, Store::Postgres(_)),
+        LeaseMode::On => true,
+        LeaseMode::Off => false,
+    };
+    let balances = Arc::new(StoreBalances(pool.clone()));
+    let lease_store = leased.then(|| {
+        Arc::new(StoreLeases {
+            store: pool.clone(),
+            node: shared
+                .as_ref()
+                .map_or_else(crate::shared::default_node_id, |s| s.redis.node_id.clone()),
+            ttl: Duration::from_secs(cfg.accounting.lease_ttl_s),
+            redis: shared.as_ref().map(|s| s.redis.clone()),
+        })
+    });
+    let wallets = Arc::new(match &lease_store {
+        Some(l) => Wallets::with_leases(balances, l.clone()),
+        None => Wallets::new(balances),
+    });
+    let ledger = Arc::new(Ledger::start_leased(
+        &cfg.database,
+        &cfg.accounting,
+        wallets.clone(),
+        metrics.clone(),
+        lease_store.as_ref().map(|l| l.node.clone()),
+    )?);
+    if let Some(l) = &lease_store {
+        tracing::info!(node = %l.node, ttl_s = cfg.accounting.lease_ttl_s, "balance leases on");
+    }
     let limits = match &shared {
         Some(sh) => Limits::with_shared(
             limits_config(&cfg),
@@ -441,6 +467,10 @@ pub fn run(
             ledger,
             grace: Duration::from_secs(cfg.server.grace_period_s),
             retention_days: cfg.accounting.retention_days,
+            leases: lease_store.map(|leases| LeaseKeeper {
+                leases,
+                wallets: parts.wallets.clone(),
+            }),
         },
     );
     server.add_service(background_service(

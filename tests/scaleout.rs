@@ -9,6 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::pg::TestDb;
 use support::redis::RedisServer;
 use support::{channel, Gateway, MockServer};
 
@@ -21,10 +22,16 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// `n` nodes serving `m` from the mock, on one database and one Redis.
-fn fleet(mock: &MockServer, redis: &RedisServer, n: usize, extra: &str) -> Vec<Gateway> {
+/// `n` nodes serving `m` from the mock, on one PostgreSQL database and one Redis.
+fn fleet(
+    mock: &MockServer,
+    redis: &RedisServer,
+    db: &TestDb,
+    n: usize,
+    extra: &str,
+) -> Vec<Gateway> {
     let ch = channel("main", &mock.base_url(), PROVIDER_KEY, &["m"], 1);
-    support::redis::fleet(&ch, redis, n, extra)
+    support::redis::fleet_on(&ch, redis, n, extra, Some(&db.url))
 }
 
 fn body(x_mock: Value) -> Value {
@@ -103,7 +110,8 @@ where
 async fn requests_per_minute_hold_across_three_nodes() {
     let mock = MockServer::start().await;
     let redis = RedisServer::start();
-    let nodes = fleet(&mock, &redis, 3, "");
+    let db = TestDb::create();
+    let nodes = fleet(&mock, &redis, &db, 3, "");
     let key = nodes[0].new_key("acme", &["--rpm", "60"]);
 
     // The registry lists the three nodes (each heartbeats at start).
@@ -161,7 +169,8 @@ async fn requests_per_minute_hold_across_three_nodes() {
 async fn a_concurrency_cap_holds_across_nodes_and_frees_its_places() {
     let mock = MockServer::start().await;
     let redis = RedisServer::start();
-    let nodes = std::sync::Arc::new(fleet(&mock, &redis, 3, ""));
+    let db = TestDb::create();
+    let nodes = std::sync::Arc::new(fleet(&mock, &redis, &db, 3, ""));
     let key = nodes[0].new_key("acme", &["--concurrency", "3"]);
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -197,7 +206,8 @@ async fn a_concurrency_cap_holds_across_nodes_and_frees_its_places() {
 async fn a_key_revoked_on_one_node_is_refused_on_the_others_within_a_second() {
     let mock = MockServer::start().await;
     let redis = RedisServer::start();
-    let nodes = fleet(&mock, &redis, 3, "");
+    let db = TestDb::create();
+    let nodes = fleet(&mock, &redis, &db, 3, "");
     let key = nodes[0].new_key("acme", &[]);
     // Every node has the key in its cache.
     for gw in &nodes {
@@ -232,7 +242,8 @@ async fn a_key_revoked_on_one_node_is_refused_on_the_others_within_a_second() {
 async fn redis_killed_paused_and_back_never_hangs_a_request() {
     let mock = MockServer::start().await;
     let mut redis = RedisServer::start();
-    let nodes = fleet(&mock, &redis, 2, "");
+    let db = TestDb::create();
+    let nodes = fleet(&mock, &redis, &db, 2, "");
     let key = nodes[0].new_key("acme", &["--rpm", "6000"]);
     for i in 0..10 {
         assert_eq!(send(&nodes[i % 2], &key, json!({})).await.0, 200);
@@ -323,4 +334,220 @@ async fn with_on_error_deny_limited_requests_are_refused_while_redis_is_down() {
     assert_eq!(send(&gw, &free, json!({})).await.0, 200);
     let (s, v) = admin(&gw, reqwest::Method::GET, "/readyz").await;
     assert_eq!(s, 503, "{v}");
+}
+
+/// 1,000,000 nano-USD per prompt token, 2,000,000 per completion token.
+const PRICED: &str =
+    "pricing:\n  models:\n    m: { input: 1000.0, output: 2000.0 }\n  unpriced: reject\n";
+
+fn make_key(gw: &Gateway, account: &str, usd: &str) -> String {
+    let out = gw.cli(&["accounts", "create", account, "--balance-usd", usd]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = gw.cli(&["keys", "create", "--account", account]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+async fn wait_scalar(db: &TestDb, sql: &str, want: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = db.scalar(sql);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{sql}: {got}, expected {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_never_spend_more_than_the_balance() {
+    let mock = MockServer::start().await;
+    let redis = RedisServer::start();
+    let db = TestDb::create();
+    let nodes = std::sync::Arc::new(fleet(&mock, &redis, &db, 3, PRICED));
+    // About 10 requests' worst case (prompt estimate + 10 output tokens).
+    let key = make_key(&nodes[0], "poor", "0.3");
+    let before = db.scalar("SELECT balance_nano FROM accounts WHERE name = 'poor'");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let (nodes, key) = (nodes.clone(), key.clone());
+        tasks.spawn(async move { send(&nodes[i % 3], &key, json!({})).await });
+    }
+    let (mut ok, mut refused) = (0i64, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (status, v, _) = r.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(v["error"]["code"], "insufficient_quota", "{v}");
+                refused += 1;
+            }
+            other => panic!("{other}: {v}"),
+        }
+    }
+    assert_eq!(ok + refused, 300);
+    assert!(ok >= 5, "admitted {ok}");
+    assert_eq!(
+        mock.requests().len() as i64,
+        ok,
+        "refused requests never reach the provider"
+    );
+    wait_scalar(
+        &db,
+        "SELECT COUNT(*) FROM usage_ledger WHERE status = 200",
+        ok,
+    )
+    .await;
+    let spent = db.scalar("SELECT COALESCE(SUM(cost_nano), 0)::BIGINT FROM usage_ledger");
+    let after = db.scalar("SELECT balance_nano FROM accounts WHERE name = 'poor'");
+    assert!(spent <= before, "spent {spent} of {before}");
+    assert_eq!(
+        after,
+        before - spent,
+        "the balance moved by the ledger's sum"
+    );
+    let served: i64 = mock
+        .served()
+        .iter()
+        .map(|s| s.prompt_tokens as i64 * 1_000_000 + s.completion_tokens as i64 * 2_000_000)
+        .sum();
+    assert_eq!(spent, served, "price x the tokens the mock served");
+    // The slices never add up to more than the balance.
+    assert!(db.scalar("SELECT leased_nano FROM accounts WHERE name = 'poor'") <= after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mixed_requests_over_three_nodes_are_billed_exactly_once_each() {
+    let mock = MockServer::start().await;
+    let redis = RedisServer::start();
+    let db = TestDb::create();
+    let nodes = std::sync::Arc::new(fleet(&mock, &redis, &db, 3, PRICED));
+    let key = make_key(&nodes[0], "rich", "1000");
+    let before = db.scalar("SELECT balance_nano FROM accounts WHERE name = 'rich'");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300usize {
+        let (nodes, key) = (nodes.clone(), key.clone());
+        tasks.spawn(async move {
+            let stream = i % 2 == 0;
+            let mut b = json!({"model": "m", "max_tokens": 5 + i % 7, "stream": stream,
+                               "messages": [{"role": "user", "content": format!("q{i}")}],
+                               "x_mock": {"chunks": 1 + i % 5}});
+            if stream && i % 4 == 0 {
+                b["stream_options"] = json!({"include_usage": true});
+            }
+            let r = client()
+                .post(nodes[i % 3].url("/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&b)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let _ = r.text().await;
+            status
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!(r.unwrap(), 200);
+    }
+    wait_scalar(&db, "SELECT COUNT(*) FROM usage_ledger", 300).await;
+    assert_eq!(
+        db.scalar("SELECT COUNT(DISTINCT request_id) FROM usage_ledger"),
+        300
+    );
+    let spent = db.scalar("SELECT SUM(cost_nano)::BIGINT FROM usage_ledger");
+    let served: i64 = mock
+        .served()
+        .iter()
+        .map(|s| s.prompt_tokens as i64 * 1_000_000 + s.completion_tokens as i64 * 2_000_000)
+        .sum();
+    assert_eq!(
+        spent, served,
+        "ledger sum = price x the tokens the mock served"
+    );
+    wait_scalar(
+        &db,
+        "SELECT balance_nano FROM accounts WHERE name = 'rich'",
+        before - spent,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_mid_stream_loses_no_committed_row_and_its_slice_comes_back() {
+    let mock = MockServer::start().await;
+    let redis = RedisServer::start();
+    let db = TestDb::create();
+    let extra = format!("{PRICED}accounting: {{ lease_ttl_s: 6 }}\n");
+    let mut nodes = fleet(&mock, &redis, &db, 3, &extra);
+    let key = make_key(&nodes[0], "acme", "100");
+    for i in 0..9 {
+        assert_eq!(send(&nodes[i % 3], &key, json!({})).await.0, 200);
+    }
+    wait_scalar(&db, "SELECT COUNT(*) FROM usage_ledger", 9).await;
+    assert!(db.scalar("SELECT COUNT(*) FROM account_leases WHERE node = 'node0'") == 1);
+    // A stream on node 0, held at the mock's gate; then node 0 is killed.
+    let stream = {
+        let (url, key) = (nodes[0].url("/v1/chat/completions"), key.clone());
+        tokio::spawn(async move {
+            let _ = client()
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({"model": "m", "stream": true, "max_tokens": 5,
+                              "messages": [{"role": "user", "content": "held"}],
+                              "x_mock": {"gate": true}}))
+                .send()
+                .await;
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mock.chunks_sent() == 0 {
+        assert!(Instant::now() < deadline, "the stream never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut dead = nodes.remove(0);
+    let mut child = dead.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    mock.open_gate();
+    let _ = stream.await;
+    // The others go on serving.
+    for i in 0..6 {
+        assert_eq!(send(&nodes[i % 2], &key, json!({})).await.0, 200);
+    }
+    // Its slice expires (6 s) and is reclaimed; the sum of slices is the live nodes' again.
+    wait_scalar(
+        &db,
+        "SELECT COUNT(*) FROM account_leases WHERE node = 'node0'",
+        0,
+    )
+    .await;
+    let leased = db.scalar("SELECT leased_nano FROM accounts WHERE name = 'acme'");
+    let rows = db.scalar("SELECT COALESCE(SUM(amount_nano), 0)::BIGINT FROM account_leases");
+    assert_eq!(leased, rows);
+    // Every committed row is there: the 9 before, the 6 after.
+    wait_scalar(
+        &db,
+        "SELECT COUNT(*) FROM usage_ledger WHERE status = 200",
+        15,
+    )
+    .await;
+    let spent = db.scalar("SELECT SUM(cost_nano)::BIGINT FROM usage_ledger");
+    let balance = db.scalar("SELECT balance_nano FROM accounts WHERE name = 'acme'");
+    assert_eq!(balance, 100_000_000_000 - spent);
 }

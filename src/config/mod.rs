@@ -19,7 +19,7 @@ use serde::Deserialize;
 pub use interpolate::interpolate;
 pub use locate::line_of;
 pub use types::{
-    AccountingConfig, DatabaseConfig, JournalMode, LimitsConfig, ModelPrice, OnError,
+    AccountingConfig, DatabaseConfig, JournalMode, LeaseMode, LimitsConfig, ModelPrice, OnError,
     PricingConfig, RedisConfig, SecurityConfig, ServerConfig, Synchronous, TempStore, Unpriced,
 };
 

@@ -302,6 +302,21 @@ pub struct AccountingConfig {
     /// Ledger rows queued but not committed past which new requests get 503
     /// (`ledger_backlogged`) and /readyz fails. Rows of admitted requests are never dropped.
     pub max_queue_rows: usize,
+    /// Credit leases (several nodes spending one balance): `auto` (on with PostgreSQL),
+    /// `on` or `off`.
+    pub leases: LeaseMode,
+    /// A node's slices expire this long after its last renewal (renewed every sixth).
+    pub lease_ttl_s: u64,
+}
+
+/// `accounting.leases`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseMode {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 impl Default for AccountingConfig {
@@ -313,6 +328,8 @@ impl Default for AccountingConfig {
             drain_timeout_ms: 60_000,
             drain_max_bytes: 16 * 1024 * 1024,
             max_queue_rows: 100_000,
+            leases: LeaseMode::Auto,
+            lease_ttl_s: 60,
         }
     }
 }

@@ -201,6 +201,12 @@ impl Config {
                 );
             }
         }
+        if self.accounting.lease_ttl_s < 6 || self.accounting.lease_ttl_s > 3600 {
+            err(
+                "accounting.lease_ttl_s".into(),
+                "must be between 6 and 3600".into(),
+            );
+        }
         if self.accounting.flush_interval_ms == 0 {
             err(
                 "accounting.flush_interval_ms".into(),

@@ -25,10 +25,16 @@ impl WriterConn {
         })
     }
 
-    pub(super) fn commit(&mut self, batch: &[LedgerRow]) -> Result<Committed, StoreError> {
+    /// Commits a batch. `lease_node`: in lease mode, the node whose slices the charges come
+    /// out of (they move with the balance, in the same transaction).
+    pub(super) fn commit(
+        &mut self,
+        batch: &[LedgerRow],
+        lease_node: Option<&str>,
+    ) -> Result<Committed, StoreError> {
         match self {
-            WriterConn::Sqlite(c) => Ok(commit(c, batch)?),
-            WriterConn::Postgres(w) => pg::ledger::commit(w, batch),
+            WriterConn::Sqlite(c) => Ok(commit(c, batch, lease_node)?),
+            WriterConn::Postgres(w) => pg::ledger::commit(w, batch, lease_node),
         }
     }
 
@@ -46,7 +52,11 @@ impl WriterConn {
 
 /// One SQLite transaction: the rows, then one balance and one spend update per account and
 /// key, each reading back the stored value it leaves.
-fn commit(conn: &mut Connection, batch: &[LedgerRow]) -> Result<Committed, rusqlite::Error> {
+fn commit(
+    conn: &mut Connection,
+    batch: &[LedgerRow],
+    lease_node: Option<&str>,
+) -> Result<Committed, rusqlite::Error> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut out = Committed::default();
     {
@@ -90,12 +100,22 @@ fn commit(conn: &mut Connection, batch: &[LedgerRow]) -> Result<Committed, rusql
         }
         let now = store::now_ms();
         let mut debit = tx.prepare_cached(
-            "UPDATE accounts SET balance_nano = MAX(balance_nano - ?1, 0), updated_at = ?2 WHERE id = ?3
+            "UPDATE accounts SET balance_nano = MAX(balance_nano - ?1, 0),
+               leased_nano = MAX(leased_nano - ?4, 0), updated_at = ?2 WHERE id = ?3
              RETURNING balance_nano",
         )?;
+        let mut slice = tx.prepare_cached(
+            "UPDATE account_leases SET amount_nano = MAX(amount_nano - ?1, 0)
+             WHERE account_id = ?2 AND node = ?3",
+        )?;
         for (account, charged) in by_account {
-            let balance: i64 = debit.query_row(params![charged, now, account], |r| r.get(0))?;
+            let leased = if lease_node.is_some() { charged } else { 0 };
+            let balance: i64 =
+                debit.query_row(params![charged, now, account, leased], |r| r.get(0))?;
             out.balances.push((account, balance));
+            if let Some(node) = lease_node {
+                slice.execute(params![charged, account, node])?;
+            }
         }
         let mut spend = tx.prepare_cached(
             "UPDATE api_keys SET spent_nano = spent_nano + ?1 WHERE id = ?2 RETURNING spent_nano",

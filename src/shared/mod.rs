@@ -391,7 +391,8 @@ impl Redis {
     }
 }
 
-fn default_node_id() -> String {
+/// `hostname-pid`: unique per process, so a restarted node never takes a dead one's slices.
+pub fn default_node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "node".into());

@@ -10,6 +10,7 @@
 
 pub mod accounts;
 pub mod keys;
+pub mod leases;
 pub mod pg;
 #[cfg(test)]
 pub mod testing;
@@ -59,6 +60,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "usage_cache_hit",
         include_str!("../../migrations/0003_usage_cache_hit.sql"),
+    ),
+    (
+        4,
+        "balance_leases",
+        include_str!("../../migrations/0004_balance_leases.sql"),
     ),
 ];
 

@@ -105,6 +105,17 @@ impl Drop for RedisServer {
 /// `n` gateways on the first one's SQLite file and on `redis` (namespace `t{port}`, node ids
 /// `node0`…), each with `channels_yaml` and `extra` YAML.
 pub fn fleet(channels_yaml: &str, redis: &RedisServer, n: usize, extra: &str) -> Vec<Gateway> {
+    fleet_on(channels_yaml, redis, n, extra, None)
+}
+
+/// [`fleet`] on the PostgreSQL database at `pg_url` (or, with `None`, one SQLite file).
+pub fn fleet_on(
+    channels_yaml: &str,
+    redis: &RedisServer,
+    n: usize,
+    extra: &str,
+    pg_url: Option<&str>,
+) -> Vec<Gateway> {
     let mut nodes: Vec<Gateway> = Vec::new();
     for i in 0..n {
         let redis_yaml = format!(
@@ -112,12 +123,17 @@ pub fn fleet(channels_yaml: &str, redis: &RedisServer, n: usize, extra: &str) ->
             redis.url(),
             redis.port
         );
-        let gw = Gateway::configure(channels_yaml, &redis_yaml);
-        if let Some(first) = nodes.first() {
-            let db = first.dir.path().join("tollgate.db");
-            let own = gw.dir.path().join("tollgate.db");
+        let gw = match pg_url {
+            Some(url) => Gateway::configure_on_postgres(channels_yaml, &redis_yaml, url),
+            None => Gateway::configure(channels_yaml, &redis_yaml),
+        };
+        if let (Some(first), None) = (nodes.first(), pg_url) {
+            let db = first.db_path();
             let yaml = std::fs::read_to_string(&gw.config).unwrap();
-            let yaml = yaml.replace(&own.display().to_string(), &db.display().to_string());
+            let yaml = yaml.replace(
+                &gw.db_path().display().to_string(),
+                &db.display().to_string(),
+            );
             std::fs::write(&gw.config, yaml).unwrap();
         }
         nodes.push(gw.launch());

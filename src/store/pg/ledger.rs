@@ -51,7 +51,11 @@ impl Writer {
 
 /// One transaction: the rows, then one balance and one spend update per account and key,
 /// each reading back the stored value it leaves.
-pub fn commit(w: &mut Writer, batch: &[LedgerRow]) -> Result<Committed, StoreError> {
+pub fn commit(
+    w: &mut Writer,
+    batch: &[LedgerRow],
+    lease_node: Option<&str>,
+) -> Result<Committed, StoreError> {
     let mut tx = w.client()?.transaction()?;
     // The first row of each request id in the batch is written; a later one is a duplicate
     // and moves no money, as with SQLite's one-by-one `INSERT OR IGNORE`.
@@ -111,12 +115,23 @@ pub fn commit(w: &mut Writer, batch: &[LedgerRow]) -> Result<Committed, StoreErr
     let now = now_ms();
     if !by_account.is_empty() {
         let debit = tx.prepare(
-            "UPDATE accounts SET balance_nano = GREATEST(balance_nano - $1, 0), updated_at = $2
+            "UPDATE accounts SET balance_nano = GREATEST(balance_nano - $1, 0),
+               leased_nano = GREATEST(leased_nano - $4, 0), updated_at = $2
              WHERE id = $3 RETURNING balance_nano",
         )?;
+        let slice = tx.prepare(
+            "UPDATE account_leases SET amount_nano = GREATEST(amount_nano - $1, 0)
+             WHERE account_id = $2 AND node = $3",
+        )?;
         for (account, charged) in by_account {
-            let balance: i64 = tx.query_one(&debit, &[&charged, &now, &account])?.get(0);
+            let leased = if lease_node.is_some() { charged } else { 0 };
+            let balance: i64 = tx
+                .query_one(&debit, &[&charged, &now, &account, &leased])?
+                .get(0);
             out.balances.push((account, balance));
+            if let Some(node) = lease_node {
+                tx.execute(&slice, &[&charged, &account, &node])?;
+            }
         }
     }
     if !by_key.is_empty() {

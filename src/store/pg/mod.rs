@@ -46,6 +46,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "usage_cache_hit",
         include_str!("../../../migrations/postgres/0003_usage_cache_hit.sql"),
     ),
+    (
+        4,
+        "balance_leases",
+        include_str!("../../../migrations/postgres/0004_balance_leases.sql"),
+    ),
 ];
 
 /// The advisory lock taken around applying migrations ("tollgate" in ASCII), so nodes that
