@@ -21,6 +21,8 @@
 #   (g) the response cache (memory backend): the same request answered from the cache
 #       (`x-tollgate-cache: on`, every answer after the first a hit) against the uncached
 #       path (`x-tollgate-cache: off`) and the pass-through, closed loop and one at a time;
+#       then `backend: redis`: hits from the node's own tier, and hits served from Redis
+#       (a node whose own tier keeps nothing, reading what another stored);
 #   (h) scale-out: one node on SQLite; one node on PostgreSQL + Redis; three nodes on
 #       PostgreSQL + Redis (one loadgen per node, SAT_CONNS split between them), closed
 #       loop: req/s in all, the worst node's p50/p99, and Redis calls and PostgreSQL
@@ -151,6 +153,82 @@ url_of() { # direct|passthrough|tollgate
     passthrough) echo "http://127.0.0.1:$PT_PORT/v1/chat/completions" ;;
     tollgate) echo "http://127.0.0.1:$GW_PORT/v1/chat/completions" ;;
   esac
+}
+
+# Several nodes on one database and one Redis: FLEET_PORTS / FLEET_ADMIN / FLEET_PIDS.
+start_redis() {
+  [ -n "${REDIS_PID:-}" ] && return 0
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" 2>&1 & REDIS_PID=$!
+  for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && return 0; sleep 0.05; done
+  echo "redis-server did not start"; exit 1
+}
+start_fleet() { # n database-yaml extra-yaml
+  local n=$1 db=$2 extra=$3 i port admin
+  stop ${FLEET_PIDS:-}
+  FLEET_PORTS=(); FLEET_ADMIN=(); FLEET_PIDS=""
+  for i in $(seq 0 $((n - 1))); do
+    port=$(free_port); admin=$(free_port)
+    cat >"$work/node$i.yaml" <<EOF
+server:
+  listen: "127.0.0.1:$port"
+  admin_listen: "127.0.0.1:$admin"
+  threads: 1
+  upstream_keepalive_pool_size: 128
+  log_level: warn
+database: $db
+channels:
+  - { name: mock, base_url: "http://127.0.0.1:$MOCK_PORT", api_key: "sk-bench", models: [gpt-4o-mini], max_concurrency: 4096 }
+$FEATURES_ON
+$extra
+EOF
+    if [ "$i" = 0 ]; then
+      # (A database shared with an earlier fleet already has the account.)
+      "$BIN/tollgate" --config "$work/node0.yaml" accounts create bench --balance-usd 1000000 >/dev/null 2>&1 || true
+      KEY=$("$BIN/tollgate" --config "$work/node0.yaml" keys create --account bench | tail -n1)
+    fi
+    "$BIN/tollgate" serve --config "$work/node$i.yaml" >"$work/node$i.log" 2>&1 &
+    FLEET_PIDS="$FLEET_PIDS $!"
+    FLEET_PORTS+=("$port"); FLEET_ADMIN+=("$admin")
+    wait_http "http://127.0.0.1:$admin/healthz"
+  done
+}
+metric_sum() { # name: summed over the fleet's nodes
+  local a
+  for a in "${FLEET_ADMIN[@]}"; do curl -s "http://127.0.0.1:$a/metrics"; done |
+    awk -v n="$1" 'index($0, n) == 1 { s += $NF } END { print s + 0 }'
+}
+pg_commits() {
+  local v=
+  [ -n "${PG_DB:-}" ] && v=$(psql -At -h 127.0.0.1 -U postgres -c "SELECT xact_commit FROM pg_stat_database WHERE datname = '$PG_DB'" 2>/dev/null)
+  echo "${v:-0}"
+}
+fleet_load() { # label [loadgen-args...]: one loadgen per node at once, SAT_CONNS split between them
+  local label=$1 n=${#FLEET_PORTS[@]} i r0 r1 p0 p1 pids=""
+  shift
+  local conns=$(( (SAT_CONNS + n - 1) / n ))
+  r0=$(metric_sum tollgate_redis_calls_total); p0=$(pg_commits)
+  for i in $(seq 0 $((n - 1))); do
+    TOLLGATE_KEY=$KEY "$BIN/tollgate-loadgen" "http://127.0.0.1:${FLEET_PORTS[$i]}/v1/chat/completions" --json \
+      --label "$label:node$i" --threads "$LOADGEN_THREADS" --duration "$DURATION" --warmup "$WARMUP" \
+      --connections "$conns" "$@" >"$work/fleet$i.json" & pids="$pids $!"
+  done
+  for p in $pids; do wait "$p" || true; done
+  r1=$(metric_sum tollgate_redis_calls_total); p1=$(pg_commits)
+  python3 - "$label" "$r0" "$r1" "$p0" "$p1" "$work"/fleet*.json >>"$FLEET_RESULTS" <<'PY'
+import json, sys
+label, r0, r1, p0, p1 = sys.argv[1], *map(float, sys.argv[2:6])
+rows = [json.loads(open(f).read()) for f in sys.argv[6:]]
+# Requests over the whole run (warm-up included), as the counters count them.
+sent = sum(r.get("ok", 0) for r in rows) or 1
+print(json.dumps({"label": label, "rps": sum(r["rps"] for r in rows),
+  "p50": max((r.get("latency_us") or {}).get("p50") or 0 for r in rows),
+  "p99": max((r.get("latency_us") or {}).get("p99") or 0 for r in rows),
+  "redis_per_req": (r1 - r0) / sent, "pg_per_req": (p1 - p0) / sent,
+  "valid": all(r["valid"] for r in rows),
+  "errors": {k: v for r in rows for k, v in r["errors"].items()}}))
+PY
+  rm -f "$work"/fleet*.json
 }
 
 RESULTS=$work/results.jsonl
@@ -423,6 +501,23 @@ cache: { responses: { backend: memory, ttl_s: 600 } }"
     load "g:c=$conns:tollgate, cache hits" tollgate --connections "$conns" -H "x-tollgate-cache: on"
   done
   FEATURES=$FEATURES_ON
+  # The Redis backend: hits from the node's own tier, then hits that come from Redis (a
+  # second node whose own tier is too small to keep anything).
+  start_redis
+  FLEET_RESULTS=$work/fleet.jsonl; : >"$FLEET_RESULTS"
+  REDIS_YAML="redis: { url: \"redis://127.0.0.1:$REDIS_PORT/0\", timeout_ms: 50 }"
+  SAVED_CONNS=$SAT_CONNS
+  for conns in "$SAVED_CONNS" 1; do
+    SAT_CONNS=$conns
+    start_fleet 1 "{ path: \"$work/g1-$conns.db\" }" "$REDIS_YAML
+cache: { responses: { backend: redis, ttl_s: 600 } }"
+    fleet_load "g-redis:c=$conns:redis backend, hits from the node's memory" -H "x-tollgate-cache: on"
+    start_fleet 1 "{ path: \"$work/g2-$conns.db\" }" "$REDIS_YAML
+cache: { responses: { backend: redis, ttl_s: 600, max_bytes: 1, max_entry_bytes: 1 } }"
+    fleet_load "g-redis:c=$conns:redis backend, hits from Redis (another node stored them)" -H "x-tollgate-cache: on"
+  done
+  SAT_CONNS=$SAVED_CONNS
+  stop ${FLEET_PIDS:-}; FLEET_PIDS=
   python3 - "$RESULTS" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip() and json.loads(l)["label"].startswith("g:")]
@@ -434,76 +529,17 @@ for r in rows:
     valid = "ok" if r["valid"] else "INVALID " + ",".join(f"{k}={v}" for k, v in r["errors"].items())
     print(f"| {conns.split('=')[1]} | {target} | {r['rps']:.0f} | {lat.get('p50')} us | {lat.get('p99')} us | {valid} |")
 PY
-fi
-# Several nodes on one database and one Redis: FLEET_PORTS / FLEET_ADMIN / FLEET_PIDS.
-start_redis() {
-  [ -n "${REDIS_PID:-}" ] && return 0
-  REDIS_PORT=$(free_port)
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" 2>&1 & REDIS_PID=$!
-  for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && return 0; sleep 0.05; done
-  echo "redis-server did not start"; exit 1
-}
-start_fleet() { # n database-yaml extra-yaml
-  local n=$1 db=$2 extra=$3 i port admin
-  stop ${FLEET_PIDS:-}
-  FLEET_PORTS=(); FLEET_ADMIN=(); FLEET_PIDS=""
-  for i in $(seq 0 $((n - 1))); do
-    port=$(free_port); admin=$(free_port)
-    cat >"$work/node$i.yaml" <<EOF
-server:
-  listen: "127.0.0.1:$port"
-  admin_listen: "127.0.0.1:$admin"
-  threads: 1
-  upstream_keepalive_pool_size: 128
-  log_level: warn
-database: $db
-channels:
-  - { name: mock, base_url: "http://127.0.0.1:$MOCK_PORT", api_key: "sk-bench", models: [gpt-4o-mini], max_concurrency: 4096 }
-$FEATURES_ON
-$extra
-EOF
-    if [ "$i" = 0 ]; then
-      "$BIN/tollgate" --config "$work/node0.yaml" accounts create bench --balance-usd 1000000 >/dev/null
-      KEY=$("$BIN/tollgate" --config "$work/node0.yaml" keys create --account bench | tail -n1)
-    fi
-    "$BIN/tollgate" serve --config "$work/node$i.yaml" >"$work/node$i.log" 2>&1 &
-    FLEET_PIDS="$FLEET_PIDS $!"
-    FLEET_PORTS+=("$port"); FLEET_ADMIN+=("$admin")
-    wait_http "http://127.0.0.1:$admin/healthz"
-  done
-}
-metric_sum() { # name: summed over the fleet's nodes
-  local a
-  for a in "${FLEET_ADMIN[@]}"; do curl -s "http://127.0.0.1:$a/metrics"; done |
-    awk -v n="$1" 'index($0, n) == 1 { s += $NF } END { print s + 0 }'
-}
-pg_commits() { psql -At -h 127.0.0.1 -U postgres -c "SELECT xact_commit FROM pg_stat_database WHERE datname = '$PG_DB'" 2>/dev/null || echo 0; }
-fleet_load() { # label: one loadgen per node at once, SAT_CONNS split between them
-  local label=$1 n=${#FLEET_PORTS[@]} i r0 r1 p0 p1 pids=""
-  local conns=$(( (SAT_CONNS + n - 1) / n ))
-  r0=$(metric_sum tollgate_redis_calls_total); p0=$(pg_commits)
-  for i in $(seq 0 $((n - 1))); do
-    TOLLGATE_KEY=$KEY "$BIN/tollgate-loadgen" "http://127.0.0.1:${FLEET_PORTS[$i]}/v1/chat/completions" --json \
-      --label "$label:node$i" --threads "$LOADGEN_THREADS" --duration "$DURATION" --warmup "$WARMUP" \
-      --connections "$conns" >"$work/fleet$i.json" & pids="$pids $!"
-  done
-  for p in $pids; do wait "$p" || true; done
-  r1=$(metric_sum tollgate_redis_calls_total); p1=$(pg_commits)
-  python3 - "$label" "$r0" "$r1" "$p0" "$p1" "$work"/fleet*.json >>"$FLEET_RESULTS" <<'PY'
+  python3 - "$FLEET_RESULTS" <<'PY'
 import json, sys
-label, r0, r1, p0, p1 = sys.argv[1], *map(float, sys.argv[2:6])
-rows = [json.loads(open(f).read()) for f in sys.argv[6:]]
-# Requests over the whole run (warm-up included), as the counters count them.
-sent = sum(r.get("ok", 0) for r in rows) or 1
-print(json.dumps({"label": label, "rps": sum(r["rps"] for r in rows),
-  "p50": max((r.get("latency_us") or {}).get("p50") or 0 for r in rows),
-  "p99": max((r.get("latency_us") or {}).get("p99") or 0 for r in rows),
-  "redis_per_req": (r1 - r0) / sent, "pg_per_req": (p1 - p0) / sent,
-  "valid": all(r["valid"] for r in rows),
-  "errors": {k: v for r in rows for k, v in r["errors"].items()}}))
+for l in open(sys.argv[1]):
+    if not l.strip(): continue
+    r = json.loads(l)
+    _, conns, target = r["label"].split(":")
+    valid = "ok" if r["valid"] else "INVALID " + ",".join(f"{k}={v}" for k, v in r["errors"].items())
+    print(f"| {conns.split('=')[1]} | {target} | {r['rps']:.0f} | {r['p50']} us | {r['p99']} us | {valid} (Redis calls/request {r['redis_per_req']:.2f}) |")
 PY
-  rm -f "$work"/fleet*.json
-}
+  if grep -q '"valid": false' "$FLEET_RESULTS"; then echo; echo "INVALID: a Redis cache run had a non-2xx answer"; exit 1; fi
+fi
 if [[ " $SCENARIOS " == *" h "* ]]; then
   echo; echo "## (h) scale-out, closed loop, $SAT_CONNS connections in all, one proxy thread per node"
   stop "$TG_PID" "$PT_PID"; TG_PID=; PT_PID=

@@ -445,6 +445,7 @@ async fn mixed_requests_over_three_nodes_are_billed_exactly_once_each() {
         tasks.spawn(async move {
             let stream = i % 2 == 0;
             let mut b = json!({"model": "m", "max_tokens": 5 + i % 7, "stream": stream,
+                               "user": format!("u{i}"),
                                "messages": [{"role": "user", "content": format!("q{i}")}],
                                "x_mock": {"chunks": 1 + i % 5}});
             if stream && i % 4 == 0 {
@@ -471,11 +472,18 @@ async fn mixed_requests_over_three_nodes_are_billed_exactly_once_each() {
         300
     );
     let spent = db.scalar("SELECT SUM(cost_nano)::BIGINT FROM usage_ledger");
-    let served: i64 = mock
+    // One answer per request (a request the gateway had to send again, after a pooled
+    // connection failed under it, is served twice with the same usage).
+    let by_user: std::collections::HashMap<String, i64> = mock
         .served()
         .iter()
-        .map(|s| s.prompt_tokens as i64 * 1_000_000 + s.completion_tokens as i64 * 2_000_000)
-        .sum();
+        .map(|s| {
+            let cost = s.prompt_tokens as i64 * 1_000_000 + s.completion_tokens as i64 * 2_000_000;
+            (s.user.clone().unwrap_or_default(), cost)
+        })
+        .collect();
+    assert_eq!(by_user.len(), 300);
+    let served: i64 = by_user.values().sum();
     assert_eq!(
         spent, served,
         "ledger sum = price x the tokens the mock served"

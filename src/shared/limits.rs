@@ -5,13 +5,17 @@
 //! - A bucket is a GCRA: one number, the theoretical arrival time in µs, under
 //!   `{ns}:rl:{scope}:{dim}`, expiring when the bucket is full again. A lease takes between
 //!   `need` and `want` units; a give-back moves the time back (never before now).
-//! - A concurrency cap is a sorted set `{ns}:cc:{scope}` of holders scored by when their
-//!   place expires ([`PLACE_TTL`]). A node renews the places it holds every third of that;
-//!   a node that dies stops renewing and its places expire.
+//! - A concurrency cap is a sorted set `{ns}:cc:{scope}` of places scored by when they
+//!   expire ([`PLACE_TTL`]). A node renews the places it holds every third of that; a node
+//!   that dies stops renewing and its places expire. A node takes places one at a time and
+//!   counts its own requests against them in memory; under a large cap it keeps a few spare
+//!   ([`spare_places`]) for up to [`SPARE_IDLE`], so a busy node does not go to Redis per
+//!   request, and under a small cap it gives each back at once.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::Script;
@@ -21,6 +25,29 @@ use super::{Op, Redis};
 
 /// A concurrency place not renewed for this long is free again.
 pub const PLACE_TTL: Duration = Duration::from_secs(15);
+/// Spare places go back after this long unused.
+pub const SPARE_IDLE: Duration = Duration::from_secs(1);
+
+/// How many places a node may keep unused under `cap`: none under small caps (another node
+/// may need the place now), up to 16 under large ones.
+pub fn spare_places(cap: u32, live_nodes: u32) -> usize {
+    if cap < 16 {
+        0
+    } else {
+        (cap / (4 * live_nodes.max(1))).clamp(1, 16) as usize
+    }
+}
+
+/// The places this node holds under one cap.
+#[derive(Default)]
+struct Places {
+    /// Members of the sorted set this node holds.
+    members: Vec<String>,
+    in_use: usize,
+    cap: u32,
+    /// When the last place came free (spares older than [`SPARE_IDLE`] go back).
+    freed: Option<Instant>,
+}
 
 /// µs in a bucket's window (the limits are per minute).
 const WINDOW_US: f64 = 60_000_000.0;
@@ -88,8 +115,9 @@ pub struct RedisLimits {
     give_back: Script,
     enter: Script,
     renew: Script,
-    /// Places this node holds: (sorted-set key, holder), renewed by [`Self::renew`].
-    held: Mutex<HashSet<(String, String)>>,
+    /// Places this node holds, by sorted-set key; renewed by [`Self::renew`].
+    held: Mutex<HashMap<String, Places>>,
+    next_place: AtomicU64,
 }
 
 impl RedisLimits {
@@ -101,6 +129,7 @@ impl RedisLimits {
             enter: Script::new(ENTER),
             renew: Script::new(RENEW),
             held: Mutex::default(),
+            next_place: AtomicU64::new(0),
         })
     }
 
@@ -112,23 +141,25 @@ impl RedisLimits {
         self.redis.key(&format!("cc:{scope}"))
     }
 
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Places>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Extends the TTL of every place this node holds (one call for all of them).
     pub async fn renew(&self) {
         let held: Vec<(String, String)> = self
-            .held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .held()
             .iter()
-            .cloned()
+            .flat_map(|(k, p)| p.members.iter().map(move |m| (k.clone(), m.clone())))
             .collect();
         if held.is_empty() {
             return;
         }
         let mut inv = self.renew.prepare_invoke();
         inv.arg(PLACE_TTL.as_millis() as u64);
-        for (key, holder) in &held {
+        for (key, member) in &held {
             inv.key(key);
-            inv.arg(holder);
+            inv.arg(member);
         }
         let _ = self
             .redis
@@ -138,9 +169,47 @@ impl RedisLimits {
             .await;
     }
 
-    /// Places this node holds now (for tests and /readyz).
+    /// Gives back spare places unused for [`SPARE_IDLE`] (run every few hundred ms).
+    pub fn return_spares(&self) {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        self.held().retain(|key, p| {
+            if p.in_use < p.members.len() && p.freed.is_some_and(|t| now - t >= SPARE_IDLE) {
+                for m in p.members.drain(p.in_use..) {
+                    out.push((key.clone(), m));
+                }
+            }
+            !p.members.is_empty() || p.in_use > 0
+        });
+        self.remove(out);
+    }
+
+    /// Places this node holds now, in use or spare (for tests and the drain).
     pub fn places_held(&self) -> usize {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.held().values().map(|p| p.members.len()).sum()
+    }
+
+    /// Removes members from their sets, in the background.
+    fn remove(&self, places: Vec<(String, String)>) {
+        if places.is_empty() {
+            return;
+        }
+        // Outside a runtime (never on the request path) the places simply expire.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let redis = self.redis.clone();
+        rt.spawn(async move {
+            let _ = redis
+                .call(Op::Leave, |mut c| async move {
+                    let mut pipe = redis::pipe();
+                    for (key, member) in &places {
+                        pipe.cmd("ZREM").arg(key).arg(member).ignore();
+                    }
+                    pipe.query_async::<()>(&mut c).await
+                })
+                .await;
+        });
     }
 }
 
@@ -207,10 +276,24 @@ impl SharedLimits for RedisLimits {
             .map_err(|_| Unreachable)
     }
 
-    async fn enter(&self, scope: &str, cap: u32, holder: &str) -> Result<bool, Unreachable> {
+    async fn enter(&self, scope: &str, cap: u32, _holder: &str) -> Result<bool, Unreachable> {
         let key = self.places_key(scope);
+        {
+            let mut held = self.held();
+            let p = held.entry(key.clone()).or_default();
+            p.cap = cap;
+            if p.in_use < p.members.len() {
+                p.in_use += 1;
+                return Ok(true);
+            }
+        }
+        let member = format!(
+            "{}:{}",
+            self.redis.node_id,
+            self.next_place.fetch_add(1, Ordering::Relaxed)
+        );
         let mut inv = self.enter.key(&key);
-        inv.arg(cap).arg(holder).arg(PLACE_TTL.as_millis() as u64);
+        inv.arg(cap).arg(&member).arg(PLACE_TTL.as_millis() as u64);
         let ok: i64 = self
             .redis
             .call(
@@ -220,36 +303,36 @@ impl SharedLimits for RedisLimits {
             .await
             .map_err(|_| Unreachable)?;
         if ok == 1 {
-            self.held
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert((key, holder.to_string()));
+            let mut held = self.held();
+            let p = held.entry(key).or_default();
+            p.members.push(member);
+            p.in_use += 1;
         }
         Ok(ok == 1)
     }
 
-    fn leave(&self, scope: &str, holder: &str) {
+    fn leave(&self, scope: &str, _holder: &str) {
         let key = self.places_key(scope);
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(key.clone(), holder.to_string()));
-        // Outside a runtime (never on the request path) the place simply expires.
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (redis, holder) = (self.redis.clone(), holder.to_string());
-        rt.spawn(async move {
-            let _ = redis
-                .call(Op::Leave, |mut c| async move {
-                    redis::cmd("ZREM")
-                        .arg(&key)
-                        .arg(&holder)
-                        .query_async::<i64>(&mut c)
-                        .await
-                })
-                .await;
-        });
+        let live = self.redis.live_nodes();
+        let mut out = Vec::new();
+        {
+            let mut held = self.held();
+            let Some(p) = held.get_mut(&key) else {
+                return;
+            };
+            p.in_use = p.in_use.saturating_sub(1);
+            p.freed = Some(Instant::now());
+            let keep = p.in_use + spare_places(p.cap, live);
+            while p.members.len() > keep {
+                if let Some(m) = p.members.pop() {
+                    out.push((key.clone(), m));
+                }
+            }
+            if p.members.is_empty() && p.in_use == 0 {
+                held.remove(&key);
+            }
+        }
+        self.remove(out);
     }
 
     fn reachable(&self) -> bool {
@@ -258,5 +341,19 @@ impl SharedLimits for RedisLimits {
 
     fn live_nodes(&self) -> u32 {
         self.redis.live_nodes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spares_only_under_large_caps() {
+        assert_eq!(spare_places(3, 3), 0);
+        assert_eq!(spare_places(15, 1), 0);
+        assert_eq!(spare_places(16, 1), 4);
+        assert_eq!(spare_places(4096, 3), 16);
+        assert_eq!(spare_places(64, 8), 2);
     }
 }

@@ -55,6 +55,7 @@ impl BackgroundService for SharedService {
                 _ = renew.tick() => self.limits_backend.renew().await,
                 _ = sweep.tick() => {
                     self.limits.return_stale_credit().await;
+                    self.limits_backend.return_spares();
                 }
             }
         }
@@ -66,7 +67,10 @@ impl BackgroundService for SharedService {
         for _ in 0..600 {
             tokio::select! {
                 _ = renew.tick() => self.limits_backend.renew().await,
-                _ = sweep.tick() => { self.limits.return_stale_credit().await; }
+                _ = sweep.tick() => {
+                    self.limits.return_stale_credit().await;
+                    self.limits_backend.return_spares();
+                }
             }
             if self.in_flight.count() == 0 && self.limits_backend.places_held() == 0 {
                 break;

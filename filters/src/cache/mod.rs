@@ -359,7 +359,10 @@ impl ResponseCache {
             ttl: left,
             weight,
         });
-        self.store.insert(*key, entry.clone());
+        // Kept here too, unless it could never fit this node's tier.
+        if u64::from(entry.weight) <= self.cfg.max_bytes {
+            self.store.insert(*key, entry.clone());
+        }
         Some(entry)
     }
 
