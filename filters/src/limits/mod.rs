@@ -33,7 +33,7 @@ mod config;
 pub mod shared;
 
 pub use config::{LimitSet, LimitsConfig};
-use shared::{lease_size, local_share, Credit};
+use shared::Credit;
 pub use shared::{Lease, OnError, SharedLimits, Unreachable};
 
 use crate::chain::Phases;
@@ -381,92 +381,6 @@ impl Limits {
         (report, Ok(()))
     }
 
-    /// Takes `n` of `dim` in one scope: from this node's bucket, or with `redis:` from the
-    /// credit leased from the shared one. `Ok(true)` when taken locally because the shared
-    /// state was unreachable.
-    async fn take_one(
-        &self,
-        scope: &Scope,
-        dim: Dim,
-        n: u64,
-        pm: u32,
-    ) -> Result<(Option<Report>, bool), (Option<Report>, GatewayError)> {
-        let Some(shared) = &self.shared else {
-            return self.take_local(scope, dim, n, pm).map(|r| (Some(r), false));
-        };
-        let lease = lease_size(pm);
-        let now = self.now();
-        let stale = {
-            let mut map = self.lock(scope);
-            let c = map.entry(scope.clone()).or_default().credit(dim);
-            let stale = c.take_stale(now);
-            if c.units >= n {
-                c.units -= n;
-                let report = Report {
-                    limit: pm,
-                    remaining: c.remaining,
-                    reset: c.reset,
-                };
-                let refill = c.units < lease.div_ceil(2) && !c.refilling;
-                c.refilling |= refill;
-                drop(map);
-                if refill {
-                    self.refill(shared, scope, dim, pm, lease);
-                }
-                return Ok((Some(report), false));
-            }
-            stale
-        };
-        let name = scope.shared_name(dim);
-        if stale > 0 {
-            let backend = shared.backend.clone();
-            let name = name.clone();
-            tokio::spawn(async move { backend.give_back(&name, pm, stale).await });
-        }
-        let answer = if shared.backend.reachable() {
-            shared.backend.lease(&name, pm, n, n + lease).await
-        } else {
-            Err(Unreachable)
-        };
-        match answer {
-            Ok(Lease::Granted {
-                units,
-                remaining,
-                reset,
-            }) => {
-                let now = self.now();
-                let mut map = self.lock(scope);
-                let c = map.entry(scope.clone()).or_default().credit(dim);
-                c.add(units.saturating_sub(n), now, remaining, reset);
-                c.per_minute = pm;
-                Ok((
-                    Some(Report {
-                        limit: pm,
-                        remaining,
-                        reset,
-                    }),
-                    false,
-                ))
-            }
-            Ok(Lease::Refused { retry_after, reset }) => {
-                let r = Report {
-                    limit: pm,
-                    remaining: 0,
-                    reset,
-                };
-                Err((Some(r), Self::refused(dim.limit(scope), retry_after)))
-            }
-            Err(Unreachable) => match shared.on_error {
-                OnError::Allow => Ok((None, true)),
-                OnError::Deny => Err((None, GatewayError::LimitsUnavailable)),
-                OnError::LocalShare => {
-                    let pm = local_share(pm, shared.backend.live_nodes());
-                    self.take_local(scope, dim, n, pm).map(|r| (Some(r), true))
-                }
-            },
-        }
-    }
-
     /// Takes `n` from this node's own bucket.
     fn take_local(
         &self,
@@ -488,31 +402,6 @@ impl Limits {
             Ok(()) => Ok(r),
             Err(wait) => Err((Some(r), Self::refused(dim.limit(scope), wait))),
         }
-    }
-
-    /// Tops the credit up in the background (a take left it under half a lease).
-    fn refill(&self, shared: &Shared, scope: &Scope, dim: Dim, pm: u32, lease: u64) {
-        let (state, backend, scope) = (self.state.clone(), shared.backend.clone(), scope.clone());
-        tokio::spawn(async move {
-            let got = if backend.reachable() {
-                backend.lease(&scope.shared_name(dim), pm, 1, lease).await
-            } else {
-                Err(Unreachable)
-            };
-            let now = state.now();
-            let mut map = state.lock(&scope);
-            let c = map.entry(scope.clone()).or_default().credit(dim);
-            c.refilling = false;
-            if let Ok(Lease::Granted {
-                units,
-                remaining,
-                reset,
-            }) = got
-            {
-                c.add(units, now, remaining, reset);
-                c.per_minute = pm;
-            }
-        });
     }
 
     /// Puts `n` of `dim` back where `h` took it from.
@@ -537,36 +426,6 @@ impl Limits {
         } else {
             st.bucket(dim).give_back(now, n, pm);
         }
-    }
-
-    /// Returns credit past its life to the shared buckets (run every few hundred ms by the
-    /// server with `redis:`; idle scopes are dropped). Returns the units given back.
-    pub async fn return_stale_credit(&self) -> u64 {
-        let Some(shared) = &self.shared else {
-            return 0;
-        };
-        let now = self.now();
-        let mut stale = Vec::new();
-        for shard in self.state.shards.iter() {
-            let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
-            map.retain(|scope, st| {
-                for d in DIMS {
-                    let c = st.credit(d);
-                    let units = c.take_stale(now);
-                    if units > 0 {
-                        stale.push((scope.shared_name(d), c.per_minute, units));
-                    }
-                }
-                !st.idle(now)
-            });
-        }
-        let mut returned = 0;
-        for (name, pm, units) in stale {
-            if shared.backend.give_back(&name, pm, units).await.is_ok() {
-                returned += units;
-            }
-        }
-        returned
     }
 
     fn set_headers(h: &mut ResponseHeaders, names: [&'static str; 3], r: Option<Report>) {

@@ -23,6 +23,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Deserialize;
 
+use super::{Dim, Report, Scope, Shared, DIMS};
+use crate::GatewayError;
+
 /// How long leased units stay on this node before they go back.
 pub const CREDIT_LIFE: Duration = Duration::from_secs(1);
 
@@ -138,6 +141,150 @@ pub fn lease_size(per_minute: u32) -> u64 {
 /// The local limit while the shared state is unreachable under `local_share`.
 pub fn local_share(per_minute: u32, live_nodes: u32) -> u32 {
     (per_minute / live_nodes.max(1)).max(1)
+}
+
+/// The shared side of the `limits` filter.
+impl super::Limits {
+    /// Takes `n` of `dim` in one scope: from this node's bucket, or with `redis:` from the
+    /// credit leased from the shared one. `Ok(true)` when taken locally because the shared
+    /// state was unreachable.
+    pub(super) async fn take_one(
+        &self,
+        scope: &Scope,
+        dim: Dim,
+        n: u64,
+        pm: u32,
+    ) -> Result<(Option<Report>, bool), (Option<Report>, GatewayError)> {
+        let Some(shared) = &self.shared else {
+            return self.take_local(scope, dim, n, pm).map(|r| (Some(r), false));
+        };
+        let lease = lease_size(pm);
+        let now = self.now();
+        let stale = {
+            let mut map = self.lock(scope);
+            let c = map.entry(scope.clone()).or_default().credit(dim);
+            let stale = c.take_stale(now);
+            if c.units >= n {
+                c.units -= n;
+                let report = Report {
+                    limit: pm,
+                    remaining: c.remaining,
+                    reset: c.reset,
+                };
+                let refill = c.units < lease.div_ceil(2) && !c.refilling;
+                c.refilling |= refill;
+                drop(map);
+                if refill {
+                    self.refill(shared, scope, dim, pm, lease);
+                }
+                return Ok((Some(report), false));
+            }
+            stale
+        };
+        let name = scope.shared_name(dim);
+        if stale > 0 {
+            let backend = shared.backend.clone();
+            let name = name.clone();
+            tokio::spawn(async move { backend.give_back(&name, pm, stale).await });
+        }
+        let answer = if shared.backend.reachable() {
+            shared.backend.lease(&name, pm, n, n + lease).await
+        } else {
+            Err(Unreachable)
+        };
+        match answer {
+            Ok(Lease::Granted {
+                units,
+                remaining,
+                reset,
+            }) => {
+                let now = self.now();
+                let mut map = self.lock(scope);
+                let c = map.entry(scope.clone()).or_default().credit(dim);
+                c.add(units.saturating_sub(n), now, remaining, reset);
+                c.per_minute = pm;
+                Ok((
+                    Some(Report {
+                        limit: pm,
+                        remaining,
+                        reset,
+                    }),
+                    false,
+                ))
+            }
+            Ok(Lease::Refused { retry_after, reset }) => {
+                let r = Report {
+                    limit: pm,
+                    remaining: 0,
+                    reset,
+                };
+                Err((Some(r), Self::refused(dim.limit(scope), retry_after)))
+            }
+            Err(Unreachable) => match shared.on_error {
+                OnError::Allow => Ok((None, true)),
+                OnError::Deny => Err((None, GatewayError::LimitsUnavailable)),
+                OnError::LocalShare => {
+                    let pm = local_share(pm, shared.backend.live_nodes());
+                    self.take_local(scope, dim, n, pm).map(|r| (Some(r), true))
+                }
+            },
+        }
+    }
+
+    /// Tops the credit up in the background (a take left it under half a lease).
+    fn refill(&self, shared: &Shared, scope: &Scope, dim: Dim, pm: u32, lease: u64) {
+        let (state, backend, scope) = (self.state.clone(), shared.backend.clone(), scope.clone());
+        tokio::spawn(async move {
+            let got = if backend.reachable() {
+                backend.lease(&scope.shared_name(dim), pm, 1, lease).await
+            } else {
+                Err(Unreachable)
+            };
+            let now = state.now();
+            let mut map = state.lock(&scope);
+            let c = map.entry(scope.clone()).or_default().credit(dim);
+            c.refilling = false;
+            if let Ok(Lease::Granted {
+                units,
+                remaining,
+                reset,
+            }) = got
+            {
+                c.add(units, now, remaining, reset);
+                c.per_minute = pm;
+            }
+        });
+    }
+
+    /// Returns credit past its life to the shared buckets (run every few hundred ms by the
+    /// server with `redis:`; idle scopes are dropped). Returns the units given back.
+    pub async fn return_stale_credit(&self) -> u64 {
+        let Some(shared) = &self.shared else {
+            return 0;
+        };
+        let now = self.now();
+        let mut stale = Vec::new();
+        for shard in self.state.shards.iter() {
+            let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            map.retain(|scope, st| {
+                for d in DIMS {
+                    let c = st.credit(d);
+                    let units = c.take_stale(now);
+                    if units > 0 {
+                        stale.push((scope.shared_name(d), c.per_minute, units));
+                    }
+                }
+                !st.idle(now)
+            });
+        }
+        let mut returned = 0;
+        for (name, pm, units) in stale {
+            if shared.backend.give_back(&name, pm, units).await.is_ok() {
+                returned += units;
+            }
+        }
+        returned
+    }
 }
 
 #[cfg(test)]
