@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::pg::TestDb;
 use support::redis::RedisServer;
-use support::{channel, Gateway, MockServer};
+use support::{channel, metric_sum, Gateway, MockServer};
 
 const PROVIDER_KEY: &str = "sk-provider-scaleout";
 
@@ -72,23 +72,6 @@ async fn key_id(gw: &Gateway, account: &str) -> i64 {
         .find(|k| k["account"] == account)
         .and_then(|k| k["id"].as_i64())
         .expect("the key is listed")
-}
-
-/// The sum of a counter over its label sets, from the node's /metrics.
-async fn metric_sum(gw: &Gateway, name: &str) -> f64 {
-    let text = client()
-        .get(gw.admin_url("/metrics"))
-        .bearer_auth(&gw.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F)
@@ -439,10 +422,14 @@ async fn mixed_requests_over_three_nodes_are_billed_exactly_once_each() {
     let nodes = std::sync::Arc::new(fleet(&mock, &redis, &db, 3, PRICED));
     let key = make_key(&nodes[0], "rich", "1000");
     let before = db.scalar("SELECT balance_nano FROM accounts WHERE name = 'rich'");
+    // 300 requests, 32 in flight at a time over the three nodes.
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..300usize {
         let (nodes, key) = (nodes.clone(), key.clone());
+        let permit = in_flight.clone().acquire_owned().await.unwrap();
         tasks.spawn(async move {
+            let _permit = permit;
             let stream = i % 2 == 0;
             let mut b = json!({"model": "m", "max_tokens": 5 + i % 7, "stream": stream,
                                "user": format!("u{i}"),
@@ -459,12 +446,13 @@ async fn mixed_requests_over_three_nodes_are_billed_exactly_once_each() {
                 .await
                 .unwrap();
             let status = r.status().as_u16();
-            let _ = r.text().await;
-            status
+            let text = r.text().await.unwrap_or_default();
+            (status, text)
         });
     }
     while let Some(r) = tasks.join_next().await {
-        assert_eq!(r.unwrap(), 200);
+        let (status, text) = r.unwrap();
+        assert_eq!(status, 200, "{text}");
     }
     wait_scalar(&db, "SELECT COUNT(*) FROM usage_ledger", 300).await;
     assert_eq!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::redis::{fleet, RedisServer};
-use support::{Gateway, MockServer};
+use support::{metric, Gateway, MockServer};
 
 fn channels(mock: &MockServer) -> String {
     format!(
@@ -44,23 +44,6 @@ async fn send(gw: &Gateway, key: &str, body: &Value) -> (u16, String, String) {
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
     (status, cache, r.text().await.unwrap())
-}
-
-/// One series' value from a node's /metrics (`line_start` up to the value).
-async fn metric(gw: &Gateway, line_start: &str) -> f64 {
-    let text = reqwest::Client::new()
-        .get(gw.admin_url("/metrics"))
-        .bearer_auth(&gw.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

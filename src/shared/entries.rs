@@ -51,30 +51,16 @@ impl SharedEntries for RedisEntries {
     }
 
     fn put(&self, key: &Key, value: Bytes, ttl: Duration) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         if !self.redis.reachable() {
             self.errors.inc();
             return;
         }
-        let (redis, errors, k) = (self.redis.clone(), self.errors.clone(), self.key(key));
-        let ms = ttl.as_millis().max(1) as u64;
-        rt.spawn(async move {
-            let stored = redis
-                .call(Op::CachePut, |mut c| async move {
-                    redis::cmd("SET")
-                        .arg(k)
-                        .arg(value.as_ref())
-                        .arg("PX")
-                        .arg(ms)
-                        .query_async::<()>(&mut c)
-                        .await
-                })
-                .await;
-            if stored.is_err() {
-                errors.inc();
-            }
-        });
+        self.redis.set_in_background(
+            Op::CachePut,
+            self.key(key),
+            value.to_vec(),
+            ttl,
+            self.errors.clone(),
+        );
     }
 }

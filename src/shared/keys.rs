@@ -136,24 +136,8 @@ impl SharedKeys {
         if serde_json::to_writer(&mut value, found).is_err() {
             return;
         }
-        let (redis, errors) = (self.redis.clone(), self.errors.clone());
-        tokio::spawn(async move {
-            let ms = ttl.as_millis().max(1) as u64;
-            let stored = redis
-                .call(Op::KeyPut, |mut c| async move {
-                    redis::cmd("SET")
-                        .arg(key)
-                        .arg(value)
-                        .arg("PX")
-                        .arg(ms)
-                        .query_async::<()>(&mut c)
-                        .await
-                })
-                .await;
-            if stored.is_err() {
-                errors.inc();
-            }
-        });
+        self.redis
+            .set_in_background(Op::KeyPut, key, value, ttl, self.errors.clone());
     }
 }
 

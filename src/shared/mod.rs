@@ -373,6 +373,39 @@ impl Redis {
         }
     }
 
+    /// `SET key value PX ttl` in the background (a cache entry); a failure counts in
+    /// `errors`. Outside a runtime nothing is written (the entry is only a cache).
+    pub fn set_in_background(
+        self: &Arc<Self>,
+        op: Op,
+        key: String,
+        value: Vec<u8>,
+        ttl: Duration,
+        errors: prometheus::IntCounter,
+    ) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let redis = self.clone();
+        let ms = ttl.as_millis().max(1) as u64;
+        rt.spawn(async move {
+            let stored = redis
+                .call(op, |mut c| async move {
+                    redis::cmd("SET")
+                        .arg(key)
+                        .arg(value)
+                        .arg("PX")
+                        .arg(ms)
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await;
+            if stored.is_err() {
+                errors.inc();
+            }
+        });
+    }
+
     /// A key of this deployment: `{namespace}:{rest}`.
     pub fn key(&self, rest: &str) -> String {
         format!("{}:{rest}", self.cfg.namespace)

@@ -286,3 +286,36 @@ pub fn raw_status(port: u16, method: &str, path: &str, token: &str, body: &str) 
     s.read_exact(&mut buf).ok()?;
     std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
 }
+
+/// The gateway's `/metrics` text.
+pub async fn metrics_text(gw: &Gateway) -> String {
+    ::reqwest::Client::new()
+        .get(gw.admin_url("/metrics"))
+        .bearer_auth(&gw.admin_token)
+        .send()
+        .await
+        .expect("admin answers")
+        .text()
+        .await
+        .unwrap_or_default()
+}
+
+/// The value of the first series whose line starts with `line_start` (0 when absent).
+pub async fn metric(gw: &Gateway, line_start: &str) -> f64 {
+    metrics_text(gw)
+        .await
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The sum over every series of the family `name`.
+pub async fn metric_sum(gw: &Gateway, name: &str) -> f64 {
+    metrics_text(gw)
+        .await
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
