@@ -124,6 +124,15 @@ impl Op {
     }
 }
 
+/// Frees the breaker's probe slot when dropped.
+struct ProbeSlot<'a>(&'a AtomicBool);
+
+impl Drop for ProbeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// The circuit breaker's state.
 #[derive(Default)]
 struct Breaker {
@@ -313,13 +322,12 @@ impl Redis {
             fail("breaker half-open");
             return Err(());
         }
+        // The probe slot is freed however this call ends, even if its caller drops it.
+        let _probe = probe.then_some(ProbeSlot(&self.breaker.probing));
         let conn = conns[self.next.fetch_add(1, Ordering::Relaxed) % conns.len()].clone();
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.metrics.calls.with_label_values(&[op.label()]).inc();
         let answer = tokio::time::timeout(self.timeout, f(conn)).await;
-        if probe {
-            self.breaker.probing.store(false, Ordering::Release);
-        }
         match answer {
             Ok(Ok(v)) => {
                 self.succeeded();
