@@ -474,14 +474,20 @@ async fn the_summary_brackets_the_latencies_the_client_observed_and_resets() {
             q(k)
         );
     }
+    // At least the tenth-longest provider delay (110 ms), within the histogram's 1 %.
     assert!(
-        q("p50_ms") >= min * 0.5,
-        "p50 {} vs client min {min}",
+        q("p50_ms") >= 110.0 * 0.99,
+        "p50 {} vs the median provider delay (client min {min})",
         q("p50_ms")
     );
     let median = observed[observed.len() / 2];
+    // Lower bounds from what the mock was told to sleep, not from the client's clock (which a
+    // loaded machine stretches by tens of ms the gateway never sees): every request's total
+    // includes its provider delay, so the p99 is at least the second-longest one (200 ms),
+    // within the histogram's 1 %.
+    let second_longest_delay = (20 + 18 * 10) as f64;
     assert!(
-        q("p50_ms") <= median * 1.01 + 50.0 && q("p99_ms") >= observed[observed.len() - 2] * 0.8,
+        q("p50_ms") <= median * 1.01 + 50.0 && q("p99_ms") >= second_longest_delay * 0.99,
         "{total} vs {observed:?}"
     );
     assert!(q("p50_ms") <= q("p95_ms") && q("p95_ms") <= q("p99_ms"));
