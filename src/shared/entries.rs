@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use prometheus::IntCounter;
-use tollgate_filters::cache::{replay_format_version, Key, SharedEntries};
+use tollgate_filters::cache::{Key, SharedEntries, FORMAT_VERSION};
 
 use super::{Op, Redis};
 
@@ -29,8 +29,7 @@ impl RedisEntries {
         for b in key {
             let _ = write!(hex, "{b:02x}");
         }
-        self.redis
-            .key(&format!("rc:v{}:{hex}", replay_format_version()))
+        self.redis.key(&format!("rc:v{FORMAT_VERSION}:{hex}"))
     }
 }
 

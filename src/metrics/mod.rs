@@ -7,7 +7,6 @@
 //! after that. Recording a request is then atomics only: no formatting, no lock. A model
 //! name a client sends that is not configured is counted as `other`, never as a label value.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -18,110 +17,19 @@ use prometheus::{
 };
 use tollgate_filters::{AttemptOutcome, Channels, Endpoint, EstimateReason, GatewayError};
 
+mod labels;
+
+use labels::{
+    route_index, status_index, status_label, ATTEMPT_OUTCOMES, ESTIMATE_REASONS, ROUTES, STATUSES,
+};
+pub use labels::{ModelLabels, MODEL_NONE, MODEL_OTHER};
+
 /// One bucket set for every duration: from 10 µs (time inside the gateway) to 10 minutes
 /// (a long stream), roughly 1-2.5-5 per decade.
 pub const DURATION_BUCKETS: [f64; 24] = [
     0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
-
-/// The routes, in label order.
-const ROUTES: [Endpoint; 7] = [
-    Endpoint::Chat,
-    Endpoint::Completions,
-    Endpoint::Embeddings,
-    Endpoint::Responses,
-    Endpoint::Models,
-    Endpoint::OtherV1,
-    Endpoint::Unknown,
-];
-
-fn route_index(e: Endpoint) -> usize {
-    ROUTES
-        .iter()
-        .position(|r| *r == e)
-        .unwrap_or(ROUTES.len() - 1)
-}
-
-/// Statuses with a label of their own; anything else is `other`. `0`: nothing was sent
-/// (the client left first).
-const STATUSES: [u16; 19] = [
-    0, 200, 201, 204, 400, 401, 403, 404, 405, 408, 409, 413, 422, 429, 500, 501, 502, 503, 504,
-];
-
-fn status_index(s: u16) -> usize {
-    STATUSES
-        .iter()
-        .position(|x| *x == s)
-        .unwrap_or(STATUSES.len())
-}
-
-fn status_label(i: usize) -> String {
-    STATUSES
-        .get(i)
-        .map_or_else(|| "other".to_string(), |s| s.to_string())
-}
-
-const ATTEMPT_OUTCOMES: [&str; 9] = [
-    "ok",
-    "status_429",
-    "status_auth",
-    "status_5xx",
-    "status_4xx",
-    "unresolved",
-    "connect_error",
-    "timeout",
-    "io_error",
-];
-
-const ESTIMATE_REASONS: [EstimateReason; 3] = [
-    EstimateReason::Cut,
-    EstimateReason::DrainLimit,
-    EstimateReason::NoUsage,
-];
-
-/// Model label values: `none` (no model: a request refused before its body), `other` (a
-/// name not in the configuration), then the configured names.
-pub struct ModelLabels {
-    names: Vec<String>,
-    index: HashMap<String, usize>,
-}
-
-pub const MODEL_NONE: usize = 0;
-pub const MODEL_OTHER: usize = 1;
-
-impl ModelLabels {
-    pub fn new(configured: impl IntoIterator<Item = String>) -> ModelLabels {
-        let mut names = vec!["none".to_string(), "other".to_string()];
-        let mut index = HashMap::new();
-        for m in configured {
-            if !index.contains_key(&m) && m != "none" && m != "other" {
-                index.insert(m.clone(), names.len());
-                names.push(m);
-            }
-        }
-        ModelLabels { names, index }
-    }
-
-    pub fn of(&self, model: Option<&str>) -> usize {
-        match model {
-            None => MODEL_NONE,
-            Some(m) => self.index.get(m).copied().unwrap_or(MODEL_OTHER),
-        }
-    }
-
-    pub fn name(&self, i: usize) -> &str {
-        &self.names[i]
-    }
-
-    pub fn len(&self) -> usize {
-        self.names.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-}
 
 /// Per-model series, resolved at start-up.
 pub struct ModelSeries {
