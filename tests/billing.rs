@@ -88,29 +88,10 @@ async fn wait_rows(gw: &Gateway, n: i64) {
     }
 }
 
-/// Creates an account with `usd` and a key for it.
-fn account_with_key(gw: &Gateway, account: &str, usd: &str, key_flags: &[&str]) -> String {
-    let out = gw.cli(&["accounts", "create", account, "--balance-usd", usd]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut args = vec!["keys", "create", "--account", account];
-    args.extend_from_slice(key_flags);
-    let out = gw.cli(&args);
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_run_costs_exactly_the_price_table_applied_to_served_tokens() {
     let (mock, gw) = start("").await;
-    let key = account_with_key(&gw, "acme", "100", &[]);
+    let key = gw.account_with_key("acme", "100", &[]);
     let before = balance(&gw, "acme");
     let c = client();
     let mut n = 0;
@@ -201,7 +182,7 @@ async fn two_hundred_concurrent_requests_never_overspend_the_balance() {
     // Worst case per request: ~25 prompt tokens × 2000 + 100 output × 8000 ≈ 0.00085 USD.
     // The provider takes 2 s, so every request arrives while the first ones still hold
     // their reservations.
-    let key = account_with_key(&gw, "poor", "0.009", &[]);
+    let key = gw.account_with_key("poor", "0.009", &[]);
     let before = balance(&gw, "poor");
     let c = client();
     let reqs = (0..200).map(|_| {
@@ -251,7 +232,7 @@ async fn two_hundred_concurrent_requests_never_overspend_the_balance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_usage_never_reaches_the_client_but_is_recorded() {
     let (mock, gw) = start("").await;
-    let key = account_with_key(&gw, "acme", "10", &[]);
+    let key = gw.account_with_key("acme", "10", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [{"role": "user", "content": "hi"}], "x_mock": {"chunks": 4}});
     let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
@@ -273,7 +254,7 @@ async fn injected_usage_never_reaches_the_client_but_is_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_disconnects_after_5_of_60_chunks_is_charged_the_real_usage() {
     let (mock, gw) = start("").await;
-    let key = account_with_key(&gw, "acme", "10", &[]);
+    let key = gw.account_with_key("acme", "10", &[]);
     let body = json!({"model": "m1", "stream": true, "messages": [], "x_mock": {"chunks": 60, "delay_ms": 10}});
     let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
@@ -300,7 +281,7 @@ async fn client_that_disconnects_after_5_of_60_chunks_is_charged_the_real_usage(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_cut_by_the_upstream_is_charged_a_bounded_estimate_and_marked() {
     let (mock, gw) = start("").await;
-    let key = account_with_key(&gw, "acme", "10", &[]);
+    let key = gw.account_with_key("acme", "10", &[]);
     let body = json!({"model": "m1", "stream": true, "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}], "x_mock": {"chunks": 20, "truncate_after": 5}});
     let r = post(&gw, &key, "/v1/chat/completions", &body).await;
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
@@ -379,7 +360,7 @@ fn ledger_ids(gw: &Gateway) -> HashSet<String> {
 async fn sigterm_under_load_loses_no_row() {
     let (_mock, mut gw) =
         start("accounting: { flush_interval_ms: 200, max_batch: 100000 }\n").await;
-    let key = account_with_key(&gw, "acme", "100", &[]);
+    let key = gw.account_with_key("acme", "100", &[]);
     let (runner, done) = load_until(&gw, key, 300).await;
     let mut child = gw.sigterm();
     let (status, _) =
@@ -401,7 +382,7 @@ async fn sigterm_under_load_loses_no_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_at_most_the_open_flush_window() {
     let (_mock, mut gw) = start("accounting: { flush_interval_ms: 20, max_batch: 2000 }\n").await;
-    let key = account_with_key(&gw, "acme", "100", &[]);
+    let key = gw.account_with_key("acme", "100", &[]);
     let (runner, done) = load_until(&gw, key, 500).await;
     let mut child = gw.child.take().unwrap();
     let killed_at = Instant::now();
@@ -593,7 +574,7 @@ async fn unpriced_model_is_refused_and_key_budget_is_enforced() {
     let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, &extra))
         .await
         .unwrap();
-    let key = account_with_key(&gw, "acme", "100", &["--budget-usd", "0.0005"]);
+    let key = gw.account_with_key("acme", "100", &["--budget-usd", "0.0005"]);
     let r = post(
         &gw,
         &key,

@@ -19,30 +19,6 @@ fn channel(mock: &MockServer) -> String {
     )
 }
 
-/// `accounts create` with `usd`, then `keys create`; returns the secret.
-fn account_with_key(gw: &Gateway, account: &str, usd: &str) -> String {
-    let out = gw.cli(&["accounts", "create", account, "--balance-usd", usd]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = gw.cli(&["keys", "create", "--account", account]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let secret = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .to_string();
-    assert!(secret.starts_with("sk-tg-"));
-    secret
-}
-
 /// `n` requests, streamed and not, all answered 200.
 async fn send(gw: &Gateway, key: &str, n: usize) {
     let c = reqwest::Client::builder()
@@ -105,7 +81,7 @@ async fn on_postgres_the_ledger_sum_is_the_balance_decrease_to_the_nano_usd() {
         tokio::task::spawn_blocking(move || Gateway::start_on_postgres(&ch, PRICING, &url))
             .await
             .unwrap();
-    let key = account_with_key(&gw, "acme", "10");
+    let key = gw.account_with_key("acme", "10", &[]);
     let before = 10_000_000_000i64;
     assert_eq!(
         db.scalar("SELECT balance_nano FROM accounts WHERE name = 'acme'"),
@@ -187,8 +163,8 @@ async fn migrate_from_sqlite_to_postgres_keeps_every_balance_key_and_row() {
     let mut gw = tokio::task::spawn_blocking(move || Gateway::start(&ch2, PRICING))
         .await
         .unwrap();
-    let key = account_with_key(&gw, "acme", "10");
-    let other = account_with_key(&gw, "zeta", "0.5");
+    let key = gw.account_with_key("acme", "10", &[]);
+    let other = gw.account_with_key("zeta", "0.5", &[]);
     send(&gw, &key, 12).await;
     send(&gw, &other, 3).await;
     stop(&mut gw).await;

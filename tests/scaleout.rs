@@ -323,28 +323,6 @@ async fn with_on_error_deny_limited_requests_are_refused_while_redis_is_down() {
 const PRICED: &str =
     "pricing:\n  models:\n    m: { input: 1000.0, output: 2000.0 }\n  unpriced: reject\n";
 
-fn make_key(gw: &Gateway, account: &str, usd: &str) -> String {
-    let out = gw.cli(&["accounts", "create", account, "--balance-usd", usd]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = gw.cli(&["keys", "create", "--account", account]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 async fn wait_scalar(db: &TestDb, sql: &str, want: i64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -364,7 +342,7 @@ async fn three_nodes_never_spend_more_than_the_balance() {
     let db = TestDb::create();
     let nodes = std::sync::Arc::new(fleet(&mock, &redis, &db, 3, PRICED));
     // About 10 requests' worst case (prompt estimate + 10 output tokens).
-    let key = make_key(&nodes[0], "poor", "0.3");
+    let key = nodes[0].account_with_key("poor", "0.3", &[]);
     let before = db.scalar("SELECT balance_nano FROM accounts WHERE name = 'poor'");
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..300 {
@@ -420,7 +398,7 @@ async fn mixed_requests_over_three_nodes_are_billed_exactly_once_each() {
     let redis = RedisServer::start();
     let db = TestDb::create();
     let nodes = std::sync::Arc::new(fleet(&mock, &redis, &db, 3, PRICED));
-    let key = make_key(&nodes[0], "rich", "1000");
+    let key = nodes[0].account_with_key("rich", "1000", &[]);
     let before = db.scalar("SELECT balance_nano FROM accounts WHERE name = 'rich'");
     // 300 requests, 32 in flight at a time over the three nodes.
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
@@ -491,7 +469,7 @@ async fn a_node_killed_mid_stream_loses_no_committed_row_and_its_slice_comes_bac
     let db = TestDb::create();
     let extra = format!("{PRICED}accounting: {{ lease_ttl_s: 6 }}\n");
     let mut nodes = fleet(&mock, &redis, &db, 3, &extra);
-    let key = make_key(&nodes[0], "acme", "100");
+    let key = nodes[0].account_with_key("acme", "100", &[]);
     for i in 0..9 {
         assert_eq!(send(&nodes[i % 3], &key, json!({})).await.0, 200);
     }

@@ -25,7 +25,7 @@ mod service;
 pub use service::SharedService;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -191,8 +191,6 @@ pub struct Redis {
     pub metrics: RedisMetrics,
     /// Gateway nodes alive at the last registry read (at least 1).
     live_nodes: AtomicU32,
-    /// Calls made, for `tollgate bench`-style accounting in tests and /readyz.
-    calls: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +216,6 @@ impl Redis {
             breaker: Breaker::default(),
             metrics: RedisMetrics::new(),
             live_nodes: AtomicU32::new(1),
-            calls: AtomicU64::new(0),
         }))
     }
 
@@ -281,11 +278,6 @@ impl Redis {
         self.live_nodes.store(n.max(1), Ordering::Relaxed);
     }
 
-    /// Round trips made so far.
-    pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
-    }
-
     /// Runs one call on a connection of the pool, within the deadline and the breaker.
     pub async fn call<T, F, Fut>(&self, op: Op, f: F) -> Result<T, ()>
     where
@@ -325,7 +317,6 @@ impl Redis {
         // The probe slot is freed however this call ends, even if its caller drops it.
         let _probe = probe.then_some(ProbeSlot(&self.breaker.probing));
         let conn = conns[self.next.fetch_add(1, Ordering::Relaxed) % conns.len()].clone();
-        self.calls.fetch_add(1, Ordering::Relaxed);
         self.metrics.calls.with_label_values(&[op.label()]).inc();
         let answer = tokio::time::timeout(self.timeout, f(conn)).await;
         match answer {

@@ -214,7 +214,8 @@ pub fn reclaim_expired(store: &Store) -> Result<usize, StoreError> {
 }
 
 /// An account's balance less what every node holds: what a new slice can come from.
-pub fn unleased(store: &Store, account_id: i64) -> Result<i64, StoreError> {
+#[cfg(test)]
+fn unleased(store: &Store, account_id: i64) -> Result<i64, StoreError> {
     Ok(match store {
         Store::Sqlite(pool) => pool.get()?.query_row(
             "SELECT balance_nano - leased_nano FROM accounts WHERE id = ?1",

@@ -193,9 +193,25 @@ impl Gateway {
             .expect("run tollgate")
     }
 
-    /// `accounts create` + `keys create`; returns the secret (the last stdout line).
+    /// A new account with `usd` and a key on it (with `key_flags`); returns the secret.
+    pub fn account_with_key(&self, account: &str, usd: &str, key_flags: &[&str]) -> String {
+        let out = self.cli(&["accounts", "create", account, "--balance-usd", usd]);
+        assert!(
+            out.status.success(),
+            "accounts create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.key_on(account, key_flags)
+    }
+
+    /// `accounts create` (100 USD; an account that exists is kept) + `keys create`; returns
+    /// the secret (the last stdout line).
     pub fn new_key(&self, account: &str, key_flags: &[&str]) -> String {
         let _ = self.cli(&["accounts", "create", account, "--balance-usd", "100"]);
+        self.key_on(account, key_flags)
+    }
+
+    fn key_on(&self, account: &str, key_flags: &[&str]) -> String {
         let mut args = vec!["keys", "create", "--account", account];
         args.extend_from_slice(key_flags);
         let out = self.cli(&args);

@@ -204,11 +204,6 @@ impl Wallets {
         self.lock().accounts.entry(account_id).or_default().stored += amount;
     }
 
-    /// Lease mode: the store calls for giving slices back.
-    pub fn leases(&self) -> Option<&Arc<dyn AccountLeases>> {
-        self.leases.as_ref()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -209,15 +209,16 @@ impl Limits {
 
     /// Puts `n` of `dim` back where `h` took it from.
     fn give_back_dim(&self, h: &Held, dim: Dim, n: u64) {
-        let Some(pm) = dim.per_minute(&h.limits) else {
-            return;
-        };
-        if n == 0 {
-            return;
-        }
         let now = self.now();
         let mut map = self.lock(&h.scope);
-        let Some(st) = map.get_mut(&h.scope) else {
+        if let Some(st) = map.get_mut(&h.scope) {
+            self.put_back(st, h, dim, n, now);
+        }
+    }
+
+    /// Puts `n` of `dim` back into `st` (the state of `h`'s scope, locked by the caller).
+    fn put_back(&self, st: &mut ScopeState, h: &Held, dim: Dim, n: u64, now: Duration) {
+        let Some(pm) = dim.per_minute(&h.limits).filter(|_| n > 0) else {
             return;
         };
         if self.shared.is_some() && h.local & dim.bit() == 0 {
@@ -241,18 +242,22 @@ impl Limits {
 
     fn give_back(&self, hold: &LimitHold, ctx_settlement: &crate::Settlement) {
         let used = ctx_settlement.tokens();
+        let now = self.now();
         for h in &hold.scopes {
+            // One lock per scope for everything that goes back.
+            let mut map = self.lock(&h.scope);
+            let Some(st) = map.get_mut(&h.scope) else {
+                continue;
+            };
             // The settlement (the same one billing charges) settles the count: reported
             // or estimated usage for a served request; nothing for one that was not.
-            self.give_back_dim(h, Dim::Tokens, h.tokens.saturating_sub(used));
+            self.put_back(st, h, Dim::Tokens, h.tokens.saturating_sub(used), now);
             if !ctx_settlement.served {
-                self.give_back_dim(h, Dim::Images, h.images);
-                self.give_back_dim(h, Dim::AudioSeconds, h.audio_seconds);
+                self.put_back(st, h, Dim::Images, h.images, now);
+                self.put_back(st, h, Dim::AudioSeconds, h.audio_seconds, now);
             }
             // Idle scopes with full buckets are dropped so the map stays small.
-            let now = self.now();
-            let mut map = self.lock(&h.scope);
-            if map.get(&h.scope).is_some_and(|st| st.idle(now)) {
+            if st.idle(now) {
                 map.remove(&h.scope);
             }
         }

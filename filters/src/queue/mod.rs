@@ -345,11 +345,16 @@ impl Filter for Queue {
         let deadline = adm.deadline.unwrap_or(now);
         let class = adm.priority.unwrap_or(self.cfg().default_priority);
         let grant = loop {
+            // Without shared caps the loop runs once: the caps move into the ask.
+            let ask_caps = match shared {
+                Some(_) => caps.clone(),
+                None => caps.take(),
+            };
             let (granted, waited) = self
                 .scheduler
                 .admit(Ask {
                     candidates: &candidates,
-                    caps: caps.clone(),
+                    caps: ask_caps,
                     class,
                     account,
                     cost,
