@@ -506,8 +506,10 @@ impl ServeHttp for Admin {
 mod tests {
     use super::is_loopback_host;
 
-    /// The pool is exhausted, so readiness waits ~1 s for a connection: meanwhile the same
-    /// single-threaded runtime must go on serving other work (another admin request).
+    /// The pool is exhausted, so readiness waits ~3 s for a connection: meanwhile the same
+    /// single-threaded runtime must go on serving other work (another admin request). (3 s,
+    /// not 1: opening the pool waits as long for its first connection, which a loaded CI
+    /// machine once took more than a second to make.)
     #[tokio::test(flavor = "current_thread")]
     async fn readiness_waiting_on_the_database_does_not_stall_the_runtime() {
         use std::sync::atomic::{AtomicU32, Ordering};
@@ -516,7 +518,7 @@ mod tests {
         let db = crate::config::DatabaseConfig {
             path: Some(dir.path().join("r.db")),
             pool_size: 1,
-            busy_timeout_ms: 1000,
+            busy_timeout_ms: 3000,
             ..Default::default()
         };
         let pool = crate::store::open_and_migrate(&db).unwrap();
