@@ -23,13 +23,24 @@ pub fn tollgate_bin() -> String {
     std::env::var("TOLLGATE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_string())
 }
 
-/// A free loopback port (bound, then released for the gateway to take).
+/// A free loopback port (bound, then released for the gateway to take). The kernel may hand
+/// a just-released port out again, so a port this test process was already given is never
+/// returned twice (two calls in a row once gave one gateway the same listen and admin port).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no fresh loopback port after 1000 tries");
 }
 
 pub struct Gateway {
