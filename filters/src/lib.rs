@@ -33,6 +33,7 @@ pub mod media;
 pub mod queue;
 pub mod request;
 pub mod route;
+pub mod translate;
 pub mod usage;
 
 pub use chain::{Attempt, AttemptOutcome, Chain, Filter, Phases};
