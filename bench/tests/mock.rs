@@ -226,6 +226,7 @@ async fn json_chat_reports_deterministic_usage() {
             cached_tokens: 7,
             stream: false,
             user: None,
+            ..ServedUsage::default()
         }]
     );
     assert_eq!(m.chunks_sent(), 0);
@@ -289,6 +290,7 @@ async fn stream_with_include_usage_ends_with_usage_chunk_then_done() {
             cached_tokens: 0,
             stream: true,
             user: None,
+            ..ServedUsage::default()
         }]
     );
 }
@@ -349,6 +351,7 @@ async fn cumulative_usage_on_every_chunk_and_recorded_once() {
             cached_tokens: 2,
             stream: true,
             user: None,
+            ..ServedUsage::default()
         }]
     );
 }

@@ -16,7 +16,16 @@ use serde_json::Value;
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Behaviour {
-    /// Answer with this status and an OpenAI error body (429 adds `retry-after: 1`).
+    /// Answer with this status and an error body in the wire's own shape: OpenAI's
+    /// `{"error":{message,type,param,code}}` (429 adds `retry-after: 1`); Anthropic's
+    /// `{"type":"error","error":{type,message}}` with the type for the status
+    /// (400 `invalid_request_error`, 401 `authentication_error`, 403
+    /// `permission_error`, 404 `not_found_error`, 413 `request_too_large`, 429
+    /// `rate_limit_error` plus `retry-after: 1`, 529 `overloaded_error`, anything else
+    /// `api_error`); Gemini's `{"error":{code,message,status}}` (400
+    /// `INVALID_ARGUMENT`, 401 `UNAUTHENTICATED`, 403 `PERMISSION_DENIED`, 404
+    /// `NOT_FOUND`, 429 `RESOURCE_EXHAUSTED` with a `RetryInfo` detail of 1 s, 500
+    /// `INTERNAL`, 503 `UNAVAILABLE`, 504 `DEADLINE_EXCEEDED`, anything else `UNKNOWN`).
     pub status: Option<u16>,
     /// Message for `status` errors and `error_after` events (default "mock upstream error").
     pub error_message: Option<String>,
@@ -29,17 +38,38 @@ pub struct Behaviour {
     pub chunks: Option<u32>,
     /// Sleep before every content chunk (streams) or before the whole response.
     pub delay_ms: Option<u64>,
-    /// Stream: after N content chunks, abort the connection mid-body.
+    /// Stream: after N content chunks, abort the connection mid-body. Content chunks
+    /// are OpenAI content deltas; Anthropic `text_delta`s then the non-empty
+    /// `input_json_delta`s of a tool call; Gemini chunks (text, then the function call).
     pub truncate_after: Option<u32>,
-    /// Stream: after N content chunks, send an in-band error event and end the body.
+    /// Stream: after N content chunks, send an in-band error event and end the body:
+    /// OpenAI `data: {"error":{..,"type":"server_error"}}`; Anthropic `event: error`
+    /// with `{"type":"error","error":{"type":"overloaded_error",..}}`; Gemini
+    /// `data: {"error":{"code":503,..,"status":"UNAVAILABLE"}}`.
     pub error_after: Option<u32>,
     /// Stream: hold everything after the first content chunk until
     /// [`MockServer::open_gate`](super::MockServer::open_gate).
     pub gate: bool,
-    /// "final" (default), "cumulative" or "none"; see [`UsageMode`].
+    /// "final" (default), "cumulative" or "none"; see [`UsageMode`]. Anthropic and
+    /// Gemini report usage their own way whatever the mode, except that "none" drops
+    /// every usage field.
     pub usage: Option<String>,
-    /// Reported as `usage.prompt_tokens_details.cached_tokens`.
+    /// Cache reads. OpenAI: `usage.prompt_tokens_details.cached_tokens` (part of
+    /// `prompt_tokens`). Anthropic: `usage.cache_read_input_tokens` (taken out of
+    /// `input_tokens`). Gemini: `usageMetadata.cachedContentTokenCount` (part of
+    /// `promptTokenCount`; the field is present only when this is set).
     pub cached_tokens: Option<u64>,
+    /// Anthropic only: cache writes, reported as `usage.cache_creation_input_tokens`
+    /// and taken out of `input_tokens`. Ignored by the other wires.
+    pub cache_write_tokens: Option<u64>,
+    /// Anthropic and Gemini: when the request declares tools (Anthropic `tools`,
+    /// Gemini `tools[].functionDeclarations`), call the tool of this name (an empty
+    /// string: the first declared one) with the input `{"arg":"value"}`. Without it a
+    /// tool is still called when the request forces one: Anthropic `tool_choice`
+    /// `{"type":"tool","name":..}` (that one) or `{"type":"any"}` (the first), Gemini
+    /// `toolConfig.functionCallingConfig.mode` `"ANY"` (the first, or the first of
+    /// `allowedFunctionNames`). A call adds 3 output tokens. Ignored by OpenAI.
+    pub tool_call: Option<String>,
     /// Mimics a provider (or a debugging proxy in front of one) that echoes the
     /// credential it received in *successful* (2xx, JSON or stream) response
     /// headers: `x-debug-auth` and `openai-debug-auth` carry the received
@@ -54,7 +84,9 @@ pub struct Behaviour {
     pub response_headers: Option<BTreeMap<String, String>>,
     /// Stream: end the body cleanly (terminating chunk) after the finish chunk and
     /// the usage chunk, but without the final `data: [DONE]` event, as a provider
-    /// cut off at an event boundary would.
+    /// cut off at an event boundary would. Anthropic: without the final
+    /// `message_stop` event. Gemini (which has no end event): the last chunk lacks
+    /// its `finishReason`.
     pub omit_done: bool,
     /// Read the whole request body, record the request, then abort the TCP
     /// connection with a reset (RST, via `SO_LINGER 0`; plain HTTP only, a TLS
@@ -69,8 +101,9 @@ pub struct Behaviour {
     /// its `data:` line is that long (e.g. 2097152 for a 2 MiB line). Usage still counts
     /// one token per chunk.
     pub big_line_bytes: Option<u32>,
-    /// Answer `200 OK` with an OpenAI error envelope as a JSON body (as some proxies in
-    /// front of providers do), for stream and non-stream requests alike; no usage.
+    /// Answer `200 OK` with an error envelope (in the wire's shape, as for `status`) as
+    /// a JSON body (as some proxies in front of providers do), for stream and
+    /// non-stream requests alike; no usage.
     pub error_body_200: bool,
 }
 
@@ -90,6 +123,8 @@ impl Behaviour {
             gate: self.gate || over.gate,
             usage: over.usage.or_else(|| self.usage.clone()),
             cached_tokens: over.cached_tokens.or(self.cached_tokens),
+            cache_write_tokens: over.cache_write_tokens.or(self.cache_write_tokens),
+            tool_call: over.tool_call.or_else(|| self.tool_call.clone()),
             echo_auth_in_header: self.echo_auth_in_header || over.echo_auth_in_header,
             response_headers: match (&self.response_headers, over.response_headers) {
                 (Some(base), Some(over)) => {
@@ -167,18 +202,44 @@ impl RecordedRequest {
     }
 }
 
+/// The API format a request was answered in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WireFormat {
+    /// OpenAI chat/legacy completions and embeddings (also Azure OpenAI's paths).
+    #[default]
+    OpenAi,
+    /// Anthropic's Messages API.
+    Anthropic,
+    /// Gemini's native `generateContent` API.
+    Gemini,
+}
+
 /// Usage the mock actually reported to its client; billing tests compare the
-/// gateway's ledger against these.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// gateway's ledger against these. The fields are normalised to OpenAI's meaning
+/// whatever the wire, so one bill formula fits all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServedUsage {
+    /// The request's `model` (Gemini: the model named in the path).
     pub model: String,
+    /// All input tokens, cache reads and writes included. OpenAI: `prompt_tokens`;
+    /// Anthropic: `input_tokens + cache_creation_input_tokens +
+    /// cache_read_input_tokens`; Gemini: `promptTokenCount`.
     pub prompt_tokens: u64,
+    /// OpenAI `completion_tokens`, Anthropic `output_tokens`, Gemini
+    /// `candidatesTokenCount`.
     pub completion_tokens: u64,
+    /// Cache reads (part of `prompt_tokens`): OpenAI `cached_tokens`, Anthropic
+    /// `cache_read_input_tokens`, Gemini `cachedContentTokenCount`.
     pub cached_tokens: u64,
+    /// Cache writes (part of `prompt_tokens`): Anthropic
+    /// `cache_creation_input_tokens`; always 0 on the other wires.
+    pub cache_write_tokens: u64,
     pub stream: bool,
-    /// The request body's `user` field (a string), so a run can correlate what was served
-    /// with what it sent.
+    /// The request body's `user` field (a string; Anthropic: `metadata.user_id`), so
+    /// a run can correlate what was served with what it sent.
     pub user: Option<String>,
+    /// Which API format the usage was reported in.
+    pub wire: WireFormat,
 }
 
 #[cfg(test)]
@@ -203,6 +264,25 @@ mod tests {
         assert_eq!(m.delay_ms, Some(5));
         assert!(m.gate);
         assert_eq!(m.usage.as_deref(), Some("none"));
+    }
+
+    #[test]
+    fn overlay_merges_the_provider_knobs() {
+        let base = Behaviour {
+            cache_write_tokens: Some(4),
+            tool_call: Some("a".into()),
+            ..Default::default()
+        };
+        let m = base.overlay(Behaviour::default());
+        assert_eq!(m.cache_write_tokens, Some(4));
+        assert_eq!(m.tool_call.as_deref(), Some("a"));
+        let m = base.overlay(Behaviour {
+            cache_write_tokens: Some(9),
+            tool_call: Some("b".into()),
+            ..Default::default()
+        });
+        assert_eq!(m.cache_write_tokens, Some(9));
+        assert_eq!(m.tool_call.as_deref(), Some("b"));
     }
 
     #[test]

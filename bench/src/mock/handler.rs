@@ -1,6 +1,10 @@
-//! The request handler: routing, the JSON answers, the stream jobs and the misbehaviours.
+//! The request handler: routing, the misbehaviours every wire shares (resets, error
+//! statuses, delays), and the OpenAI answers; the Anthropic and Gemini answers are in
+//! their own modules.
 
 use super::*;
+use crate::mock::stream::{Pacing, Sse};
+use crate::mock::{anthropic, gemini};
 
 /// Returned from the service to make hyper drop the connection without
 /// writing a response, which is how `reset` is simulated.
@@ -15,20 +19,54 @@ impl fmt::Display for ResetConnection {
 
 impl StdError for ResetConnection {}
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Route {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Route {
     Chat,
     Completions,
     Embeddings,
     Models,
     Echo,
+    /// Anthropic `POST /v1/messages`.
+    Messages,
+    /// Anthropic `POST /v1/messages/count_tokens`.
+    CountTokens,
+    /// Gemini `POST .../models/{model}:generateContent`.
+    Generate,
+    /// Gemini `POST .../models/{model}:streamGenerateContent` (SSE with `alt=sse`).
+    StreamGenerate,
+    /// Gemini `POST .../models/{model}:countTokens`.
+    GeminiCount,
 }
 
-/// Routes on the path suffix so base URLs with or without `/v1` both work.
-fn route(method: &Method, path: &str) -> Route {
+impl Route {
+    pub(super) fn wire(self) -> WireFormat {
+        match self {
+            Route::Messages | Route::CountTokens => WireFormat::Anthropic,
+            Route::Generate | Route::StreamGenerate | Route::GeminiCount => WireFormat::Gemini,
+            _ => WireFormat::OpenAi,
+        }
+    }
+}
+
+/// Routes on the path suffix so base URLs with or without `/v1` both work (Anthropic
+/// paths must keep their `/v1`, so OpenAI's `/threads/{id}/messages` stays an echo).
+/// Azure OpenAI's `/openai/deployments/{d}/chat/completions` and `/openai/v1/...` end
+/// like OpenAI's.
+pub(super) fn route(method: &Method, path: &str) -> Route {
     let path = path.trim_end_matches('/');
     let post = method == Method::POST;
-    if post && path.ends_with("/chat/completions") {
+    let gemini = post && path.contains("/models/");
+    if post && (path == "/messages" || path.ends_with("/v1/messages")) {
+        Route::Messages
+    } else if post && path.ends_with("/v1/messages/count_tokens") {
+        Route::CountTokens
+    } else if gemini && path.ends_with(":generateContent") {
+        Route::Generate
+    } else if gemini && path.ends_with(":streamGenerateContent") {
+        Route::StreamGenerate
+    } else if gemini && path.ends_with(":countTokens") {
+        Route::GeminiCount
+    } else if post && path.ends_with("/chat/completions") {
         Route::Chat
     } else if post && path.ends_with("/completions") {
         Route::Completions
@@ -39,6 +77,90 @@ fn route(method: &Method, path: &str) -> Route {
     } else {
         Route::Echo
     }
+}
+
+/// An error answer with `status` in the wire's own shape.
+fn wire_error(wire: WireFormat, status: StatusCode, msg: &str) -> Response<MockBody> {
+    match wire {
+        WireFormat::OpenAi => error_response(status, msg),
+        WireFormat::Anthropic => anthropic::error_response(status, msg),
+        WireFormat::Gemini => gemini::error_response(status, msg),
+    }
+}
+
+/// What the Anthropic and Gemini answers need from the common part of [`handle`].
+pub(super) struct Call {
+    pub(super) shared: Arc<Shared>,
+    /// The server default with the request's `x-mock` / `x_mock` laid over it.
+    pub(super) b: Behaviour,
+    pub(super) mode: UsageMode,
+    /// The body, when it parsed as JSON.
+    pub(super) json: Option<Value>,
+    /// The prompt-token rule every wire shares: request body bytes / 4 + 1.
+    pub(super) prompt_tokens: u64,
+    pub(super) path: String,
+    pub(super) query: Option<String>,
+    /// `echo_auth_in_header` and `response_headers`, for 2xx answers.
+    pub(super) extra_headers: Vec<(String, String)>,
+}
+
+impl Call {
+    pub(super) fn pacing(&self) -> Pacing {
+        Pacing::new(&self.b)
+    }
+
+    pub(super) fn error_message(&self) -> String {
+        self.b
+            .error_message
+            .clone()
+            .unwrap_or_else(|| "mock upstream error".to_owned())
+    }
+
+    pub(super) fn next_id(&self) -> u64 {
+        self.shared.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(super) async fn delay(&self) {
+        if let Some(ms) = self.b.delay_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+
+    /// A 200 JSON answer with the request-id header `id_header` and the extra headers.
+    pub(super) fn json(&self, body: &Value, id_header: &'static str, n: u64) -> Response<MockBody> {
+        let body = serde_json::to_vec(body).expect("serialising mock response");
+        let mut resp = json_response(StatusCode::OK, body);
+        resp.headers_mut().insert(id_header, request_id(n));
+        add_success_headers(resp.headers_mut(), &self.extra_headers);
+        resp
+    }
+
+    /// The head of a streamed answer whose body `rx` is fed by a spawned job.
+    pub(super) fn stream(
+        &self,
+        rx: mpsc::Receiver<wire::Item>,
+        content_type: &'static str,
+        id_header: &'static str,
+        n: u64,
+    ) -> Response<MockBody> {
+        stream_head(rx, content_type, id_header, n, &self.extra_headers)
+    }
+}
+
+fn stream_head(
+    rx: mpsc::Receiver<wire::Item>,
+    content_type: &'static str,
+    id_header: &'static str,
+    n: u64,
+    extra: &[(String, String)],
+) -> Response<MockBody> {
+    let mut resp = Response::new(MockBody::Chan(rx));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(id_header, request_id(n));
+    add_success_headers(h, extra);
+    resp
 }
 
 /// Counts a request out of [`Shared::in_flight`] however the handler ends.
@@ -71,11 +193,14 @@ pub(super) async fn handle(
     let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     shared.peak_in_flight.fetch_max(now, Ordering::SeqCst);
     let _counted = InFlightGuard(shared.clone());
-    let auth = ["authorization", "x-api-key", "api-key"]
+    let auth = ["authorization", "x-api-key", "api-key", "x-goog-api-key"]
         .iter()
         .find_map(|h| parts.headers.get(*h))
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .or_else(|| gemini::query_key(parts.uri.query()))
         .unwrap_or_default();
+    let route = route(&parts.method, path);
+    let wire = route.wire();
     if shared.record.load(Ordering::Relaxed) {
         let rec = RecordedRequest {
             method: parts.method.to_string(),
@@ -104,7 +229,8 @@ pub(super) async fn handle(
         match serde_json::from_slice(&body) {
             Ok(v) => Some(v),
             Err(e) if is_post => {
-                return Ok(error_response(
+                return Ok(wire_error(
+                    wire,
                     StatusCode::BAD_REQUEST,
                     &format!("We could not parse the JSON body of your request. ({e})"),
                 ))
@@ -118,18 +244,24 @@ pub(super) async fn handle(
     if let Some(h) = parts.headers.get("x-mock") {
         match serde_json::from_slice::<Behaviour>(h.as_bytes()) {
             Ok(over) => b = b.overlay(over),
-            Err(e) => return Ok(bad_request(&format!("invalid x-mock header: {e}"))),
+            Err(e) => {
+                let msg = format!("invalid x-mock header: {e}");
+                return Ok(wire_error(wire, StatusCode::BAD_REQUEST, &msg));
+            }
         }
     }
     if let Some(x) = json.as_ref().and_then(|v| v.get("x_mock")) {
         match Behaviour::deserialize(x) {
             Ok(over) => b = b.overlay(over),
-            Err(e) => return Ok(bad_request(&format!("invalid x_mock: {e}"))),
+            Err(e) => {
+                let msg = format!("invalid x_mock: {e}");
+                return Ok(wire_error(wire, StatusCode::BAD_REQUEST, &msg));
+            }
         }
     }
     let mode = match UsageMode::parse(b.usage.as_deref()) {
         Ok(m) => m,
-        Err(msg) => return Ok(bad_request(&msg)),
+        Err(msg) => return Ok(wire_error(wire, StatusCode::BAD_REQUEST, &msg)),
     };
     let delay = b.delay_ms.map(Duration::from_millis);
 
@@ -144,6 +276,15 @@ pub(super) async fn handle(
         }
         return Err(ResetConnection);
     }
+    // The provider's own header checks come before anything the request asked for.
+    let refused = match wire {
+        WireFormat::OpenAi => None,
+        WireFormat::Anthropic => anthropic::check_headers(&parts.headers),
+        WireFormat::Gemini => gemini::check_key(&parts.headers, parts.uri.query()),
+    };
+    if let Some(resp) = refused {
+        return Ok(resp);
+    }
     if let Some(code) = b.status {
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
@@ -156,7 +297,7 @@ pub(super) async fn handle(
         if b.echo_auth_in_error {
             msg.push_str(&format!(" (key: {auth})"));
         }
-        return Ok(error_response(status, &msg));
+        return Ok(wire_error(wire, status, &msg));
     }
 
     if b.error_body_200 {
@@ -164,14 +305,32 @@ pub(super) async fn handle(
             tokio::time::sleep(d).await;
         }
         let msg = b.error_message.as_deref().unwrap_or("mock upstream error");
-        return Ok(json_response(
-            StatusCode::OK,
-            wire::error_json(msg, "server_error", None),
-        ));
+        let body = match wire {
+            WireFormat::OpenAi => wire::error_json(msg, "server_error", None),
+            WireFormat::Anthropic => anthropic::error_json("api_error", msg),
+            WireFormat::Gemini => gemini::error_json(StatusCode::INTERNAL_SERVER_ERROR, msg),
+        };
+        return Ok(json_response(StatusCode::OK, body));
     }
 
     let extra_headers = success_headers(&b, &auth);
-    let route = route(&parts.method, path);
+    let prompt_tokens = body.len() as u64 / 4 + 1;
+    if wire != WireFormat::OpenAi {
+        let call = Call {
+            shared,
+            b,
+            mode,
+            json,
+            prompt_tokens,
+            path: path.to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            extra_headers,
+        };
+        return Ok(match wire {
+            WireFormat::Anthropic => anthropic::answer(call, route).await,
+            _ => gemini::answer(call, route).await,
+        });
+    }
     let obj = json.as_ref().and_then(Value::as_object);
     if matches!(route, Route::Chat | Route::Completions | Route::Embeddings) && obj.is_none() {
         return Ok(bad_request("the request body must be a JSON object"));
@@ -185,7 +344,6 @@ pub(super) async fn handle(
         .and_then(|o| o.get("user"))
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let prompt_tokens = body.len() as u64 / 4 + 1;
     let cached = b.cached_tokens.unwrap_or(0);
     let chunks = b.chunks.unwrap_or(3);
     let created = unix_now();
@@ -198,10 +356,11 @@ pub(super) async fn handle(
             .and_then(Value::as_bool)
             == Some(true);
         let n = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(8);
+        let pacing = Pacing::new(&b);
+        let (sse, rx) = Sse::new(shared);
         let job = StreamJob {
-            shared,
-            tx,
+            sse,
+            pacing,
             chat: route == Route::Chat,
             id: if route == Route::Chat {
                 format!("chatcmpl-mock-{n}")
@@ -211,33 +370,24 @@ pub(super) async fn handle(
             created,
             model,
             chunks,
-            delay,
-            truncate_after: b.truncate_after,
-            error_after: b.error_after,
             error_message: b
                 .error_message
                 .unwrap_or_else(|| "mock upstream error".to_owned()),
-            gate: b.gate,
             mode,
             include_usage,
             prompt_tokens,
             cached,
             omit_done: b.omit_done,
-            malformed_after: b.malformed_after,
-            big_line_bytes: b.big_line_bytes,
             user,
         };
         tokio::spawn(job.run());
-        let mut resp = Response::new(MockBody::Chan(rx));
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        h.insert("x-request-id", request_id(n));
-        add_success_headers(h, &extra_headers);
-        return Ok(resp);
+        return Ok(stream_head(
+            rx,
+            "text/event-stream",
+            "x-request-id",
+            n,
+            &extra_headers,
+        ));
     }
 
     if let Some(d) = delay {
@@ -288,6 +438,7 @@ pub(super) async fn handle(
                     cached_tokens: cached,
                     stream: false,
                     user: user.clone(),
+                    ..ServedUsage::default()
                 });
             }
             out
@@ -326,6 +477,7 @@ pub(super) async fn handle(
                     cached_tokens: 0,
                     stream: false,
                     user: user.clone(),
+                    ..ServedUsage::default()
                 });
             }
             serde_json::to_vec(&out)
@@ -334,7 +486,8 @@ pub(super) async fn handle(
             "object": "list",
             "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "mock"}],
         })),
-        Route::Echo => serde_json::to_vec(&serde_json::json!({
+        // Echo; the Anthropic and Gemini routes were answered above.
+        _ => serde_json::to_vec(&serde_json::json!({
             "object": "echo",
             "path": path,
             "method": parts.method.as_str(),
@@ -399,5 +552,40 @@ mod tests {
         assert!(route(&Method::GET, "/v1/models") == Route::Models);
         assert!(route(&Method::GET, "/v1/chat/completions") == Route::Echo);
         assert!(route(&Method::POST, "/v1/other") == Route::Echo);
+        assert!(route(&Method::POST, "/openai/deployments/d1/chat/completions") == Route::Chat);
+        assert!(route(&Method::POST, "/openai/v1/chat/completions") == Route::Chat);
+    }
+
+    #[test]
+    fn routes_anthropic_and_gemini() {
+        assert_eq!(route(&Method::POST, "/v1/messages"), Route::Messages);
+        assert_eq!(
+            route(&Method::POST, "/anthropic/v1/messages"),
+            Route::Messages
+        );
+        assert_eq!(
+            route(&Method::POST, "/v1/messages/count_tokens"),
+            Route::CountTokens
+        );
+        assert_eq!(route(&Method::POST, "/v1/threads/t1/messages"), Route::Echo);
+        assert_eq!(route(&Method::GET, "/v1/messages"), Route::Echo);
+        assert_eq!(
+            route(&Method::POST, "/v1beta/models/gemini-x:generateContent"),
+            Route::Generate
+        );
+        assert_eq!(
+            route(
+                &Method::POST,
+                "/v1beta/models/gemini-x:streamGenerateContent"
+            ),
+            Route::StreamGenerate
+        );
+        assert_eq!(
+            route(&Method::POST, "/v1beta/models/gemini-x:countTokens"),
+            Route::GeminiCount
+        );
+        assert_eq!(Route::Messages.wire(), WireFormat::Anthropic);
+        assert_eq!(Route::StreamGenerate.wire(), WireFormat::Gemini);
+        assert_eq!(Route::Chat.wire(), WireFormat::OpenAi);
     }
 }

@@ -1,4 +1,4 @@
-//! A mock OpenAI-compatible upstream.
+//! A mock model provider upstream.
 //!
 //! It exists so the gateway can be tested against deterministic token counts
 //! (billing exactness), controlled failures (resets, truncation, mid-stream
@@ -8,8 +8,30 @@
 //! holding the same JSON, for requests without a body); the gateway forwards
 //! the body untouched, so tests can pick behaviour per request. Every `x_mock`
 //! field is documented on [`Behaviour`].
+//!
+//! It speaks three wire formats, chosen by the path:
+//!
+//! - **OpenAI**: `POST .../chat/completions`, `.../completions`, `.../embeddings`,
+//!   `GET .../models` (with or without `/v1`, so Azure OpenAI's
+//!   `/openai/deployments/{d}/chat/completions?api-version=..` and `/openai/v1/..`
+//!   are answered the same way). No credential is required.
+//! - **Anthropic Messages** (`anthropic.rs`): `POST /v1/messages` (JSON, or SSE with
+//!   `"stream": true`) and `POST /v1/messages/count_tokens`. `x-api-key` (else 401)
+//!   and `anthropic-version` (else 400) are required.
+//! - **Gemini** (`gemini.rs`): `POST .../models/{model}:generateContent`,
+//!   `:streamGenerateContent` (SSE with `?alt=sse`, else a streamed JSON array) and
+//!   `:countTokens`. An `x-goog-api-key` header or `key` query parameter is required
+//!   (else 403 `PERMISSION_DENIED`, as the real API answers).
+//!
+//! Token counts are deterministic on every wire: the prompt is the request body's
+//! length in bytes / 4 + 1 (`x_mock` included), the output one token per content
+//! chunk (`chunks`, default 3; `tok0 tok1 ..`) plus 3 for a tool call. Each wire's
+//! fields, and how they map to [`ServedUsage`], are documented in its module and on
+//! [`ServedUsage`]. Any other path is echoed back as JSON.
 
+mod anthropic;
 mod behaviour;
+mod gemini;
 mod handler;
 mod stream;
 mod wire;
@@ -42,7 +64,7 @@ use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
-pub use behaviour::{Behaviour, RecordedRequest, ServedUsage, UsageMode};
+pub use behaviour::{Behaviour, RecordedRequest, ServedUsage, UsageMode, WireFormat};
 use handler::handle;
 use stream::StreamJob;
 pub use wire::MockBody;

@@ -50,6 +50,19 @@ impl Body for MockBody {
     }
 }
 
+/// The input of every tool call the mock makes (Anthropic `tool_use.input`, Gemini
+/// `functionCall.args`).
+pub(super) fn tool_args() -> serde_json::Value {
+    serde_json::json!({"arg": "value"})
+}
+
+/// [`tool_args`] as an Anthropic stream's `input_json_delta` fragments (after a
+/// leading empty one, as Anthropic sends); they concatenate to `{"arg": "value"}`.
+pub(super) const TOOL_ARGS_FRAGMENTS: [&str; 3] = ["{\"arg\":", " \"val", "ue\"}"];
+
+/// Output tokens a tool call adds (one per fragment).
+pub(super) const TOOL_CALL_TOKENS: u64 = TOOL_ARGS_FRAGMENTS.len() as u64;
+
 pub(super) fn content_text(chunks: u32) -> String {
     (0..chunks).map(|i| format!("tok{i} ")).collect()
 }
