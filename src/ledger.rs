@@ -428,6 +428,7 @@ mod tests {
                 prompt_tokens: 10,
                 completion_tokens: 5,
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 estimated: false,
             },
             cost_nano: cost,

@@ -35,6 +35,7 @@ fn render(t: &PriceTable, group: &str) -> Bytes {
                 "input": usd(r.input, ppm),
                 "output": usd(r.output, ppm),
                 "cached_input": usd(r.cached_input, ppm),
+                "cache_write": usd(r.cache_write, ppm),
                 "per_request": usd(r.per_request, ppm),
             })
         })

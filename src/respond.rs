@@ -204,10 +204,11 @@ pub async fn write_replay(
     }
 }
 
-/// Renders a gateway error: OpenAI's JSON shape, `retry-after`/`retry-after-ms`,
-/// `x-should-retry`.
+/// Renders a gateway error: OpenAI's JSON shape (Anthropic's or Google's to clients of
+/// those APIs), `retry-after`/`retry-after-ms`, `x-should-retry`.
 pub async fn write_error(session: &mut ServerSession, ctx: &mut Ctx, e: &GatewayError) {
-    write_json(session, ctx, e.status(), e.body(), &e.headers()).await;
+    let body = ctx.endpoint.wire().reshape_error(e.status(), e.body());
+    write_json(session, ctx, e.status(), body, &e.headers()).await;
 }
 
 /// The answer to a request whose head could not be parsed: the same shape as every other

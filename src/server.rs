@@ -10,13 +10,16 @@ use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use tollgate_filters::auth::{Auth, KeyCache, KeyLookup};
-use tollgate_filters::billing::{Billing, ModelRate, PriceTable, UnpricedPolicy, Wallets};
+use tollgate_filters::billing::{
+    usd_to_nano, Billing, ModelRate, PriceTable, UnpricedPolicy, Wallets,
+};
 use tollgate_filters::cache::{Backend as CacheBackend, ResponseCache};
 use tollgate_filters::channel::build_channels_with;
 use tollgate_filters::ip_guard::IpGuard;
 use tollgate_filters::limits::{Limits, LimitsConfig, Shared};
 use tollgate_filters::queue::{Queue, Scheduler};
 use tollgate_filters::route::{ChannelPicker, Route};
+use tollgate_filters::translate::Translate;
 use tollgate_filters::usage::UsageFilter;
 use tollgate_filters::{Chain, Channels, Filter};
 
@@ -105,7 +108,7 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
         // records complete 2xx answers as they stream past
         filters.push(cache.clone());
     }
-    filters.extend::<[Arc<dyn Filter>; 4]>([
+    filters.extend::<[Arc<dyn Filter>; 5]>([
         // reads x-tollgate-priority; per attempt: waits for a channel slot and a place under
         // the concurrency caps, by priority, fair share and deadline (before route, which
         // marks the probe of the channel granted)
@@ -122,6 +125,10 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
             parts.ledger.clone(),
             parts.channels.clone(),
         )),
+        // answers in another wire format than the client's (a channel of another kind)
+        // rewritten into the client's, event by event; the request is rewritten by the
+        // relay per attempt (`translate::request`)
+        Arc::new(Translate),
         // nearest the provider: asks for stream usage, reads it from every chunk
         Arc::new(UsageFilter),
     ]);
@@ -199,6 +206,7 @@ pub fn price_table(cfg: &Config) -> PriceTable {
             .map(|(m, price)| {
                 let rate = ModelRate {
                     default_max_output: price.default_max_output,
+                    cache_write: usd_to_nano(price.cache_write.unwrap_or(price.input)),
                     ..ModelRate::from_usd(
                         price.input,
                         price.output,

@@ -20,7 +20,9 @@ use pingora::protocols::http::v2::server::H2Options;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use tollgate_filters::route::ChannelPicker;
-use tollgate_filters::{Chain, Channels, Ctx, Endpoint, GatewayError, RequestBody, RequestHead};
+use tollgate_filters::{
+    gemini_model, Chain, Channels, Ctx, Endpoint, GatewayError, RequestBody, RequestHead,
+};
 
 use crate::connections::ConnectionLimits;
 use crate::metrics::Metrics;
@@ -164,7 +166,7 @@ impl Gateway {
         if path == "/api/pricing" && method == http::Method::GET {
             return self.pricing_page(session, p, ctx).await;
         }
-        if !path.starts_with("/v1/") {
+        if !path.starts_with("/v1/") && ctx.endpoint != Endpoint::GeminiGenerate {
             return Err(GatewayError::RouteNotFound(truncate(&path, 128)));
         }
         // The path goes upstream under the channel's key: no climbing out of `/v1/`.
@@ -199,7 +201,18 @@ impl Gateway {
         let body = match method {
             http::Method::POST => {
                 let raw = self.read_body(session, p).await?;
-                let (body, facts) = RequestBody::parse_for_path(&path, raw)?;
+                let (body, mut facts) = RequestBody::parse_for_path(&path, raw)?;
+                if let Some((model, stream)) = gemini_model(&path) {
+                    // Gemini names the model and whether to stream in the path.
+                    if model.len() > tollgate_filters::request::MAX_MODEL_BYTES {
+                        return Err(GatewayError::invalid(
+                            "The model name in the path is too long.",
+                        ));
+                    }
+                    facts.model = model.to_owned();
+                    facts.stream = stream;
+                    facts.generates_output = true;
+                }
                 ctx.facts = Some(facts);
                 ctx.body = body.raw.clone();
                 Some(body)

@@ -130,7 +130,7 @@ fn is_name(s: &str) -> bool {
 
 /// A path segment, percent-encoded where it is not a plain name (a model name is only
 /// ever one the channel serves, but nothing in it may climb out of the deployment path).
-fn push_segment(out: &mut String, s: &str) {
+pub(crate) fn push_segment(out: &mut String, s: &str) {
     if is_name(s) {
         out.push_str(s);
         return;

@@ -23,6 +23,7 @@ use crate::azure::{Azure, AzureConfig};
 use crate::dial::alpn_for;
 pub use crate::dial::{Dial, Http2Mode};
 pub use crate::health::{Health, HealthConfig};
+use crate::wire::Wire;
 
 /// Per-write timeout towards the upstream.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,7 +36,27 @@ pub enum ChannelKind {
     Openai,
     /// Azure OpenAI: its deployment (or v1) URLs and the `api-key` header (`azure:`).
     Azure,
+    /// Anthropic's Messages API at `base_url` + `/v1/messages`, the key as `x-api-key`, with
+    /// `anthropic-version` (the client's, else `anthropic_version`).
+    Anthropic,
+    /// Gemini's native API at `base_url` + `/v1beta/models/{model}:generateContent`, the
+    /// key as `x-goog-api-key`. (Gemini's OpenAI-compatible endpoint is `kind: openai`.)
+    Gemini,
 }
+
+impl ChannelKind {
+    /// The wire format the channel's provider speaks.
+    pub fn wire(self) -> Wire {
+        match self {
+            ChannelKind::Openai | ChannelKind::Azure => Wire::OpenAi,
+            ChannelKind::Anthropic => Wire::Anthropic,
+            ChannelKind::Gemini => Wire::Gemini,
+        }
+    }
+}
+
+/// The `anthropic-version` sent to an Anthropic channel whose client sent none.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// One `channels:` entry in the YAML.
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +109,10 @@ pub struct ChannelConfig {
     /// With `kind: azure`: how the resource is addressed (see [`crate::azure`]).
     #[serde(default)]
     pub azure: Option<AzureConfig>,
+    /// With `kind: anthropic`: the `anthropic-version` sent when the client sends none
+    /// (OpenAI clients reaching the channel through translation never do).
+    #[serde(default)]
+    pub anthropic_version: Option<String>,
 }
 
 /// `security.private_upstreams`: whether a channel may resolve to a loopback or private
@@ -377,6 +402,10 @@ pub struct Channel {
     pub auth_header: Option<(HeaderName, HeaderValue)>,
     /// `kind: azure`: its URLs.
     pub azure: Option<Azure>,
+    /// The wire format the provider speaks (from `kind`).
+    pub wire: Wire,
+    /// `kind: anthropic`: the `anthropic-version` for clients that send none.
+    pub anthropic_version: Option<HeaderValue>,
     /// The key itself, only to scrub it out of what providers send back.
     pub secret: String,
     pub connect_timeout: Duration,
@@ -403,6 +432,12 @@ impl Channel {
     /// base path in front (`/v1` not doubled), or Azure's URLs; `model` is the model sent
     /// upstream (Azure's deployment follows it).
     pub fn upstream_target(&self, path: &str, query: Option<&str>, model: Option<&str>) -> String {
+        if self.wire == Wire::Gemini {
+            // Gemini names the model and the method in the path; the client's query (a
+            // native client's `alt`, or a `key`) is never passed on.
+            let stream = crate::ctx::gemini_model(path).is_some_and(|(_, s)| s);
+            return self.gemini_target(model.unwrap_or_default(), stream);
+        }
         if let Some(azure) = &self.azure {
             return azure.target(&self.url.base_path, path, query, model);
         }
@@ -412,6 +447,34 @@ impl Channel {
             target.push_str(q);
         }
         target
+    }
+}
+
+impl Channel {
+    /// The path for a request in the channel's own wire format, for a client speaking
+    /// another (`stream`: the client asked for a stream).
+    pub fn translated_target(&self, model: Option<&str>, stream: bool) -> String {
+        match self.wire {
+            Wire::OpenAi => self.upstream_target("/v1/chat/completions", None, model),
+            Wire::Anthropic => self.url.upstream_path("/v1/messages"),
+            Wire::Gemini => self.gemini_target(model.unwrap_or_default(), stream),
+        }
+    }
+
+    /// `{base}/v1beta/models/{model}:generateContent`, or `:streamGenerateContent?alt=sse`
+    /// (a base URL ending in `/v1beta` does not double it).
+    fn gemini_target(&self, model: &str, stream: bool) -> String {
+        let base = self.url.base_path.trim_end_matches("/v1beta");
+        let mut out = String::with_capacity(base.len() + model.len() + 48);
+        out.push_str(base);
+        out.push_str("/v1beta/models/");
+        crate::azure::push_segment(&mut out, model);
+        out.push_str(if stream {
+            ":streamGenerateContent?alt=sse"
+        } else {
+            ":generateContent"
+        });
+        out
     }
 }
 
@@ -452,8 +515,8 @@ impl Channel {
                 Azure::new(&a.clone().unwrap_or_default())
                     .map_err(|(f, e)| format!("channel {}: azure.{f} {e}", cfg.name))?,
             ),
-            (ChannelKind::Openai, None) => None,
-            (ChannelKind::Openai, Some(_)) => {
+            (_, None) => None,
+            (_, Some(_)) => {
                 return Err(format!(
                     "channel {}: `azure:` is for `kind: azure` channels",
                     cfg.name
@@ -469,6 +532,13 @@ impl Channel {
                     format!("Bearer {}", cfg.api_key),
                 ),
                 ChannelKind::Azure => (HeaderName::from_static("api-key"), cfg.api_key.clone()),
+                ChannelKind::Anthropic => {
+                    (HeaderName::from_static("x-api-key"), cfg.api_key.clone())
+                }
+                ChannelKind::Gemini => (
+                    HeaderName::from_static("x-goog-api-key"),
+                    cfg.api_key.clone(),
+                ),
             };
             let mut v = HeaderValue::from_str(&value).map_err(|_| {
                 format!("channel {}: api_key is not a valid header value", cfg.name)
@@ -476,9 +546,24 @@ impl Channel {
             v.set_sensitive(true);
             Some((name, v))
         };
+        let anthropic_version = match (cfg.kind, &cfg.anthropic_version) {
+            (ChannelKind::Anthropic, v) => Some(
+                HeaderValue::from_str(v.as_deref().unwrap_or(DEFAULT_ANTHROPIC_VERSION))
+                    .map_err(|_| format!("channel {}: bad anthropic_version", cfg.name))?,
+            ),
+            (_, None) => None,
+            (_, Some(_)) => {
+                return Err(format!(
+                    "channel {}: `anthropic_version` is for `kind: anthropic` channels",
+                    cfg.name
+                ))
+            }
+        };
         Ok(Channel {
             index,
             name: cfg.name.clone(),
+            wire: cfg.kind.wire(),
+            anthropic_version,
             models: cfg.models.clone(),
             model_map: cfg.model_map.clone(),
             priority: cfg.priority,

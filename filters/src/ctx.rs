@@ -14,6 +14,7 @@ use crate::billing::{estimate_completion, Reservation, Usage};
 use crate::limits::LimitHold;
 use crate::queue::{Admission, ChannelSlot};
 use crate::route::PlannedAttempt;
+use crate::wire::Wire;
 use crate::{GatewayError, RequestFacts};
 
 /// What a filter may look at before the body is read.
@@ -31,6 +32,13 @@ pub enum Endpoint {
     Completions,
     Embeddings,
     Responses,
+    /// Anthropic's Messages API, `/v1/messages`.
+    Messages,
+    /// Anthropic's `/v1/messages/count_tokens`.
+    CountTokens,
+    /// Gemini's native `/v1beta/models/{model}:generateContent` (and
+    /// `:streamGenerateContent`).
+    GeminiGenerate,
     Models,
     OtherV1,
     #[default]
@@ -44,6 +52,9 @@ impl Endpoint {
             "/v1/completions" => Endpoint::Completions,
             "/v1/embeddings" => Endpoint::Embeddings,
             "/v1/responses" => Endpoint::Responses,
+            "/v1/messages" => Endpoint::Messages,
+            "/v1/messages/count_tokens" => Endpoint::CountTokens,
+            p if gemini_model(p).is_some() => Endpoint::GeminiGenerate,
             p if p == "/v1/models" || p.starts_with("/v1/models/") => Endpoint::Models,
             p if p.starts_with("/v1/") => Endpoint::OtherV1,
             _ => Endpoint::Unknown,
@@ -56,6 +67,9 @@ impl Endpoint {
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "count_tokens",
+            Endpoint::GeminiGenerate => "gemini_generate",
             Endpoint::Models => "models",
             Endpoint::OtherV1 => "other_v1",
             Endpoint::Unknown => "unknown",
@@ -67,6 +81,43 @@ impl Endpoint {
     pub fn takes_stream_options(self) -> bool {
         matches!(self, Endpoint::Chat | Endpoint::Completions)
     }
+
+    /// The wire format the client speaks on this endpoint.
+    pub fn wire(self) -> Wire {
+        match self {
+            Endpoint::Messages | Endpoint::CountTokens => Wire::Anthropic,
+            Endpoint::GeminiGenerate => Wire::Gemini,
+            _ => Wire::OpenAi,
+        }
+    }
+
+    /// Whether a channel serving `wire` can answer this endpoint: natively, or through
+    /// translation (chat ↔ Anthropic messages ↔ Gemini generateContent). Anthropic's
+    /// `count_tokens` has no translation; OpenAI's other endpoints (embeddings, images,
+    /// audio, files, ...) exist only on OpenAI-format channels.
+    pub fn served_by(self, wire: Wire) -> bool {
+        match (self, wire) {
+            (Endpoint::Chat, _) => true,
+            (Endpoint::Messages, Wire::OpenAi | Wire::Anthropic) => true,
+            (Endpoint::CountTokens, Wire::Anthropic) => true,
+            (Endpoint::GeminiGenerate, Wire::Gemini) => true,
+            (Endpoint::Messages | Endpoint::CountTokens | Endpoint::GeminiGenerate, _) => false,
+            (_, wire) => wire == Wire::OpenAi,
+        }
+    }
+}
+
+/// The model named by a Gemini native path, `/v1beta/models/{model}:generateContent` or
+/// `…:streamGenerateContent`, with whether it streams.
+pub fn gemini_model(path: &str) -> Option<(&str, bool)> {
+    let rest = path.strip_prefix("/v1beta/models/")?;
+    let (model, method) = rest.rsplit_once(':')?;
+    let stream = match method {
+        "generateContent" => false,
+        "streamGenerateContent" => true,
+        _ => return None,
+    };
+    (!model.is_empty() && !model.contains('/')).then_some((model, stream))
 }
 
 /// Usage as the provider reported it, filled by the `usage` filter while the body passes.
@@ -215,6 +266,9 @@ pub struct Ctx {
     /// Written by the relay when it commits to a channel: the model name sent upstream,
     /// when `model_map` renamed it.
     pub upstream_model: Option<String>,
+    /// Written by the relay when it commits to a channel: the wire format of the answer
+    /// (the channel's), which `translate` turns into the client's (`endpoint.wire()`).
+    pub upstream_wire: Wire,
     /// Written by `usage` from the request: ask the provider for stream usage the client
     /// did not ask for. The relay applies it per channel (`inject_stream_usage`).
     pub inject_stream_usage: bool,
@@ -255,6 +309,7 @@ impl Ctx {
             cache_hit: None,
             plan: Vec::new(),
             upstream_model: None,
+            upstream_wire: Wire::OpenAi,
             inject_stream_usage: false,
             stream_usage_injected: false,
             reservation: None,
@@ -303,6 +358,7 @@ impl Ctx {
                         f.choices,
                     ),
                     cached_tokens: 0,
+                    cache_write_tokens: 0,
                     estimated: true,
                 },
                 estimated: Some(if self.outcome.drain_limited {
@@ -347,6 +403,7 @@ mod tests {
             prompt_tokens: 7,
             completion_tokens: 3,
             cached_tokens: 0,
+            cache_write_tokens: 0,
             estimated: false,
         };
         let mut ctx = ctx_with(200, Some(u), 0);
@@ -396,5 +453,38 @@ mod tests {
         assert_eq!(Endpoint::of("/x").label(), "unknown");
         assert!(Endpoint::Chat.takes_stream_options());
         assert!(!Endpoint::Embeddings.takes_stream_options());
+        assert_eq!(Endpoint::of("/v1/messages").label(), "messages");
+        assert_eq!(Endpoint::of("/v1/messages").wire(), Wire::Anthropic);
+        assert_eq!(
+            Endpoint::of("/v1/messages/count_tokens"),
+            Endpoint::CountTokens
+        );
+        assert_eq!(
+            Endpoint::of("/v1beta/models/gemini-2.0-flash:streamGenerateContent"),
+            Endpoint::GeminiGenerate
+        );
+        assert_eq!(
+            Endpoint::of("/v1beta/models/x:embedContent"),
+            Endpoint::Unknown
+        );
+        assert_eq!(
+            gemini_model("/v1beta/models/gemini-2.0-flash:generateContent"),
+            Some(("gemini-2.0-flash", false))
+        );
+        assert_eq!(gemini_model("/v1beta/models/a/b:generateContent"), None);
+    }
+
+    #[test]
+    fn endpoints_are_served_natively_or_through_translation() {
+        use Wire::*;
+        assert!(Endpoint::Chat.served_by(Anthropic) && Endpoint::Chat.served_by(Gemini));
+        assert!(Endpoint::Messages.served_by(OpenAi) && Endpoint::Messages.served_by(Anthropic));
+        assert!(!Endpoint::Messages.served_by(Gemini));
+        assert!(Endpoint::CountTokens.served_by(Anthropic));
+        assert!(!Endpoint::CountTokens.served_by(OpenAi));
+        assert!(Endpoint::Embeddings.served_by(OpenAi));
+        assert!(!Endpoint::Embeddings.served_by(Anthropic));
+        assert!(!Endpoint::GeminiGenerate.served_by(OpenAi));
+        assert!(Endpoint::OtherV1.served_by(OpenAi) && !Endpoint::OtherV1.served_by(Gemini));
     }
 }

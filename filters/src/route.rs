@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::chain::{Attempt, AttemptOutcome, Phases};
 use crate::channel::{Channels, HealthConfig};
-use crate::{Ctx, Filter, GatewayError};
+use crate::{Ctx, Endpoint, Filter, GatewayError};
 
 /// `routing:` in the YAML: attempts per request and how channel health is judged.
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -154,10 +154,27 @@ impl ChannelPicker {
         }])
     }
 
-    /// The attempt order for `model`, or `None` if no channel serves it.
+    /// The attempt order for a chat request for `model`, or `None` if no channel serves it.
     pub fn plan(&self, model: &str) -> Option<Vec<PlannedAttempt>> {
-        let candidates = self.by_model.get(model)?;
+        self.plan_for(model, Endpoint::Chat)
+    }
+
+    /// The attempt order for `model` on `endpoint`: the channels serving the model that can
+    /// answer the endpoint natively or through translation (see [`Endpoint::served_by`]).
+    /// `None` if no channel serves the model; empty if none of those can answer.
+    pub fn plan_for(&self, model: &str, endpoint: Endpoint) -> Option<Vec<PlannedAttempt>> {
         let chans = &self.channels;
+        let all = self.by_model.get(model)?;
+        // Borrowed in the common case, where every channel of the model can answer.
+        let candidates: std::borrow::Cow<[usize]> =
+            if all.iter().all(|&i| endpoint.served_by(chans[i].wire)) {
+                all.into()
+            } else {
+                all.iter()
+                    .copied()
+                    .filter(|&i| endpoint.served_by(chans[i].wire))
+                    .collect()
+            };
         let mut rng = rand::rng();
         let mut ordered = Vec::with_capacity(candidates.len());
         let mut cooling = Vec::new();
@@ -239,7 +256,7 @@ impl Filter for Route {
                 .ok_or(GatewayError::NoChannelAvailable)?;
             return Ok(());
         }
-        let model = ctx.model().unwrap_or_default();
+        let model = ctx.model().unwrap_or_default().to_owned();
         if model.is_empty() {
             return Err(GatewayError::InvalidRequest {
                 message: "You must provide a model parameter.".into(),
@@ -248,8 +265,15 @@ impl Filter for Route {
         }
         ctx.plan = self
             .picker
-            .plan(model)
-            .ok_or_else(|| GatewayError::ModelNotFound(model.to_owned()))?;
+            .plan_for(&model, ctx.endpoint)
+            .ok_or_else(|| GatewayError::ModelNotFound(model.clone()))?;
+        if ctx.plan.is_empty() {
+            return Err(GatewayError::invalid(format!(
+                "The model `{}` is not served on {} by any of its channels.",
+                crate::error::echo_name(&model),
+                ctx.endpoint.label()
+            )));
+        }
         Ok(())
     }
 

@@ -26,39 +26,88 @@ use serde::Deserialize;
 use crate::billing::Usage;
 use crate::chain::Phases;
 use crate::ctx::UsageReport;
+use crate::wire::Wire;
 use crate::{Ctx, Filter, GatewayError};
 
 const JSON_TAIL: usize = 64 * 1024;
 /// A single SSE event larger than this is passed through unparsed.
 const MAX_EVENT: usize = 1024 * 1024;
 
-/// Chat/completions/embeddings name the counts `prompt_tokens`/`completion_tokens`; the
-/// Responses API names them `input_tokens`/`output_tokens`.
-#[derive(Deserialize)]
+/// A usage object in any of the wire formats. Chat/completions/embeddings name the counts
+/// `prompt_tokens`/`completion_tokens`; the Responses API and Anthropic
+/// `input_tokens`/`output_tokens` (Anthropic's leaving out the cache reads and writes it
+/// counts beside them); Gemini's `usageMetadata` `promptTokenCount`/`candidatesTokenCount`
+/// (thinking tokens apart, in `thoughtsTokenCount`). Each count is kept only if present, so
+/// a stream's later report updates what it names and keeps the rest (Anthropic's
+/// `message_delta` carries the output, its `message_start` the input).
+#[derive(Deserialize, Clone, Copy, Default)]
 struct UsageJson {
-    #[serde(default, alias = "input_tokens")]
-    prompt_tokens: u64,
-    #[serde(default, alias = "output_tokens")]
-    completion_tokens: u64,
+    #[serde(default, alias = "input_tokens", alias = "promptTokenCount")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, alias = "output_tokens", alias = "candidatesTokenCount")]
+    completion_tokens: Option<u64>,
     #[serde(default, alias = "input_tokens_details")]
     prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default, alias = "cachedContentTokenCount")]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default, rename = "thoughtsTokenCount")]
+    thoughts: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone, Copy)]
 struct PromptDetails {
     #[serde(default)]
     cached_tokens: Option<u64>,
 }
 
-impl From<UsageJson> for Usage {
-    fn from(u: UsageJson) -> Usage {
+impl UsageJson {
+    /// `newer`'s counts over these.
+    fn merge(self, newer: UsageJson) -> UsageJson {
+        UsageJson {
+            prompt_tokens: newer.prompt_tokens.or(self.prompt_tokens),
+            completion_tokens: newer.completion_tokens.or(self.completion_tokens),
+            prompt_tokens_details: newer.prompt_tokens_details.or(self.prompt_tokens_details),
+            cache_creation_input_tokens: newer
+                .cache_creation_input_tokens
+                .or(self.cache_creation_input_tokens),
+            cache_read_input_tokens: newer
+                .cache_read_input_tokens
+                .or(self.cache_read_input_tokens),
+            thoughts: newer.thoughts.or(self.thoughts),
+        }
+    }
+
+    /// The counts in tollgate's (OpenAI's) sense, for a provider speaking `wire`.
+    fn usage(self, wire: Wire) -> Usage {
+        let n = |v: Option<u64>| v.unwrap_or(0);
+        let written = n(self.cache_creation_input_tokens);
+        let read = n(self.cache_read_input_tokens);
+        let (prompt, cached, written) = match wire {
+            // Anthropic's input_tokens are the uncached ones only.
+            Wire::Anthropic => (
+                n(self.prompt_tokens)
+                    .saturating_add(written)
+                    .saturating_add(read),
+                read,
+                written,
+            ),
+            // Gemini's promptTokenCount includes its cached content.
+            Wire::Gemini => (n(self.prompt_tokens), read, 0),
+            Wire::OpenAi => (
+                n(self.prompt_tokens),
+                self.prompt_tokens_details
+                    .and_then(|d| d.cached_tokens)
+                    .unwrap_or(0),
+                0,
+            ),
+        };
         Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            cached_tokens: u
-                .prompt_tokens_details
-                .and_then(|d| d.cached_tokens)
-                .unwrap_or(0),
+            prompt_tokens: prompt,
+            completion_tokens: n(self.completion_tokens).saturating_add(n(self.thoughts)),
+            cached_tokens: cached,
+            cache_write_tokens: written,
             estimated: false,
         }
     }
@@ -75,9 +124,22 @@ struct Chunk<'a> {
     /// Responses API: `response.completed` carries `response.usage`.
     #[serde(default)]
     response: Option<ResponseObject>,
-    /// Responses API: `response.output_text.delta` carries the text as a string.
+    /// Responses API: `response.output_text.delta` carries the text as a string;
+    /// Anthropic's `content_block_delta` an object with `text` or `partial_json`.
     #[serde(default)]
     delta: Option<TextOrOther>,
+    /// Anthropic: the event type (`message_stop` ends a stream).
+    #[serde(default, rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    /// Anthropic: `message_start` carries `message.usage`.
+    #[serde(default)]
+    message: Option<ResponseObject>,
+    /// Gemini: every chunk carries the running `usageMetadata`.
+    #[serde(default, rename = "usageMetadata")]
+    usage_metadata: Option<UsageJson>,
+    /// Gemini: the generated parts, and `finishReason` on the last chunk.
+    #[serde(default)]
+    candidates: Option<Vec<Candidate>>,
 }
 
 #[derive(Deserialize)]
@@ -90,7 +152,33 @@ struct ResponseObject {
 #[serde(untagged)]
 enum TextOrOther {
     Text(String),
+    Block {
+        #[serde(default)]
+        text: Option<String>,
+        #[serde(default)]
+        partial_json: Option<String>,
+    },
     Other(serde::de::IgnoredAny),
+}
+
+#[derive(Deserialize)]
+struct Candidate {
+    #[serde(default)]
+    content: Option<CandidateContent>,
+    #[serde(default, rename = "finishReason")]
+    finish_reason: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct CandidateContent {
+    #[serde(default)]
+    parts: Vec<Part>,
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(default)]
+    text: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -126,9 +214,14 @@ enum Mode {
 #[derive(Clone)]
 pub struct UsageScanner {
     mode: Mode,
+    /// The provider's wire format.
+    wire: Wire,
+    /// The usage counts reported so far, merged.
+    seen: Option<UsageJson>,
     /// Usage, generated text bytes and mid-stream errors seen so far.
     pub report: UsageReport,
-    /// The stream's terminating `data: [DONE]` went past.
+    /// The stream's end marker went past: `data: [DONE]`, Anthropic's `message_stop`, or a
+    /// Gemini candidate's `finishReason`.
     pub saw_done: bool,
 }
 
@@ -139,9 +232,17 @@ impl UsageScanner {
                 strip_usage_event,
                 pending: BytesMut::new(),
             },
+            wire: Wire::OpenAi,
+            seen: None,
             report: UsageReport::default(),
             saw_done: false,
         }
+    }
+
+    /// For a provider speaking `wire` (OpenAI's by default).
+    pub fn with_wire(mut self, wire: Wire) -> Self {
+        self.wire = wire;
+        self
     }
 
     pub fn json() -> Self {
@@ -150,6 +251,8 @@ impl UsageScanner {
                 tail: std::collections::VecDeque::new(),
                 tail_len: 0,
             },
+            wire: Wire::OpenAi,
+            seen: None,
             report: UsageReport::default(),
             saw_done: false,
         }
@@ -181,7 +284,14 @@ impl UsageScanner {
                     let mut dropped: Vec<std::ops::Range<usize>> = Vec::new();
                     while let Some(end) = event_end(&chunk[from..]) {
                         let event = &chunk[from..from + end];
-                        if !self_scan(event, &mut self.report, &mut self.saw_done, strip) {
+                        if !self_scan(
+                            event,
+                            &mut self.report,
+                            &mut self.saw_done,
+                            &mut self.seen,
+                            self.wire,
+                            strip,
+                        ) {
                             dropped.push(from..from + end);
                         }
                         from += end;
@@ -215,7 +325,14 @@ impl UsageScanner {
                 };
                 while let Some(end) = event_end(pending) {
                     let event = pending.split_to(end);
-                    let keep = self_scan(&event, &mut self.report, &mut self.saw_done, strip);
+                    let keep = self_scan(
+                        &event,
+                        &mut self.report,
+                        &mut self.saw_done,
+                        &mut self.seen,
+                        self.wire,
+                        strip,
+                    );
                     if strip && keep {
                         out.extend_from_slice(&event);
                     }
@@ -243,11 +360,14 @@ impl UsageScanner {
                 let found = match tail.len() {
                     0 => None,
                     // The common case, one chunk: parsed where it lies.
-                    1 => last_usage_object(&tail[0]),
-                    _ => last_usage_object(&tail.iter().fold(BytesMut::new(), |mut all, b| {
-                        all.extend_from_slice(b);
-                        all
-                    })),
+                    1 => last_usage_object(&tail[0], self.wire),
+                    _ => last_usage_object(
+                        &tail.iter().fold(BytesMut::new(), |mut all, b| {
+                            all.extend_from_slice(b);
+                            all
+                        }),
+                        self.wire,
+                    ),
                 };
                 self.report.usage = found.or(self.report.usage);
                 Bytes::new()
@@ -260,7 +380,14 @@ impl UsageScanner {
                 if !rest.is_empty() {
                     // A final event without its blank line.
                     let strip = *strip_usage_event;
-                    let keep = self_scan(&rest, &mut self.report, &mut self.saw_done, strip);
+                    let keep = self_scan(
+                        &rest,
+                        &mut self.report,
+                        &mut self.saw_done,
+                        &mut self.seen,
+                        self.wire,
+                        strip,
+                    );
                     if strip && keep {
                         return rest;
                     }
@@ -289,7 +416,14 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Scans one event; returns whether the client should see it.
-fn self_scan(event: &[u8], seen: &mut UsageReport, done: &mut bool, strip: bool) -> bool {
+fn self_scan(
+    event: &[u8],
+    seen: &mut UsageReport,
+    done: &mut bool,
+    counts: &mut Option<UsageJson>,
+    wire: Wire,
+    strip: bool,
+) -> bool {
     let mut keep = true;
     for line in event.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -311,10 +445,34 @@ fn self_scan(event: &[u8], seen: &mut UsageReport, done: &mut bool, strip: bool)
             seen.saw_error = true;
         }
         let text = &mut seen.text_bytes;
-        if let Some(TextOrOther::Text(t)) = &chunk.delta {
-            *text += t.len() as u64;
+        match &chunk.delta {
+            Some(TextOrOther::Text(t)) => *text += t.len() as u64,
+            Some(TextOrOther::Block {
+                text: t,
+                partial_json,
+            }) => {
+                *text += t.as_deref().map_or(0, str::len) as u64;
+                *text += partial_json.as_deref().map_or(0, str::len) as u64;
+            }
+            _ => {}
         }
-        let usage_here = chunk.usage.or(chunk.response.and_then(|r| r.usage));
+        if chunk.kind.as_deref() == Some("message_stop") {
+            *done = true;
+        }
+        for c in chunk.candidates.iter().flatten() {
+            let parts = c.content.iter().flat_map(|c| &c.parts);
+            *text += parts
+                .map(|p| p.text.as_deref().map_or(0, str::len) as u64)
+                .sum::<u64>();
+            if c.finish_reason.is_some() {
+                *done = true;
+            }
+        }
+        let usage_here = chunk
+            .usage
+            .or(chunk.response.and_then(|r| r.usage))
+            .or(chunk.message.and_then(|m| m.usage))
+            .or(chunk.usage_metadata);
         let choices = chunk.choices.unwrap_or_default();
         for c in &choices {
             if let Some(d) = &c.delta {
@@ -324,7 +482,9 @@ fn self_scan(event: &[u8], seen: &mut UsageReport, done: &mut bool, strip: bool)
             *text += c.text.as_deref().map_or(0, str::len) as u64;
         }
         if let Some(u) = usage_here {
-            seen.usage = Some(u.into());
+            let merged = counts.map_or(u, |before| before.merge(u));
+            *counts = Some(merged);
+            seen.usage = Some(merged.usage(wire));
             if strip && choices.is_empty() {
                 keep = false;
             }
@@ -333,17 +493,21 @@ fn self_scan(event: &[u8], seen: &mut UsageReport, done: &mut bool, strip: bool)
     keep
 }
 
-/// The last `"usage": {...}` object in a JSON tail.
-fn last_usage_object(buf: &[u8]) -> Option<Usage> {
+/// The last `"usage": {...}` object in a JSON tail (Gemini's `"usageMetadata"`).
+fn last_usage_object(buf: &[u8], wire: Wire) -> Option<Usage> {
+    let key: &[u8] = match wire {
+        Wire::Gemini => b"\"usageMetadata\"",
+        _ => b"\"usage\"",
+    };
     let mut end = buf.len();
-    while let Some(at) = memchr::memmem::rfind(&buf[..end], b"\"usage\"") {
-        let rest = &buf[at + 7..];
+    while let Some(at) = memchr::memmem::rfind(&buf[..end], key) {
+        let rest = &buf[at + key.len()..];
         let rest = trim_start(rest);
         if let Some(rest) = rest.strip_prefix(b":") {
             let mut it =
                 serde_json::Deserializer::from_slice(trim_start(rest)).into_iter::<UsageJson>();
             if let Some(Ok(u)) = it.next() {
-                return Some(u.into());
+                return Some(u.usage(wire));
             }
         }
         end = at;
@@ -384,7 +548,7 @@ impl Filter for UsageFilter {
         } else {
             UsageScanner::json()
         };
-        ctx.ext.insert(scanner);
+        ctx.ext.insert(scanner.with_wire(ctx.upstream_wire));
     }
 
     fn on_chunk(&self, ctx: &mut Ctx, chunk: &mut Bytes, end: bool) {
@@ -409,8 +573,15 @@ impl Filter for UsageFilter {
             // The provider gave up mid-stream: the access log says so, billing estimates.
             ctx.outcome.error = Some(GatewayError::UpstreamFailed("error event mid-stream"));
         }
-        if sse && !done && ctx.endpoint.takes_stream_options() {
-            // An OpenAI-format stream ends with `data: [DONE]`; without it the answer is
+        let marked_end = match ctx.upstream_wire {
+            Wire::OpenAi => {
+                ctx.endpoint.takes_stream_options() || ctx.endpoint.wire() != Wire::OpenAi
+            }
+            Wire::Anthropic | Wire::Gemini => true,
+        };
+        if sse && !done && marked_end {
+            // An OpenAI-format stream ends with `data: [DONE]`, Anthropic's with
+            // `message_stop`, Gemini's with a `finishReason`; without it the answer is
             // truncated, however cleanly the connection closed.
             ctx.outcome.upstream_cut = true;
         }

@@ -46,6 +46,7 @@ pub(super) fn bench_ledger(cfg: &Config, rows: usize, n_accounts: usize) -> CliR
                 prompt_tokens: 500,
                 completion_tokens: 120,
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 estimated: false,
             },
             cost_nano: 147_000,

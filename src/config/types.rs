@@ -231,9 +231,14 @@ pub struct ModelPrice {
     /// USD per 1M completion tokens.
     #[serde(default)]
     pub output: f64,
-    /// USD per 1M cached prompt tokens; defaults to `input`.
-    #[serde(default)]
+    /// USD per 1M cached prompt tokens (cache reads; `cache_read` is the same field under
+    /// Anthropic's name); defaults to `input`.
+    #[serde(default, alias = "cache_read")]
     pub cached_input: Option<f64>,
+    /// USD per 1M prompt tokens written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`); defaults to `input`.
+    #[serde(default)]
+    pub cache_write: Option<f64>,
     /// Fixed USD per request, on top of tokens.
     #[serde(default)]
     pub per_request: f64,

@@ -169,10 +169,22 @@ impl Config {
                         err(p(&format!("azure.{f}")), e);
                     }
                 }
-                (ChannelKind::Openai, Some(_)) => {
+                (_, Some(_)) => {
                     err(p("azure"), "is for `kind: azure` channels".into());
                 }
-                (ChannelKind::Openai, None) => {}
+                (_, None) => {}
+            }
+            match (c.kind, &c.anthropic_version) {
+                (ChannelKind::Anthropic, Some(v)) if http::HeaderValue::from_str(v).is_err() => {
+                    err(p("anthropic_version"), "is not a valid header value".into());
+                }
+                (ChannelKind::Anthropic, _) | (_, None) => {}
+                (_, Some(_)) => {
+                    err(
+                        p("anthropic_version"),
+                        "is for `kind: anthropic` channels".into(),
+                    );
+                }
             }
         }
         for (m, price) in &self.pricing.models {
@@ -180,6 +192,7 @@ impl Config {
                 ("input", Some(price.input)),
                 ("output", Some(price.output)),
                 ("cached_input", price.cached_input),
+                ("cache_write", price.cache_write),
                 ("per_request", Some(price.per_request)),
             ];
             for (f, v) in fields {

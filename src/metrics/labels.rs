@@ -6,11 +6,14 @@ use std::collections::HashMap;
 use tollgate_filters::{Endpoint, EstimateReason};
 
 /// The routes, in label order.
-pub(super) const ROUTES: [Endpoint; 7] = [
+pub(super) const ROUTES: [Endpoint; 10] = [
     Endpoint::Chat,
     Endpoint::Completions,
     Endpoint::Embeddings,
     Endpoint::Responses,
+    Endpoint::Messages,
+    Endpoint::CountTokens,
+    Endpoint::GeminiGenerate,
     Endpoint::Models,
     Endpoint::OtherV1,
     Endpoint::Unknown,

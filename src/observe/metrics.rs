@@ -189,6 +189,7 @@ mod tests {
             prompt_tokens: 7,
             completion_tokens: 5,
             cached_tokens: 2,
+            cache_write_tokens: 0,
             estimated: true,
         };
         ctx.settlement.estimated = Some(EstimateReason::Cut);

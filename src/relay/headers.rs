@@ -10,7 +10,7 @@
 
 use http::header::{self, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
-use tollgate_filters::{Channel, GatewayError};
+use tollgate_filters::{Channel, GatewayError, Wire};
 
 /// Bytes of client headers (names + values) forwarded at most; the rest are dropped.
 pub const MAX_FORWARDED_HEADER_BYTES: usize = 16 * 1024;
@@ -21,6 +21,7 @@ const DROP_REQUEST: &[&str] = &[
     "authorization",
     "x-api-key",
     "api-key",
+    "x-goog-api-key",
     "content-length",
     "transfer-encoding",
     "connection",
@@ -61,15 +62,22 @@ const FORWARD_RESPONSE: &[&str] = &[
 const FORWARD_PREFIXES: &[&str] = &["openai-", "anthropic-"];
 const NEVER_FORWARD: &[&str] = &["openai-organization", "openai-project"];
 
-/// The request head sent to the provider for one attempt.
+/// Anthropic's request headers: sent only to Anthropic channels.
+const ANTHROPIC_VERSION: &str = "anthropic-version";
+const ANTHROPIC_BETA: &str = "anthropic-beta";
+
+/// The request head sent to the provider for one attempt, to `upath` (path and query) on
+/// the channel, for a client speaking `client_wire`.
 pub fn upstream_request(
     client: &RequestHeader,
     ch: &Channel,
-    path: &str,
-    model: Option<&str>,
+    client_wire: Wire,
+    upath: &str,
     body_len: usize,
 ) -> Result<RequestHeader, GatewayError> {
-    let upath = ch.upstream_target(path, client.uri.query(), model);
+    // `anthropic-version` and `-beta` go to Anthropic only, and only from Anthropic clients
+    // (an OpenAI client's request is translated into the channel's default version).
+    let anthropic_headers = ch.wire == Wire::Anthropic && client_wire == Wire::Anthropic;
     // Built as plain parts (pingora gives no mutable access to a head's map, and its
     // case-preserving inserts re-parse and copy each name), then made a head without a
     // case map: providers take any header case.
@@ -90,6 +98,7 @@ pub fn upstream_request(
         let n = name.as_str();
         if DROP_REQUEST.contains(&n)
             || n.contains('_')
+            || (!anthropic_headers && (n == ANTHROPIC_VERSION || n == ANTHROPIC_BETA))
             || named_by_connection
                 .iter()
                 .any(|c| c.eq_ignore_ascii_case(n))
@@ -107,6 +116,11 @@ pub fn upstream_request(
     if let Some((name, value)) = &ch.auth_header {
         h.insert(name.clone(), value.clone());
     }
+    if let Some(version) = &ch.anthropic_version {
+        if !h.contains_key(ANTHROPIC_VERSION) {
+            h.insert(ANTHROPIC_VERSION, version.clone());
+        }
+    }
     if body_len > 0 || client.method == http::Method::POST {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     }
@@ -123,11 +137,13 @@ fn forwarded(name: &str) -> bool {
 }
 
 /// The client-facing head for a provider's response: allowed headers only, none carrying
-/// the channel key; the provider's id as `x-upstream-request-id`; framing for the client.
+/// the channel key; the provider's id as `x-upstream-request-id`; framing for the client
+/// (`rewritten`: the body is translated on its way, so its length is not the provider's).
 pub fn client_response(
     up: &ResponseHeader,
     ch: &Channel,
     h2: bool,
+    rewritten: bool,
 ) -> pingora::Result<ResponseHeader> {
     // No case map (names go out lower-case, well-known ones titled): names are moved
     // across as they are, never re-parsed.
@@ -149,7 +165,7 @@ pub fn client_response(
     let event_stream = tollgate_filters::usage::is_event_stream(up);
     match up.headers.get(header::CONTENT_LENGTH) {
         // A fixed-length body is passed on with its length; anything else is chunked on h1.
-        Some(len) if !event_stream => {
+        Some(len) if !event_stream && !rewritten => {
             h.insert(header::CONTENT_LENGTH, len.clone());
         }
         _ if !h2 => {

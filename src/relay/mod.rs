@@ -23,7 +23,9 @@ use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
-use tollgate_filters::{Attempt, AttemptOutcome, Chain, Channels, Ctx, GatewayError, RequestBody};
+use tollgate_filters::{
+    translate, Attempt, AttemptOutcome, Chain, Channels, Ctx, GatewayError, RequestBody, Wire,
+};
 
 pub use error_body::{mentions_secret, scrub_error_body};
 pub use headers::MAX_FORWARDED_HEADER_BYTES;
@@ -77,13 +79,47 @@ impl Relay {
         // The plan stays in ctx: the queue may move a channel it granted a slot on to the
         // current place (see `tollgate_filters::queue`).
         // The body as last rewritten, keyed by what the rewrite depends on: attempts that
-        // send the same model with the same injection reuse it instead of rewriting.
-        let mut rewritten: Option<((Option<String>, bool), Bytes)> = None;
+        // send the same model with the same injection in the same wire format reuse it
+        // instead of rewriting.
+        let mut rewritten: Option<(BodyKey, Bytes)> = None;
+        let client_wire = ctx.endpoint.wire();
         let mut i = 0;
         while i < ctx.plan.len() {
             let planned = ctx.plan[i].clone();
             let n = ctx.plan.len();
             let ch = &out.channels[planned.channel];
+            // Only an OpenAI-format exchange takes `stream_options`; a translated one asks
+            // for usage in the target format itself.
+            let inject = ctx.inject_stream_usage
+                && ch.inject_stream_usage
+                && ch.wire == Wire::OpenAi
+                && client_wire == Wire::OpenAi;
+            let key: BodyKey = (planned.upstream_model.clone(), inject, ch.wire);
+            let body = match (out.body, &rewritten) {
+                (None, _) => Bytes::new(),
+                (Some(_), Some((k, b))) if *k == key => b.clone(),
+                (Some(b), _) => {
+                    let model = key.0.as_deref().or(ctx.model()).unwrap_or_default();
+                    let body = if ch.wire == client_wire {
+                        b.rewrite(key.0.as_deref(), inject)
+                    } else {
+                        // A request the channel's format cannot express skips the channel;
+                        // if no channel can take it, the client hears why.
+                        translate::request(client_wire, ch.wire, &b.raw, model)
+                    };
+                    match body {
+                        Ok(body) => {
+                            rewritten = Some((key.clone(), body.clone()));
+                            body
+                        }
+                        Err(e) => {
+                            last = e;
+                            i += 1;
+                            continue;
+                        }
+                    }
+                }
+            };
             ctx.outcome.attempts += 1;
             let attempt = Attempt {
                 channel: ch,
@@ -112,20 +148,15 @@ impl Relay {
                 continue;
             }
             i += 1;
-            let inject = ctx.inject_stream_usage && ch.inject_stream_usage;
-            let key = (planned.upstream_model.clone(), inject);
-            let body = match (out.body, &rewritten) {
-                (None, _) => Bytes::new(),
-                (Some(_), Some((k, b))) if *k == key => b.clone(),
-                (Some(b), _) => {
-                    let body = b.rewrite(key.0.as_deref(), key.1)?;
-                    rewritten = Some((key, body.clone()));
-                    body
-                }
-            };
             let model = planned.upstream_model.as_deref().or(ctx.model());
-            let req =
-                headers::upstream_request(session.req_header(), ch, out.path, model, body.len())?;
+            let client = session.req_header();
+            let target = if ch.wire == client_wire {
+                ch.upstream_target(out.path, client.uri.query(), model)
+            } else {
+                let stream = ctx.facts.as_ref().is_some_and(|f| f.stream);
+                ch.translated_target(model, stream)
+            };
+            let req = headers::upstream_request(client, ch, client_wire, &target, body.len())?;
             let started = Instant::now();
             let ex = attempt::exchange(&self.connector, ch, req, body).await;
             ctx.outcome.upstream_time += started.elapsed();
@@ -159,6 +190,7 @@ impl Relay {
             ctx.outcome.upstream_header_time = Some(started.elapsed());
             ctx.outcome.channel = Some(ch.index);
             ctx.upstream_model = planned.upstream_model.clone();
+            ctx.upstream_wire = ch.wire;
             ctx.stream_usage_injected = inject;
             if !(200..300).contains(&status) {
                 return self.relay_error(session, ctx, ch, ex, status).await;
@@ -168,6 +200,10 @@ impl Relay {
         Err(last)
     }
 }
+
+/// What an attempt's body depends on: the model sent upstream, whether `stream_options`
+/// is injected, and the channel's wire format.
+type BodyKey = (Option<String>, bool, Wire);
 
 /// Resolves when the client closes its connection (or sends bytes it should not, which ends
 /// the exchange too); pending otherwise. The request body has been read in full.

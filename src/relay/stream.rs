@@ -29,7 +29,8 @@ impl Relay {
         let Some(up) = ex.session.response_header() else {
             return Err(GatewayError::UpstreamFailed("no response header"));
         };
-        let Ok(mut resp) = headers::client_response(up, ch, session.is_http2()) else {
+        let rewritten = ctx.upstream_wire != ctx.endpoint.wire();
+        let Ok(mut resp) = headers::client_response(up, ch, session.is_http2(), rewritten) else {
             ex.session.shutdown().await;
             return Err(GatewayError::UpstreamFailed("unusable response header"));
         };
@@ -174,7 +175,10 @@ impl Relay {
                 Err(_) => break,
             }
         }
-        let body = scrub_error_body(&buf, status, &ch.secret);
+        let body = ctx
+            .endpoint
+            .wire()
+            .reshape_error(status, scrub_error_body(&buf, status, &ch.secret));
         let mut resp =
             ResponseHeader::build_no_case(status, Some(6)).map_err(|_| GatewayError::Internal)?;
         resp.insert_header(header::CONTENT_TYPE, "application/json")

@@ -19,8 +19,10 @@ pub struct ModelRate {
     pub input: i64,
     /// nano-USD per 1M completion tokens (reasoning tokens are part of these).
     pub output: i64,
-    /// nano-USD per 1M cached prompt tokens.
+    /// nano-USD per 1M cached prompt tokens (cache reads).
     pub cached_input: i64,
+    /// nano-USD per 1M prompt tokens written to the provider's cache.
+    pub cache_write: i64,
     /// nano-USD per request.
     pub per_request: i64,
     /// Output cap assumed for the worst case when the request sets none.
@@ -38,6 +40,7 @@ impl ModelRate {
             input: usd_to_nano(input),
             output: usd_to_nano(output),
             cached_input: usd_to_nano(cached_input.unwrap_or(input)),
+            cache_write: usd_to_nano(input),
             per_request: usd_to_nano(per_request),
             default_max_output: None,
         }
@@ -51,12 +54,15 @@ pub enum UnpricedPolicy {
     Free,
 }
 
-/// Token counts as the provider reports them (`prompt_tokens` includes `cached_tokens`).
+/// Token counts as the provider reports them, in OpenAI's sense: `prompt_tokens` is every
+/// prompt token, `cached_tokens` (read from the cache) and `cache_write_tokens` (written to
+/// it, Anthropic's `cache_creation_input_tokens`) included.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_tokens: u64,
+    pub cache_write_tokens: u64,
     /// Not reported by the provider: estimated by the gateway.
     pub estimated: bool,
 }
@@ -101,12 +107,15 @@ impl PriceTable {
     }
 
     fn cost_rounded(&self, rate: &ModelRate, group: &str, u: &Usage, ceil: bool) -> i64 {
-        let cached = u.cached_tokens.min(u.prompt_tokens) as i128;
-        let uncached = u.prompt_tokens as i128 - cached;
+        let cached = u.cached_tokens.min(u.prompt_tokens);
+        let written = u.cache_write_tokens.min(u.prompt_tokens - cached) as i128;
+        let cached = cached as i128;
+        let uncached = u.prompt_tokens as i128 - cached - written;
         // nano-USD × tokens / 1M: divided out once, at the end, with the multiplier.
         // Saturating throughout: absurd token counts or prices cost the most, never wrap.
         let tokens = (uncached.saturating_mul(rate.input as i128))
             .saturating_add(cached.saturating_mul(rate.cached_input as i128))
+            .saturating_add(written.saturating_mul(rate.cache_write as i128))
             .saturating_add((u.completion_tokens as i128).saturating_mul(rate.output as i128))
             .saturating_add((rate.per_request as i128).saturating_mul(TOKENS_PER_PRICE_UNIT));
         let scaled = tokens.saturating_mul(self.multiplier_ppm(group) as i128);
@@ -135,8 +144,8 @@ impl PriceTable {
         let u = Usage {
             prompt_tokens: prompt_estimate,
             completion_tokens: cap.saturating_mul(n.max(1)),
-            cached_tokens: 0,
             estimated: true,
+            ..Usage::default()
         };
         self.cost_rounded(rate, group, &u, true)
     }
@@ -174,6 +183,7 @@ pub(crate) mod tests {
             prompt_tokens: 1000,
             completion_tokens: 100,
             cached_tokens: 400,
+            cache_write_tokens: 0,
             estimated: false,
         };
         // 600 × 150 + 400 × 75 + 100 × 600 nano-USD = 90_000 + 30_000 + 60_000
@@ -186,6 +196,35 @@ pub(crate) mod tests {
             ..Default::default()
         };
         assert_eq!(t.cost(fee, "default", &one), 1_000 + 1_000_000);
+    }
+
+    #[test]
+    fn cache_reads_and_writes_are_priced_by_their_own_rates() {
+        let t = table();
+        let rate = ModelRate {
+            cache_write: usd_to_nano(3.75),
+            ..ModelRate::from_usd(3.0, 15.0, Some(0.30), 0.0)
+        };
+        let u = Usage {
+            prompt_tokens: 1000 + 200 + 300,
+            completion_tokens: 50,
+            cached_tokens: 200,
+            cache_write_tokens: 300,
+            estimated: false,
+        };
+        // 1000 × 3000 + 200 × 300 + 300 × 3750 + 50 × 15000 nano-USD
+        assert_eq!(
+            t.cost(&rate, "default", &u),
+            3_000_000 + 60_000 + 1_125_000 + 750_000
+        );
+        // Counts that overlap more than the prompt never price a token twice.
+        let odd = Usage {
+            prompt_tokens: 100,
+            cached_tokens: 80,
+            cache_write_tokens: 80,
+            ..Usage::default()
+        };
+        assert_eq!(t.cost(&rate, "default", &odd), 80 * 300 + 20 * 3750);
     }
 
     #[test]
@@ -234,6 +273,7 @@ pub(crate) mod tests {
             prompt_tokens: u64::MAX,
             completion_tokens: u64::MAX,
             cached_tokens: 0,
+            cache_write_tokens: 0,
             estimated: false,
         };
         assert_eq!(t.cost(&r, "x10", &huge), i64::MAX);

@@ -398,7 +398,7 @@ pub fn encode(stored: &Stored, usage: &Usage, ttl: std::time::Duration) -> Bytes
     let mut v = json!({
         "at_ms": unix_ms(),
         "ttl_ms": ttl.as_millis() as u64,
-        "usage": [usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens],
+        "usage": [usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_write_tokens],
     });
     match stored {
         Stored::Json(b) => v["json"] = Value::String(text(b)),
@@ -425,6 +425,8 @@ pub fn decode(raw: &[u8]) -> Option<(Stored, Usage, std::time::Duration, std::ti
         prompt_tokens: n(0)?,
         completion_tokens: n(1)?,
         cached_tokens: n(2)?,
+        // Entries written before cache writes were counted have three numbers.
+        cache_write_tokens: n(3).unwrap_or(0),
         estimated: false,
     };
     let stored = if let Some(j) = v["json"].as_str() {
@@ -606,6 +608,7 @@ data: [DONE]\n\n";
             prompt_tokens: 7,
             completion_tokens: 3,
             cached_tokens: 2,
+            cache_write_tokens: 0,
             estimated: false,
         };
         let ttl = std::time::Duration::from_secs(60);

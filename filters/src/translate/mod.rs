@@ -14,6 +14,7 @@ use bytes::BytesMut;
 use serde_json::{json, Map, Value};
 
 pub mod anthropic;
+mod filter;
 pub mod gemini;
 mod sse;
 
@@ -24,13 +25,8 @@ mod testutil;
 
 pub use sse::SseEvents;
 
-/// The wire format a client speaks or a channel serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Wire {
-    OpenAi,
-    Anthropic,
-    Gemini,
-}
+pub use crate::wire::Wire;
+pub use filter::{request, Translate};
 
 /// A request that cannot be expressed in the target format; rendered to the client as a 400
 /// with this message (e.g. "n > 1 cannot be sent to an Anthropic model").

@@ -12,7 +12,9 @@ fn to_anthropic(what: impl std::fmt::Display) -> Untranslatable {
 }
 
 fn to_openai(what: impl std::fmt::Display) -> Untranslatable {
-    Untranslatable(format!("{what} cannot be sent to an OpenAI-compatible model"))
+    Untranslatable(format!(
+        "{what} cannot be sent to an OpenAI-compatible model"
+    ))
 }
 
 fn invalid(what: impl std::fmt::Display) -> Untranslatable {
@@ -92,8 +94,7 @@ pub fn request_from_openai(body: &Value, model: &str) -> Result<Value, Untransla
         }
         Some(_) => return Err(invalid("tool_choice must be a string or an object")),
     };
-    if field(req, "parallel_tool_calls") == Some(&Value::Bool(false)) && out.contains_key("tools")
-    {
+    if field(req, "parallel_tool_calls") == Some(&Value::Bool(false)) && out.contains_key("tools") {
         let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
         if c["type"] != "none" {
             c["disable_parallel_tool_use"] = true.into();
@@ -107,7 +108,10 @@ pub fn request_from_openai(body: &Value, model: &str) -> Result<Value, Untransla
 
 /// Fields with no Anthropic equivalent whose loss would change the answer.
 fn refuse_openai_only(req: &Map<String, Value>) -> Result<(), Untranslatable> {
-    if field(req, "n").and_then(Value::as_f64).is_some_and(|n| n > 1.0) {
+    if field(req, "n")
+        .and_then(Value::as_f64)
+        .is_some_and(|n| n > 1.0)
+    {
         return Err(to_anthropic("n > 1"));
     }
     if field(req, "logprobs") == Some(&Value::Bool(true)) {
@@ -211,12 +215,9 @@ fn messages_from_openai(
                 let content = match content {
                     None => Value::String(String::new()),
                     Some(Value::String(s)) => Value::String(s.clone()),
-                    Some(Value::Array(parts)) => Value::Array(
-                        parts
-                            .iter()
-                            .map(user_part)
-                            .collect::<Result<Vec<_>, _>>()?,
-                    ),
+                    Some(Value::Array(parts)) => {
+                        Value::Array(parts.iter().map(user_part).collect::<Result<Vec<_>, _>>()?)
+                    }
                     Some(_) => return Err(invalid(format!("messages[{i}].content is invalid"))),
                 };
                 push_merged(&mut out, "user", content);
@@ -254,7 +255,9 @@ fn messages_from_openai(
     }
     let system = match system.len() {
         0 => None,
-        1 if system_messages == 1 && system_strings == 1 => Some(system.pop().unwrap()["text"].clone()),
+        1 if system_messages == 1 && system_strings == 1 => {
+            Some(system.pop().unwrap()["text"].clone())
+        }
         _ => Some(Value::Array(system)),
     };
     let messages = out
@@ -266,7 +269,10 @@ fn messages_from_openai(
 
 /// A text part (of a system, developer or tool message) as a text block.
 fn text_part(part: &Value, role: &str) -> Result<Value, Untranslatable> {
-    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+    match (
+        part.get("type").and_then(Value::as_str),
+        part.get("text").and_then(Value::as_str),
+    ) {
         (Some("text"), Some(text)) => Ok(text_block(text)),
         (kind, _) => Err(to_anthropic(format!(
             "a `{}` content part in a {role} message",
@@ -355,7 +361,9 @@ fn assistant_parts(parts: &[Value]) -> Result<Vec<Value>, Untranslatable> {
     parts
         .iter()
         .map(|p| match p.get("type").and_then(Value::as_str) {
-            Some("text") => Ok(text_block(p.get("text").and_then(Value::as_str).unwrap_or(""))),
+            Some("text") => Ok(text_block(
+                p.get("text").and_then(Value::as_str).unwrap_or(""),
+            )),
             Some("refusal") => Ok(text_block(
                 p.get("refusal").and_then(Value::as_str).unwrap_or(""),
             )),
@@ -375,9 +383,8 @@ fn push_merged(out: &mut Vec<(&'static str, Value)>, role: &'static str, content
             let mut blocks = into_blocks(std::mem::take(last));
             blocks.extend(into_blocks(content));
             if role == "user" {
-                let (mut results, rest): (Vec<_>, Vec<_>) = blocks
-                    .into_iter()
-                    .partition(|b| b["type"] == "tool_result");
+                let (mut results, rest): (Vec<_>, Vec<_>) =
+                    blocks.into_iter().partition(|b| b["type"] == "tool_result");
                 results.extend(rest);
                 blocks = results;
             }
@@ -435,7 +442,11 @@ pub fn request_to_openai(body: &Value, model: &str) -> Result<Value, Untranslata
                 .collect::<Result<Vec<_>, _>>()?;
             messages.push(json!({"role": "system", "content": parts}));
         }
-        Some(_) => return Err(invalid("system must be a string or an array of text blocks")),
+        Some(_) => {
+            return Err(invalid(
+                "system must be a string or an array of text blocks",
+            ))
+        }
     }
     let input = req
         .get("messages")
@@ -506,7 +517,9 @@ pub fn request_to_openai(body: &Value, model: &str) -> Result<Value, Untranslata
             "auto" => json!("auto"),
             "any" => json!("required"),
             "none" => json!("none"),
-            "tool" => json!({"type": "function", "function": {"name": choice.get("name").cloned().unwrap_or_default()}}),
+            "tool" => {
+                json!({"type": "function", "function": {"name": choice.get("name").cloned().unwrap_or_default()}})
+            }
             other => return Err(invalid(format!("unknown tool_choice type `{other}`"))),
         };
         out.insert("tool_choice".into(), c);
@@ -539,7 +552,10 @@ fn image_part(block: &Value) -> Result<Value, Untranslatable> {
     let url = match source.get("type").and_then(Value::as_str) {
         Some("base64") => format!(
             "data:{};base64,{}",
-            source.get("media_type").and_then(Value::as_str).unwrap_or(""),
+            source
+                .get("media_type")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
             source.get("data").and_then(Value::as_str).unwrap_or("")
         ),
         Some("url") => source
@@ -558,7 +574,10 @@ fn image_part(block: &Value) -> Result<Value, Untranslatable> {
 }
 
 fn tool_result_to_openai(block: &Value) -> Result<Value, Untranslatable> {
-    let id = block.get("tool_use_id").and_then(Value::as_str).unwrap_or("");
+    let id = block
+        .get("tool_use_id")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let is_error = block.get("is_error") == Some(&Value::Bool(true));
     let content = match block.get("content").unwrap_or(&Value::Null) {
         Value::Null => Value::String(String::new()),
