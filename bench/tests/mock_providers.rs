@@ -804,3 +804,113 @@ async fn azure_paths_answer_as_openai() {
     assert_eq!(served.len(), 2);
     assert!(served.iter().all(|s| s.wire == WireFormat::OpenAi));
 }
+
+#[tokio::test]
+async fn gate_delay_and_resets_apply_to_the_new_wires() {
+    let m = MockServer::start().await;
+    // Gate: the Anthropic stream stops after its first text delta until the gate opens.
+    let (mut resp, _) = anthropic(&m, &messages(true, json!({"chunks": 3, "gate": true}))).await;
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        if String::from_utf8_lossy(&got).contains("tok0 ") {
+            break;
+        }
+        let c = timeout(T, resp.chunk()).await.unwrap().unwrap().unwrap();
+        got.extend_from_slice(&c);
+    }
+    assert!(String::from_utf8_lossy(&got).contains("tok0 "));
+    let held = timeout(Duration::from_millis(200), resp.chunk()).await;
+    assert!(held.is_err(), "nothing passes the closed gate");
+    assert_eq!(m.chunks_sent(), 1);
+    m.open_gate();
+    let (rest, complete) = read_body(resp).await;
+    assert!(complete);
+    got.extend_from_slice(&rest);
+    let evs = anthropic_events(&got);
+    assert_eq!(evs.len(), 9);
+    assert_eq!(evs.last().unwrap().0, "message_stop");
+
+    // Delay: before every Gemini chunk.
+    let url = format!(
+        "{}/v1beta/models/g:streamGenerateContent?alt=sse",
+        m.base_url()
+    );
+    let start = std::time::Instant::now();
+    let (resp, _) = post(
+        url,
+        &[("x-goog-api-key", "k")],
+        &contents(json!({"chunks": 3, "delay_ms": 60})),
+    )
+    .await;
+    let (raw, complete) = read_body(resp).await;
+    assert!(complete);
+    assert_eq!(gemini_events(&raw).len(), 3);
+    assert!(start.elapsed() >= Duration::from_millis(180));
+
+    // Resets: no response at all, on either wire, after the request was recorded.
+    let before = m.requests().len();
+    let bytes = serde_json::to_vec(&messages(false, json!({"reset": true}))).unwrap();
+    let mut req = client()
+        .post(format!("{}/v1/messages", m.base_url()))
+        .body(bytes);
+    for (n, v) in ANTHROPIC_HEADERS {
+        req = req.header(n, v);
+    }
+    assert!(req.send().await.is_err());
+    let url = format!("{}/v1beta/models/g:generateContent", m.base_url());
+    let bytes = serde_json::to_vec(&contents(json!({"reset_after_body": true}))).unwrap();
+    let sent = client()
+        .post(url)
+        .header("x-goog-api-key", "k")
+        .body(bytes)
+        .send()
+        .await;
+    assert!(sent.is_err());
+    assert_eq!(m.requests().len(), before + 2);
+}
+
+#[tokio::test]
+async fn malformed_event_and_big_line_on_the_new_wires() {
+    let m = MockServer::start().await;
+    let (resp, _) = anthropic(
+        &m,
+        &messages(
+            true,
+            json!({"chunks": 2, "malformed_after": 1, "big_line_bytes": 4096}),
+        ),
+    )
+    .await;
+    let (raw, complete) = read_body(resp).await;
+    assert!(complete);
+    let s = String::from_utf8(raw).unwrap();
+    let events: Vec<&str> = s.split("\n\n").filter(|e| !e.is_empty()).collect();
+    // 8 regular events + the broken one, right before the second text delta.
+    assert_eq!(events.len(), 9);
+    let broken = events[4].split_once("data: ").unwrap().1;
+    assert!(serde_json::from_str::<Value>(broken).is_err());
+    let first: Value = serde_json::from_str(events[3].split_once("data: ").unwrap().1).unwrap();
+    let text = first["delta"]["text"].as_str().unwrap();
+    assert_eq!(text.len(), 4096);
+    assert!(text.starts_with("tok0 x"));
+    assert_eq!(
+        m.served()[0].completion_tokens,
+        2,
+        "padding is still one token"
+    );
+
+    let (resp, _) = post(
+        format!(
+            "{}/v1beta/models/g:streamGenerateContent?alt=sse",
+            m.base_url()
+        ),
+        &[("x-goog-api-key", "k")],
+        &contents(json!({"chunks": 2, "malformed_after": 0})),
+    )
+    .await;
+    let (raw, _) = read_body(resp).await;
+    let s = String::from_utf8(raw).unwrap();
+    let events: Vec<&str> = s.split("\r\n\r\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 3);
+    assert!(serde_json::from_str::<Value>(events[0].strip_prefix("data: ").unwrap()).is_err());
+    assert!(serde_json::from_str::<Value>(events[2].strip_prefix("data: ").unwrap()).is_ok());
+}

@@ -1,4 +1,4 @@
-//! Standalone mock OpenAI upstream for load benchmarks: the same server the
+//! Standalone mock provider upstream (OpenAI, Anthropic and Gemini wires) for load benchmarks: the same server the
 //! integration tests run in-process, so benchmark baselines and tests agree.
 
 use std::net::SocketAddr;
@@ -7,7 +7,10 @@ use clap::Parser;
 use tollgate_bench::mock::{Behaviour, MockProtocols, MockServer};
 
 #[derive(Parser, Debug)]
-#[command(name = "tollgate-mock", about = "Mock OpenAI-compatible upstream")]
+#[command(
+    name = "tollgate-mock",
+    about = "Mock model provider upstream (OpenAI, Anthropic, Gemini)"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:9000")]

@@ -132,7 +132,7 @@ pub(super) async fn answer(call: Call, route: Route) -> Response<MockBody> {
     if route == Route::CountTokens {
         call.delay().await;
         let n = call.next_id();
-        return call.json(
+        return call.ok_json(
             &json!({"input_tokens": call.prompt_tokens}),
             "request-id",
             n,
@@ -211,7 +211,7 @@ pub(super) async fn answer(call: Call, route: Route) -> Response<MockBody> {
         call.shared
             .record_served(tokens.served(tokens.output, &model, false, user));
     }
-    call.json(&msg, "request-id", n)
+    call.ok_json(&msg, "request-id", n)
 }
 
 /// The task feeding one streamed message, in Anthropic's event order: `message_start`,

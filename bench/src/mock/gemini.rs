@@ -166,7 +166,7 @@ pub(super) async fn answer(call: Call, route: Route) -> Response<MockBody> {
         }
         call.delay().await;
         let n = call.next_id();
-        return call.json(
+        return call.ok_json(
             &json!({"totalTokens": call.prompt_tokens}),
             "x-request-id",
             n,
@@ -234,7 +234,7 @@ pub(super) async fn answer(call: Call, route: Route) -> Response<MockBody> {
         call.shared
             .record_served(tokens.served(output, &model, false));
     }
-    call.json(&resp, "x-request-id", n)
+    call.ok_json(&resp, "x-request-id", n)
 }
 
 /// The task feeding one streamed answer: a chunk per content chunk (text, then the

@@ -127,7 +127,12 @@ impl Call {
     }
 
     /// A 200 JSON answer with the request-id header `id_header` and the extra headers.
-    pub(super) fn json(&self, body: &Value, id_header: &'static str, n: u64) -> Response<MockBody> {
+    pub(super) fn ok_json(
+        &self,
+        body: &Value,
+        id_header: &'static str,
+        n: u64,
+    ) -> Response<MockBody> {
         let body = serde_json::to_vec(body).expect("serialising mock response");
         let mut resp = json_response(StatusCode::OK, body);
         resp.headers_mut().insert(id_header, request_id(n));
