@@ -1,7 +1,7 @@
 //! `auth`: who is calling, and may they make this request?
 //!
-//! The key comes from `Authorization: Bearer …` (OpenAI SDKs) or `x-api-key` (Anthropic-style
-//! clients). Only its SHA-256 is ever looked up, cached or logged. Lookups go through
+//! The key comes from `Authorization: Bearer …` (OpenAI SDKs), `x-api-key` (Anthropic-style
+//! clients) or `x-goog-api-key` (Gemini's). Only its SHA-256 is ever looked up, cached or logged. Lookups go through
 //! [`KeyCache`], a bounded in-process cache (moka: TinyLFU admission, LRU eviction, per-entry
 //! expiry) in front of the [`KeyLookup`] port (SQLite in the server), so a hot key costs one
 //! hash and one cache probe. Concurrent misses for one key share a single store query. A
@@ -202,7 +202,8 @@ impl Auth {
     }
 }
 
-/// The presented secret, from `Authorization: Bearer` or `x-api-key`.
+/// The presented secret, from `Authorization: Bearer`, `x-api-key` (Anthropic's clients) or
+/// `x-goog-api-key` (Gemini's).
 pub fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get(http::header::AUTHORIZATION) {
         let v = v.to_str().ok()?.trim();
@@ -214,6 +215,7 @@ pub fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
     }
     headers
         .get("x-api-key")
+        .or_else(|| headers.get("x-goog-api-key"))
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|s| !s.is_empty())

@@ -336,6 +336,15 @@ impl Ctx {
     /// estimate plus text bytes / 4, never above the request's own output cap.
     pub fn settle(&mut self) {
         let served = (200..300).contains(&self.outcome.status);
+        if self.endpoint == Endpoint::CountTokens {
+            // Counting a prompt's tokens generates nothing and providers charge nothing
+            // for it: its answer (`{"input_tokens": n}`) is the count, not usage.
+            self.settlement = Settlement {
+                served,
+                ..Settlement::default()
+            };
+            return;
+        }
         let reported = self
             .usage
             .usage
@@ -427,6 +436,16 @@ mod tests {
         let mut ctx = ctx_with(200, Some(Usage::default()), 4);
         ctx.settle();
         assert_eq!(ctx.settlement.estimated, Some(EstimateReason::NoUsage));
+    }
+
+    #[test]
+    fn counting_tokens_settles_to_zero() {
+        let mut ctx = ctx_with(200, None, 40);
+        ctx.endpoint = Endpoint::CountTokens;
+        ctx.settle();
+        assert_eq!(ctx.settlement.usage, Usage::default());
+        assert_eq!(ctx.settlement.estimated, None);
+        assert!(ctx.settlement.served);
     }
 
     #[test]

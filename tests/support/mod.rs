@@ -293,6 +293,25 @@ pub async fn post(
         .expect("gateway answers")
 }
 
+/// `POST` a JSON body to the gateway with the given headers (credentials included).
+pub async fn post_with(
+    gw: &Gateway,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> ::reqwest::Response {
+    let mut req = ::reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+        .post(gw.url(path))
+        .json(body);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.send().await.expect("gateway answers")
+}
+
 /// One GET over a fresh std TcpStream, returning the status code; enough for a probe.
 pub fn probe(port: u16, path: &str, token: &str) -> Option<u16> {
     raw_status(port, "GET", path, token, "")
