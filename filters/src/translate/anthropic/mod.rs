@@ -68,3 +68,6 @@ mod stream;
 pub use request::{request_from_openai, request_to_openai};
 pub use response::{response_from_openai, response_to_openai};
 pub use stream::{StreamFromOpenAi, StreamToOpenAi};
+
+#[cfg(test)]
+mod tests;
