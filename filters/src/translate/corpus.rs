@@ -29,7 +29,11 @@ fn anthropic_first(anthropic: Value, expected: Value) {
     let openai = request_to_openai(&anthropic, GPT).expect("translatable");
     assert_eq!(openai, expected, "Anthropic -> OpenAI");
     let back = request_from_openai(&openai, CLAUDE).expect("translatable back");
-    assert_eq!(canon_anthropic(&back), canon_anthropic(&anthropic), "round trip");
+    assert_eq!(
+        canon_anthropic(&back),
+        canon_anthropic(&anthropic),
+        "round trip"
+    );
 }
 
 fn text_parts(content: &Value) -> Vec<Value> {
@@ -105,7 +109,10 @@ fn canon_openai(v: &Value) -> Value {
             out.push(json!({"role": "system", "content": one["content"]}))
         }
         many => {
-            let parts: Vec<Value> = many.iter().flat_map(|m| text_parts(&m["content"])).collect();
+            let parts: Vec<Value> = many
+                .iter()
+                .flat_map(|m| text_parts(&m["content"]))
+                .collect();
             out.push(json!({"role": "system", "content": parts}));
         }
     }
@@ -133,13 +140,24 @@ fn canon_openai(v: &Value) -> Value {
                     continue;
                 }
             }
-            let texts: Vec<Value> = group.iter().flat_map(|m| text_parts(&m["content"])).collect();
+            let texts: Vec<Value> = group
+                .iter()
+                .flat_map(|m| text_parts(&m["content"]))
+                .collect();
             let calls: Vec<Value> = group
                 .iter()
                 .flat_map(|m| m["tool_calls"].as_array().cloned().unwrap_or_default())
                 .map(|mut c| {
-                    let a = c["function"]["arguments"].as_str().unwrap_or("").trim().to_string();
-                    let a: Value = if a.is_empty() { json!({}) } else { serde_json::from_str(&a).unwrap() };
+                    let a = c["function"]["arguments"]
+                        .as_str()
+                        .unwrap_or("")
+                        .trim()
+                        .to_string();
+                    let a: Value = if a.is_empty() {
+                        json!({})
+                    } else {
+                        serde_json::from_str(&a).unwrap()
+                    };
                     c["function"]["arguments"] = a.to_string().into();
                     c
                 })
@@ -165,7 +183,10 @@ fn canon_openai(v: &Value) -> Value {
                 }
                 out.push(one);
             } else {
-                let parts: Vec<Value> = users.iter().flat_map(|m| text_parts(&m["content"])).collect();
+                let parts: Vec<Value> = users
+                    .iter()
+                    .flat_map(|m| text_parts(&m["content"]))
+                    .collect();
                 if !parts.is_empty() {
                     out.push(json!({"role": "user", "content": parts}));
                 }

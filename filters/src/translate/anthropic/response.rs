@@ -33,7 +33,8 @@ pub(crate) fn stop_reason(finish_reason: &str) -> &'static str {
 /// them).
 pub(crate) fn usage_to_openai(usage: &Value) -> Value {
     let cache_read = u64_at(usage, "cache_read_input_tokens");
-    let prompt = u64_at(usage, "input_tokens") + u64_at(usage, "cache_creation_input_tokens") + cache_read;
+    let prompt =
+        u64_at(usage, "input_tokens") + u64_at(usage, "cache_creation_input_tokens") + cache_read;
     openai_usage(prompt, u64_at(usage, "output_tokens"), cache_read)
 }
 
@@ -52,14 +53,21 @@ pub fn response_to_openai(body: &Value, model: &str) -> Value {
     if body.get("type").and_then(Value::as_str) == Some("error") {
         let e = body.get("error").unwrap_or(&Value::Null);
         return openai_error(
-            e.get("message").and_then(Value::as_str).unwrap_or("upstream error"),
+            e.get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("upstream error"),
             e.get("type").and_then(Value::as_str).unwrap_or("api_error"),
         );
     }
     let mut text = String::new();
     let mut has_text = false;
     let mut calls = Vec::new();
-    for b in body.get("content").and_then(Value::as_array).into_iter().flatten() {
+    for b in body
+        .get("content")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         match b.get("type").and_then(Value::as_str) {
             Some("text") => {
                 has_text = true;
@@ -125,7 +133,9 @@ pub(crate) fn anthropic_error(message: &str, kind: &str) -> Value {
 pub fn response_from_openai(body: &Value, model: &str) -> Value {
     if let Some(e) = body.get("error").filter(|e| !e.is_null()) {
         return anthropic_error(
-            e.get("message").and_then(Value::as_str).unwrap_or("upstream error"),
+            e.get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("upstream error"),
             e.get("type").and_then(Value::as_str).unwrap_or("api_error"),
         );
     }
@@ -155,7 +165,12 @@ pub fn response_from_openai(body: &Value, model: &str) -> Value {
     if !text.is_empty() {
         content.push(json!({"type": "text", "text": text}));
     }
-    for call in message.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+    for call in message
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let f = call.get("function").unwrap_or(&Value::Null);
         let input = f
             .get("arguments")

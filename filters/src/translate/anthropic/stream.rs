@@ -152,7 +152,8 @@ impl StreamTranslator for StreamToOpenAi {
                 match delta.get("type").and_then(Value::as_str) {
                     Some("text_delta") if !text("text").is_empty() => {
                         self.start(out);
-                        self.w.choice(out, 0, json!({"content": text("text")}), None);
+                        self.w
+                            .choice(out, 0, json!({"content": text("text")}), None);
                     }
                     Some("input_json_delta") if !text("partial_json").is_empty() => {
                         let tool = self.tool_blocks.iter().find(|(b, _)| *b == index);
@@ -171,7 +172,8 @@ impl StreamTranslator for StreamToOpenAi {
                     if !self.finished {
                         self.start(out);
                         self.finished = true;
-                        self.w.choice(out, 0, json!({}), Some(finish_reason(reason)));
+                        self.w
+                            .choice(out, 0, json!({}), Some(finish_reason(reason)));
                     }
                 }
             }
@@ -181,7 +183,10 @@ impl StreamTranslator for StreamToOpenAi {
             }
             "error" => {
                 let e = v.get("error").unwrap_or(&Value::Null);
-                let message = e.get("message").and_then(Value::as_str).unwrap_or("upstream error");
+                let message = e
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("upstream error");
                 let kind = e.get("type").and_then(Value::as_str).unwrap_or("api_error");
                 crate::translate::sse_data(out, &openai_error(message, kind));
                 self.ended = true;
@@ -266,7 +271,11 @@ impl StreamFromOpenAi {
             "stop_sequence": null,
             "usage": {"input_tokens": self.prompt.saturating_sub(self.cached), "output_tokens": 0},
         });
-        sse_named(out, "message_start", &json!({"type": "message_start", "message": message}));
+        sse_named(
+            out,
+            "message_start",
+            &json!({"type": "message_start", "message": message}),
+        );
     }
 
     fn stop_block(&mut self, out: &mut BytesMut) {
@@ -330,7 +339,10 @@ impl StreamFromOpenAi {
             .and_then(Value::as_str)
             .unwrap_or("");
         if !args.is_empty() {
-            self.delta(json!({"type": "input_json_delta", "partial_json": args}), out);
+            self.delta(
+                json!({"type": "input_json_delta", "partial_json": args}),
+                out,
+            );
         }
     }
 
@@ -366,7 +378,10 @@ impl StreamTranslator for StreamFromOpenAi {
             return;
         };
         if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
-            let message = e.get("message").and_then(Value::as_str).unwrap_or("upstream error");
+            let message = e
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("upstream error");
             sse_named(out, "error", &anthropic_error(message, "api_error"));
             self.ended = true;
             return;
@@ -378,24 +393,34 @@ impl StreamTranslator for StreamFromOpenAi {
             self.cached = cached_tokens(usage);
         }
         self.start(v.get("id").and_then(Value::as_str).unwrap_or(""), out);
-        let choice = v
-            .get("choices")
-            .and_then(Value::as_array)
-            .and_then(|c| c.iter().find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0));
+        let choice = v.get("choices").and_then(Value::as_array).and_then(|c| {
+            c.iter()
+                .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
+        });
         let Some(choice) = choice else { return };
         let delta = choice.get("delta").unwrap_or(&Value::Null);
         let text = delta
             .get("content")
             .and_then(Value::as_str)
             .filter(|t| !t.is_empty())
-            .or_else(|| delta.get("refusal").and_then(Value::as_str).filter(|t| !t.is_empty()));
+            .or_else(|| {
+                delta
+                    .get("refusal")
+                    .and_then(Value::as_str)
+                    .filter(|t| !t.is_empty())
+            });
         if let Some(text) = text {
             if self.open != Some(Open::Text) {
                 self.open_block(Open::Text, json!({"type": "text", "text": ""}), out);
             }
             self.delta(json!({"type": "text_delta", "text": text}), out);
         }
-        for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+        for call in delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             self.tool_call(call, out);
         }
         if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {

@@ -3,7 +3,9 @@
 use serde_json::{json, Value};
 
 use super::*;
-use crate::translate::testutil::{anthropic_sse, data_sse, done_count, events, json_events, run_split};
+use crate::translate::testutil::{
+    anthropic_sse, data_sse, done_count, events, json_events, run_split,
+};
 use crate::translate::{StreamTranslator, Untranslatable};
 
 fn refused_to_anthropic(extra: Value) -> String {
@@ -52,7 +54,8 @@ fn openai_fields_without_an_anthropic_meaning_are_refused_by_name() {
 }
 
 fn refused_to_openai(extra: Value) -> String {
-    let mut body = json!({"model": "c", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]});
+    let mut body =
+        json!({"model": "c", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]});
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();
     }
@@ -62,17 +65,35 @@ fn refused_to_openai(extra: Value) -> String {
 #[test]
 fn anthropic_fields_without_an_openai_meaning_are_refused_by_name() {
     let cases = [
-        (json!({"top_k": 40}), "top_k cannot be sent to an OpenAI-compatible model"),
-        (json!({"thinking": {"type": "enabled", "budget_tokens": 2048}}), "thinking (extended thinking) cannot be sent to an OpenAI-compatible model"),
-        (json!({"mcp_servers": [{"type": "url", "url": "https://m", "name": "m"}]}), "mcp_servers cannot be sent to an OpenAI-compatible model"),
-        (json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}), "the server tool `web_search_20250305` cannot be sent to an OpenAI-compatible model"),
-        (json!({"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}}]}]}),
-            "a `document` content block cannot be sent to an OpenAI-compatible model"),
-        (json!({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
+        (
+            json!({"top_k": 40}),
+            "top_k cannot be sent to an OpenAI-compatible model",
+        ),
+        (
+            json!({"thinking": {"type": "enabled", "budget_tokens": 2048}}),
+            "thinking (extended thinking) cannot be sent to an OpenAI-compatible model",
+        ),
+        (
+            json!({"mcp_servers": [{"type": "url", "url": "https://m", "name": "m"}]}),
+            "mcp_servers cannot be sent to an OpenAI-compatible model",
+        ),
+        (
+            json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
+            "the server tool `web_search_20250305` cannot be sent to an OpenAI-compatible model",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}}]}]}),
+            "a `document` content block cannot be sent to an OpenAI-compatible model",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
             {"type": "image", "source": {"type": "url", "url": "https://x/a.png"}}]}]}]}),
-            "a `image` block inside a tool_result cannot be sent to an OpenAI-compatible model"),
-        (json!({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]}),
-            "an image with a `file` source cannot be sent to an OpenAI-compatible model"),
+            "a `image` block inside a tool_result cannot be sent to an OpenAI-compatible model",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]}),
+            "an image with a `file` source cannot be sent to an OpenAI-compatible model",
+        ),
     ];
     for (extra, expected) in cases {
         assert_eq!(refused_to_openai(extra.clone()), expected, "{extra}");
@@ -167,7 +188,10 @@ fn stop_reasons_map_both_ways() {
         ("refusal", "content_filter"),
     ] {
         let body = json!({"id": "m", "content": [], "stop_reason": anthropic, "usage": {}});
-        assert_eq!(response_to_openai(&body, "c")["choices"][0]["finish_reason"], openai);
+        assert_eq!(
+            response_to_openai(&body, "c")["choices"][0]["finish_reason"],
+            openai
+        );
     }
     for (openai, anthropic) in [
         ("stop", "end_turn"),
@@ -220,18 +244,23 @@ fn response_round_trip_keeps_text_calls_and_usage() {
 
 #[test]
 fn error_bodies_translate_both_ways() {
-    let anthropic = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
+    let anthropic =
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
     assert_eq!(
         response_to_openai(&anthropic, "c"),
         json!({"error": {"message": "Overloaded", "type": "overloaded_error", "param": null, "code": null}})
     );
-    let openai = json!({"error": {"message": "Bad key", "type": "invalid_request_error", "code": "x"}});
+    let openai =
+        json!({"error": {"message": "Bad key", "type": "invalid_request_error", "code": "x"}});
     assert_eq!(
         response_from_openai(&openai, "c"),
         json!({"type": "error", "error": {"type": "invalid_request_error", "message": "Bad key"}})
     );
     let odd = json!({"error": {"message": "m", "type": "server_error"}});
-    assert_eq!(response_from_openai(&odd, "c")["error"]["type"], "api_error");
+    assert_eq!(
+        response_from_openai(&odd, "c")["error"]["type"],
+        "api_error"
+    );
 }
 
 // ---- streams ---------------------------------------------------------------------------------
@@ -239,29 +268,98 @@ fn error_bodies_translate_both_ways() {
 fn anthropic_stream(with_stop: bool) -> Vec<u8> {
     let delta = |i: u64, d: Value| json!({"type": "content_block_delta", "index": i, "delta": d});
     let mut evs = vec![
-        ("message_start", json!({"type": "message_start", "message": {
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {
             "id": "msg_01XYZ", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
             "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": 25, "cache_creation_input_tokens": 10, "cache_read_input_tokens": 100, "output_tokens": 1}}})),
-        ("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}})),
-        ("content_block_delta", delta(0, json!({"type": "thinking_delta", "thinking": "The user wants weather."}))),
-        ("content_block_delta", delta(0, json!({"type": "signature_delta", "signature": "EqQB"}))),
-        ("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
-        ("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}})),
+            "usage": {"input_tokens": 25, "cache_creation_input_tokens": 10, "cache_read_input_tokens": 100, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
+        ),
+        (
+            "content_block_delta",
+            delta(
+                0,
+                json!({"type": "thinking_delta", "thinking": "The user wants weather."}),
+            ),
+        ),
+        (
+            "content_block_delta",
+            delta(0, json!({"type": "signature_delta", "signature": "EqQB"})),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}),
+        ),
         ("ping", json!({"type": "ping"})),
-        ("content_block_delta", delta(1, json!({"type": "text_delta", "text": "Let me "}))),
-        ("content_block_delta", delta(1, json!({"type": "text_delta", "text": "check, café ☕."}))),
-        ("content_block_stop", json!({"type": "content_block_stop", "index": 1})),
-        ("content_block_start", json!({"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {}}})),
-        ("content_block_delta", delta(2, json!({"type": "input_json_delta", "partial_json": ""}))),
-        ("content_block_delta", delta(2, json!({"type": "input_json_delta", "partial_json": "{\"city\": \"Pa"}))),
-        ("content_block_delta", delta(2, json!({"type": "input_json_delta", "partial_json": "ris\", \"unit"}))),
-        ("content_block_delta", delta(2, json!({"type": "input_json_delta", "partial_json": "s\": \"C\"}"}))),
-        ("content_block_stop", json!({"type": "content_block_stop", "index": 2})),
-        ("content_block_start", json!({"type": "content_block_start", "index": 3, "content_block": {"type": "tool_use", "id": "toolu_02", "name": "get_time", "input": {}}})),
-        ("content_block_delta", delta(3, json!({"type": "input_json_delta", "partial_json": "{}"}))),
-        ("content_block_stop", json!({"type": "content_block_stop", "index": 3})),
-        ("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 42}})),
+        (
+            "content_block_delta",
+            delta(1, json!({"type": "text_delta", "text": "Let me "})),
+        ),
+        (
+            "content_block_delta",
+            delta(1, json!({"type": "text_delta", "text": "check, café ☕."})),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 1}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {}}}),
+        ),
+        (
+            "content_block_delta",
+            delta(2, json!({"type": "input_json_delta", "partial_json": ""})),
+        ),
+        (
+            "content_block_delta",
+            delta(
+                2,
+                json!({"type": "input_json_delta", "partial_json": "{\"city\": \"Pa"}),
+            ),
+        ),
+        (
+            "content_block_delta",
+            delta(
+                2,
+                json!({"type": "input_json_delta", "partial_json": "ris\", \"unit"}),
+            ),
+        ),
+        (
+            "content_block_delta",
+            delta(
+                2,
+                json!({"type": "input_json_delta", "partial_json": "s\": \"C\"}"}),
+            ),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 2}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 3, "content_block": {"type": "tool_use", "id": "toolu_02", "name": "get_time", "input": {}}}),
+        ),
+        (
+            "content_block_delta",
+            delta(3, json!({"type": "input_json_delta", "partial_json": "{}"})),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 3}),
+        ),
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 42}}),
+        ),
     ];
     if with_stop {
         evs.push(("message_stop", json!({"type": "message_stop"})));
@@ -272,7 +370,10 @@ fn anthropic_stream(with_stop: bool) -> Vec<u8> {
 fn to_openai(input: &[u8], include_usage: bool, cuts: &[usize], clean: bool) -> Vec<u8> {
     let mut t = StreamToOpenAi::new("my-claude", include_usage).created_at(1234);
     let out = run_split(&mut t, input, cuts, clean);
-    assert_eq!(t.complete(), input.ends_with(b"{\"type\":\"message_stop\"}\n\n"));
+    assert_eq!(
+        t.complete(),
+        input.ends_with(b"{\"type\":\"message_stop\"}\n\n")
+    );
     out
 }
 
@@ -282,7 +383,11 @@ fn anthropic_stream_to_openai_is_the_same_at_every_split() {
     for include_usage in [false, true] {
         let whole = to_openai(&input, include_usage, &[], true);
         for i in 0..=input.len() {
-            assert_eq!(to_openai(&input, include_usage, &[i], true), whole, "split at {i}");
+            assert_eq!(
+                to_openai(&input, include_usage, &[i], true),
+                whole,
+                "split at {i}"
+            );
         }
         let every: Vec<usize> = (1..input.len()).collect();
         assert_eq!(to_openai(&input, include_usage, &every, true), whole);
@@ -307,23 +412,52 @@ fn anthropic_stream_to_openai_content() {
         assert_eq!(c["object"], "chat.completion.chunk");
         assert_eq!(c["created"], 1234);
         assert_eq!(c["model"], "my-claude");
-        assert!(c.get("usage").is_none(), "no usage without include_usage: {c}");
+        assert!(
+            c.get("usage").is_none(),
+            "no usage without include_usage: {c}"
+        );
     }
-    assert_eq!(chunks[0]["choices"], json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]));
+    assert_eq!(
+        chunks[0]["choices"],
+        json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}])
+    );
     let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
-    let text: String = deltas.iter().filter_map(|d| d["content"].as_str()).collect();
+    let text: String = deltas
+        .iter()
+        .filter_map(|d| d["content"].as_str())
+        .collect();
     assert_eq!(text, "Let me check, café ☕.");
-    let calls: Vec<&Value> = deltas.iter().filter_map(|d| d["tool_calls"].get(0)).collect();
-    assert_eq!(calls[0], &json!({"index": 0, "id": "toolu_01", "type": "function", "function": {"name": "get_weather", "arguments": ""}}));
+    let calls: Vec<&Value> = deltas
+        .iter()
+        .filter_map(|d| d["tool_calls"].get(0))
+        .collect();
+    assert_eq!(
+        calls[0],
+        &json!({"index": 0, "id": "toolu_01", "type": "function", "function": {"name": "get_weather", "arguments": ""}})
+    );
     let args = |i: u64| -> String {
-        calls.iter().filter(|c| c["index"] == i).filter_map(|c| c["function"]["arguments"].as_str()).collect()
+        calls
+            .iter()
+            .filter(|c| c["index"] == i)
+            .filter_map(|c| c["function"]["arguments"].as_str())
+            .collect()
     };
     assert_eq!(args(0), "{\"city\": \"Paris\", \"units\": \"C\"}");
-    assert_eq!(calls.iter().find(|c| c["index"] == 1).unwrap()["id"], "toolu_02");
+    assert_eq!(
+        calls.iter().find(|c| c["index"] == 1).unwrap()["id"],
+        "toolu_02"
+    );
     assert_eq!(args(1), "{}");
-    let finishes: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
     assert_eq!(finishes, vec!["tool_calls"]);
-    assert_eq!(chunks.last().unwrap()["choices"][0], json!({"index": 0, "delta": {}, "finish_reason": "tool_calls"}));
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0],
+        json!({"index": 0, "delta": {}, "finish_reason": "tool_calls"})
+    );
 }
 
 #[test]
@@ -345,16 +479,24 @@ fn anthropic_stream_usage_chunk_only_with_include_usage() {
     assert_eq!(done_count(&out), 1);
     // Without include_usage there is no choices-less chunk.
     let plain = json_events(&to_openai(&input, false, &[], true));
-    assert!(plain.iter().all(|c| c["choices"].as_array().unwrap().len() == 1));
+    assert!(plain
+        .iter()
+        .all(|c| c["choices"].as_array().unwrap().len() == 1));
     assert_eq!(plain.len(), rest.len());
 }
 
 #[test]
 fn message_delta_usage_fields_override_the_start() {
     let input = anthropic_sse(&[
-        ("message_start", json!({"type": "message_start", "message": {"id": "m1", "usage": {"input_tokens": 1, "output_tokens": 1}}})),
-        ("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "max_tokens"},
-            "usage": {"input_tokens": 9, "cache_read_input_tokens": 4, "output_tokens": 3}})),
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "m1", "usage": {"input_tokens": 1, "output_tokens": 1}}}),
+        ),
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "max_tokens"},
+            "usage": {"input_tokens": 9, "cache_read_input_tokens": 4, "output_tokens": 3}}),
+        ),
         ("message_stop", json!({"type": "message_stop"})),
     ]);
     let chunks = json_events(&to_openai(&input, true, &[], true));
@@ -373,7 +515,9 @@ fn anthropic_stream_cut_off_gets_no_done_or_usage() {
         let out = run_split(&mut t, &input, &[], clean);
         assert!(!t.complete());
         assert_eq!(done_count(&out), 0);
-        assert!(json_events(&out).iter().all(|c| !c["choices"].as_array().unwrap().is_empty()));
+        assert!(json_events(&out)
+            .iter()
+            .all(|c| !c["choices"].as_array().unwrap().is_empty()));
     }
     // Cut mid-event: the partial event is not translated either.
     let full = anthropic_stream(true);
@@ -389,19 +533,44 @@ fn anthropic_stream_done_is_written_once_even_if_finish_repeats() {
     let mut t = StreamToOpenAi::new("m", true).created_at(1);
     let mut out = bytes::BytesMut::from(&run_split(&mut t, &input, &[], true)[..]);
     t.finish(true, &mut out);
-    t.event(Some("message_stop"), br#"{"type":"message_stop"}"#, &mut out);
+    t.event(
+        Some("message_stop"),
+        br#"{"type":"message_stop"}"#,
+        &mut out,
+    );
     assert_eq!(done_count(&out), 1);
-    assert_eq!(json_events(&out).iter().filter(|c| c["choices"] == json!([])).count(), 1);
+    assert_eq!(
+        json_events(&out)
+            .iter()
+            .filter(|c| c["choices"] == json!([]))
+            .count(),
+        1
+    );
 }
 
 #[test]
 fn anthropic_error_event_becomes_an_openai_error_and_ends_the_stream() {
     let input = anthropic_sse(&[
-        ("message_start", json!({"type": "message_start", "message": {"id": "m1", "usage": {"input_tokens": 1}}})),
-        ("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})),
-        ("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}})),
-        ("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})),
-        ("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "more"}})),
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "m1", "usage": {"input_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+        ),
+        (
+            "error",
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "more"}}),
+        ),
         ("message_stop", json!({"type": "message_stop"})),
     ]);
     let mut t = StreamToOpenAi::new("my-claude", true).created_at(1234);
@@ -458,9 +627,16 @@ fn openai_stream_to_anthropic_events() {
     let evs = events(&out);
     for (name, data) in &evs {
         let v: Value = serde_json::from_str(data).unwrap();
-        assert_eq!(name.as_deref(), v["type"].as_str(), "event name matches type");
+        assert_eq!(
+            name.as_deref(),
+            v["type"].as_str(),
+            "event name matches type"
+        );
     }
-    let data: Vec<Value> = evs.iter().map(|(_, d)| serde_json::from_str(d).unwrap()).collect();
+    let data: Vec<Value> = evs
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
     let delta = |i: u64, d: Value| json!({"type": "content_block_delta", "index": i, "delta": d});
     assert_eq!(
         data,
@@ -473,8 +649,14 @@ fn openai_stream_to_anthropic_events() {
             delta(0, json!({"type": "text_delta", "text": " wörld"})),
             json!({"type": "content_block_stop", "index": 0}),
             json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {}}}),
-            delta(1, json!({"type": "input_json_delta", "partial_json": "{\"city\":"})),
-            delta(1, json!({"type": "input_json_delta", "partial_json": "\"Paris\"}"})),
+            delta(
+                1,
+                json!({"type": "input_json_delta", "partial_json": "{\"city\":"})
+            ),
+            delta(
+                1,
+                json!({"type": "input_json_delta", "partial_json": "\"Paris\"}"})
+            ),
             json!({"type": "content_block_stop", "index": 1}),
             json!({"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "call_b", "name": "get_time", "input": {}}}),
             delta(2, json!({"type": "input_json_delta", "partial_json": "{}"})),
@@ -526,7 +708,11 @@ fn openai_stream_error_becomes_an_anthropic_error_event() {
         serde_json::from_str::<Value>(data).unwrap(),
         json!({"type": "error", "error": {"type": "api_error", "message": "The server had an error"}})
     );
-    assert_eq!(evs.len(), 4, "message_start, block start, delta, error: {evs:?}");
+    assert_eq!(
+        evs.len(),
+        4,
+        "message_start, block start, delta, error: {evs:?}"
+    );
 }
 
 #[test]
@@ -540,8 +726,18 @@ fn openai_stream_text_only_ends_with_end_turn() {
     let types: Vec<&str> = data.iter().map(|d| d["type"].as_str().unwrap()).collect();
     assert_eq!(
         types,
-        ["message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
     );
     assert_eq!(data[4]["delta"]["stop_reason"], "max_tokens");
-    assert_eq!(data[4]["usage"], json!({"output_tokens": 0, "input_tokens": 0, "cache_read_input_tokens": 0}));
+    assert_eq!(
+        data[4]["usage"],
+        json!({"output_tokens": 0, "input_tokens": 0, "cache_read_input_tokens": 0})
+    );
 }

@@ -23,10 +23,7 @@ pub fn request_from_openai(body: &Value) -> Result<Value, Untranslatable> {
     let (system, contents) = contents(req)?;
     out.insert("contents".into(), Value::Array(contents));
     if !system.is_empty() {
-        out.insert(
-            "systemInstruction".into(),
-            json!({"parts": system}),
-        );
+        out.insert("systemInstruction".into(), json!({"parts": system}));
     }
     if let Some(tools) = field(req, "tools") {
         let decls = tools
@@ -234,7 +231,8 @@ fn contents(req: &Map<String, Value>) -> Result<(Vec<Value>, Vec<Value>), Untran
                     .ok()
                     .filter(Value::is_object)
                     .unwrap_or_else(|| json!({"result": text}));
-                let part = json!({"functionResponse": {"name": name, "response": {"content": response}}});
+                let part =
+                    json!({"functionResponse": {"name": name, "response": {"content": response}}});
                 ("user", vec![part])
             }
             "function" => return Err(to_gemini("a `function` role message")),

@@ -22,7 +22,11 @@ fn finish_reason(reason: &str, has_calls: bool) -> &'static str {
 fn usage(meta: &Value) -> Value {
     let n = |k| meta.get(k).and_then(Value::as_u64).unwrap_or(0);
     let completion = n("candidatesTokenCount") + n("thoughtsTokenCount");
-    let mut u = openai_usage(n("promptTokenCount"), completion, n("cachedContentTokenCount"));
+    let mut u = openai_usage(
+        n("promptTokenCount"),
+        completion,
+        n("cachedContentTokenCount"),
+    );
     if let Some(total) = meta.get("totalTokenCount").and_then(Value::as_u64) {
         u["total_tokens"] = total.into();
     }
@@ -75,8 +79,14 @@ fn candidate_index(candidate: &Value, position: usize) -> u64 {
 
 /// Gemini error body `{"error": {code, message, status}}` -> OpenAI error body.
 fn error_to_openai(e: &Value) -> Value {
-    let message = e.get("message").and_then(Value::as_str).unwrap_or("upstream error");
-    let status = e.get("status").and_then(Value::as_str).unwrap_or("api_error");
+    let message = e
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("upstream error");
+    let status = e
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("api_error");
     openai_error(message, status)
 }
 
@@ -220,8 +230,12 @@ impl StreamTranslator for StreamToOpenAi {
             }
             if !self.choices[slot].started {
                 self.choices[slot].started = true;
-                self.w
-                    .choice(out, index, json!({"role": "assistant", "content": ""}), None);
+                self.w.choice(
+                    out,
+                    index,
+                    json!({"role": "assistant", "content": ""}),
+                    None,
+                );
             }
             let (text, calls) = read_parts(c, self.choices[slot].calls);
             if !text.is_empty() {
@@ -238,14 +252,19 @@ impl StreamTranslator for StreamToOpenAi {
                     })
                     .collect();
                 self.choices[slot].calls += calls.len();
-                self.w.choice(out, index, json!({"tool_calls": calls}), None);
+                self.w
+                    .choice(out, index, json!({"tool_calls": calls}), None);
             }
             if let Some(reason) = c.get("finishReason").and_then(Value::as_str) {
                 let has_calls = self.choices[slot].calls > 0;
                 self.choices[slot].finished = true;
                 self.seen_finish = true;
-                self.w
-                    .choice(out, index, json!({}), Some(finish_reason(reason, has_calls)));
+                self.w.choice(
+                    out,
+                    index,
+                    json!({}),
+                    Some(finish_reason(reason, has_calls)),
+                );
             }
         }
     }

@@ -44,7 +44,10 @@ fn plain_request_has_no_generation_config_and_runs_merge() {
         json!({"contents": [{"role": "user", "parts": [{"text": "a"}, {"text": "b"}]}], "generationConfig": {"maxOutputTokens": 10}})
     );
     let bare = json!({"messages": [{"role": "user", "content": "a"}]});
-    assert_eq!(request_from_openai(&bare).unwrap(), json!({"contents": [{"role": "user", "parts": [{"text": "a"}]}]}));
+    assert_eq!(
+        request_from_openai(&bare).unwrap(),
+        json!({"contents": [{"role": "user", "parts": [{"text": "a"}]}]})
+    );
 }
 
 #[test]
@@ -102,11 +105,17 @@ fn tool_choice_modes() {
         (json!("auto"), json!({"mode": "AUTO"})),
         (json!("none"), json!({"mode": "NONE"})),
         (json!("required"), json!({"mode": "ANY"})),
-        (json!({"type": "function", "function": {"name": "get_weather"}}), json!({"mode": "ANY", "allowedFunctionNames": ["get_weather"]})),
+        (
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            json!({"mode": "ANY", "allowedFunctionNames": ["get_weather"]}),
+        ),
     ] {
         let body = json!({"messages": [{"role": "user", "content": "x"}], "tools": [weather_tool()], "tool_choice": choice,
             "parallel_tool_calls": false});
-        assert_eq!(request_from_openai(&body).unwrap()["toolConfig"], json!({"functionCallingConfig": expected}));
+        assert_eq!(
+            request_from_openai(&body).unwrap()["toolConfig"],
+            json!({"functionCallingConfig": expected})
+        );
     }
 }
 
@@ -129,24 +138,49 @@ fn response_formats() {
 #[test]
 fn refusals_name_the_field() {
     let cases = [
-        (json!({"logprobs": true}), "logprobs cannot be sent to a Gemini model"),
-        (json!({"top_logprobs": 2}), "top_logprobs cannot be sent to a Gemini model"),
-        (json!({"logit_bias": {"1": 5}}), "logit_bias cannot be sent to a Gemini model"),
-        (json!({"modalities": ["audio"]}), "audio output (modalities/audio) cannot be sent to a Gemini model"),
-        (json!({"tools": [{"type": "custom", "custom": {"name": "x"}}]}), "a tools entry of type `custom` cannot be sent to a Gemini model"),
-        (json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x", "format": "mp3"}}]}]}),
-            "audio input (an input_audio content part) cannot be sent to a Gemini model"),
-        (json!({"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]}),
-            "messages[0].tool_call_id `nope` matches no earlier tool call"),
-        (json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "[1]"}}]}]}),
-            "messages[0].tool_calls[0].function.arguments is not a JSON object"),
+        (
+            json!({"logprobs": true}),
+            "logprobs cannot be sent to a Gemini model",
+        ),
+        (
+            json!({"top_logprobs": 2}),
+            "top_logprobs cannot be sent to a Gemini model",
+        ),
+        (
+            json!({"logit_bias": {"1": 5}}),
+            "logit_bias cannot be sent to a Gemini model",
+        ),
+        (
+            json!({"modalities": ["audio"]}),
+            "audio output (modalities/audio) cannot be sent to a Gemini model",
+        ),
+        (
+            json!({"tools": [{"type": "custom", "custom": {"name": "x"}}]}),
+            "a tools entry of type `custom` cannot be sent to a Gemini model",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x", "format": "mp3"}}]}]}),
+            "audio input (an input_audio content part) cannot be sent to a Gemini model",
+        ),
+        (
+            json!({"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]}),
+            "messages[0].tool_call_id `nope` matches no earlier tool call",
+        ),
+        (
+            json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "[1]"}}]}]}),
+            "messages[0].tool_calls[0].function.arguments is not a JSON object",
+        ),
     ];
     for (extra, expected) in cases {
         let mut body = json!({"messages": [{"role": "user", "content": "x"}]});
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }
-        assert_eq!(request_from_openai(&body).unwrap_err().0, expected, "{extra}");
+        assert_eq!(
+            request_from_openai(&body).unwrap_err().0,
+            expected,
+            "{extra}"
+        );
     }
 }
 
@@ -191,10 +225,20 @@ fn function_call_response_and_finish_reasons() {
             {"index": 1, "message": {"role": "assistant", "content": "cut"}, "logprobs": null, "finish_reason": "length"}])
     );
     assert!(out.get("usage").is_none());
-    for (reason, expected) in [("SAFETY", "content_filter"), ("RECITATION", "content_filter"), ("BLOCKLIST", "content_filter"),
-        ("PROHIBITED_CONTENT", "content_filter"), ("OTHER", "stop"), ("STOP", "stop")] {
+    for (reason, expected) in [
+        ("SAFETY", "content_filter"),
+        ("RECITATION", "content_filter"),
+        ("BLOCKLIST", "content_filter"),
+        ("PROHIBITED_CONTENT", "content_filter"),
+        ("OTHER", "stop"),
+        ("STOP", "stop"),
+    ] {
         let body = json!({"candidates": [{"finishReason": reason, "content": {"parts": [{"text": "x"}]}}]});
-        assert_eq!(response_to_openai(&body, "g")["choices"][0]["finish_reason"], expected, "{reason}");
+        assert_eq!(
+            response_to_openai(&body, "g")["choices"][0]["finish_reason"],
+            expected,
+            "{reason}"
+        );
     }
 }
 
@@ -202,7 +246,10 @@ fn function_call_response_and_finish_reasons() {
 fn blocked_prompt_and_errors() {
     let blocked = json!({"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 3, "totalTokenCount": 3}});
     let out = response_to_openai(&blocked, "g");
-    assert_eq!(out["choices"], json!([{"index": 0, "message": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": "content_filter"}]));
+    assert_eq!(
+        out["choices"],
+        json!([{"index": 0, "message": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": "content_filter"}])
+    );
     assert_eq!(out["usage"]["prompt_tokens"], 3);
     let error = json!({"error": {"code": 429, "message": "Resource exhausted", "status": "RESOURCE_EXHAUSTED"}});
     assert_eq!(
@@ -241,20 +288,33 @@ fn gemini_stream_to_openai() {
     assert!(complete);
     assert_eq!(done_count(&out), 1);
     let chunks = json_events(&out);
-    let base = |choices: Value, usage: Value| json!({"id": "chatcmpl-r1", "object": "chat.completion.chunk", "created": 99,
-        "model": "my-gemini", "choices": choices, "usage": usage});
-    let choice = |delta: Value, finish: Value| base(json!([{"index": 0, "delta": delta, "finish_reason": finish}]), Value::Null);
+    let base = |choices: Value, usage: Value| {
+        json!({"id": "chatcmpl-r1", "object": "chat.completion.chunk", "created": 99,
+        "model": "my-gemini", "choices": choices, "usage": usage})
+    };
+    let choice = |delta: Value, finish: Value| {
+        base(
+            json!([{"index": 0, "delta": delta, "finish_reason": finish}]),
+            Value::Null,
+        )
+    };
     assert_eq!(
         chunks,
         vec![
             choice(json!({"role": "assistant", "content": ""}), Value::Null),
             choice(json!({"content": "The wea"}), Value::Null),
             choice(json!({"content": "ther in Zürich:"}), Value::Null),
-            choice(json!({"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
-                "function": {"name": "get_weather", "arguments": "{\"city\":\"Zürich\"}"}}]}), Value::Null),
+            choice(
+                json!({"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Zürich\"}"}}]}),
+                Value::Null
+            ),
             choice(json!({}), json!("tool_calls")),
-            base(json!([]), json!({"prompt_tokens": 9, "completion_tokens": 25, "total_tokens": 34,
-                "prompt_tokens_details": {"cached_tokens": 2}, "completion_tokens_details": {"reasoning_tokens": 5}})),
+            base(
+                json!([]),
+                json!({"prompt_tokens": 9, "completion_tokens": 25, "total_tokens": 34,
+                "prompt_tokens_details": {"cached_tokens": 2}, "completion_tokens_details": {"reasoning_tokens": 5}})
+            ),
         ]
     );
     // Without include_usage: no usage key and no usage chunk.
@@ -280,7 +340,9 @@ fn gemini_stream_without_finish_or_cut_off_gets_no_done() {
     let (out, complete) = run(&gemini_stream(false), true, &[], true);
     assert!(!complete);
     assert_eq!(done_count(&out), 0);
-    assert!(json_events(&out).iter().all(|c| c["choices"].as_array().unwrap().len() == 1));
+    assert!(json_events(&out)
+        .iter()
+        .all(|c| c["choices"].as_array().unwrap().len() == 1));
     let (out, complete) = run(&gemini_stream(true), true, &[], false);
     assert!(complete, "the finish reason arrived");
     assert_eq!(done_count(&out), 0, "but the connection was cut");
@@ -298,7 +360,13 @@ fn gemini_stream_two_candidates_and_an_error() {
     let chunks = json_events(&out);
     let summary: Vec<(Value, Value, Value)> = chunks
         .iter()
-        .map(|c| (c["choices"][0]["index"].clone(), c["choices"][0]["delta"]["content"].clone(), c["choices"][0]["finish_reason"].clone()))
+        .map(|c| {
+            (
+                c["choices"][0]["index"].clone(),
+                c["choices"][0]["delta"]["content"].clone(),
+                c["choices"][0]["finish_reason"].clone(),
+            )
+        })
         .collect();
     assert_eq!(
         summary[..5],
