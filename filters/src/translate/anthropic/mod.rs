@@ -64,7 +64,12 @@
 mod request;
 mod response;
 mod stream;
+mod to_openai;
 
-pub use request::{request_from_openai, request_to_openai};
+pub use request::request_from_openai;
 pub use response::{response_from_openai, response_to_openai};
 pub use stream::{StreamFromOpenAi, StreamToOpenAi};
+pub use to_openai::request_to_openai;
+
+#[cfg(test)]
+mod tests;

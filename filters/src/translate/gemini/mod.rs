@@ -43,3 +43,6 @@ mod response;
 
 pub use request::request_from_openai;
 pub use response::{response_to_openai, StreamToOpenAi};
+
+#[cfg(test)]
+mod tests;
