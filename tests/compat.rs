@@ -1,14 +1,28 @@
-//! The official `openai` Python SDK talks to tollgate: chat, stream, embeddings, models and
-//! its error classes. The test command (`scripts/test.sh`) installs the SDK.
+//! The official `openai` and `anthropic` Python SDKs talk to tollgate: chat, stream,
+//! embeddings, models and the error classes; messages, streams, tool use, count_tokens, and
+//! each SDK reaching the other's models through translation. The test command
+//! (`scripts/test.sh`) installs the SDKs.
 
 mod support;
 
 use support::certs::TestCa;
 use support::{Gateway, MockServer};
 
-/// Runs the SDK script against `base_url` with `env`; panics with its output on failure.
+/// Runs the openai SDK script against `base_url` with `env`.
 async fn run_sdk(gw: &Gateway, base_url: String, key: String, env: Vec<(&'static str, String)>) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/compat/openai_sdk.py");
+    run_script(gw, "openai_sdk.py", base_url, key, env).await;
+}
+
+/// Runs `tests/compat/{script}` against `base_url` with `env`; panics with its output on
+/// failure.
+async fn run_script(
+    gw: &Gateway,
+    script: &str,
+    base_url: String,
+    key: String,
+    env: Vec<(&'static str, String)>,
+) {
+    let script = format!("{}/tests/compat/{script}", env!("CARGO_MANIFEST_DIR"));
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python)
@@ -17,15 +31,13 @@ async fn run_sdk(gw: &Gateway, base_url: String, key: String, env: Vec<(&'static
             .env("TOLLGATE_KEY", key)
             .envs(env)
             .output()
-            .expect(
-                "python3 must be installed (scripts/test.sh installs it and the openai package)",
-            )
+            .expect("python3 must be installed (scripts/test.sh installs it and the SDK packages)")
     })
     .await
     .unwrap();
     assert!(
         out.status.success(),
-        "openai SDK script failed:\nstdout: {}\nstderr: {}\ngateway log:\n{}",
+        "SDK script failed:\nstdout: {}\nstderr: {}\ngateway log:\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         gw.log()
@@ -82,26 +94,19 @@ async fn official_openai_python_sdk_works_against_tollgate() {
         .await
         .unwrap();
     let key = gw.new_key("acme", &["--models", "m1,emb"]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/compat/openai_sdk.py");
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = tokio::task::spawn_blocking({
-        let url = gw.url("/v1");
-        move || {
-            std::process::Command::new(python)
-                .arg(script)
-                .env("TOLLGATE_BASE_URL", url)
-                .env("TOLLGATE_KEY", key)
-                .output()
-                .expect("python3 must be installed (scripts/test.sh installs it and the openai package)")
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "openai SDK script failed:\nstdout: {}\nstderr: {}\ngateway log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        gw.log()
+    run_sdk(&gw, gw.url("/v1"), key, vec![]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_anthropic_python_sdk_works_natively_and_through_translation() {
+    let mock = MockServer::start().await;
+    let ch = format!(
+        "  - {{ name: claude, kind: anthropic, base_url: \"{0}\", api_key: sk-ant-up, models: [claude-x] }}\n  - {{ name: main, base_url: \"{0}\", api_key: sk-up, models: [gpt-x] }}\n",
+        mock.base_url()
     );
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, ""))
+        .await
+        .unwrap();
+    let key = gw.new_key("acme", &[]);
+    run_script(&gw, "anthropic_sdk.py", gw.url(""), key, vec![]).await;
 }
