@@ -429,6 +429,8 @@ mod tests {
                 completion_tokens: 5,
                 cached_tokens: 0,
                 cache_write_tokens: 0,
+                audio_prompt_tokens: 0,
+                audio_completion_tokens: 0,
                 estimated: false,
             },
             cost_nano: cost,

@@ -36,6 +36,8 @@ fn render(t: &PriceTable, group: &str) -> Bytes {
                 "output": usd(r.output, ppm),
                 "cached_input": usd(r.cached_input, ppm),
                 "cache_write": usd(r.cache_write, ppm),
+                "audio_input": usd(r.audio_input, ppm),
+                "audio_output": usd(r.audio_output, ppm),
                 "per_request": usd(r.per_request, ppm),
             })
         })

@@ -74,7 +74,7 @@ pub struct Parts {
 
 /// **The filter chain, in request order.** This is the one place it is assembled.
 /// Response phases (attempt end, response head, chunks, done) run it in reverse.
-pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
+pub fn build_chain(cfg: &Config, parts: &Parts, billing: Arc<Billing>) -> Chain {
     if cfg.limits.ip.rps.is_some() {
         tracing::warn!("limits.ip.rps is deprecated and ignored; the guard counts failed authentications (limits.ip.failed_auth_per_min)");
     }
@@ -119,12 +119,8 @@ pub fn build_chain(cfg: &Config, parts: &Parts) -> Chain {
         // model → ordered channel attempts; per attempt: channel health
         Arc::new(Route::new(parts.picker.clone())),
         // worst case → reservation; on_done: the settlement's cost → ledger row
-        Arc::new(Billing::new(
-            parts.prices.clone(),
-            parts.wallets.clone(),
-            parts.ledger.clone(),
-            parts.channels.clone(),
-        )),
+        // (a realtime session's responses are billed one by one through its meter)
+        billing,
         // answers in another wire format than the client's (a channel of another kind)
         // rewritten into the client's, event by event; the request is rewritten by the
         // relay per attempt (`translate::request`)
@@ -187,8 +183,15 @@ pub fn response_cache(cfg: &Config, shared: Option<&SharedParts>) -> Option<Arc<
 
 /// What one request runs with: the chain and the tables it reads.
 pub fn pipeline(cfg: &Config, parts: &Parts) -> Pipeline {
+    let billing = Arc::new(Billing::new(
+        parts.prices.clone(),
+        parts.wallets.clone(),
+        parts.ledger.clone(),
+        parts.channels.clone(),
+    ));
     Pipeline {
-        chain: build_chain(cfg, parts),
+        chain: build_chain(cfg, parts, billing.clone()),
+        billing: Some(billing),
         channels: parts.channels.clone(),
         picker: parts.picker.clone(),
         max_body_bytes: cfg.server.max_body_bytes,
@@ -207,6 +210,8 @@ pub fn price_table(cfg: &Config) -> PriceTable {
                 let rate = ModelRate {
                     default_max_output: price.default_max_output,
                     cache_write: usd_to_nano(price.cache_write.unwrap_or(price.input)),
+                    audio_input: usd_to_nano(price.audio_input.unwrap_or(price.input)),
+                    audio_output: usd_to_nano(price.audio_output.unwrap_or(price.output)),
                     ..ModelRate::from_usd(
                         price.input,
                         price.output,

@@ -19,6 +19,7 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, Re
 use pingora::protocols::http::v2::server::H2Options;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
+use tollgate_filters::billing::Billing;
 use tollgate_filters::route::ChannelPicker;
 use tollgate_filters::{
     gemini_model, Chain, Channels, Ctx, Endpoint, GatewayError, RequestBody, RequestHead,
@@ -63,6 +64,9 @@ impl InFlight {
 /// What one request runs with: taken once per request from the [`Gateway`]'s `ArcSwap`.
 pub struct Pipeline {
     pub chain: Chain,
+    /// The chain's billing filter, for exchanges billed by the response (a realtime
+    /// session's meter); `None` only for a pipeline without billing.
+    pub billing: Option<Arc<Billing>>,
     pub channels: Channels,
     pub picker: Arc<ChannelPicker>,
     pub max_body_bytes: usize,
@@ -194,6 +198,9 @@ impl Gateway {
                 "A {method} request takes no body."
             )));
         }
+        if ctx.endpoint == Endpoint::Realtime {
+            return self.realtime(session, p, ctx).await;
+        }
         if method == http::Method::GET && ctx.endpoint == Endpoint::Models {
             let one = path.strip_prefix("/v1/models/");
             return self.list_models(session, p, ctx, one).await;
@@ -238,6 +245,56 @@ impl Gateway {
             path: &path,
         };
         self.relay.forward(session, ctx, out).await
+    }
+
+    /// `GET /v1/realtime?model=…`: a websocket session. Admitted as one request (its model
+    /// allowed, its concurrency place and channel slot held until it ends), its responses
+    /// billed one by one (see [`crate::relay`]'s realtime module).
+    async fn realtime(
+        &self,
+        session: &mut ServerSession,
+        p: &Pipeline,
+        ctx: &mut Ctx,
+    ) -> Result<(), GatewayError> {
+        let req = session.req_header();
+        let upgrade = req
+            .headers
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        if req.method != http::Method::GET || !upgrade || session.is_http2() {
+            return Err(GatewayError::invalid(
+                "/v1/realtime takes a websocket upgrade (GET over HTTP/1.1).",
+            ));
+        }
+        let model = req
+            .uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("model="))
+            .map(|m| String::from_utf8_lossy(&percent_decode(m)).into_owned())
+            .unwrap_or_default();
+        if model.len() > tollgate_filters::request::MAX_MODEL_BYTES {
+            return Err(GatewayError::invalid("The model name is too long."));
+        }
+        // The session itself generates nothing: each response reserves its own worst case.
+        ctx.facts = Some(tollgate_filters::RequestFacts {
+            model,
+            stream: true,
+            max_output_tokens: Some(0),
+            choices: 1,
+            ..Default::default()
+        });
+        p.chain.request_body(ctx).await?;
+        let billing = p.billing.as_deref().ok_or(GatewayError::Internal)?;
+        let path = ctx.path.clone();
+        let out = Outbound {
+            chain: &p.chain,
+            channels: &p.channels,
+            body: None,
+            path: &path,
+        };
+        self.relay.realtime(session, ctx, out, billing).await
     }
 
     /// Reads the whole body, refusing past `max_body_bytes` (by `Content-Length` up front when
@@ -536,6 +593,30 @@ fn client_ip(session: &ServerSession) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
+/// `%XX` escapes decoded (and `+` as a space), as in a query string.
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out
+}
+
 /// At most `max` characters of `s`, for echoing client input in errors.
 fn truncate(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
@@ -552,6 +633,7 @@ mod tests {
         let channels: Channels = Arc::from(Vec::new());
         Arc::new(Pipeline {
             chain: Chain::default(),
+            billing: None,
             picker: Arc::new(ChannelPicker::new(channels.clone(), 1)),
             channels,
             max_body_bytes: 1024,

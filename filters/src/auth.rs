@@ -202,8 +202,13 @@ impl Auth {
     }
 }
 
-/// The presented secret, from `Authorization: Bearer`, `x-api-key` (Anthropic's clients) or
-/// `x-goog-api-key` (Gemini's).
+/// The websocket subprotocol that carries a key, as browser clients of the Realtime API send
+/// it (a browser cannot set headers on a websocket).
+pub const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
+
+/// The presented secret, from `Authorization: Bearer`, `x-api-key` (Anthropic's clients),
+/// `x-goog-api-key` (Gemini's), or a websocket upgrade's `openai-insecure-api-key.<key>`
+/// subprotocol.
 pub fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get(http::header::AUTHORIZATION) {
         let v = v.to_str().ok()?.trim();
@@ -219,6 +224,15 @@ pub fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|s| !s.is_empty())
+        .or_else(|| {
+            headers
+                .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .find_map(|p| p.trim().strip_prefix(KEY_SUBPROTOCOL))
+                .filter(|s| !s.is_empty())
+        })
 }
 
 fn unix_now() -> i64 {
@@ -493,6 +507,19 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert("x-api-key", "sk-tg-1".parse().unwrap());
         assert_eq!(presented_key(&h), Some("sk-tg-1"));
+        let mut h = http::HeaderMap::new();
+        h.insert("x-goog-api-key", "sk-tg-2".parse().unwrap());
+        assert_eq!(presented_key(&h), Some("sk-tg-2"));
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "sec-websocket-protocol",
+            "realtime, openai-insecure-api-key.sk-tg-3, openai-beta.realtime-v1"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(presented_key(&h), Some("sk-tg-3"));
+        h.insert("sec-websocket-protocol", "realtime".parse().unwrap());
+        assert_eq!(presented_key(&h), None);
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub enum Endpoint {
     /// Gemini's native `/v1beta/models/{model}:generateContent` (and
     /// `:streamGenerateContent`).
     GeminiGenerate,
+    /// OpenAI's Realtime API, a websocket at `/v1/realtime?model=…`.
+    Realtime,
     Models,
     OtherV1,
     #[default]
@@ -54,6 +56,7 @@ impl Endpoint {
             "/v1/responses" => Endpoint::Responses,
             "/v1/messages" => Endpoint::Messages,
             "/v1/messages/count_tokens" => Endpoint::CountTokens,
+            "/v1/realtime" => Endpoint::Realtime,
             p if gemini_model(p).is_some() => Endpoint::GeminiGenerate,
             p if p == "/v1/models" || p.starts_with("/v1/models/") => Endpoint::Models,
             p if p.starts_with("/v1/") => Endpoint::OtherV1,
@@ -70,6 +73,7 @@ impl Endpoint {
             Endpoint::Messages => "messages",
             Endpoint::CountTokens => "count_tokens",
             Endpoint::GeminiGenerate => "gemini_generate",
+            Endpoint::Realtime => "realtime",
             Endpoint::Models => "models",
             Endpoint::OtherV1 => "other_v1",
             Endpoint::Unknown => "unknown",
@@ -368,6 +372,8 @@ impl Ctx {
                     ),
                     cached_tokens: 0,
                     cache_write_tokens: 0,
+                    audio_prompt_tokens: 0,
+                    audio_completion_tokens: 0,
                     estimated: true,
                 },
                 estimated: Some(if self.outcome.drain_limited {
@@ -413,6 +419,8 @@ mod tests {
             completion_tokens: 3,
             cached_tokens: 0,
             cache_write_tokens: 0,
+            audio_prompt_tokens: 0,
+            audio_completion_tokens: 0,
             estimated: false,
         };
         let mut ctx = ctx_with(200, Some(u), 0);

@@ -33,6 +33,7 @@ pub mod ip_guard;
 pub mod limits;
 pub mod media;
 pub mod queue;
+pub mod realtime;
 pub mod request;
 pub mod route;
 pub mod translate;

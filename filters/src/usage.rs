@@ -108,6 +108,8 @@ impl UsageJson {
             completion_tokens: n(self.completion_tokens).saturating_add(n(self.thoughts)),
             cached_tokens: cached,
             cache_write_tokens: written,
+            audio_prompt_tokens: 0,
+            audio_completion_tokens: 0,
             estimated: false,
         }
     }

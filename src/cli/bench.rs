@@ -47,6 +47,8 @@ pub(super) fn bench_ledger(cfg: &Config, rows: usize, n_accounts: usize) -> CliR
                 completion_tokens: 120,
                 cached_tokens: 0,
                 cache_write_tokens: 0,
+                audio_prompt_tokens: 0,
+                audio_completion_tokens: 0,
                 estimated: false,
             },
             cost_nano: 147_000,

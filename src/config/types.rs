@@ -239,6 +239,12 @@ pub struct ModelPrice {
     /// `cache_creation_input_tokens`); defaults to `input`.
     #[serde(default)]
     pub cache_write: Option<f64>,
+    /// USD per 1M audio input tokens (realtime and audio models); defaults to `input`.
+    #[serde(default)]
+    pub audio_input: Option<f64>,
+    /// USD per 1M audio output tokens; defaults to `output`.
+    #[serde(default)]
+    pub audio_output: Option<f64>,
     /// Fixed USD per request, on top of tokens.
     #[serde(default)]
     pub per_request: f64,

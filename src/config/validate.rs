@@ -193,6 +193,8 @@ impl Config {
                 ("output", Some(price.output)),
                 ("cached_input", price.cached_input),
                 ("cache_write", price.cache_write),
+                ("audio_input", price.audio_input),
+                ("audio_output", price.audio_output),
                 ("per_request", Some(price.per_request)),
             ];
             for (f, v) in fields {

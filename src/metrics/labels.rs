@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use tollgate_filters::{Endpoint, EstimateReason};
 
 /// The routes, in label order.
-pub(super) const ROUTES: [Endpoint; 10] = [
+pub(super) const ROUTES: [Endpoint; 11] = [
     Endpoint::Chat,
     Endpoint::Completions,
     Endpoint::Embeddings,
@@ -14,6 +14,7 @@ pub(super) const ROUTES: [Endpoint; 10] = [
     Endpoint::Messages,
     Endpoint::CountTokens,
     Endpoint::GeminiGenerate,
+    Endpoint::Realtime,
     Endpoint::Models,
     Endpoint::OtherV1,
     Endpoint::Unknown,

@@ -190,6 +190,8 @@ mod tests {
             completion_tokens: 5,
             cached_tokens: 2,
             cache_write_tokens: 0,
+            audio_prompt_tokens: 0,
+            audio_completion_tokens: 0,
             estimated: true,
         };
         ctx.settlement.estimated = Some(EstimateReason::Cut);

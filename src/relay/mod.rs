@@ -14,6 +14,7 @@
 mod attempt;
 mod error_body;
 mod headers;
+mod realtime;
 mod stream;
 
 use std::time::{Duration, Instant};

@@ -13,6 +13,7 @@
 
 mod book;
 pub mod lease;
+mod meter;
 mod price;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::{Ctx, Filter, GatewayError};
 
 pub use book::{BalanceSource, Committed, Reservation, Wallets, DEFAULT_RELOAD_INTERVAL};
 pub use lease::AccountLeases;
+pub use meter::{Held, Meter};
 pub use price::{usd_to_nano, ModelRate, PriceTable, UnpricedPolicy, Usage, NANO_PER_USD};
 
 /// One request's ledger row.

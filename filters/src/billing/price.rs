@@ -23,6 +23,9 @@ pub struct ModelRate {
     pub cached_input: i64,
     /// nano-USD per 1M prompt tokens written to the provider's cache.
     pub cache_write: i64,
+    /// nano-USD per 1M audio input and output tokens (realtime and audio models).
+    pub audio_input: i64,
+    pub audio_output: i64,
     /// nano-USD per request.
     pub per_request: i64,
     /// Output cap assumed for the worst case when the request sets none.
@@ -41,6 +44,8 @@ impl ModelRate {
             output: usd_to_nano(output),
             cached_input: usd_to_nano(cached_input.unwrap_or(input)),
             cache_write: usd_to_nano(input),
+            audio_input: usd_to_nano(input),
+            audio_output: usd_to_nano(output),
             per_request: usd_to_nano(per_request),
             default_max_output: None,
         }
@@ -63,6 +68,10 @@ pub struct Usage {
     pub completion_tokens: u64,
     pub cached_tokens: u64,
     pub cache_write_tokens: u64,
+    /// Uncached audio input tokens (part of `prompt_tokens`), priced at `audio_input`.
+    pub audio_prompt_tokens: u64,
+    /// Audio output tokens (part of `completion_tokens`), priced at `audio_output`.
+    pub audio_completion_tokens: u64,
     /// Not reported by the provider: estimated by the gateway.
     pub estimated: bool,
 }
@@ -107,16 +116,25 @@ impl PriceTable {
     }
 
     fn cost_rounded(&self, rate: &ModelRate, group: &str, u: &Usage, ceil: bool) -> i64 {
+        // Each prompt token is priced once: cache reads, then cache writes, then uncached
+        // audio, and the rest as text; output audio apart from output text.
         let cached = u.cached_tokens.min(u.prompt_tokens);
-        let written = u.cache_write_tokens.min(u.prompt_tokens - cached) as i128;
-        let cached = cached as i128;
-        let uncached = u.prompt_tokens as i128 - cached - written;
+        let written = u.cache_write_tokens.min(u.prompt_tokens - cached);
+        let audio_in = u
+            .audio_prompt_tokens
+            .min(u.prompt_tokens - cached - written) as i128;
+        let audio_out = u.audio_completion_tokens.min(u.completion_tokens) as i128;
+        let (cached, written) = (cached as i128, written as i128);
+        let uncached = u.prompt_tokens as i128 - cached - written - audio_in;
+        let text_out = u.completion_tokens as i128 - audio_out;
         // nano-USD × tokens / 1M: divided out once, at the end, with the multiplier.
         // Saturating throughout: absurd token counts or prices cost the most, never wrap.
         let tokens = (uncached.saturating_mul(rate.input as i128))
             .saturating_add(cached.saturating_mul(rate.cached_input as i128))
             .saturating_add(written.saturating_mul(rate.cache_write as i128))
-            .saturating_add((u.completion_tokens as i128).saturating_mul(rate.output as i128))
+            .saturating_add(audio_in.saturating_mul(rate.audio_input as i128))
+            .saturating_add(text_out.saturating_mul(rate.output as i128))
+            .saturating_add(audio_out.saturating_mul(rate.audio_output as i128))
             .saturating_add((rate.per_request as i128).saturating_mul(TOKENS_PER_PRICE_UNIT));
         let scaled = tokens.saturating_mul(self.multiplier_ppm(group) as i128);
         let denom = TOKENS_PER_PRICE_UNIT * PPM;
@@ -184,6 +202,8 @@ pub(crate) mod tests {
             completion_tokens: 100,
             cached_tokens: 400,
             cache_write_tokens: 0,
+            audio_prompt_tokens: 0,
+            audio_completion_tokens: 0,
             estimated: false,
         };
         // 600 × 150 + 400 × 75 + 100 × 600 nano-USD = 90_000 + 30_000 + 60_000
@@ -210,7 +230,7 @@ pub(crate) mod tests {
             completion_tokens: 50,
             cached_tokens: 200,
             cache_write_tokens: 300,
-            estimated: false,
+            ..Usage::default()
         };
         // 1000 × 3000 + 200 × 300 + 300 × 3750 + 50 × 15000 nano-USD
         assert_eq!(
@@ -225,6 +245,30 @@ pub(crate) mod tests {
             ..Usage::default()
         };
         assert_eq!(t.cost(&rate, "default", &odd), 80 * 300 + 20 * 3750);
+    }
+
+    #[test]
+    fn audio_tokens_are_priced_by_their_own_rates() {
+        let t = table();
+        let rate = ModelRate {
+            audio_input: usd_to_nano(32.0),
+            audio_output: usd_to_nano(64.0),
+            ..ModelRate::from_usd(4.0, 16.0, Some(0.4), 0.0)
+        };
+        let u = Usage {
+            prompt_tokens: 100 + 50 + 10,
+            cached_tokens: 10,
+            audio_prompt_tokens: 50,
+            completion_tokens: 20 + 30,
+            audio_completion_tokens: 30,
+            ..Usage::default()
+        };
+        // text in 100 × 4000, cached 10 × 400, audio in 50 × 32000, text out 20 × 16000,
+        // audio out 30 × 64000
+        assert_eq!(
+            t.cost(&rate, "default", &u),
+            400_000 + 4_000 + 1_600_000 + 320_000 + 1_920_000
+        );
     }
 
     #[test]
@@ -274,6 +318,8 @@ pub(crate) mod tests {
             completion_tokens: u64::MAX,
             cached_tokens: 0,
             cache_write_tokens: 0,
+            audio_prompt_tokens: 0,
+            audio_completion_tokens: 0,
             estimated: false,
         };
         assert_eq!(t.cost(&r, "x10", &huge), i64::MAX);

@@ -398,7 +398,7 @@ pub fn encode(stored: &Stored, usage: &Usage, ttl: std::time::Duration) -> Bytes
     let mut v = json!({
         "at_ms": unix_ms(),
         "ttl_ms": ttl.as_millis() as u64,
-        "usage": [usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_write_tokens],
+        "usage": [usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_write_tokens, usage.audio_prompt_tokens, usage.audio_completion_tokens],
     });
     match stored {
         Stored::Json(b) => v["json"] = Value::String(text(b)),
@@ -427,6 +427,8 @@ pub fn decode(raw: &[u8]) -> Option<(Stored, Usage, std::time::Duration, std::ti
         cached_tokens: n(2)?,
         // Entries written before cache writes were counted have three numbers.
         cache_write_tokens: n(3).unwrap_or(0),
+        audio_prompt_tokens: n(4).unwrap_or(0),
+        audio_completion_tokens: n(5).unwrap_or(0),
         estimated: false,
     };
     let stored = if let Some(j) = v["json"].as_str() {
@@ -609,6 +611,8 @@ data: [DONE]\n\n";
             completion_tokens: 3,
             cached_tokens: 2,
             cache_write_tokens: 0,
+            audio_prompt_tokens: 0,
+            audio_completion_tokens: 0,
             estimated: false,
         };
         let ttl = std::time::Duration::from_secs(60);
