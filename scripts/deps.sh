@@ -8,6 +8,8 @@ TOLLGATE_MIN_RUST=1.88.0
 TOLLGATE_OPENAI_SDK=3.57.0
 # The official Anthropic SDK, for the same test against `/v1/messages`.
 TOLLGATE_ANTHROPIC_SDK=2.10.0
+# The websocket client of the realtime test.
+TOLLGATE_PY_WEBSOCKETS=15.0.1
 # HTTP/2 for the SDK's httpx client (`http2=True`) in the compatibility test.
 TOLLGATE_PY_H2="h2>=4,<5"
 
@@ -47,6 +49,8 @@ tollgate_deps() {
         fi
         "$venv/bin/python" -c "import anthropic, sys; sys.exit(anthropic.__version__ != '$TOLLGATE_ANTHROPIC_SDK')" >/dev/null 2>&1 \
             || "$venv/bin/pip" install -q --disable-pip-version-check "anthropic==$TOLLGATE_ANTHROPIC_SDK"
+        "$venv/bin/python" -c "import websockets, sys; sys.exit(websockets.__version__ != '$TOLLGATE_PY_WEBSOCKETS')" >/dev/null 2>&1 \
+            || "$venv/bin/pip" install -q --disable-pip-version-check "websockets==$TOLLGATE_PY_WEBSOCKETS"
         "$venv/bin/python" -c "import h2" >/dev/null 2>&1 \
             || "$venv/bin/pip" install -q --disable-pip-version-check "$TOLLGATE_PY_H2"
         PYTHON="$PWD/$venv/bin/python"

@@ -212,6 +212,13 @@ pub fn price_table(cfg: &Config) -> PriceTable {
                     cache_write: usd_to_nano(price.cache_write.unwrap_or(price.input)),
                     audio_input: usd_to_nano(price.audio_input.unwrap_or(price.input)),
                     audio_output: usd_to_nano(price.audio_output.unwrap_or(price.output)),
+                    per_image: price
+                        .per_image
+                        .iter()
+                        .map(|(k, v)| (k.clone(), usd_to_nano(*v)))
+                        .collect(),
+                    per_audio_second: usd_to_nano(price.per_audio_second),
+                    per_1m_characters: usd_to_nano(price.per_1m_characters),
                     ..ModelRate::from_usd(
                         price.input,
                         price.output,

@@ -208,7 +208,20 @@ impl Gateway {
         let body = match method {
             http::Method::POST => {
                 let raw = self.read_body(session, p).await?;
-                let (body, mut facts) = RequestBody::parse_for_path(&path, raw)?;
+                let form = session
+                    .req_header()
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|ct| {
+                        ct.trim_start()
+                            .get(..19)
+                            .is_some_and(|m| m.eq_ignore_ascii_case("multipart/form-data"))
+                    });
+                let (body, mut facts) = match form {
+                    Some(ct) => RequestBody::parse_form(&path, ct, raw)?,
+                    None => RequestBody::parse_for_path(&path, raw)?,
+                };
                 if let Some((model, stream)) = gemini_model(&path) {
                     // Gemini names the model and whether to stream in the path.
                     if model.len() > tollgate_filters::request::MAX_MODEL_BYTES {

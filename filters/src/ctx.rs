@@ -41,6 +41,10 @@ pub enum Endpoint {
     GeminiGenerate,
     /// OpenAI's Realtime API, a websocket at `/v1/realtime?model=…`.
     Realtime,
+    /// `/v1/images/generations`, `edits`, `variations`.
+    Images,
+    /// `/v1/audio/transcriptions`, `translations`, `speech`.
+    Audio,
     Models,
     OtherV1,
     #[default]
@@ -57,6 +61,8 @@ impl Endpoint {
             "/v1/messages" => Endpoint::Messages,
             "/v1/messages/count_tokens" => Endpoint::CountTokens,
             "/v1/realtime" => Endpoint::Realtime,
+            p if p.starts_with("/v1/images/") => Endpoint::Images,
+            p if p.starts_with("/v1/audio/") => Endpoint::Audio,
             p if gemini_model(p).is_some() => Endpoint::GeminiGenerate,
             p if p == "/v1/models" || p.starts_with("/v1/models/") => Endpoint::Models,
             p if p.starts_with("/v1/") => Endpoint::OtherV1,
@@ -74,6 +80,8 @@ impl Endpoint {
             Endpoint::CountTokens => "count_tokens",
             Endpoint::GeminiGenerate => "gemini_generate",
             Endpoint::Realtime => "realtime",
+            Endpoint::Images => "images",
+            Endpoint::Audio => "audio",
             Endpoint::Models => "models",
             Endpoint::OtherV1 => "other_v1",
             Endpoint::Unknown => "unknown",
@@ -133,6 +141,8 @@ pub struct UsageReport {
     pub text_bytes: u64,
     /// The provider sent an error event mid-stream.
     pub saw_error: bool,
+    /// Seconds of audio the provider reported transcribing.
+    pub audio_seconds: Option<u64>,
 }
 
 /// Why a settlement had to estimate.

@@ -32,6 +32,7 @@ mod health;
 pub mod ip_guard;
 pub mod limits;
 pub mod media;
+pub mod multipart;
 pub mod queue;
 pub mod realtime;
 pub mod request;

@@ -243,19 +243,35 @@ pub fn image_size(b: &[u8]) -> Option<(u32, u32)> {
 fn audio_seconds(data: &str, format: &str) -> u64 {
     let payload = base64_payload(data);
     let bytes = (payload.len() as u64).saturating_mul(3) / 4;
-    if format.eq_ignore_ascii_case("wav") || payload.starts_with("UklGR") {
-        let head = decode_prefix(payload, 64);
-        if head.starts_with(b"RIFF") && head.get(8..12) == Some(b"WAVE") {
-            if let Some(rate) = head
-                .get(28..32)
-                .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-                .filter(|&r| r > 0)
-            {
-                return bytes.saturating_sub(44).div_ceil(u64::from(rate)).max(1);
-            }
-        }
+    let rate = if format.eq_ignore_ascii_case("wav") || payload.starts_with("UklGR") {
+        wav_byte_rate(&decode_prefix(payload, 64))
+    } else {
+        None
+    };
+    seconds_of(bytes, rate)
+}
+
+/// Seconds of an audio file (a transcription's upload), rounded up, at least 1: a WAV's
+/// data by its byte rate, anything else at 128 kbit/s.
+pub fn audio_file_seconds(file: &[u8]) -> u64 {
+    seconds_of(file.len() as u64, wav_byte_rate(file))
+}
+
+fn seconds_of(bytes: u64, wav_byte_rate: Option<u32>) -> u64 {
+    match wav_byte_rate {
+        Some(rate) => bytes.saturating_sub(44).div_ceil(u64::from(rate)).max(1),
+        None => bytes.div_ceil(16_000).max(1),
     }
-    bytes.div_ceil(16_000).max(1)
+}
+
+/// A WAV header's byte rate.
+fn wav_byte_rate(head: &[u8]) -> Option<u32> {
+    if !(head.starts_with(b"RIFF") && head.get(8..12) == Some(b"WAVE")) {
+        return None;
+    }
+    head.get(28..32)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .filter(|&r| r > 0)
 }
 
 /// Pages of an inline PDF (`/Type /Page` objects, not `/Pages`), at least 1.

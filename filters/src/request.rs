@@ -71,7 +71,36 @@ pub struct RequestFacts {
     /// Images, audio and files in the request; their tokens are part of
     /// `prompt_tokens_estimate`.
     pub media: Media,
+    /// What the request asks for that is priced by the unit (images to generate, seconds
+    /// of audio to transcribe, characters to speak).
+    pub units: Units,
 }
+
+/// What a request asks for that is priced by the unit rather than by the token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Units {
+    /// Images to generate (`n`, at least 1, on the image routes).
+    pub images: u64,
+    /// Their `quality/size` (`hd/1024x1792`; a missing part is empty: `/1024x1024`), which
+    /// picks the per-image price.
+    pub image_variant: String,
+    /// Seconds of audio to transcribe or translate (from a WAV header, else the file at
+    /// 128 kbit/s, rounded up).
+    pub audio_seconds: u64,
+    /// Characters of text to speak.
+    pub characters: u64,
+}
+
+/// The image routes.
+pub const IMAGE_ROUTES: [&str; 3] = [
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/images/variations",
+];
+/// The routes that turn audio into text.
+pub const TRANSCRIPTION_ROUTES: [&str; 2] = ["/v1/audio/transcriptions", "/v1/audio/translations"];
+/// The route that turns text into speech.
+pub const SPEECH_ROUTE: &str = "/v1/audio/speech";
 
 impl Default for RequestFacts {
     /// Assumes a generating route: the cautious choice (an output cap is counted).
@@ -86,6 +115,7 @@ impl Default for RequestFacts {
             body_bytes: 0,
             generates_output: true,
             media: Media::default(),
+            units: Units::default(),
         }
     }
 }
@@ -106,8 +136,11 @@ impl RequestFacts {
 #[derive(Debug)]
 pub struct RequestBody {
     pub raw: Bytes,
-    /// Top-level keys, in order, with the byte range of each raw value in `raw`.
+    /// Top-level keys (a form's part names), in order, with the byte range of each raw
+    /// value in `raw`.
     fields: Vec<(String, Range<usize>)>,
+    /// A `multipart/form-data` body, not JSON.
+    form: bool,
 }
 
 /// The body's top-level fields, in order, values kept raw. A key that appears twice is an
@@ -158,7 +191,96 @@ impl RequestBody {
     ) -> Result<(RequestBody, RequestFacts), GatewayError> {
         let (body, mut facts) = Self::parse(raw)?;
         facts.generates_output = generates_output(path);
+        let text = |name: &str| {
+            body.field(name)
+                .and_then(|v| serde_json::from_slice::<String>(v).ok())
+                .unwrap_or_default()
+        };
+        if IMAGE_ROUTES.contains(&path) {
+            facts.units.images = facts.choices;
+            facts.units.image_variant = format!("{}/{}", text("quality"), text("size"));
+        } else if path == SPEECH_ROUTE {
+            facts.units.characters = text("input").chars().count() as u64;
+        }
         Ok((body, facts))
+    }
+
+    /// The raw value of a top-level field (JSON) or a form part.
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, r)| &self.raw[r.clone()])
+    }
+
+    /// Parses a `multipart/form-data` body (an audio file to transcribe, an image to edit)
+    /// of `content_type` sent to `path`. The form must name its `model`; the file's bytes
+    /// count neither as prompt tokens nor as anything but its duration.
+    pub fn parse_form(
+        path: &str,
+        content_type: &str,
+        raw: Bytes,
+    ) -> Result<(RequestBody, RequestFacts), GatewayError> {
+        let bad = |why: &str| GatewayError::invalid(format!("The form could not be read: {why}."));
+        let boundary = crate::multipart::boundary(content_type)
+            .ok_or_else(|| bad("its content type names no boundary"))?;
+        let parts = crate::multipart::parse(&raw, boundary).map_err(bad)?;
+        let value = |name: &str| {
+            parts
+                .iter()
+                .find(|p| p.name == name && p.filename.is_none())
+                .and_then(|p| std::str::from_utf8(&raw[p.value.clone()]).ok())
+        };
+        let model = value("model").unwrap_or_default().trim().to_owned();
+        if model.len() > MAX_MODEL_BYTES {
+            return Err(GatewayError::InvalidRequest {
+                message: format!("`model` is longer than {MAX_MODEL_BYTES} bytes."),
+                param: Some("model"),
+            });
+        }
+        let text_bytes: usize = parts
+            .iter()
+            .filter(|p| p.filename.is_none())
+            .map(|p| p.value.len())
+            .sum();
+        let mut units = Units::default();
+        if TRANSCRIPTION_ROUTES.contains(&path) {
+            let file = parts
+                .iter()
+                .find(|p| p.name == "file")
+                .ok_or_else(|| bad("it has no `file`"))?;
+            units.audio_seconds = crate::media::audio_file_seconds(&raw[file.value.clone()]);
+        }
+        if IMAGE_ROUTES.contains(&path) {
+            units.images = value("n")
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap_or(1)
+                .clamp(1, MAX_CHOICES);
+            units.image_variant = format!(
+                "{}/{}",
+                value("quality").unwrap_or_default().trim(),
+                value("size").unwrap_or_default().trim()
+            );
+        }
+        let facts = RequestFacts {
+            model,
+            stream: value("stream").is_some_and(|s| s.trim() == "true"),
+            choices: 1,
+            prompt_tokens_estimate: (text_bytes / 4) as u64 + 1,
+            body_bytes: raw.len(),
+            generates_output: generates_output(path),
+            units,
+            ..RequestFacts::default()
+        };
+        let fields = parts.into_iter().map(|p| (p.name, p.value)).collect();
+        Ok((
+            RequestBody {
+                raw,
+                fields,
+                form: true,
+            },
+            facts,
+        ))
     }
 
     /// Parses the body as for a generating route (an output cap is counted). Prefer
@@ -283,6 +405,7 @@ impl RequestBody {
             body_bytes: raw.len(),
             generates_output: true,
             media,
+            units: Units::default(),
         };
         // Borrowed raw values point into `raw`: their offsets are their ranges.
         let base = raw.as_ptr() as usize;
@@ -293,7 +416,14 @@ impl RequestBody {
                 (k, start..start + v.get().len())
             })
             .collect();
-        Ok((RequestBody { raw, fields }, facts))
+        Ok((
+            RequestBody {
+                raw,
+                fields,
+                form: false,
+            },
+            facts,
+        ))
     }
 
     /// The body to send upstream with `model` replaced and, when asked, `stream_options.
@@ -305,6 +435,20 @@ impl RequestBody {
     ) -> Result<Bytes, GatewayError> {
         if upstream_model.is_none() && !force_include_usage {
             return Ok(self.raw.clone());
+        }
+        if self.form {
+            // A form: the `model` part's value replaced, every other byte as sent.
+            let (Some(model), Some((_, range))) = (
+                upstream_model,
+                self.fields.iter().find(|(k, _)| k == "model"),
+            ) else {
+                return Ok(self.raw.clone());
+            };
+            let mut buf = Vec::with_capacity(self.raw.len() + model.len());
+            buf.extend_from_slice(&self.raw[..range.start]);
+            buf.extend_from_slice(model.as_bytes());
+            buf.extend_from_slice(&self.raw[range.end..]);
+            return Ok(Bytes::from(buf));
         }
         let mut buf = Vec::with_capacity(self.raw.len() + 48);
         buf.push(b'{');
@@ -387,6 +531,57 @@ mod tests {
         assert!(f.stream && f.include_usage);
         assert_eq!(f.max_output_tokens, Some(50));
         assert_eq!(f.choices, 2);
+    }
+
+    #[test]
+    fn unit_routes_count_images_characters_and_audio_seconds() {
+        let (_, f) = RequestBody::parse_for_path(
+            "/v1/images/generations",
+            Bytes::from_static(
+                br#"{"model":"dall-e-3","prompt":"a cat","n":2,"size":"1024x1024","quality":"hd"}"#,
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            (f.units.images, f.units.image_variant.as_str()),
+            (2, "hd/1024x1024")
+        );
+        let (_, f) = RequestBody::parse_for_path(
+            "/v1/audio/speech",
+            Bytes::from_static(r#"{"model":"tts-1","input":"héllo","voice":"alloy"}"#.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(f.units.characters, 5);
+        // A form: a 2-second WAV (16 kHz mono PCM16: 32,000 bytes a second).
+        let mut wav = b"RIFF\0\0\0\0WAVEfmt ".to_vec();
+        wav.resize(28, 0);
+        wav.extend_from_slice(&32_000u32.to_le_bytes());
+        wav.resize(44 + 64_000, 0);
+        let mut form = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n".to_vec();
+        form.extend_from_slice(&wav);
+        form.extend_from_slice(b"\r\n--b--\r\n");
+        let (body, f) = RequestBody::parse_form(
+            "/v1/audio/transcriptions",
+            "multipart/form-data; boundary=b",
+            Bytes::from(form.clone()),
+        )
+        .unwrap();
+        assert_eq!(f.model, "whisper-1");
+        assert_eq!(f.units.audio_seconds, 2);
+        assert!(f.prompt_tokens_estimate < 10, "the file is not prompt text");
+        assert_eq!(body.rewrite(None, false).unwrap(), form);
+        // A mapped model: only its value changes.
+        let moved = body.rewrite(Some("whisper-large"), false).unwrap();
+        assert_eq!(moved, [&form[..53], b"whisper-large", &form[62..]].concat());
+        let e = RequestBody::parse_form(
+            "/v1/audio/transcriptions",
+            "multipart/form-data; boundary=b",
+            Bytes::from_static(
+                b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nw\r\n--b--\r\n",
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(e.status(), 400);
     }
 
     #[test]

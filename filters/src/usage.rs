@@ -54,6 +54,9 @@ struct UsageJson {
     cache_read_input_tokens: Option<u64>,
     #[serde(default, rename = "thoughtsTokenCount")]
     thoughts: Option<u64>,
+    /// Transcriptions: `{"type": "duration", "seconds": …}`.
+    #[serde(default)]
+    seconds: Option<f64>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -76,6 +79,7 @@ impl UsageJson {
                 .cache_read_input_tokens
                 .or(self.cache_read_input_tokens),
             thoughts: newer.thoughts.or(self.thoughts),
+            seconds: newer.seconds.or(self.seconds),
         }
     }
 
@@ -371,7 +375,14 @@ impl UsageScanner {
                         self.wire,
                     ),
                 };
-                self.report.usage = found.or(self.report.usage);
+                if let Some(u) = found {
+                    self.report.usage = Some(u.usage(self.wire));
+                    // Whole seconds, rounded up, as providers bill them.
+                    self.report.audio_seconds = u
+                        .seconds
+                        .filter(|s| s.is_finite() && *s >= 0.0)
+                        .map(|s| s.ceil() as u64);
+                }
                 Bytes::new()
             }
             Mode::Sse {
@@ -496,7 +507,7 @@ fn self_scan(
 }
 
 /// The last `"usage": {...}` object in a JSON tail (Gemini's `"usageMetadata"`).
-fn last_usage_object(buf: &[u8], wire: Wire) -> Option<Usage> {
+fn last_usage_object(buf: &[u8], wire: Wire) -> Option<UsageJson> {
     let key: &[u8] = match wire {
         Wire::Gemini => b"\"usageMetadata\"",
         _ => b"\"usage\"",
@@ -509,7 +520,7 @@ fn last_usage_object(buf: &[u8], wire: Wire) -> Option<Usage> {
             let mut it =
                 serde_json::Deserializer::from_slice(trim_start(rest)).into_iter::<UsageJson>();
             if let Some(Ok(u)) = it.next() {
-                return Some(u.usage(wire));
+                return Some(u);
             }
         }
         end = at;

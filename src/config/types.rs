@@ -245,6 +245,17 @@ pub struct ModelPrice {
     /// USD per 1M audio output tokens; defaults to `output`.
     #[serde(default)]
     pub audio_output: Option<f64>,
+    /// USD per generated image (`images/generations`, `edits`, `variations`), keyed by
+    /// `quality/size` (`hd/1024x1024`), `size`, `quality` or `default`, the most specific
+    /// first. A model with unit prices is charged for its units, not its tokens.
+    #[serde(default)]
+    pub per_image: BTreeMap<String, f64>,
+    /// USD per second of audio transcribed or translated (`audio/transcriptions`).
+    #[serde(default)]
+    pub per_audio_second: f64,
+    /// USD per 1M characters spoken (`audio/speech`).
+    #[serde(default)]
+    pub per_1m_characters: f64,
     /// Fixed USD per request, on top of tokens.
     #[serde(default)]
     pub per_request: f64,

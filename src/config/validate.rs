@@ -196,7 +196,17 @@ impl Config {
                 ("audio_input", price.audio_input),
                 ("audio_output", price.audio_output),
                 ("per_request", Some(price.per_request)),
+                ("per_audio_second", Some(price.per_audio_second)),
+                ("per_1m_characters", Some(price.per_1m_characters)),
             ];
+            let images = price
+                .per_image
+                .iter()
+                .map(|(k, v)| (format!("per_image.{k}"), Some(*v)));
+            let fields = fields
+                .into_iter()
+                .map(|(f, v)| (f.to_owned(), v))
+                .chain(images);
             for (f, v) in fields {
                 if let Some(v) = v {
                     if !v.is_finite() || v < 0.0 {

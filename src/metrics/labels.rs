@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use tollgate_filters::{Endpoint, EstimateReason};
 
 /// The routes, in label order.
-pub(super) const ROUTES: [Endpoint; 11] = [
+pub(super) const ROUTES: [Endpoint; 13] = [
     Endpoint::Chat,
     Endpoint::Completions,
     Endpoint::Embeddings,
@@ -15,6 +15,8 @@ pub(super) const ROUTES: [Endpoint; 11] = [
     Endpoint::CountTokens,
     Endpoint::GeminiGenerate,
     Endpoint::Realtime,
+    Endpoint::Images,
+    Endpoint::Audio,
     Endpoint::Models,
     Endpoint::OtherV1,
     Endpoint::Unknown,

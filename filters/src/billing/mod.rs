@@ -97,6 +97,12 @@ impl Billing {
     }
 }
 
+/// Whether the request is charged by its units (it asks for some, and the model has unit
+/// prices) rather than its tokens.
+fn units_priced(rate: &ModelRate, facts: &crate::RequestFacts) -> bool {
+    facts.units != crate::request::Units::default() && PriceTable::prices_units(rate)
+}
+
 /// The upstream model a cache hit is priced as: the first planned channel's (a hit never
 /// reaches one, but a `model_map` alias is priced as what it maps to).
 fn hit_upstream(ctx: &Ctx) -> Option<&str> {
@@ -160,13 +166,17 @@ impl Filter for Billing {
             let Some(rate) = self.prices.rate(&facts.model, upstream)? else {
                 continue;
             };
-            let cost = self.prices.worst_case(
-                rate,
-                &key.group,
-                facts.prompt_tokens_estimate,
-                facts.output_cap(),
-                facts.choices,
-            );
+            let cost = if units_priced(rate, facts) {
+                self.prices.unit_cost(rate, &key.group, &facts.units, true)
+            } else {
+                self.prices.worst_case(
+                    rate,
+                    &key.group,
+                    facts.prompt_tokens_estimate,
+                    facts.output_cap(),
+                    facts.choices,
+                )
+            };
             worst = worst.max(Some(cost));
         }
         let Some(worst) = worst else {
@@ -197,6 +207,18 @@ impl Filter for Billing {
             None => ctx.upstream_model.as_deref(),
         };
         let cost = match self.prices.rate(&facts.model, upstream) {
+            // Images, audio seconds, characters: charged once served, by the units asked
+            // for (audio by the seconds the provider reports, when it does).
+            Ok(Some(rate)) if units_priced(rate, facts) => match ctx.settlement.served {
+                true => {
+                    let mut units = facts.units.clone();
+                    if let Some(s) = ctx.usage.audio_seconds.filter(|_| units.audio_seconds > 0) {
+                        units.audio_seconds = s;
+                    }
+                    self.prices.cost_of_units(rate, &key.group, &units)
+                }
+                false => 0,
+            },
             Ok(Some(rate)) if usage != Usage::default() => match &ctx.cache_hit {
                 Some(hit) => self.hit_cost(rate, &key.group, hit),
                 None => self.prices.cost(rate, &key.group, &usage),

@@ -4,8 +4,9 @@
 //! converted once, at start-up, to integer nano-USD per 1M tokens; group multipliers to
 //! integer parts-per-million. A cost is then one integer expression, rounded once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
+use crate::request::Units;
 use crate::GatewayError;
 
 pub const NANO_PER_USD: i64 = 1_000_000_000;
@@ -26,6 +27,12 @@ pub struct ModelRate {
     /// nano-USD per 1M audio input and output tokens (realtime and audio models).
     pub audio_input: i64,
     pub audio_output: i64,
+    /// nano-USD per generated image, by `quality/size`, `size`, `quality` or `default`.
+    pub per_image: BTreeMap<String, i64>,
+    /// nano-USD per second of audio transcribed or translated.
+    pub per_audio_second: i64,
+    /// nano-USD per 1M characters spoken.
+    pub per_1m_characters: i64,
     /// nano-USD per request.
     pub per_request: i64,
     /// Output cap assumed for the worst case when the request sets none.
@@ -46,6 +53,9 @@ impl ModelRate {
             cache_write: usd_to_nano(input),
             audio_input: usd_to_nano(input),
             audio_output: usd_to_nano(output),
+            per_image: BTreeMap::new(),
+            per_audio_second: 0,
+            per_1m_characters: 0,
             per_request: usd_to_nano(per_request),
             default_max_output: None,
         }
@@ -110,6 +120,11 @@ impl PriceTable {
         }
     }
 
+    /// The exact cost of `units`, rounded half up to the nano-USD.
+    pub fn cost_of_units(&self, rate: &ModelRate, group: &str, units: &Units) -> i64 {
+        self.unit_cost(rate, group, units, false)
+    }
+
     /// The exact cost of `usage`, rounded half up to the nano-USD.
     pub fn cost(&self, rate: &ModelRate, group: &str, usage: &Usage) -> i64 {
         self.cost_rounded(rate, group, usage, false)
@@ -144,6 +159,50 @@ impl PriceTable {
             scaled.saturating_add(denom / 2) / denom
         };
         q.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    }
+
+    /// Whether the model is priced by the unit (images, audio seconds, characters): then
+    /// a request that asks for units is charged for them, not for its tokens.
+    pub fn prices_units(rate: &ModelRate) -> bool {
+        !rate.per_image.is_empty() || rate.per_audio_second > 0 || rate.per_1m_characters > 0
+    }
+
+    /// The cost of `units` at `rate`, rounded half up (`ceil`: up, for a reservation).
+    /// An image variant with no price of its own takes its size's, its quality's, then
+    /// `default`'s, else costs nothing.
+    pub fn unit_cost(&self, rate: &ModelRate, group: &str, units: &Units, ceil: bool) -> i64 {
+        let image = if units.images == 0 {
+            0
+        } else {
+            let (quality, size) = units
+                .image_variant
+                .split_once('/')
+                .unwrap_or(("", &units.image_variant));
+            [units.image_variant.as_str(), size, quality, "default"]
+                .iter()
+                .filter(|k| !k.is_empty())
+                .find_map(|k| rate.per_image.get(*k))
+                .copied()
+                .unwrap_or(0)
+        };
+        // nano-USD × 1M (characters are priced per 1M), divided out once with the multiplier.
+        let scaled = (units.images as i128)
+            .saturating_mul(image as i128)
+            .saturating_add(
+                (units.audio_seconds as i128).saturating_mul(rate.per_audio_second as i128),
+            )
+            .saturating_mul(TOKENS_PER_PRICE_UNIT)
+            .saturating_add(
+                (units.characters as i128).saturating_mul(rate.per_1m_characters as i128),
+            )
+            .saturating_mul(self.multiplier_ppm(group) as i128);
+        let denom = TOKENS_PER_PRICE_UNIT * PPM;
+        let q = if ceil {
+            scaled.saturating_add(denom - 1) / denom
+        } else {
+            scaled.saturating_add(denom / 2) / denom
+        };
+        q.clamp(0, i64::MAX as i128) as i64
     }
 
     /// The most this request can cost: the prompt estimate in full at the input price, plus
@@ -245,6 +304,72 @@ pub(crate) mod tests {
             ..Usage::default()
         };
         assert_eq!(t.cost(&rate, "default", &odd), 80 * 300 + 20 * 3750);
+    }
+
+    #[test]
+    fn images_audio_seconds_and_characters_are_priced_by_the_unit() {
+        let t = table();
+        let rate = ModelRate {
+            per_image: BTreeMap::from([
+                ("1024x1024".into(), usd_to_nano(0.04)),
+                ("hd/1024x1024".into(), usd_to_nano(0.08)),
+                ("default".into(), usd_to_nano(0.12)),
+            ]),
+            per_audio_second: usd_to_nano(0.0001),
+            per_1m_characters: usd_to_nano(15.0),
+            ..ModelRate::default()
+        };
+        assert!(PriceTable::prices_units(&rate));
+        assert!(!PriceTable::prices_units(&ModelRate::default()));
+        let images = |n, variant: &str| Units {
+            images: n,
+            image_variant: variant.into(),
+            ..Units::default()
+        };
+        let cost = |u: &Units| t.cost_of_units(&rate, "default", u);
+        assert_eq!(cost(&images(2, "hd/1024x1024")), 160_000_000);
+        assert_eq!(
+            cost(&images(3, "standard/1024x1024")),
+            120_000_000,
+            "by size"
+        );
+        assert_eq!(cost(&images(1, "/1792x1024")), 120_000_000, "default");
+        let audio = Units {
+            audio_seconds: 61,
+            ..Units::default()
+        };
+        assert_eq!(cost(&audio), 6_100_000);
+        let speech = Units {
+            characters: 1001,
+            ..Units::default()
+        };
+        // 1001 characters × 15,000 nano-USD each.
+        assert_eq!(cost(&speech), 15_015_000);
+        assert_eq!(t.unit_cost(&rate, "vip", &speech, false), 7_507_500);
+        // A fraction of a nano-USD: half up when settled, up when reserved.
+        let cheap = ModelRate {
+            per_1m_characters: 1_500_000, // 1.5 nano-USD per character
+            ..ModelRate::default()
+        };
+        let one = Units {
+            characters: 1,
+            ..Units::default()
+        };
+        assert_eq!(t.unit_cost(&cheap, "default", &one, false), 2);
+        assert_eq!(t.unit_cost(&cheap, "vip", &one, false), 1);
+        assert_eq!(t.unit_cost(&cheap, "vip", &one, true), 1);
+        assert_eq!(
+            t.unit_cost(
+                &cheap,
+                "default",
+                &Units {
+                    characters: 3,
+                    ..Units::default()
+                },
+                true
+            ),
+            5
+        );
     }
 
     #[test]
