@@ -147,6 +147,7 @@ async fn anthropic_json_answer_and_usage() {
             stream: false,
             user: None,
             wire: WireFormat::Anthropic,
+            ..ServedUsage::default()
         }]
     );
     let rec = &m.requests()[0];
@@ -271,6 +272,7 @@ async fn anthropic_stream_has_the_exact_event_sequence() {
             stream: true,
             user: None,
             wire: WireFormat::Anthropic,
+            ..ServedUsage::default()
         }]
     );
 }
@@ -568,6 +570,7 @@ async fn gemini_json_answer_and_usage() {
                 stream: false,
                 user: None,
                 wire: WireFormat::Gemini,
+                ..ServedUsage::default()
             },
             ServedUsage {
                 model: "gemini-test".into(),
@@ -578,6 +581,7 @@ async fn gemini_json_answer_and_usage() {
                 stream: false,
                 user: None,
                 wire: WireFormat::Gemini,
+                ..ServedUsage::default()
             },
         ]
     );

@@ -1,4 +1,4 @@
-//! Standalone mock provider upstream (OpenAI, Anthropic and Gemini wires) for load benchmarks: the same server the
+//! Standalone mock provider upstream (OpenAI with images, audio and Realtime; Anthropic and Gemini wires) for load benchmarks: the same server the
 //! integration tests run in-process, so benchmark baselines and tests agree.
 
 use std::net::SocketAddr;

@@ -115,6 +115,7 @@ impl Tokens {
             stream,
             user,
             wire: WireFormat::Anthropic,
+            ..ServedUsage::default()
         }
     }
 }

@@ -105,6 +105,15 @@ pub struct Behaviour {
     /// a JSON body (as some proxies in front of providers do), for stream and
     /// non-stream requests alike; no usage.
     pub error_body_200: bool,
+    /// Realtime: input audio tokens each response reports (`usage.input_token_details.
+    /// audio_tokens`, part of `input_tokens`); default 0.
+    pub realtime_audio_in: Option<u64>,
+    /// Realtime: output audio tokens of a response that asked for audio
+    /// (`usage.output_token_details.audio_tokens`, part of `output_tokens`); default 0.
+    pub realtime_audio_out: Option<u64>,
+    /// Audio transcriptions and translations: the `usage.seconds` reported when the
+    /// uploaded file is not a WAV whose duration can be read; default 1.
+    pub audio_seconds: Option<u64>,
 }
 
 impl Behaviour {
@@ -139,6 +148,9 @@ impl Behaviour {
             malformed_after: over.malformed_after.or(self.malformed_after),
             big_line_bytes: over.big_line_bytes.or(self.big_line_bytes),
             error_body_200: self.error_body_200 || over.error_body_200,
+            realtime_audio_in: over.realtime_audio_in.or(self.realtime_audio_in),
+            realtime_audio_out: over.realtime_audio_out.or(self.realtime_audio_out),
+            audio_seconds: over.audio_seconds.or(self.audio_seconds),
         }
     }
 }
@@ -212,6 +224,8 @@ pub enum WireFormat {
     Anthropic,
     /// Gemini's native `generateContent` API.
     Gemini,
+    /// OpenAI's Realtime API (a websocket); one entry per `response.done`.
+    Realtime,
 }
 
 /// Usage the mock actually reported to its client; billing tests compare the
@@ -234,6 +248,18 @@ pub struct ServedUsage {
     /// Cache writes (part of `prompt_tokens`): Anthropic
     /// `cache_creation_input_tokens`; always 0 on the other wires.
     pub cache_write_tokens: u64,
+    /// Realtime: input audio tokens (part of `prompt_tokens`); 0 elsewhere.
+    pub audio_prompt_tokens: u64,
+    /// Realtime: output audio tokens (part of `completion_tokens`); 0 elsewhere.
+    pub audio_completion_tokens: u64,
+    /// Images generated (`POST /v1/images/generations`: `n`, default 1); 0 elsewhere.
+    pub images: u64,
+    /// Audio transcribed or translated, in whole seconds (the `usage.seconds` of
+    /// `/v1/audio/transcriptions` and `/v1/audio/translations`); 0 elsewhere.
+    pub audio_seconds: u64,
+    /// Characters of `input` turned into speech (`/v1/audio/speech`); 0 elsewhere.
+    pub characters: u64,
+    /// Streamed: SSE answers and realtime responses; images and audio are not.
     pub stream: bool,
     /// The request body's `user` field (a string; Anthropic: `metadata.user_id`), so
     /// a run can correlate what was served with what it sent.

@@ -143,6 +143,7 @@ impl Tokens {
             stream,
             user: None,
             wire: WireFormat::Gemini,
+            ..ServedUsage::default()
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::mock::stream::{Pacing, Sse};
-use crate::mock::{anthropic, gemini};
+use crate::mock::{anthropic, gemini, media, realtime};
 
 /// Returned from the service to make hyper drop the connection without
 /// writing a response, which is how `reset` is simulated.
@@ -36,6 +36,16 @@ pub(super) enum Route {
     StreamGenerate,
     /// Gemini `POST .../models/{model}:countTokens`.
     GeminiCount,
+    /// OpenAI Realtime `GET .../realtime?model=..`, a websocket upgrade.
+    Realtime,
+    /// OpenAI `POST .../images/generations`.
+    Images,
+    /// OpenAI `POST .../audio/transcriptions` (multipart).
+    Transcriptions,
+    /// OpenAI `POST .../audio/translations` (multipart).
+    Translations,
+    /// OpenAI `POST .../audio/speech`.
+    Speech,
 }
 
 impl Route {
@@ -43,6 +53,7 @@ impl Route {
         match self {
             Route::Messages | Route::CountTokens => WireFormat::Anthropic,
             Route::Generate | Route::StreamGenerate | Route::GeminiCount => WireFormat::Gemini,
+            Route::Realtime => WireFormat::Realtime,
             _ => WireFormat::OpenAi,
         }
     }
@@ -66,6 +77,16 @@ pub(super) fn route(method: &Method, path: &str) -> Route {
         Route::StreamGenerate
     } else if gemini && path.ends_with(":countTokens") {
         Route::GeminiCount
+    } else if method == Method::GET && path.ends_with("/realtime") {
+        Route::Realtime
+    } else if post && path.ends_with("/images/generations") {
+        Route::Images
+    } else if post && path.ends_with("/audio/transcriptions") {
+        Route::Transcriptions
+    } else if post && path.ends_with("/audio/translations") {
+        Route::Translations
+    } else if post && path.ends_with("/audio/speech") {
+        Route::Speech
     } else if post && path.ends_with("/chat/completions") {
         Route::Chat
     } else if post && path.ends_with("/completions") {
@@ -82,7 +103,7 @@ pub(super) fn route(method: &Method, path: &str) -> Route {
 /// An error answer with `status` in the wire's own shape.
 fn wire_error(wire: WireFormat, status: StatusCode, msg: &str) -> Response<MockBody> {
     match wire {
-        WireFormat::OpenAi => error_response(status, msg),
+        WireFormat::OpenAi | WireFormat::Realtime => error_response(status, msg),
         WireFormat::Anthropic => anthropic::error_response(status, msg),
         WireFormat::Gemini => gemini::error_response(status, msg),
     }
@@ -183,7 +204,7 @@ pub(super) async fn handle(
     conn: u64,
     reset: Arc<AtomicBool>,
 ) -> Result<Response<MockBody>, ResetConnection> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(c) => c.to_bytes(),
         Err(_) => return Err(ResetConnection),
@@ -228,7 +249,8 @@ pub(super) async fn handle(
     }
 
     let is_post = parts.method == Method::POST;
-    let json: Option<Value> = if body.is_empty() {
+    let multipart = matches!(route, Route::Transcriptions | Route::Translations);
+    let json: Option<Value> = if body.is_empty() || multipart {
         None
     } else {
         match serde_json::from_slice(&body) {
@@ -283,12 +305,16 @@ pub(super) async fn handle(
     }
     // The provider's own header checks come before anything the request asked for.
     let refused = match wire {
-        WireFormat::OpenAi => None,
+        WireFormat::OpenAi | WireFormat::Realtime => None,
         WireFormat::Anthropic => anthropic::check_headers(&parts.headers),
         WireFormat::Gemini => gemini::check_key(&parts.headers, parts.uri.query()),
     };
     if let Some(resp) = refused {
         return Ok(resp);
+    }
+    if route == Route::Realtime {
+        // Its own checks (credential, then `status`), then the 101.
+        return Ok(realtime::upgrade(shared, &mut parts, b));
     }
     if let Some(code) = b.status {
         if let Some(d) = delay {
@@ -311,7 +337,9 @@ pub(super) async fn handle(
         }
         let msg = b.error_message.as_deref().unwrap_or("mock upstream error");
         let body = match wire {
-            WireFormat::OpenAi => wire::error_json(msg, "server_error", None),
+            WireFormat::OpenAi | WireFormat::Realtime => {
+                wire::error_json(msg, "server_error", None)
+            }
             WireFormat::Anthropic => anthropic::error_json("api_error", msg),
             WireFormat::Gemini => gemini::error_json(StatusCode::INTERNAL_SERVER_ERROR, msg),
         };
@@ -335,6 +363,27 @@ pub(super) async fn handle(
             WireFormat::Anthropic => anthropic::answer(call, route).await,
             _ => gemini::answer(call, route).await,
         });
+    }
+    if matches!(
+        route,
+        Route::Images | Route::Transcriptions | Route::Translations | Route::Speech
+    ) {
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let call = Call {
+            shared,
+            b,
+            mode,
+            json,
+            prompt_tokens,
+            path: path.to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            extra_headers,
+        };
+        return Ok(media::answer(call, route, &body, content_type.as_deref()).await);
     }
     let obj = json.as_ref().and_then(Value::as_object);
     if matches!(route, Route::Chat | Route::Completions | Route::Embeddings) && obj.is_none() {
@@ -522,7 +571,7 @@ fn success_headers(b: &Behaviour, auth: &str) -> Vec<(String, String)> {
     out
 }
 
-fn add_success_headers(h: &mut http::HeaderMap, extra: &[(String, String)]) {
+pub(super) fn add_success_headers(h: &mut http::HeaderMap, extra: &[(String, String)]) {
     for (name, value) in extra {
         if let (Ok(n), Ok(v)) = (
             header::HeaderName::try_from(name.as_str()),
@@ -533,11 +582,11 @@ fn add_success_headers(h: &mut http::HeaderMap, extra: &[(String, String)]) {
     }
 }
 
-fn request_id(n: u64) -> HeaderValue {
+pub(super) fn request_id(n: u64) -> HeaderValue {
     HeaderValue::try_from(format!("req_mock_{n}")).expect("ascii request id")
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -592,5 +641,26 @@ mod tests {
         assert_eq!(Route::Messages.wire(), WireFormat::Anthropic);
         assert_eq!(Route::StreamGenerate.wire(), WireFormat::Gemini);
         assert_eq!(Route::Chat.wire(), WireFormat::OpenAi);
+    }
+
+    #[test]
+    fn routes_realtime_images_and_audio() {
+        assert_eq!(route(&Method::GET, "/v1/realtime"), Route::Realtime);
+        assert_eq!(route(&Method::POST, "/v1/realtime"), Route::Echo);
+        assert_eq!(
+            route(&Method::POST, "/v1/images/generations"),
+            Route::Images
+        );
+        assert_eq!(
+            route(&Method::POST, "/v1/audio/transcriptions"),
+            Route::Transcriptions
+        );
+        assert_eq!(
+            route(&Method::POST, "/openai/v1/audio/translations"),
+            Route::Translations
+        );
+        assert_eq!(route(&Method::POST, "/v1/audio/speech"), Route::Speech);
+        assert_eq!(Route::Realtime.wire(), WireFormat::Realtime);
+        assert_eq!(Route::Speech.wire(), WireFormat::OpenAi);
     }
 }

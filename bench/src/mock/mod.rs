@@ -14,7 +14,10 @@
 //! - **OpenAI**: `POST .../chat/completions`, `.../completions`, `.../embeddings`,
 //!   `GET .../models` (with or without `/v1`, so Azure OpenAI's
 //!   `/openai/deployments/{d}/chat/completions?api-version=..` and `/openai/v1/..`
-//!   are answered the same way). No credential is required.
+//!   are answered the same way). No credential is required. Also (`media.rs`)
+//!   `POST .../images/generations`, `.../audio/transcriptions`, `.../audio/translations`
+//!   (multipart) and `.../audio/speech`, and (`realtime.rs`) the Realtime API's websocket,
+//!   `GET .../realtime?model=..`, which does require `Authorization: Bearer`.
 //! - **Anthropic Messages** (`anthropic.rs`): `POST /v1/messages` (JSON, or SSE with
 //!   `"stream": true`) and `POST /v1/messages/count_tokens`. `x-api-key` (else 401)
 //!   and `anthropic-version` (else 400) are required.
@@ -33,6 +36,8 @@ mod anthropic;
 mod behaviour;
 mod gemini;
 mod handler;
+mod media;
+mod realtime;
 mod stream;
 mod wire;
 
@@ -65,7 +70,8 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
 pub use behaviour::{Behaviour, RecordedRequest, ServedUsage, UsageMode, WireFormat};
-use handler::handle;
+use handler::{add_success_headers, handle, request_id, unix_now};
+pub use media::{speech_bytes, PNG_1X1, SPEECH_BYTES, TRANSCRIPT};
 use stream::StreamJob;
 pub use wire::MockBody;
 use wire::{
@@ -93,6 +99,11 @@ struct Shared {
     /// and the most at once.
     in_flight: AtomicU64,
     peak_in_flight: AtomicU64,
+    /// Realtime websocket sessions open now.
+    realtime_open: AtomicU64,
+    /// The realtime sessions' tasks: they outlive the request that upgraded, so they are
+    /// kept here for [`MockServer`]'s drop to end them.
+    realtime_tasks: Mutex<JoinSet<()>>,
 }
 
 /// What the mock counts of its connections.
@@ -225,6 +236,8 @@ impl MockServer {
             peak_conns: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             peak_in_flight: AtomicU64::new(0),
+            realtime_open: AtomicU64::new(0),
+            realtime_tasks: Mutex::new(JoinSet::new()),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone(), acceptor, h2));
         Ok(MockServer {
@@ -287,6 +300,12 @@ impl MockServer {
         self.shared.chunks_sent.load(Ordering::SeqCst)
     }
 
+    /// Realtime websocket sessions open now: counted from the upgrade until the
+    /// connection is closed (by either side) or cut (`truncate_after`).
+    pub fn realtime_sessions(&self) -> u64 {
+        self.shared.realtime_open.load(Ordering::SeqCst)
+    }
+
     /// Releases gated streams; it stays open so later gated streams flow freely.
     pub fn open_gate(&self) {
         self.shared.gate.send_replace(true);
@@ -307,6 +326,9 @@ impl Drop for MockServer {
     fn drop(&mut self) {
         // Connections live in the accept task's JoinSet, so this ends them too.
         self.task.abort();
+        if let Ok(mut sessions) = self.shared.realtime_tasks.lock() {
+            sessions.abort_all();
+        }
     }
 }
 
@@ -435,9 +457,15 @@ where
         auto.http2()
             .max_concurrent_streams(MOCK_H2_MAX_STREAMS)
             .timer(TokioTimer::new());
-        let _ = auto.serve_connection(TokioIo::new(io), svc).await;
+        let _ = auto
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
+            .await;
     } else {
-        let _ = builder.h1.serve_connection(TokioIo::new(io), svc).await;
+        let _ = builder
+            .h1
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades()
+            .await;
     }
     counted.open_conns.fetch_sub(1, Ordering::SeqCst);
 }
