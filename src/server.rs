@@ -192,6 +192,7 @@ pub fn pipeline(cfg: &Config, parts: &Parts) -> Pipeline {
     Pipeline {
         chain: build_chain(cfg, parts, billing.clone()),
         billing: Some(billing),
+        limits: Some(parts.limits.clone()),
         channels: parts.channels.clone(),
         picker: parts.picker.clone(),
         max_body_bytes: cfg.server.max_body_bytes,

@@ -20,6 +20,7 @@ use pingora::protocols::http::v2::server::H2Options;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use tollgate_filters::billing::Billing;
+use tollgate_filters::limits::Limits;
 use tollgate_filters::route::ChannelPicker;
 use tollgate_filters::{
     gemini_model, Chain, Channels, Ctx, Endpoint, GatewayError, RequestBody, RequestHead,
@@ -67,6 +68,8 @@ pub struct Pipeline {
     /// The chain's billing filter, for exchanges billed by the response (a realtime
     /// session's meter); `None` only for a pipeline without billing.
     pub billing: Option<Arc<Billing>>,
+    /// The chain's limits filter, for exchanges limited by the response.
+    pub limits: Option<Arc<Limits>>,
     pub channels: Channels,
     pub picker: Arc<ChannelPicker>,
     pub max_body_bytes: usize,
@@ -307,7 +310,9 @@ impl Gateway {
             body: None,
             path: &path,
         };
-        self.relay.realtime(session, ctx, out, billing).await
+        self.relay
+            .realtime(session, ctx, out, billing, p.limits.clone())
+            .await
     }
 
     /// Reads the whole body, refusing past `max_body_bytes` (by `Content-Length` up front when
@@ -647,6 +652,7 @@ mod tests {
         Arc::new(Pipeline {
             chain: Chain::default(),
             billing: None,
+            limits: None,
             picker: Arc::new(ChannelPicker::new(channels.clone(), 1)),
             channels,
             max_body_bytes: 1024,

@@ -144,3 +144,105 @@ async fn the_azure_v1_api_keeps_openai_paths_and_a_missing_api_version_is_a_conf
     );
     assert!(!err.contains(AZURE_KEY));
 }
+
+/// A WAV file of `seconds` seconds (16 kHz mono PCM16: 32,000 bytes a second).
+fn wav(seconds: u32) -> Vec<u8> {
+    let data = 32_000 * seconds;
+    let mut w = b"RIFF".to_vec();
+    w.extend_from_slice(&(36 + data).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    w.extend_from_slice(&16u32.to_le_bytes());
+    w.extend_from_slice(&[1, 0, 1, 0]);
+    w.extend_from_slice(&16_000u32.to_le_bytes());
+    w.extend_from_slice(&32_000u32.to_le_bytes());
+    w.extend_from_slice(&[2, 0, 16, 0]);
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&data.to_le_bytes());
+    w.resize(44 + data as usize, 0);
+    w
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_audio_and_speech_are_billed_by_the_unit_and_forms_pass_intact() {
+    let mock = MockServer::start().await;
+    let ch = format!(
+        "  - {{ name: media, base_url: \"{}\", api_key: sk-media-0123456789, models: [dall-e-3, whisper-1, tts-1] }}\n",
+        mock.base_url()
+    );
+    let pricing = "pricing:
+  models:
+    dall-e-3: { per_image: { \"1024x1024\": 0.04, \"hd/1024x1024\": 0.08 } }
+    whisper-1: { per_audio_second: 0.0001 }
+    tts-1: { per_1m_characters: 15.0 }
+  unpriced: reject
+";
+    let gw = tokio::task::spawn_blocking(move || Gateway::start(&ch, pricing))
+        .await
+        .unwrap();
+    let key = gw.new_key("acme", &[]);
+    let (status, body) = post(
+        &gw,
+        &key,
+        "/v1/images/generations",
+        json!({"model": "dall-e-3", "prompt": "a cat", "n": 2, "size": "1024x1024", "quality": "hd"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // A 3-second WAV as a form, forwarded byte for byte.
+    let mut form = b"--tgform\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--tgform\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n".to_vec();
+    form.extend_from_slice(&wav(3));
+    form.extend_from_slice(b"\r\n--tgform--\r\n");
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/audio/transcriptions"))
+        .bearer_auth(&key)
+        .header("content-type", "multipart/form-data; boundary=tgform")
+        .body(form.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["seconds"], 3, "{v}");
+
+    let (status, _) = post(
+        &gw,
+        &key,
+        "/v1/audio/speech",
+        json!({"model": "tts-1", "input": "hello world", "voice": "alloy"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let seen = mock.requests();
+    assert_eq!(seen[1].path, "/v1/audio/transcriptions");
+    assert_eq!(
+        seen[1].body.as_ref(),
+        &form[..],
+        "the form arrives as it was sent"
+    );
+    let served = mock.served();
+    assert_eq!(
+        (
+            served[0].images,
+            served[1].audio_seconds,
+            served[2].characters
+        ),
+        (2, 3, 11)
+    );
+    // 2 hd images at 0.08, 3 s at 0.0001, 11 characters at 15 per 1M: in nano-USD.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut costs = ledger_cost(&gw);
+    while costs.len() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        costs = ledger_cost(&gw);
+    }
+    assert_eq!(costs, [160_000_000, 300_000, 165_000]);
+}

@@ -2,8 +2,9 @@
 //! real binary, a real SQLite file and the mock's realtime server. Two responses in one
 //! session, each billed on its own ledger row from the usage the provider reported (text
 //! and audio, input and output, cached); the key never reaches the provider; a bad key is
-//! refused at the upgrade; a session whose account cannot pay gets an error event and is
-//! closed without the response reaching the provider.
+//! refused at the upgrade; a session whose account cannot pay, or whose key is out of
+//! requests/min, gets an error event and is closed without the response reaching the
+//! provider.
 
 mod support;
 
@@ -163,4 +164,11 @@ async fn realtime_sessions_are_relayed_and_billed_by_the_response() {
         0,
         "the provider's session was closed"
     );
+
+    // Requests/min apply per response: the upgrade is one request, the first response a
+    // second; a third is refused in the session, which is closed.
+    let limited = gw.new_key("acme", &["--rpm", "2"]);
+    let served = mock.served().len();
+    client("limited", &gw, &limited).await;
+    assert_eq!(mock.served().len(), served + 1, "one response, not two");
 }

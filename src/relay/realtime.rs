@@ -12,6 +12,7 @@
 //! closed; the `response.create` never reaches the provider.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -20,6 +21,7 @@ use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::ALPN;
 use tollgate_filters::billing::{Billing, Held, Meter};
+use tollgate_filters::limits::{LimitHold, Limits};
 use tollgate_filters::realtime::{
     client_close_frame, close_frame, error_event, read_event, Event, Frame, FrameReader, OP_CLOSE,
 };
@@ -46,6 +48,7 @@ impl Relay {
         ctx: &mut Ctx,
         out: Outbound<'_>,
         billing: &Billing,
+        limits: Option<Arc<Limits>>,
     ) -> Result<(), GatewayError> {
         let mut last = GatewayError::NoChannelAvailable;
         let plan = ctx.plan.clone();
@@ -115,7 +118,7 @@ impl Relay {
                 up.shutdown().await;
                 return Err(GatewayError::Internal);
             };
-            relay_frames(session, &mut up, ctx, meter).await;
+            relay_frames(session, &mut up, ctx, meter, limits).await;
             up.shutdown().await;
             session.set_keepalive(None);
             return Ok(());
@@ -230,11 +233,14 @@ fn switching(up: Option<&ResponseHeader>, ctx: &Ctx) -> Result<ResponseHeader, G
     Ok(resp)
 }
 
-/// What the session is doing with the money.
+/// What the session is doing with the money and the limits.
 struct Book {
     meter: Meter,
-    /// Responses reserved and not yet done, oldest first.
-    held: VecDeque<Held>,
+    /// The limits filter and the scopes the session holds (its key's, account's, model's):
+    /// requests/min and tokens/min apply per response.
+    limits: Option<(Arc<Limits>, LimitHold)>,
+    /// Responses reserved and not yet done, oldest first, with the tokens counted for them.
+    held: VecDeque<(Held, u64)>,
     /// `response.create`s reserved whose `response.created` has not come yet.
     asked: usize,
     /// Tokens the conversation may hold so far (the next prompt's upper bound).
@@ -244,17 +250,37 @@ struct Book {
 }
 
 impl Book {
-    /// Reserves one response; `Err` ends the session.
+    /// Counts and reserves one response; `Err` ends the session.
     async fn reserve(&mut self, cap: Option<u64>) -> Result<(), GatewayError> {
-        let held = self.meter.reserve(self.prompt, cap.or(self.cap)).await?;
-        self.held.push_back(held);
-        Ok(())
+        let cap = cap.or(self.cap);
+        let tokens = self.prompt.saturating_add(self.meter.output_cap(cap));
+        if let Some((limits, hold)) = &mut self.limits {
+            limits.take_response(hold, tokens).await?;
+        }
+        match self.meter.reserve(self.prompt, cap).await {
+            Ok(held) => {
+                self.held.push_back((held, tokens));
+                Ok(())
+            }
+            Err(e) => {
+                self.return_tokens(tokens);
+                Err(e)
+            }
+        }
+    }
+
+    fn return_tokens(&self, n: u64) {
+        if let Some((limits, hold)) = &self.limits {
+            limits.return_tokens(hold, n);
+        }
     }
 
     /// A response is over: settle the oldest hold with its usage.
     fn done(&mut self, usage: Option<tollgate_filters::billing::Usage>) {
         match self.held.pop_front() {
-            Some(h) => {
+            Some((h, tokens)) => {
+                let used = usage.map_or(0, |u| u.prompt_tokens.saturating_add(u.completion_tokens));
+                self.return_tokens(tokens.saturating_sub(used));
                 self.meter.settle(h, usage);
             }
             None => tracing::warn!("realtime: response.done without a started response"),
@@ -268,9 +294,12 @@ async fn relay_frames(
     up: &mut HttpSession,
     ctx: &mut Ctx,
     meter: Meter,
+    limits: Option<Arc<Limits>>,
 ) {
+    let limits = limits.zip(ctx.limit_hold.take());
     let mut book = Book {
         meter,
+        limits,
         held: VecDeque::new(),
         asked: 0,
         prompt: 0,
@@ -344,10 +373,13 @@ async fn relay_frames(
         let _ = write_up(up, client_close_frame(1000)).await;
         ctx.outcome.error = Some(e);
     }
-    // Responses the session ended before: no usage will come, their money goes back.
-    for h in book.held.drain(..) {
+    // Responses the session ended before: no usage will come, their money and tokens go
+    // back; the session's own hold goes back to ctx for the limits filter to free.
+    for (h, tokens) in std::mem::take(&mut book.held) {
+        book.return_tokens(tokens);
         book.meter.release(h);
     }
+    ctx.limit_hold = book.limits.map(|(_, hold)| hold);
     let _ = session.write_response_body(Bytes::new(), true).await;
 }
 

@@ -9,7 +9,10 @@ Modes:
   with audio), each to its `response.done`.
 - `bearer`: the key as `Authorization: Bearer`, one response.
 - `badkey`: the upgrade must be refused with 401.
-- `broke`: the first response.create must get an `error` event and the session close.
+- `broke`: the first response.create must get an `error` event (`insufficient_quota`)
+  and the session close.
+- `limited`: one response, then the next response.create must get an `error` event
+  (`rate_limit_exceeded`) and the session close.
 """
 import asyncio
 import json
@@ -87,19 +90,22 @@ async def main():
             body = json.loads(e.response.body)
             assert body["error"]["code"] == "invalid_api_key", body
         print(json.dumps({"refused": 401}))
-    elif mode == "broke":
+    elif mode in ("broke", "limited"):
         async with websockets.connect(url, subprotocols=protocols) as ws:
             await session(ws)
+            if mode == "limited":
+                await respond(ws)
             await ws.send(json.dumps({"type": "response.create"}))
             ev = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            want = "insufficient_quota" if mode == "broke" else "rate_limit_exceeded"
             assert ev["type"] == "error", ev
-            assert ev["error"]["code"] == "insufficient_quota", ev
+            assert ev["error"]["code"] == want, ev
             try:
                 extra = await asyncio.wait_for(ws.recv(), 10)
                 raise SystemExit(f"the session went on: {extra}")
             except websockets.exceptions.ConnectionClosed as closed:
                 assert closed.rcvd is not None and closed.rcvd.code == 1008, closed
-        print(json.dumps({"closed": 1008}))
+        print(json.dumps({"closed": 1008, "code": want}))
     else:
         raise SystemExit(f"unknown mode {mode}")
 

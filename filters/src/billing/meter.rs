@@ -54,6 +54,19 @@ impl Billing {
 }
 
 impl Meter {
+    /// The output cap a response is reserved for: its own, else the model's default, else
+    /// the price table's.
+    pub fn output_cap(&self, max_output: Option<u64>) -> u64 {
+        let model_default = self
+            .rate()
+            .ok()
+            .flatten()
+            .and_then(|r| r.default_max_output);
+        max_output
+            .or(model_default)
+            .unwrap_or(self.prices.default_max_output)
+    }
+
     fn rate(&self) -> Result<Option<&ModelRate>, GatewayError> {
         self.prices
             .rate(&self.model, self.upstream_model.as_deref())

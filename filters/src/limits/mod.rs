@@ -117,6 +117,38 @@ impl Limits {
         self.state.lock(scope)
     }
 
+    /// One more request and `tokens` more tokens in every scope `hold` holds, for an
+    /// exchange that makes several (a realtime session's responses): requests/min and
+    /// tokens/min apply per response. A refusal takes nothing.
+    pub async fn take_response(
+        &self,
+        hold: &mut LimitHold,
+        tokens: u64,
+    ) -> Result<(), GatewayError> {
+        let n = hold.scopes.len();
+        self.take_all(&mut hold.scopes, Dim::Requests, &vec![1; n])
+            .await
+            .1?;
+        if let Err(e) = self
+            .take_all(&mut hold.scopes, Dim::Tokens, &vec![tokens; n])
+            .await
+            .1
+        {
+            for h in &hold.scopes {
+                self.give_back_dim(h, Dim::Requests, 1);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Tokens taken by [`Limits::take_response`] and not used.
+    pub fn return_tokens(&self, hold: &LimitHold, tokens: u64) {
+        for h in &hold.scopes {
+            self.give_back_dim(h, Dim::Tokens, tokens);
+        }
+    }
+
     /// Tokens counted for requests in flight (0 when idle: nothing leaked).
     pub fn tokens_held(&self) -> u64 {
         self.tokens_held.load(Ordering::Relaxed)
