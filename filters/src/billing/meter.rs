@@ -215,16 +215,18 @@ mod tests {
         let held = meter.reserve(10, Some(10)).await.unwrap();
         meter.release(held);
         assert_eq!(w.account_available(1), Some(1_000_000 - charged));
-        let rows = rows.0.lock().unwrap();
+        let recorded: Vec<(String, i64)> = rows
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| (r.request_id.clone(), r.cost_nano))
+            .collect();
         assert_eq!(
-            rows.iter()
-                .map(|r| r.request_id.as_str())
-                .collect::<Vec<_>>(),
-            ["req_1.1", "req_1.2"]
+            recorded,
+            [("req_1.1".to_owned(), charged), ("req_1.2".to_owned(), 0)]
         );
-        assert_eq!(rows[0].cost_nano, charged);
         // Out of money: refused like a request.
-        drop(rows);
         assert_eq!(
             meter.reserve(1_000_000_000, Some(1)).await.unwrap_err(),
             GatewayError::InsufficientQuota
