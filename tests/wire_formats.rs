@@ -438,9 +438,14 @@ async fn anthropic_clients_reach_an_openai_model_through_translation() {
         json!({"include_usage": true})
     );
     let served = mock.served();
-    let rows = ledger(&gw, 2).await;
+    let rows = ledger(&gw, 3).await;
     assert_eq!(rows[0].1, cost(&served[0], GPT));
     assert_eq!(rows[1].1, cost(&served[1], GPT));
+    assert_eq!(
+        rows[2],
+        ("nope".to_owned(), 0),
+        "the refused request costs nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

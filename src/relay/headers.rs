@@ -22,6 +22,8 @@ const DROP_REQUEST: &[&str] = &[
     "x-api-key",
     "api-key",
     "x-goog-api-key",
+    // A websocket subprotocol list may carry a key (`openai-insecure-api-key.…`).
+    "sec-websocket-protocol",
     "content-length",
     "transfer-encoding",
     "connection",
@@ -191,6 +193,63 @@ pub fn carries_secret(bytes: &[u8], secret: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn channel(kind: &str) -> tollgate_filters::Channels {
+        let cfg = serde_json::from_value(serde_json::json!({
+            "name": "c", "kind": kind, "base_url": "http://127.0.0.1:9", "api_key": "sk-up-0123456789",
+        }))
+        .unwrap();
+        tollgate_filters::channel::build_channels(&[cfg], Default::default()).unwrap()
+    }
+
+    #[test]
+    fn no_client_credential_reaches_any_kind_of_provider() {
+        let mut client = RequestHeader::build("POST", b"/v1/messages", None).unwrap();
+        for (name, value) in [
+            ("authorization", "Bearer sk-tg-a"),
+            ("x-api-key", "sk-tg-b"),
+            ("x-goog-api-key", "sk-tg-c"),
+            ("api-key", "sk-tg-d"),
+            ("sec-websocket-protocol", "openai-insecure-api-key.sk-tg-e"),
+            ("anthropic-version", "2023-01-01"),
+            ("anthropic-beta", "tools-1"),
+        ] {
+            client.insert_header(name, value).unwrap();
+        }
+        for (kind, wire) in [
+            ("openai", Wire::OpenAi),
+            ("anthropic", Wire::Anthropic),
+            ("gemini", Wire::OpenAi),
+            ("anthropic", Wire::OpenAi),
+        ] {
+            let chans = channel(kind);
+            let req = upstream_request(&client, &chans[0], wire, "/x", 0).unwrap();
+            let all: Vec<String> = req
+                .headers
+                .iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .collect();
+            assert!(!all.iter().any(|h| h.contains("sk-tg-")), "{kind}: {all:?}");
+            let version = req
+                .headers
+                .get("anthropic-version")
+                .map(|v| v.to_str().unwrap());
+            match (kind, wire) {
+                // An Anthropic client's own version and betas reach Anthropic.
+                ("anthropic", Wire::Anthropic) => {
+                    assert_eq!(version, Some("2023-01-01"));
+                    assert_eq!(req.headers["anthropic-beta"], "tools-1");
+                    assert_eq!(req.headers["x-api-key"], "sk-up-0123456789");
+                }
+                // Translated: the channel's default version, no client betas.
+                ("anthropic", _) => {
+                    assert_eq!(version, Some("2023-06-01"));
+                    assert!(req.headers.get("anthropic-beta").is_none());
+                }
+                _ => assert_eq!(version, None, "{kind}"),
+            }
+        }
+    }
 
     #[test]
     fn response_headers_pass_by_allow_list_and_never_with_the_key() {
