@@ -63,26 +63,9 @@ async fn client(mode: &str, gw: &Gateway, key: &str) -> Value {
     serde_json::from_slice(out.stdout.trim_ascii()).unwrap()
 }
 
-/// (request id, cost) of every ledger row, once `n` are there.
+/// (the row's request_id, cost) of every ledger row, once `n` are there.
 async fn ledger(gw: &Gateway, n: usize) -> Vec<(String, i64)> {
-    let read = || {
-        let db = rusqlite::Connection::open(gw.db_path()).unwrap();
-        let mut st = db
-            .prepare("SELECT request_id, cost_nano FROM usage_ledger ORDER BY request_id")
-            .unwrap();
-        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect::<Vec<(String, i64)>>()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut rows = read();
-    while rows.len() < n && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        rows = read();
-    }
-    assert_eq!(rows.len(), n, "{rows:?}");
-    rows
+    support::ledger_rows(gw, "request_id", "request_id", n).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,26 +73,9 @@ fn cost(u: &ServedUsage, rate: (i64, i64, i64, i64)) -> i64 {
         + u.completion_tokens as i64 * output
 }
 
-/// The ledger's (model, cost) rows once `n` are there (bounded wait).
+/// (the row's model, cost) of every ledger row, once `n` are there.
 async fn ledger(gw: &Gateway, n: usize) -> Vec<(String, i64)> {
-    let read = || {
-        let db = rusqlite::Connection::open(gw.db_path()).unwrap();
-        let mut st = db
-            .prepare("SELECT model, cost_nano FROM usage_ledger ORDER BY ts, request_id")
-            .unwrap();
-        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect::<Vec<(String, i64)>>()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut rows = read();
-    while rows.len() < n && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        rows = read();
-    }
-    assert_eq!(rows.len(), n, "ledger rows: {rows:?}");
-    rows
+    support::ledger_rows(gw, "model", "ts, request_id", n).await
 }
 
 /// The `data:` payloads of an SSE body, as JSON where they are JSON.

@@ -43,6 +43,12 @@ pub const GENERATING_ROUTES: [&str; 4] = [
     "/v1/messages",
 ];
 
+/// The routes whose streams report usage only when asked (`stream_options.include_usage`).
+pub const STREAM_OPTIONS_ROUTES: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
+
+/// What [`RequestBody::rewrite`] adds to a body to ask for a stream's usage, at most.
+pub const INJECTED_STREAM_OPTIONS: &str = r#","stream_options":{"include_usage":true}"#;
+
 /// Whether a request to `path` produces output tokens.
 pub fn generates_output(path: &str) -> bool {
     GENERATING_ROUTES.contains(&path)
@@ -191,6 +197,13 @@ impl RequestBody {
     ) -> Result<(RequestBody, RequestFacts), GatewayError> {
         let (body, mut facts) = Self::parse(raw)?;
         facts.generates_output = generates_output(path);
+        if facts.stream && !facts.include_usage && STREAM_OPTIONS_ROUTES.contains(&path) {
+            // tollgate will ask for the stream's usage: the body sent grows by the field,
+            // and the prompt estimate covers what is sent.
+            facts.prompt_tokens_estimate = facts
+                .prompt_tokens_estimate
+                .saturating_add(INJECTED_STREAM_OPTIONS.len().div_ceil(4) as u64);
+        }
         let text = |name: &str| {
             body.field(name)
                 .and_then(|v| serde_json::from_slice::<String>(v).ok())
@@ -485,6 +498,7 @@ impl RequestBody {
             }
         }
         if force_include_usage && !saw_options {
+            // INJECTED_STREAM_OPTIONS, as `put` writes it.
             put(&mut buf, "stream_options", br#"{"include_usage":true}"#);
         }
         buf.push(b'}');
@@ -531,6 +545,26 @@ mod tests {
         assert!(f.stream && f.include_usage);
         assert_eq!(f.max_output_tokens, Some(50));
         assert_eq!(f.choices, 2);
+    }
+
+    #[test]
+    fn the_estimate_covers_the_usage_request_tollgate_adds_to_a_stream() {
+        let raw = Bytes::from_static(
+            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        let (_, plain) = RequestBody::parse(raw.clone()).unwrap();
+        let (body, chat) =
+            RequestBody::parse_for_path("/v1/chat/completions", raw.clone()).unwrap();
+        let sent = body.rewrite(None, true).unwrap();
+        assert_eq!(sent.len() - raw.len(), INJECTED_STREAM_OPTIONS.len());
+        assert_eq!(
+            chat.prompt_tokens_estimate,
+            plain.prompt_tokens_estimate + 10
+        );
+        assert!(chat.prompt_tokens_estimate >= estimate_prompt_tokens(&sent));
+        // Embeddings, or a client that asked for usage itself: nothing is added.
+        let (_, emb) = RequestBody::parse_for_path("/v1/embeddings", raw).unwrap();
+        assert_eq!(emb.prompt_tokens_estimate, plain.prompt_tokens_estimate);
     }
 
     #[test]

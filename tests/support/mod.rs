@@ -333,6 +333,28 @@ pub fn raw_status(port: u16, method: &str, path: &str, token: &str, body: &str) 
     std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
 }
 
+/// `(column, cost_nano)` of every ledger row in `order`, once there are `n` (waiting up to
+/// 10 s for the writer's commits); panics with the rows if there are not exactly `n`.
+pub async fn ledger_rows(gw: &Gateway, column: &str, order: &str, n: usize) -> Vec<(String, i64)> {
+    let sql = format!("SELECT {column}, cost_nano FROM usage_ledger ORDER BY {order}");
+    let read = || {
+        let db = rusqlite::Connection::open(gw.db_path()).unwrap();
+        let mut st = db.prepare(&sql).unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect::<Vec<(String, i64)>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut rows = read();
+    while rows.len() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rows = read();
+    }
+    assert_eq!(rows.len(), n, "ledger rows: {rows:?}");
+    rows
+}
+
 /// The gateway's `/metrics` text.
 pub async fn metrics_text(gw: &Gateway) -> String {
     ::reqwest::Client::new()

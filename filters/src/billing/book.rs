@@ -150,12 +150,16 @@ impl Wallets {
 
     /// Lease mode: takes more of the account's balance when `amount` does not fit in this
     /// node's slice. One take at a time per account; the others wait and use it.
+    /// Lease mode: takes more of the account's balance for this node and reserves `amount`
+    /// out of it in the same step, so a request arriving meanwhile cannot spend what was
+    /// taken for this one. `None` when the store has not enough free.
     async fn grow(
         &self,
         leases: &Arc<dyn AccountLeases>,
         account_id: i64,
+        key: Option<(i64, i64)>,
         amount: i64,
-    ) -> Result<(), GatewayError> {
+    ) -> Result<Option<Reservation>, GatewayError> {
         let gate = self.lock().gate(Holder::Account(account_id));
         let _one = gate.lock().await;
         let (short, want) = {
@@ -165,16 +169,21 @@ impl Wallets {
             (short, super::lease::want(short, p.recent))
         };
         if short <= 0 {
-            return Ok(());
+            return Ok(self.try_reserve(account_id, key, amount));
         }
         let got = leases.take(account_id, short, want).await.map_err(|e| {
             tracing::error!(error = %e, "cannot take a balance lease");
             GatewayError::Internal
         })?;
-        if got > 0 {
-            self.lock().accounts.entry(account_id).or_default().stored += got;
-        }
-        Ok(())
+        let mut b = self.lock();
+        b.accounts.entry(account_id).or_default().stored += got;
+        Ok(Self::reserve_in(
+            &mut b,
+            self.leases.is_some(),
+            account_id,
+            key,
+            amount,
+        ))
     }
 
     /// Lease mode: the slices of accounts idle here for `idle` (nothing reserved since),
@@ -255,6 +264,17 @@ impl Wallets {
         amount: i64,
     ) -> Option<Reservation> {
         let mut b = self.lock();
+        Self::reserve_in(&mut b, self.leases.is_some(), account_id, key, amount)
+    }
+
+    /// Reserves `amount` in the locked book, if both purses have it.
+    fn reserve_in(
+        b: &mut Book,
+        leased: bool,
+        account_id: i64,
+        key: Option<(i64, i64)>,
+        amount: i64,
+    ) -> Option<Reservation> {
         if b.account_available(account_id)? < amount {
             return None;
         }
@@ -266,7 +286,7 @@ impl Wallets {
         }
         let acct = b.accounts.get_mut(&account_id)?;
         acct.reserved += amount;
-        if self.leases.is_some() {
+        if leased {
             acct.touched = Some(Instant::now());
         }
         Some(Reservation {
@@ -308,7 +328,9 @@ impl Wallets {
         // just read is current; the rest is re-read at most once per interval. In lease
         // mode: take more of the balance.
         if let Some(leases) = &self.leases {
-            self.grow(leases, account_id, amount).await?;
+            if let Some(r) = self.grow(leases, account_id, key, amount).await? {
+                return Ok(r);
+            }
         } else if !read_account {
             self.load(Holder::Account(account_id), true).await?;
         }

@@ -62,6 +62,18 @@ impl ModelRate {
     }
 }
 
+/// nano-USD × 1M (a per-1M price) × parts per million (a multiplier), divided out once:
+/// rounded half up, or up (`ceil`, for a reservation).
+fn round(scaled: i128, ceil: bool) -> i64 {
+    let denom = TOKENS_PER_PRICE_UNIT * PPM;
+    let q = if ceil {
+        scaled.saturating_add(denom - 1) / denom
+    } else {
+        scaled.saturating_add(denom / 2) / denom
+    };
+    q.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
 /// What to do with a model that has no price.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnpricedPolicy {
@@ -151,14 +163,10 @@ impl PriceTable {
             .saturating_add(text_out.saturating_mul(rate.output as i128))
             .saturating_add(audio_out.saturating_mul(rate.audio_output as i128))
             .saturating_add((rate.per_request as i128).saturating_mul(TOKENS_PER_PRICE_UNIT));
-        let scaled = tokens.saturating_mul(self.multiplier_ppm(group) as i128);
-        let denom = TOKENS_PER_PRICE_UNIT * PPM;
-        let q = if ceil {
-            scaled.saturating_add(denom - 1) / denom
-        } else {
-            scaled.saturating_add(denom / 2) / denom
-        };
-        q.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+        round(
+            tokens.saturating_mul(self.multiplier_ppm(group) as i128),
+            ceil,
+        )
     }
 
     /// Whether the model is priced by the unit (images, audio seconds, characters): then
@@ -196,13 +204,7 @@ impl PriceTable {
                 (units.characters as i128).saturating_mul(rate.per_1m_characters as i128),
             )
             .saturating_mul(self.multiplier_ppm(group) as i128);
-        let denom = TOKENS_PER_PRICE_UNIT * PPM;
-        let q = if ceil {
-            scaled.saturating_add(denom - 1) / denom
-        } else {
-            scaled.saturating_add(denom / 2) / denom
-        };
-        q.clamp(0, i64::MAX as i128) as i64
+        round(scaled, ceil)
     }
 
     /// The most this request can cost: the prompt estimate in full at the input price, plus

@@ -64,6 +64,28 @@ pub(crate) fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Va
     obj.get(key).filter(|v| !v.is_null())
 }
 
+/// An OpenAI tool call's `function.arguments` (message `i`, call `j`) as the JSON object
+/// Anthropic's `input` and Gemini's `args` take: `{}` when empty, refused when it is not
+/// an object.
+pub(crate) fn call_arguments(call: &Value, i: usize, j: usize) -> Result<Value, Untranslatable> {
+    let args = call
+        .get("function")
+        .and_then(|f| f.get("arguments"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if args.trim().is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_str::<Value>(args)
+        .ok()
+        .filter(Value::is_object)
+        .ok_or_else(|| {
+            Untranslatable(format!(
+                "messages[{i}].tool_calls[{j}].function.arguments is not a JSON object"
+            ))
+        })
+}
+
 /// Seconds since the Unix epoch, for `created`.
 pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now()

@@ -333,19 +333,7 @@ fn assistant_from_openai(
         let f = call.get("function").unwrap_or(&Value::Null);
         let id = call.get("id").and_then(Value::as_str).unwrap_or("");
         let name = f.get("name").and_then(Value::as_str).unwrap_or("");
-        let args = f.get("arguments").and_then(Value::as_str).unwrap_or("");
-        let input = if args.trim().is_empty() {
-            json!({})
-        } else {
-            serde_json::from_str::<Value>(args)
-                .ok()
-                .filter(Value::is_object)
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "messages[{i}].tool_calls[{j}].function.arguments is not a JSON object"
-                    ))
-                })?
-        };
+        let input = super::super::call_arguments(call, i, j)?;
         blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
     }
     Ok(Some(Value::Array(blocks)))

@@ -187,19 +187,7 @@ fn contents(req: &Map<String, Value>) -> Result<(Vec<Value>, Vec<Value>), Untran
                 {
                     let f = call.get("function").unwrap_or(&Value::Null);
                     let name = f.get("name").and_then(Value::as_str).unwrap_or("");
-                    let args = f.get("arguments").and_then(Value::as_str).unwrap_or("");
-                    let args = if args.trim().is_empty() {
-                        json!({})
-                    } else {
-                        serde_json::from_str::<Value>(args)
-                            .ok()
-                            .filter(Value::is_object)
-                            .ok_or_else(|| {
-                                invalid(format!(
-                                    "messages[{i}].tool_calls[{j}].function.arguments is not a JSON object"
-                                ))
-                            })?
-                    };
+                    let args = super::super::call_arguments(call, i, j)?;
                     if let Some(id) = call.get("id").and_then(Value::as_str) {
                         call_names.push((id.to_string(), name.to_string()));
                     }
