@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 use support::{post_with, Behaviour, Gateway, MockServer};
 use tollgate_bench::mock::ServedUsage;
