@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// Tokens of the `,"stream_options":{"include_usage":true}` tollgate adds to a stream whose
+/// client did not ask for usage (39 bytes / 4, rounded up): its prompt estimate covers them.
+const INJECTED_TOKENS: u64 = 10;
+
 pub(super) struct Row {
     key_id: i64,
     account_id: i64,
@@ -160,11 +164,13 @@ pub(super) fn reconcile(
         }
     }
 
-    // The README's bound: prompt = body bytes / 4 + 1; completion never above n × max_tokens
-    // (n = 1 here). Text bytes / 4 is not checked: for a JSON body without usage the body's
-    // bytes stand in for the text.
-    let estimate_ok = |r: &Row, body_len: usize| -> bool {
-        r.prompt <= body_len as u64 / 4 + 1 && r.completion <= MAX_TOKENS
+    // The README's bound: prompt = body bytes / 4 + 1, and 10 more for a stream (the
+    // `stream_options` tollgate adds when the client did not ask for usage); completion
+    // never above n × max_tokens (n = 1 here). Text bytes / 4 is not checked: for a JSON
+    // body without usage the body's bytes stand in for the text.
+    let estimate_ok = |r: &Row, body_len: usize, stream: bool| -> bool {
+        let injected = if stream { INJECTED_TOKENS } else { 0 };
+        r.prompt <= body_len as u64 / 4 + 1 + injected && r.completion <= MAX_TOKENS
     };
 
     let mut matched = 0u64;
@@ -200,7 +206,7 @@ pub(super) fn reconcile(
                 }
             }
             None if reached => {
-                if r.cost != 0 && !(r.estimated && estimate_ok(r, s.body_len)) {
+                if r.cost != 0 && !(r.estimated && estimate_ok(r, s.body_len, s.stream)) {
                     report.fail(format!(
                         "row {rid} (soak-{m}, {:?}): charged {} for ({}, {}), estimated {}, with no usage served",
                         s.fault, r.cost, r.prompt, r.completion, r.estimated
@@ -265,11 +271,12 @@ pub(super) fn reconcile(
                 ));
             }
         } else {
-            let max_body = pool_reached
-                .get(&r.key_id)
+            let reached = pool_reached.get(&r.key_id);
+            let max_body = reached
                 .and_then(|v| v.iter().map(|&m| sent[m].body_len).max())
                 .unwrap_or(0);
-            if !estimate_ok(r, max_body) {
+            let any_stream = reached.is_some_and(|v| v.iter().any(|&m| sent[m].stream));
+            if !estimate_ok(r, max_body, any_stream) {
                 report.fail(format!(
                     "row {id} (unnamed, estimated): ({}, {}) out of bounds",
                     r.prompt, r.completion
