@@ -1,207 +1,15 @@
-//! `usage`: reads the provider's reported usage from a response as it streams past, and
-//! decides when to ask for it.
-//!
-//! - **Injection**: a chat or completions stream whose client did not set
-//!   `stream_options.include_usage` would carry no usage, so the request asks for it
-//!   anyway ([`Ctx::inject_stream_usage`]; the relay applies it on channels with
-//!   `inject_stream_usage`), and the usage-only event is stripped from what the client sees.
-//!
-//! - **SSE**: network chunks do not align with events, so complete events are cut out of a
-//!   small pending buffer and parsed on the side. Chunks go to the client unchanged, except
-//!   when tollgate itself asked for `stream_options.include_usage`: then the usage-only
-//!   event (`"choices": []`) is removed from what the client sees, and only complete events
-//!   are forwarded (a partial event waits for its end, never for the next event).
-//!   Cumulative usage (sent on every chunk by some providers) is handled by keeping the last.
-//! - **JSON**: `usage` sits at the end of chat and embeddings bodies, so only the last
-//!   64 KiB are kept and the last `"usage"` object in them is parsed when the body ends.
-//!   Large embeddings responses therefore cost no buffering.
+//! [`UsageScanner`]: usage and generated text read from one response body as it passes,
+//! SSE event by event or from the tail of a JSON body.
 
-use std::borrow::Cow;
-
-use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use pingora_http::ResponseHeader;
-use serde::Deserialize;
 
-use crate::billing::Usage;
-use crate::chain::Phases;
+use super::shapes::{Chunk, TextOrOther, UsageJson};
 use crate::ctx::UsageReport;
 use crate::wire::Wire;
-use crate::{Ctx, Filter, GatewayError};
 
 const JSON_TAIL: usize = 64 * 1024;
 /// A single SSE event larger than this is passed through unparsed.
 const MAX_EVENT: usize = 1024 * 1024;
-
-/// A usage object in any of the wire formats. Chat/completions/embeddings name the counts
-/// `prompt_tokens`/`completion_tokens`; the Responses API and Anthropic
-/// `input_tokens`/`output_tokens` (Anthropic's leaving out the cache reads and writes it
-/// counts beside them); Gemini's `usageMetadata` `promptTokenCount`/`candidatesTokenCount`
-/// (thinking tokens apart, in `thoughtsTokenCount`). Each count is kept only if present, so
-/// a stream's later report updates what it names and keeps the rest (Anthropic's
-/// `message_delta` carries the output, its `message_start` the input).
-#[derive(Deserialize, Clone, Copy, Default)]
-struct UsageJson {
-    #[serde(default, alias = "input_tokens", alias = "promptTokenCount")]
-    prompt_tokens: Option<u64>,
-    #[serde(default, alias = "output_tokens", alias = "candidatesTokenCount")]
-    completion_tokens: Option<u64>,
-    #[serde(default, alias = "input_tokens_details")]
-    prompt_tokens_details: Option<PromptDetails>,
-    #[serde(default)]
-    cache_creation_input_tokens: Option<u64>,
-    #[serde(default, alias = "cachedContentTokenCount")]
-    cache_read_input_tokens: Option<u64>,
-    #[serde(default, rename = "thoughtsTokenCount")]
-    thoughts: Option<u64>,
-    /// Transcriptions: `{"type": "duration", "seconds": …}`.
-    #[serde(default)]
-    seconds: Option<f64>,
-}
-
-#[derive(Deserialize, Clone, Copy)]
-struct PromptDetails {
-    #[serde(default)]
-    cached_tokens: Option<u64>,
-}
-
-impl UsageJson {
-    /// `newer`'s counts over these.
-    fn merge(self, newer: UsageJson) -> UsageJson {
-        UsageJson {
-            prompt_tokens: newer.prompt_tokens.or(self.prompt_tokens),
-            completion_tokens: newer.completion_tokens.or(self.completion_tokens),
-            prompt_tokens_details: newer.prompt_tokens_details.or(self.prompt_tokens_details),
-            cache_creation_input_tokens: newer
-                .cache_creation_input_tokens
-                .or(self.cache_creation_input_tokens),
-            cache_read_input_tokens: newer
-                .cache_read_input_tokens
-                .or(self.cache_read_input_tokens),
-            thoughts: newer.thoughts.or(self.thoughts),
-            seconds: newer.seconds.or(self.seconds),
-        }
-    }
-
-    /// The counts in tollgate's (OpenAI's) sense, for a provider speaking `wire`.
-    fn usage(self, wire: Wire) -> Usage {
-        let n = |v: Option<u64>| v.unwrap_or(0);
-        let written = n(self.cache_creation_input_tokens);
-        let read = n(self.cache_read_input_tokens);
-        let (prompt, cached, written) = match wire {
-            // Anthropic's input_tokens are the uncached ones only.
-            Wire::Anthropic => (
-                n(self.prompt_tokens)
-                    .saturating_add(written)
-                    .saturating_add(read),
-                read,
-                written,
-            ),
-            // Gemini's promptTokenCount includes its cached content.
-            Wire::Gemini => (n(self.prompt_tokens), read, 0),
-            Wire::OpenAi => (
-                n(self.prompt_tokens),
-                self.prompt_tokens_details
-                    .and_then(|d| d.cached_tokens)
-                    .unwrap_or(0),
-                0,
-            ),
-        };
-        Usage {
-            prompt_tokens: prompt,
-            completion_tokens: n(self.completion_tokens).saturating_add(n(self.thoughts)),
-            cached_tokens: cached,
-            cache_write_tokens: written,
-            audio_prompt_tokens: 0,
-            audio_completion_tokens: 0,
-            estimated: false,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct Chunk<'a> {
-    #[serde(default, borrow)]
-    choices: Option<Vec<Choice<'a>>>,
-    #[serde(default)]
-    usage: Option<UsageJson>,
-    #[serde(default)]
-    error: Option<serde::de::IgnoredAny>,
-    /// Responses API: `response.completed` carries `response.usage`.
-    #[serde(default)]
-    response: Option<ResponseObject>,
-    /// Responses API: `response.output_text.delta` carries the text as a string;
-    /// Anthropic's `content_block_delta` an object with `text` or `partial_json`.
-    #[serde(default)]
-    delta: Option<TextOrOther>,
-    /// Anthropic: the event type (`message_stop` ends a stream).
-    #[serde(default, rename = "type", borrow)]
-    kind: Option<Cow<'a, str>>,
-    /// Anthropic: `message_start` carries `message.usage`.
-    #[serde(default)]
-    message: Option<ResponseObject>,
-    /// Gemini: every chunk carries the running `usageMetadata`.
-    #[serde(default, rename = "usageMetadata")]
-    usage_metadata: Option<UsageJson>,
-    /// Gemini: the generated parts, and `finishReason` on the last chunk.
-    #[serde(default)]
-    candidates: Option<Vec<Candidate>>,
-}
-
-#[derive(Deserialize)]
-struct ResponseObject {
-    #[serde(default)]
-    usage: Option<UsageJson>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum TextOrOther {
-    Text(String),
-    Block {
-        #[serde(default)]
-        text: Option<String>,
-        #[serde(default)]
-        partial_json: Option<String>,
-    },
-    Other(serde::de::IgnoredAny),
-}
-
-#[derive(Deserialize)]
-struct Candidate {
-    #[serde(default)]
-    content: Option<CandidateContent>,
-    #[serde(default, rename = "finishReason")]
-    finish_reason: Option<serde::de::IgnoredAny>,
-}
-
-#[derive(Deserialize)]
-struct CandidateContent {
-    #[serde(default)]
-    parts: Vec<Part>,
-}
-
-#[derive(Deserialize)]
-struct Part {
-    #[serde(default)]
-    text: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Choice<'a> {
-    #[serde(default, borrow)]
-    delta: Option<Delta<'a>>,
-    #[serde(default, borrow)]
-    text: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(default, borrow)]
-    content: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    reasoning_content: Option<Cow<'a, str>>,
-}
 
 #[derive(Clone)]
 enum Mode {
@@ -243,6 +51,11 @@ impl UsageScanner {
             report: UsageReport::default(),
             saw_done: false,
         }
+    }
+
+    /// Whether the body is an event stream (else JSON).
+    pub fn is_sse(&self) -> bool {
+        matches!(self.mode, Mode::Sse { .. })
     }
 
     /// For a provider speaking `wire` (OpenAI's by default).
@@ -533,82 +346,6 @@ fn trim_start(b: &[u8]) -> &[u8] {
     &b[n..]
 }
 
-/// The `usage` filter.
-pub struct UsageFilter;
-
-#[async_trait]
-impl Filter for UsageFilter {
-    fn name(&self) -> &'static str {
-        "usage"
-    }
-
-    fn phases(&self) -> Phases {
-        Phases::REQUEST_BODY | Phases::RESPONSE_HEAD | Phases::CHUNK
-    }
-
-    /// A stream whose client did not ask for usage: billing still needs it.
-    async fn on_request_body(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
-        if let Some(f) = &ctx.facts {
-            ctx.inject_stream_usage =
-                f.stream && !f.include_usage && ctx.endpoint.takes_stream_options();
-        }
-        Ok(())
-    }
-
-    fn on_response_head(&self, ctx: &mut Ctx, head: &mut ResponseHeader) {
-        let scanner = if is_event_stream(head) {
-            UsageScanner::sse(ctx.stream_usage_injected)
-        } else {
-            UsageScanner::json()
-        };
-        ctx.ext.insert(scanner.with_wire(ctx.upstream_wire));
-    }
-
-    fn on_chunk(&self, ctx: &mut Ctx, chunk: &mut Bytes, end: bool) {
-        let Some(scanner) = ctx.ext.get_mut::<UsageScanner>() else {
-            return;
-        };
-        if !end {
-            *chunk = scanner.feed(std::mem::take(chunk));
-            return;
-        }
-        let rest = scanner.finish();
-        let sse = matches!(scanner.mode, Mode::Sse { .. });
-        let (report, done) = (scanner.report, scanner.saw_done);
-        if !rest.is_empty() {
-            let mut joined = BytesMut::with_capacity(chunk.len() + rest.len());
-            joined.extend_from_slice(chunk);
-            joined.extend_from_slice(&rest);
-            *chunk = joined.freeze();
-        }
-        ctx.usage = report;
-        if report.saw_error {
-            // The provider gave up mid-stream: the access log says so, billing estimates.
-            ctx.outcome.error = Some(GatewayError::UpstreamFailed("error event mid-stream"));
-        }
-        let marked_end = match ctx.upstream_wire {
-            Wire::OpenAi => {
-                ctx.endpoint.takes_stream_options() || ctx.endpoint.wire() != Wire::OpenAi
-            }
-            Wire::Anthropic | Wire::Gemini => true,
-        };
-        if sse && !done && marked_end {
-            // An OpenAI-format stream ends with `data: [DONE]`, Anthropic's with
-            // `message_stop`, Gemini's with a `finishReason`; without it the answer is
-            // truncated, however cleanly the connection closed.
-            ctx.outcome.upstream_cut = true;
-        }
-    }
-}
-
-/// Whether a response head announces server-sent events.
-pub fn is_event_stream(h: &ResponseHeader) -> bool {
-    h.headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,6 +363,50 @@ mod tests {
         }
         out.extend_from_slice(&s.finish());
         out
+    }
+
+    #[test]
+    fn anthropic_gemini_and_transcription_usage_are_read_in_their_own_terms() {
+        use crate::billing::Usage;
+        let anthropic = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":4,\"cache_read_input_tokens\":6,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hello\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":7}}\n\n",
+        );
+        let stop = "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let mut s = UsageScanner::sse(false).with_wire(Wire::Anthropic);
+        assert_eq!(run(&mut s, &[anthropic.as_bytes()]), anthropic.as_bytes());
+        assert!(!s.saw_done, "no message_stop yet");
+        // Input from message_start (cache reads and writes counted in), output from
+        // message_delta.
+        let want = Usage {
+            prompt_tokens: 20,
+            completion_tokens: 7,
+            cached_tokens: 6,
+            cache_write_tokens: 4,
+            ..Usage::default()
+        };
+        assert_eq!(s.report.usage, Some(want));
+        assert_eq!(s.report.text_bytes, 5);
+        let mut s = UsageScanner::sse(false).with_wire(Wire::Anthropic);
+        run(&mut s, &[anthropic.as_bytes(), stop.as_bytes()]);
+        assert!(s.saw_done);
+
+        let gemini = br#"{"candidates":[{"content":{"parts":[{"text":"hi"}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":12,"candidatesTokenCount":5,"thoughtsTokenCount":3,"cachedContentTokenCount":2,"totalTokenCount":20}}"#;
+        let mut s = UsageScanner::json().with_wire(Wire::Gemini);
+        run(&mut s, &[gemini]);
+        let want = Usage {
+            prompt_tokens: 12,
+            completion_tokens: 8,
+            cached_tokens: 2,
+            ..Usage::default()
+        };
+        assert_eq!(s.report.usage, Some(want));
+
+        let transcript = br#"{"text":"hello","usage":{"type":"duration","seconds":2.5}}"#;
+        let mut s = UsageScanner::json();
+        run(&mut s, &[transcript]);
+        assert_eq!(s.report.audio_seconds, Some(3));
     }
 
     #[test]
