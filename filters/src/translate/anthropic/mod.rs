@@ -72,4 +72,6 @@ pub use stream::{StreamFromOpenAi, StreamToOpenAi};
 pub use to_openai::request_to_openai;
 
 #[cfg(test)]
+mod stream_tests;
+#[cfg(test)]
 mod tests;
