@@ -207,7 +207,10 @@ pub async fn write_replay(
 /// Renders a gateway error: OpenAI's JSON shape (Anthropic's or Google's to clients of
 /// those APIs), `retry-after`/`retry-after-ms`, `x-should-retry`.
 pub async fn write_error(session: &mut ServerSession, ctx: &mut Ctx, e: &GatewayError) {
-    let body = ctx.endpoint.wire().reshape_error(e.status(), e.body());
+    let body =
+        ctx.endpoint
+            .wire()
+            .error_body(e.status(), &e.to_string(), e.kind(), e.param(), e.code());
     write_json(session, ctx, e.status(), body, &e.headers()).await;
 }
 

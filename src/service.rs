@@ -282,13 +282,9 @@ impl Gateway {
                 "/v1/realtime takes a websocket upgrade (GET over HTTP/1.1).",
             ));
         }
-        let model = req
-            .uri
-            .query()
-            .unwrap_or_default()
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("model="))
-            .map(|m| String::from_utf8_lossy(&percent_decode(m)).into_owned())
+        let model = form_urlencoded::parse(req.uri.query().unwrap_or_default().as_bytes())
+            .find(|(k, _)| k == "model")
+            .map(|(_, v)| v.into_owned())
             .unwrap_or_default();
         if model.len() > tollgate_filters::request::MAX_MODEL_BYTES {
             return Err(GatewayError::invalid("The model name is too long."));
@@ -609,30 +605,6 @@ fn client_ip(session: &ServerSession) -> Option<IpAddr> {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
-}
-
-/// `%XX` escapes decoded (and `+` as a space), as in a query string.
-fn percent_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    out
 }
 
 /// At most `max` characters of `s`, for echoing client input in errors.

@@ -272,7 +272,7 @@ impl GatewayError {
         })
     }
 
-    fn param(&self) -> Option<&'static str> {
+    pub fn param(&self) -> Option<&'static str> {
         match self {
             GatewayError::InvalidRequest { param, .. } => *param,
             GatewayError::ModelNotFound(_)

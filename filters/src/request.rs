@@ -43,9 +43,6 @@ pub const GENERATING_ROUTES: [&str; 4] = [
     "/v1/messages",
 ];
 
-/// The routes whose streams report usage only when asked (`stream_options.include_usage`).
-pub const STREAM_OPTIONS_ROUTES: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
-
 /// What [`RequestBody::rewrite`] adds to a body to ask for a stream's usage, at most.
 pub const INJECTED_STREAM_OPTIONS: &str = r#","stream_options":{"include_usage":true}"#;
 
@@ -197,7 +194,8 @@ impl RequestBody {
     ) -> Result<(RequestBody, RequestFacts), GatewayError> {
         let (body, mut facts) = Self::parse(raw)?;
         facts.generates_output = generates_output(path);
-        if facts.stream && !facts.include_usage && STREAM_OPTIONS_ROUTES.contains(&path) {
+        if facts.stream && !facts.include_usage && crate::Endpoint::of(path).takes_stream_options()
+        {
             // tollgate will ask for the stream's usage: the body sent grows by the field,
             // and the prompt estimate covers what is sent.
             facts.prompt_tokens_estimate = facts

@@ -166,8 +166,9 @@ fn upgrade_request(
     ch: &Channel,
     model: &str,
 ) -> Result<RequestHeader, GatewayError> {
-    let mut query = String::from("model=");
-    query.extend(url_encode(model));
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("model", model)
+        .finish();
     let path = ch.upstream_target("/v1/realtime", Some(&query), Some(model));
     let mut req = RequestHeader::build("GET", path.as_bytes(), Some(12))
         .map_err(|_| GatewayError::Internal)?;
@@ -201,16 +202,6 @@ fn upgrade_request(
         set(&mut req, "sec-websocket-protocol", v)?;
     }
     Ok(req)
-}
-
-fn url_encode(s: &str) -> impl Iterator<Item = String> + '_ {
-    s.bytes().map(|b| {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            char::from(b).to_string()
-        } else {
-            format!("%{b:02X}")
-        }
-    })
 }
 
 /// The client's `101 Switching Protocols`, with the provider's accept key and protocol.
@@ -414,19 +405,5 @@ async fn write_up(up: &mut HttpSession, raw: Bytes) -> pingora::Result<()> {
     match up {
         HttpSession::H1(h1) => h1.write_body(&raw).await.map(|_| ()),
         _ => Err(pingora::Error::new(pingora::ErrorType::WriteError)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_names_are_query_encoded() {
-        assert_eq!(
-            url_encode("gpt-4o-realtime").collect::<String>(),
-            "gpt-4o-realtime"
-        );
-        assert_eq!(url_encode("a b&c=d").collect::<String>(), "a%20b%26c%3Dd");
     }
 }

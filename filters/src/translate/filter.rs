@@ -132,6 +132,9 @@ impl Filter for Translate {
     fn on_chunk(&self, ctx: &mut Ctx, chunk: &mut Bytes, end: bool) {
         // Cut off, or the client left before the end: no closing events that would make a
         // broken answer look complete.
+        if ctx.upstream_wire == ctx.endpoint.wire() {
+            return;
+        }
         let clean = !(ctx.outcome.upstream_cut || ctx.outcome.drain_limited);
         let Some(Held(held)) = ctx.ext.get::<Held>() else {
             return;

@@ -64,6 +64,14 @@ pub(crate) fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Va
     obj.get(key).filter(|v| !v.is_null())
 }
 
+/// OpenAI request fields neither Anthropic nor Gemini can express: refused by name.
+pub(crate) const OPENAI_ONLY: [&str; 4] = [
+    "reasoning_effort",
+    "web_search_options",
+    "functions",
+    "function_call",
+];
+
 /// An OpenAI tool call's `function.arguments` (message `i`, call `j`) as the JSON object
 /// Anthropic's `input` and Gemini's `args` take: `{}` when empty, refused when it is not
 /// an object.

@@ -137,12 +137,7 @@ fn refuse_openai_only(req: &Map<String, Value>) -> Result<(), Untranslatable> {
             return Err(to_anthropic(format!("a nonzero {key}")));
         }
     }
-    for key in [
-        "reasoning_effort",
-        "web_search_options",
-        "functions",
-        "function_call",
-    ] {
+    for key in super::super::OPENAI_ONLY {
         if field(req, key).is_some() {
             return Err(to_anthropic(key));
         }

@@ -79,12 +79,7 @@ fn refuse(req: &Map<String, Value>) -> Result<(), Untranslatable> {
     if audio_out || field(req, "audio").is_some() {
         return Err(to_gemini("audio output (modalities/audio)"));
     }
-    for key in [
-        "reasoning_effort",
-        "web_search_options",
-        "functions",
-        "function_call",
-    ] {
+    for key in super::super::OPENAI_ONLY {
         if field(req, key).is_some() {
             return Err(to_gemini(key));
         }
